@@ -1,0 +1,1 @@
+"""Build stages of llm-in-triton: one module per stage, each exposing `task_*` generators."""

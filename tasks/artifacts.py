@@ -1,0 +1,134 @@
+"""Writing build artifacts so that a crash never leaves one that looks valid.
+
+Every target is written to a temporary name in its own folder, then renamed into place
+(`os.replace` is atomic on POSIX). Temporary names start with '.' and contain '.tmp-', so
+a killed build leaves only files that no stage reads and that `doit clean` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tasks import paths
+
+TMP_MARK = ".tmp-"
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}")
+
+
+def _remove_stale_tmps(target: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}{TMP_MARK}*"):
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_target(target: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it becomes `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmps(target)
+    tmp = _tmp_name(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def write_text(target: Path, text: str) -> None:
+    with atomic_target(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(target: Path, data) -> None:
+    write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def copy_file(source: Path, target: Path) -> None:
+    with atomic_target(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Move a fully written folder into place; a crash midway leaves no `target` at all."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}{TMP_MARK}old-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(staged, target)
+        _remove(trash)
+    else:
+        os.replace(staged, target)
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh, empty temporary folder beside `target`, to fill and pass to `replace_dir`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}{TMP_MARK}*"):
+        _remove(stale)
+    staged = _tmp_name(target)
+    staged.mkdir()
+    return staged
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions(*distributions: str) -> dict[str, str | None]:
+    """Installed versions of packages, without importing them."""
+    found = {}
+    for dist in distributions:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def remove_artifacts(targets: Iterable[Path], folders: Iterable[Path] = ()) -> None:
+    """doit `clean` action: remove targets, whole folders the build owns, leftover temporaries,
+    then every folder left empty, up to (not including) `model_zoo/` and `models/`."""
+    parents = set()
+    for path in [*map(Path, targets), *map(Path, folders)]:
+        if path.exists() or path.is_symlink():
+            print(f"removing {path.relative_to(paths.ROOT)}")
+            _remove(path)
+        for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+            _remove(stale)
+        parents.add(path.parent)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        _prune_empty(parent)
+
+
+def _prune_empty(folder: Path) -> None:
+    while folder not in paths.ARTIFACT_ROOTS and any(
+        root in folder.parents for root in paths.ARTIFACT_ROOTS
+    ):
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        folder = folder.parent

@@ -1,0 +1,152 @@
+"""Stage `onnx`: optimum exports the checkpoint to model_zoo/<name>/onnx/model.onnx.
+
+Dynamic batch and sequence axes. Tasks with `mean_pooling` get an `embedding` output added
+to the graph (mean over the attention mask, L2-normalised, as sentence-transformers does), so
+every backend, TensorRT included, serves it without a post-processing model.
+`io.json` records the graph's inputs and outputs (the one description later stages read)
+and the file's sha256, so a model.onnx changed after the export is noticed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from tasks import artifacts, paths
+from tasks.errors import ExportError, fails_cleanly
+from tasks.settings import Settings, current
+
+
+def load_onnx(path: Path, name: str):
+    """Load and check an ONNX file; a broken one is an error that says how to rebuild it."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as err:  # protobuf DecodeError, ValidationError, OSError...
+        raise ExportError(
+            f"{path.relative_to(paths.ROOT)} is not a valid ONNX model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); run doit again to "
+            f"re-export it, or `doit forget onnx:{name}` first if it was replaced by hand"
+        ) from err
+    return model
+
+
+def describe_io(model) -> dict:
+    """Names, numpy dtypes and shapes (symbolic dims as strings) of graph inputs/outputs."""
+    from onnx import helper
+
+    def tensors(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": str(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output)}
+
+
+def add_mean_pooling(model, hidden: str = "last_hidden_state", mask: str = "attention_mask",
+                     output: str = "embedding") -> None:
+    """Append sentence-transformers' mean pooling + L2 normalisation to the graph."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    hidden_info = next(o for o in graph.output if o.name == hidden)
+    batch_dim, _, hidden_dim = hidden_info.type.tensor_type.shape.dim
+
+    def const(name, value):
+        graph.initializer.append(numpy_helper.from_array(np.array(value), f"pool_{name}"))
+        return f"pool_{name}"
+
+    axis_seq, axis_last = const("axis_seq", [1]), const("axis_last", [-1])
+    eps_count, eps_norm = const("eps_count", np.float32(1e-9)), const("eps_norm", np.float32(1e-12))
+    nodes = [
+        ("Cast", [mask], "mask_f", {"to": TensorProto.FLOAT}),
+        ("Unsqueeze", ["pool_mask_f", axis_last], "mask_e", {}),
+        ("Mul", [hidden, "pool_mask_e"], "masked", {}),
+        ("ReduceSum", ["pool_masked", axis_seq], "summed", {"keepdims": 0}),
+        ("ReduceSum", ["pool_mask_e", axis_seq], "count", {"keepdims": 0}),
+        ("Max", ["pool_count", eps_count], "count_c", {}),
+        ("Div", ["pool_summed", "pool_count_c"], "mean", {}),
+        ("ReduceL2", ["pool_mean", axis_last], "norm", {"keepdims": 1}),
+        ("Max", ["pool_norm", eps_norm], "norm_c", {}),
+    ]
+    for op, inputs, out, attrs in nodes:
+        graph.node.append(helper.make_node(op, inputs, [f"pool_{out}"], name=f"pool_{out}", **attrs))
+    graph.node.append(helper.make_node("Div", ["pool_mean", "pool_norm_c"], [output], name=output))
+    shape = [batch_dim.dim_param or batch_dim.dim_value, hidden_dim.dim_param or hidden_dim.dim_value]
+    graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
+
+
+def export(settings: Settings) -> None:
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    name, spec = settings.name, settings.task
+    target = paths.onnx_file(name)
+    staged = artifacts.staging_dir(target.parent)
+    try:
+        print(f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})",
+              flush=True)
+        main_export(str(paths.source_dir(name)), output=staged, task=spec.optimum_task,
+                    opset=settings.opset, local_files_only=True, do_validation=False,
+                    library_name="transformers")
+        exported = staged / "model.onnx"
+        if not exported.is_file():
+            raise ExportError(f"optimum wrote no model.onnx for task {spec.optimum_task}")
+        model = onnx.load(str(exported))
+        if spec.mean_pooling:
+            add_mean_pooling(model)
+        onnx.checker.check_model(model)
+        io = describe_io(model)
+        missing = {o.onnx_name for o in spec.outputs} - {o["name"] for o in io["outputs"]}
+        if missing:
+            raise ExportError(f"the exported model lacks outputs {sorted(missing)}")
+        with artifacts.atomic_target(target) as tmp:
+            onnx.save(model, str(tmp))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    io["sha256"] = artifacts.sha256(target)
+    io["opset"] = settings.opset
+    artifacts.write_json(paths.onnx_io(name), io)
+    print(f"onnx: {target.relative_to(paths.ROOT)} "
+          f"({target.stat().st_size / 2**20:.1f} MiB)", flush=True)
+
+
+def file_matches_record(path: Path, record: Path):
+    """An `uptodate` check: the file still has the sha256 recorded when it was built."""
+
+    def check(task, values) -> bool:
+        return (path.is_file() and record.is_file()
+                and artifacts.read_json(record).get("sha256") == artifacts.sha256(path))
+
+    return check
+
+
+def task_onnx():
+    """ONNX export with optimum into model_zoo/<name>/onnx/ (dynamic batch and sequence axes)."""
+    settings = current()
+    name = settings.name
+    params = {
+        "task": settings.task.optimum_task,
+        "mean_pooling": settings.task.mean_pooling,
+        "opset": settings.opset,
+        "versions": artifacts.versions("optimum", "optimum-onnx", "onnx", "transformers", "torch"),
+    }
+    targets = [paths.onnx_file(name), paths.onnx_io(name)]
+    yield {
+        "name": name,
+        "actions": [(fails_cleanly(export), [settings])],
+        "file_dep": [paths.source_manifest(name), paths.stage_module("export")],
+        "targets": targets,
+        "uptodate": [config_changed(params), file_matches_record(*targets)],
+        "clean": [(artifacts.remove_artifacts, [targets])],
+    }

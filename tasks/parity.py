@@ -1,0 +1,189 @@
+"""Stage `parity`: Polygraphy proves the exported model gives the PyTorch model's numbers.
+
+The reference is the Hugging Face model in fp32 on CPU (Polygraphy's own PyTorch runner
+hard-codes CUDA, so it is run here). ONNX Runtime, and TensorRT when a plan exists, run the
+same real tokenized texts at the min, opt and max (batch, seq) of the profile. Every output
+is compared with the tolerances of the precision. `parity.json` is written only on success;
+on failure the build stops naming each failing output and its differences.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from tasks import artifacts, catalog, paths
+from tasks.errors import ParityError, fails_cleanly
+from tasks.export import load_onnx
+from tasks.settings import Settings, current
+
+REFERENCE = "pytorch"
+
+
+def sample_texts(spec: catalog.TaskSpec) -> tuple[list, list | None]:
+    """Texts (and second texts for pairs), one long enough to fill any max sequence."""
+    long_text = " ".join(catalog.SAMPLE_TEXTS * 40)
+    texts = [*catalog.SAMPLE_TEXTS, long_text]
+    if len(spec.text_inputs) == 1:
+        return texts, None
+    return [*catalog.SAMPLE_QUESTIONS, catalog.SAMPLE_QUESTIONS[0]], texts
+
+
+def tokenized_feeds(settings: Settings, tokenizer, input_names: list[str]) -> list[dict]:
+    """One feed per profile point: real token ids, cropped or padded to exactly (batch, seq)."""
+    import numpy as np
+
+    first, second = sample_texts(settings.task)
+    encoded = tokenizer(first, second, padding=True, return_tensors="np")
+    pad = {"input_ids": tokenizer.pad_token_id or 0}
+    rows = len(first)
+    feeds = []
+    for point, (batch, seq) in enumerate(settings.shape_points()):
+        order = [(point * 3 + i) % rows for i in range(batch)]
+        feed = {}
+        for name in input_names:
+            array = encoded[name][order, :seq].astype(np.int64)
+            if array.shape[1] < seq:
+                filler = np.full((batch, seq - array.shape[1]), pad.get(name, 0), np.int64)
+                array = np.concatenate([array, filler], axis=1)
+            feed[name] = np.ascontiguousarray(array)
+        feeds.append(feed)
+    return feeds
+
+
+def mean_pooled(hidden, mask):
+    """sentence-transformers' mean pooling and L2 normalisation, as the graph computes it."""
+    import torch
+
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * weights).sum(1) / torch.clamp(weights.sum(1), min=1e-9)
+    return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+
+def reference_outputs(settings: Settings, source: Path, feeds: list[dict]) -> list[dict]:
+    import torch
+    import transformers
+
+    spec = settings.task
+    model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    results = []
+    with torch.inference_mode():
+        for feed in feeds:
+            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+            out = model(**tensors)
+            named = {o.onnx_name: out[o.onnx_name] for o in spec.outputs if o.onnx_name in out}
+            if spec.mean_pooling:
+                named["embedding"] = mean_pooled(out["last_hidden_state"], tensors["attention_mask"])
+            results.append({k: v.float().numpy() for k, v in named.items()})
+    return results
+
+
+def engine_runners(settings: Settings) -> list:
+    """ONNX Runtime always; TensorRT when the build made a plan."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    runners = [OnnxrtRunner(SessionFromOnnx(str(paths.onnx_file(settings.name))), name="onnxruntime")]
+    if settings.backend == "tensorrt":
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        engine = EngineFromBytes(BytesFromPath(str(paths.plan_file(settings.name))))
+        runners.append(TrtRunner(engine, name="tensorrt"))
+    return runners
+
+
+def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dict:
+    """Run the engines, compare each to the reference; return the report, raise on failure."""
+    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    tol = settings.tolerance
+    engines = Comparator.run(engine_runners(settings), data_loader=feeds)
+    ref_iterations = [IterationResult(outputs=out, runner_name=REFERENCE) for out in reference]
+    results = RunResults([(REFERENCE, ref_iterations), *engines.items()])
+    accuracy = Comparator.compare_accuracy(  # one AccuracyResult per compare function
+        results,
+        comparisons=[(0, i) for i in range(1, len(results))],
+        compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol),
+    )[0]
+    report, failures = {}, []
+    for (_, runner), iterations in accuracy.items():
+        for (batch, seq), per_output in zip(settings.shape_points(), iterations):
+            for output, result in per_output.items():
+                entry = {"batch": batch, "seq": seq, "max_abs_diff": float(result.max_absdiff),
+                         "max_rel_diff": float(result.max_reldiff), "pass": bool(result)}
+                report.setdefault(runner, {}).setdefault(output, []).append(entry)
+                if not entry["pass"]:
+                    failures.append(f"{output} ({runner}, batch {batch} x seq {seq}): max abs diff "
+                                    f"{entry['max_abs_diff']:.3g} > atol {tol.atol}, max rel diff "
+                                    f"{entry['max_rel_diff']:.3g} > rtol {tol.rtol}")
+    expected = {o.onnx_name for o in settings.task.outputs}
+    for runner, outputs in report.items():
+        if set(outputs) != expected:
+            failures.append(f"{runner} compared {sorted(outputs)}, expected {sorted(expected)}")
+    if failures:
+        raise ParityError("outputs differ from the PyTorch reference: " + "; ".join(failures))
+    return report
+
+
+def check(settings: Settings) -> None:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the long sample text is cropped on purpose
+
+    name = settings.name
+    load_onnx(paths.onnx_file(name), name)
+    io = artifacts.read_json(paths.onnx_io(name))
+    input_names = [t["name"] for t in io["inputs"]]
+    source = paths.source_dir(name)
+    feeds = tokenized_feeds(settings, AutoTokenizer.from_pretrained(source), input_names)
+    print(f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} at (batch, seq) "
+          f"{settings.shape_points()}, atol {settings.tolerance.atol} rtol "
+          f"{settings.tolerance.rtol}", flush=True)
+    report = compare(settings, feeds, reference_outputs(settings, source, feeds))
+    for runner, outputs in report.items():
+        for output, entries in outputs.items():
+            worst = max(e["max_abs_diff"] for e in entries)
+            print(f"parity: {runner} {output}: max abs diff {worst:.3g} (pass)", flush=True)
+    artifacts.write_json(paths.parity_report(name), {
+        "reference": REFERENCE,
+        "precision": settings.precision,
+        "tolerance": {"atol": settings.tolerance.atol, "rtol": settings.tolerance.rtol},
+        "shapes": [list(p) for p in settings.shape_points()],
+        "results": report,
+        "versions": tool_versions(),
+    })
+
+
+def tool_versions() -> dict:
+    return artifacts.versions("torch", "transformers", "onnxruntime", "polygraphy", "tensorrt")
+
+
+def task_parity():
+    """Polygraphy: PyTorch fp32 vs ONNX Runtime (and TensorRT) at min/opt/max shapes; parity.json."""
+    settings = current()
+    name = settings.name
+    params = {
+        "shapes": settings.shape_points(),
+        "precision": settings.precision,
+        "tolerance": [settings.tolerance.atol, settings.tolerance.rtol],
+        "backend": settings.backend,
+        "samples": list(itertools.chain(catalog.SAMPLE_TEXTS, catalog.SAMPLE_QUESTIONS)),
+        "versions": tool_versions(),
+    }
+    engine = [paths.plan_file(name)] if settings.backend == "tensorrt" else []
+    target = paths.parity_report(name)
+    yield {
+        "name": name,
+        "actions": [(fails_cleanly(check), [settings])],
+        "file_dep": [paths.source_manifest(name), paths.onnx_file(name), paths.onnx_io(name),
+                     *engine, paths.stage_module("parity")],
+        "targets": [target],
+        "uptodate": [config_changed(params)],
+        "clean": [(artifacts.remove_artifacts, [[target]])],
+    }

@@ -1,0 +1,104 @@
+"""Every path the build reads or writes, in one place.
+
+No other module joins path strings: stages ask this module for the file they need.
+Artifacts are files (never folders) so doit can track them and `doit clean` can remove them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS_DIR = ROOT / "tasks"
+TEMPLATES_DIR = ROOT / "templates"
+TRITON_DIR = ROOT / "triton"
+TESTS_DIR = ROOT / "tests"
+MODEL_ZOO = ROOT / "model_zoo"
+MODELS = ROOT / "models"
+DEP_FILE = ROOT / ".doit.db"
+
+# Directories the build may create below; `doit clean` prunes empty ones up to these roots.
+ARTIFACT_ROOTS = (MODEL_ZOO, MODELS)
+
+
+def stage_module(stage: str) -> Path:
+    """The implementation module of a stage: part of its `file_dep`, so editing it rebuilds."""
+    return TASKS_DIR / f"{stage}.py"
+
+
+# --- model_zoo/<name>/: per-deployment intermediates -------------------------------------
+
+
+def zoo_dir(name: str) -> Path:
+    return MODEL_ZOO / name
+
+
+def source_dir(name: str) -> Path:
+    """The downloaded (or copied) Hugging Face checkpoint, task head included."""
+    return zoo_dir(name) / "source"
+
+
+def source_manifest(name: str) -> Path:
+    """Written last by `download`: lists every file of the checkpoint."""
+    return source_dir(name) / "manifest.json"
+
+
+def source_config(name: str) -> Path:
+    return source_dir(name) / "config.json"
+
+
+def source_tokenizer(name: str) -> Path:
+    return source_dir(name) / "tokenizer.json"
+
+
+def onnx_file(name: str) -> Path:
+    return zoo_dir(name) / "onnx" / "model.onnx"
+
+
+def onnx_io(name: str) -> Path:
+    """Inputs and outputs of the exported model (names, types, shapes) and its sha256."""
+    return zoo_dir(name) / "onnx" / "io.json"
+
+
+def plan_file(name: str) -> Path:
+    return zoo_dir(name) / "plan" / "model.plan"
+
+
+def plan_record(name: str) -> Path:
+    return zoo_dir(name) / "plan" / "build.json"
+
+
+def parity_report(name: str) -> Path:
+    return zoo_dir(name) / "parity.json"
+
+
+def rendered_config(name: str, part: str) -> Path:
+    """A rendered `config.pbtxt` before it is copied into the repository."""
+    return zoo_dir(name) / "pbtxt" / f"{part}.pbtxt"
+
+
+# --- templates/ and triton/: sources -----------------------------------------------------
+
+
+def template(part: str) -> Path:
+    return TEMPLATES_DIR / f"{part}.pbtxt.j2"
+
+
+def runtime_model_code(component: str) -> Path:
+    """python-backend code that runs inside Triton (imports nothing from `tasks/`)."""
+    return TRITON_DIR / component / "model.py"
+
+
+# --- models/: the Triton model repository -------------------------------------------------
+
+
+def repo_model_dir(triton_model: str) -> Path:
+    return MODELS / triton_model
+
+
+def repo_config(triton_model: str) -> Path:
+    return repo_model_dir(triton_model) / "config.pbtxt"
+
+
+def repo_version_file(triton_model: str, filename: str) -> Path:
+    return repo_model_dir(triton_model) / "1" / filename

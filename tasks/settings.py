@@ -1,0 +1,224 @@
+"""Command-line variables become one frozen, validated `Settings` before any task runs.
+
+    doit task=seqcls model=/path/to/model name=sst2 batch=1,8,32 seq=1,128,512 backend=python
+
+This object is the one source of truth for shapes: the TensorRT profile, `max_batch_size`,
+the input dims, the tokenizer's truncation and padding and the parity shapes all read it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks import catalog, paths
+from tasks.errors import SettingsError
+
+VARIABLES = {
+    "task": f"one of {', '.join(catalog.TASKS)} (default {catalog.DEFAULT_TASK})",
+    "model": "a Hugging Face Hub id or a local model directory (default: per task)",
+    "name": "deployment name in models/ (default: the task)",
+    "revision": "Hub revision to download (default main)",
+    "batch": "MIN,OPT,MAX batch sizes (default 1,8,32)",
+    "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
+    "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
+    "backend": "auto | tensorrt | onnxruntime | python (default auto)",
+}
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A MIN,OPT,MAX triple: one dimension of the shape profile."""
+
+    var: str
+    min: int
+    opt: int
+    max: int
+    given: str = field(default="", compare=False)  # as typed, for error messages
+
+    def __post_init__(self) -> None:
+        text = f"{self.var}={self.given or f'{self.min},{self.opt},{self.max}'}"
+        if self.min < 1:
+            raise SettingsError(f"{text}: sizes must be at least 1, e.g. {self.var}=1,8,32")
+        if not self.min <= self.opt <= self.max:
+            raise SettingsError(f"{text}: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX")
+
+    @classmethod
+    def parse(cls, var: str, text: str) -> Profile:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) == 1:
+            parts = parts * 3  # batch=8 means a fixed size
+        if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+            raise SettingsError(
+                f"{var}={text}: expected MIN,OPT,MAX as three whole numbers, e.g. {var}=1,8,32"
+            )
+        return cls(var, *(int(p) for p in parts), given=text)
+
+    def points(self) -> tuple[int, int, int]:
+        return (self.min, self.opt, self.max)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the checkpoint comes from: a local directory or a Hub id (+ revision)."""
+
+    ref: str
+    local: Path | None
+    revision: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.local is not None
+
+    def fingerprint(self) -> dict:
+        """What identifies this checkpoint for `config_changed` (cheap: stat, no hashing)."""
+        if self.local is None:
+            return {"hub_id": self.ref, "revision": self.revision}
+        files = sorted(
+            (str(p.relative_to(self.local)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in self.local.rglob("*")
+            if p.is_file() and ".git" not in p.parts
+        )
+        return {"local": str(self.local), "files": files}
+
+
+def tensorrt_available() -> bool:
+    """TensorRT importable and an NVIDIA GPU present (checked without importing anything)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    has_gpu = gpus.is_dir() and any(gpus.iterdir())
+    return has_gpu and importlib.util.find_spec("tensorrt") is not None
+
+
+@dataclass(frozen=True)
+class Settings:
+    task: catalog.TaskSpec
+    source: ModelSource
+    name: str
+    batch: Profile
+    seq: Profile
+    precision: str
+    backend: str  # resolved: tensorrt | onnxruntime | python
+    opset: int = catalog.ONNX_OPSET
+    tolerance: catalog.Tolerance = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tolerance", catalog.TOLERANCES[self.precision])
+
+    @property
+    def triton_models(self) -> dict[str, str]:
+        """Part -> Triton model name: the ensemble and the two models it calls."""
+        return {
+            "ensemble": self.name,
+            "tokenizer": f"{self.name}_tokenizer",
+            "model": f"{self.name}_model",
+        }
+
+    @property
+    def model_filename(self) -> str:
+        return catalog.MODEL_FILES[self.backend]
+
+    def shape_points(self) -> list[tuple[int, int]]:
+        """(batch, seq) at the min, opt and max of the profile: where parity is checked."""
+        return list(zip(self.batch.points(), self.seq.points()))
+
+
+def _choose(var: str, value: str, choices) -> str:
+    if value not in choices:
+        raise SettingsError(f"{var}={value}: unknown {var}; choose one of {', '.join(choices)}")
+    return value
+
+
+def resolve_model(ref: str, revision: str) -> ModelSource:
+    """A path that exists is local; a path-like ref that does not exist is an error."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SettingsError(f"model={ref}: not a directory; pass a model directory")
+        if not (path / "config.json").is_file():
+            raise SettingsError(
+                f"model={ref}: no config.json in this directory; pass a Hugging Face model "
+                "directory (as written by save_pretrained)"
+            )
+        return ModelSource(ref=ref, local=path.resolve(), revision=revision)
+    if ref.startswith(("/", ".", "~")) or os.sep + os.sep in ref or not _HUB_ID.match(ref):
+        raise SettingsError(
+            f"model={ref}: this directory does not exist; pass an existing model directory "
+            "or a Hugging Face Hub id such as org/name"
+        )
+    return ModelSource(ref=ref, local=None, revision=revision)
+
+
+def check_shapes_fit_model(settings: Settings, config_path: Path) -> None:
+    """Refuse a max sequence the model cannot take (its position embeddings)."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    # RoBERTa-style models reserve padding_idx + 1 positions.
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert") and limit:
+        limit -= config.get("pad_token_id", 1) + 1
+    if limit and settings.seq.max > limit:
+        raise SettingsError(
+            f"seq={settings.seq.min},{settings.seq.opt},{settings.seq.max}: the model takes at "
+            f"most {limit} tokens (max_position_embeddings); use seq=MIN,OPT,{limit} or less"
+        )
+
+
+def load_settings(get_var) -> Settings:
+    """Read every variable once through doit's `get_var` and validate it."""
+    task_name = _choose("task", get_var("task", catalog.DEFAULT_TASK), catalog.TASKS)
+    spec = catalog.TASKS[task_name]
+    backend = _choose("backend", get_var("backend", "auto"), catalog.BACKENDS)
+    trt = tensorrt_available()
+    if backend == "auto":
+        backend = "tensorrt" if trt else "python"
+    elif backend == "tensorrt" and not trt:
+        raise SettingsError(
+            "backend=tensorrt: TensorRT and an NVIDIA GPU are needed and were not found; "
+            "use backend=python (ONNX Runtime inside Triton) or build on a GPU host "
+            "(see the Dockerfile)"
+        )
+    precision = get_var("precision", "fp16" if backend == "tensorrt" else "fp32")
+    _choose("precision", precision, catalog.PRECISIONS)
+    if precision == "fp16" and backend != "tensorrt":
+        raise SettingsError(
+            f"precision=fp16: fp16 engines need TensorRT, and backend={backend}; "
+            "use precision=fp32, or backend=tensorrt on a host with TensorRT and a GPU"
+        )
+    name = get_var("name", task_name)
+    if not _NAME.match(name):
+        raise SettingsError(
+            f"name={name}: use letters, digits, '_' and '-', starting with a letter"
+        )
+    settings = Settings(
+        task=spec,
+        source=resolve_model(get_var("model", spec.default_model), get_var("revision", "main")),
+        name=name,
+        batch=Profile.parse("batch", get_var("batch", "1,8,32")),
+        seq=Profile.parse("seq", get_var("seq", "1,128,512")),
+        precision=precision,
+        backend=backend,
+    )
+    local = settings.source.local
+    check_shapes_fit_model(settings, (local / "config.json") if local else paths.source_config(name))
+    return settings
+
+
+_CURRENT: Settings | None = None
+
+
+def current() -> Settings:
+    """The settings of this doit run, read from the command line once."""
+    global _CURRENT
+    if _CURRENT is None:
+        from doit import get_var
+
+        _CURRENT = load_settings(get_var)
+    return _CURRENT
