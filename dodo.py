@@ -20,13 +20,15 @@ try:
 except SettingsError as err:
     raise InvalidCommand(str(err)) from None
 
-from tasks.download import task_download  # noqa: E402,F401
-from tasks.export import task_onnx  # noqa: E402,F401
-from tasks.parity import task_parity  # noqa: E402,F401
-from tasks.plan import task_plan  # noqa: E402,F401
+from tasks.download import task_download  # noqa: F401
+from tasks.export import task_onnx  # noqa: F401
+from tasks.parity import task_parity  # noqa: F401
+from tasks.pbtxt import task_pbtxt  # noqa: F401
+from tasks.plan import task_plan  # noqa: F401
+from tasks.repo import task_repo  # noqa: F401
 
 DOIT_CONFIG = {
-    "default_tasks": ["parity"],
+    "default_tasks": ["repo"],
     "verbosity": 2,
     "dep_file": str(paths.DEP_FILE),
     "cleanforget": True,

@@ -124,3 +124,10 @@ TRITON_DTYPES = {
     "float16": "TYPE_FP16",
     "bool": "TYPE_BOOL",
 }
+
+# Triton `platform` of the model for the backends that load a file directly
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
+
+# Serving defaults written into the generated configs
+QUEUE_DELAY_US = 500  # dynamic batching: how long a request may wait for company
+INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: its own choice)

@@ -20,8 +20,12 @@ from tasks.settings import ModelSource, Settings, check_shapes_fit_model, curren
 
 HUB_HOST = "huggingface.co"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*merges*", "*vocab*"]
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -50,8 +54,12 @@ def offline_copy(ref: str) -> Path | None:
 def copy_checkpoint(source: ModelSource, staged: Path) -> str:
     """Fill `staged` with the checkpoint; return where it came from."""
     if source.local is not None:
-        shutil.copytree(source.local, staged, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(".git", ".cache", "*.onnx", "*.plan"))
+        shutil.copytree(
+            source.local,
+            staged,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".git", ".cache", "*.onnx", "*.plan"),
+        )
         return str(source.local)
     if hub_reachable():
         from huggingface_hub import list_repo_files, snapshot_download
@@ -61,8 +69,9 @@ def copy_checkpoint(source: ModelSource, staged: Path) -> str:
         if not any(f.endswith(".safetensors") for f in files):
             patterns.append("pytorch_model*.bin")
         print(f"download: fetching {source.ref}@{source.revision} from the Hub", flush=True)
-        snapshot_download(source.ref, revision=source.revision, local_dir=staged,
-                          allow_patterns=patterns)
+        snapshot_download(
+            source.ref, revision=source.revision, local_dir=staged, allow_patterns=patterns
+        )
         shutil.rmtree(staged / ".cache", ignore_errors=True)
         return f"hub:{source.ref}@{source.revision}"
     packaged = offline_copy(source.ref)
@@ -105,11 +114,15 @@ def ensure_fast_tokenizer(staged: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(staged, use_fast=True)
     except Exception as err:  # transformers raises many kinds here
-        raise ModelSourceError(f"cannot load the model's tokenizer ({err}); the model "
-                               "directory needs tokenizer files (tokenizer.json or vocab)") from err
+        raise ModelSourceError(
+            f"cannot load the model's tokenizer ({err}); the model "
+            "directory needs tokenizer files (tokenizer.json or vocab)"
+        ) from err
     if not tokenizer.is_fast:
-        raise ModelSourceError("the model has no fast tokenizer (tokenizer.json), which the "
-                               "Triton tokenizer needs; convert it with transformers first")
+        raise ModelSourceError(
+            "the model has no fast tokenizer (tokenizer.json), which the "
+            "Triton tokenizer needs; convert it with transformers first"
+        )
     tokenizer.save_pretrained(staged)
 
 
@@ -124,8 +137,11 @@ def ensure_task_head(spec: catalog.TaskSpec, staged: Path) -> None:
     missing = info["missing_keys"]
     if not missing:
         return
-    print(f"download: {len(missing)} weights of {type(model).__name__} are not in the checkpoint "
-          f"(e.g. {sorted(missing)[0]}); initialised with seed 0 and saved with it", flush=True)
+    print(
+        f"download: {len(missing)} weights of {type(model).__name__} are not in the checkpoint "
+        f"(e.g. {sorted(missing)[0]}); initialised with seed 0 and saved with it",
+        flush=True,
+    )
     for name in WEIGHT_FILES:
         (staged / name).unlink(missing_ok=True)
     model.save_pretrained(staged, safe_serialization=True)
@@ -138,14 +154,19 @@ def fetch(settings: Settings) -> None:
         origin = copy_checkpoint(settings.source, staged)
         config_path = staged / "config.json"
         if not config_path.is_file():
-            raise ModelSourceError(f"model={settings.source.ref}: the checkpoint has no config.json")
+            raise ModelSourceError(
+                f"model={settings.source.ref}: the checkpoint has no config.json"
+            )
         check_task_support(settings.task, artifacts.read_json(config_path).get("model_type", "?"))
         check_shapes_fit_model(settings, config_path)
         ensure_fast_tokenizer(staged)
         ensure_task_head(settings.task, staged)
         # Hashes, not sizes: retrained weights of the same shapes must rebuild the export.
-        files = {str(p.relative_to(staged)): artifacts.sha256(p)
-                 for p in sorted(staged.rglob("*")) if p.is_file()}
+        files = {
+            str(p.relative_to(staged)): artifacts.sha256(p)
+            for p in sorted(staged.rglob("*"))
+            if p.is_file()
+        }
         manifest = {"origin": origin, "task": settings.task.name, "files": files}
         artifacts.write_json(staged / paths.source_manifest(settings.name).name, manifest)
         artifacts.replace_dir(staged, target)
@@ -156,15 +177,18 @@ def fetch(settings: Settings) -> None:
 
 
 def task_download():
-    """Model weights, config and tokenizer into model_zoo/<name>/source/ (Hub snapshot or local copy)."""
+    """Checkpoint, config and tokenizer into model_zoo/<name>/source/ (Hub or local copy)."""
     settings = current()
     params = {
         "source": settings.source.fingerprint(),
         "task": settings.task.name,
         "versions": artifacts.versions("transformers", "huggingface-hub"),
     }
-    targets = [paths.source_manifest(settings.name), paths.source_config(settings.name),
-               paths.source_tokenizer(settings.name)]
+    targets = [
+        paths.source_manifest(settings.name),
+        paths.source_config(settings.name),
+        paths.source_tokenizer(settings.name),
+    ]
     yield {
         "name": settings.name,
         "actions": [(fails_cleanly(fetch), [settings])],

@@ -7,7 +7,7 @@ Every message names what is wrong and how to fix it. Stage actions are wrapped b
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 
 class BuildError(Exception):
@@ -36,6 +36,10 @@ class ParityError(BuildError):
 
 class ConfigError(BuildError):
     """A rendered config.pbtxt is invalid or its ensemble wiring is broken."""
+
+
+class ServerError(BuildError):
+    """The embedded tritonserver is missing, cannot start, or a model fails to load."""
 
 
 def fails_cleanly(action: Callable) -> Callable:

@@ -52,8 +52,12 @@ def describe_io(model) -> dict:
     return {"inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output)}
 
 
-def add_mean_pooling(model, hidden: str = "last_hidden_state", mask: str = "attention_mask",
-                     output: str = "embedding") -> None:
+def add_mean_pooling(
+    model,
+    hidden: str = "last_hidden_state",
+    mask: str = "attention_mask",
+    output: str = "embedding",
+) -> None:
     """Append sentence-transformers' mean pooling + L2 normalisation to the graph."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -80,9 +84,14 @@ def add_mean_pooling(model, hidden: str = "last_hidden_state", mask: str = "atte
         ("Max", ["pool_norm", eps_norm], "norm_c", {}),
     ]
     for op, inputs, out, attrs in nodes:
-        graph.node.append(helper.make_node(op, inputs, [f"pool_{out}"], name=f"pool_{out}", **attrs))
+        graph.node.append(
+            helper.make_node(op, inputs, [f"pool_{out}"], name=f"pool_{out}", **attrs)
+        )
     graph.node.append(helper.make_node("Div", ["pool_mean", "pool_norm_c"], [output], name=output))
-    shape = [batch_dim.dim_param or batch_dim.dim_value, hidden_dim.dim_param or hidden_dim.dim_value]
+    shape = [
+        batch_dim.dim_param or batch_dim.dim_value,
+        hidden_dim.dim_param or hidden_dim.dim_value,
+    ]
     graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
 
 
@@ -94,11 +103,18 @@ def export(settings: Settings) -> None:
     target = paths.onnx_file(name)
     staged = artifacts.staging_dir(target.parent)
     try:
-        print(f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})",
-              flush=True)
-        main_export(str(paths.source_dir(name)), output=staged, task=spec.optimum_task,
-                    opset=settings.opset, local_files_only=True, do_validation=False,
-                    library_name="transformers")
+        print(
+            f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})", flush=True
+        )
+        main_export(
+            str(paths.source_dir(name)),
+            output=staged,
+            task=spec.optimum_task,
+            opset=settings.opset,
+            local_files_only=True,
+            do_validation=False,
+            library_name="transformers",
+        )
         exported = staged / "model.onnx"
         if not exported.is_file():
             raise ExportError(f"optimum wrote no model.onnx for task {spec.optimum_task}")
@@ -117,16 +133,21 @@ def export(settings: Settings) -> None:
     io["sha256"] = artifacts.sha256(target)
     io["opset"] = settings.opset
     artifacts.write_json(paths.onnx_io(name), io)
-    print(f"onnx: {target.relative_to(paths.ROOT)} "
-          f"({target.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    print(
+        f"onnx: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB)",
+        flush=True,
+    )
 
 
 def file_matches_record(path: Path, record: Path):
     """An `uptodate` check: the file still has the sha256 recorded when it was built."""
 
     def check(task, values) -> bool:
-        return (path.is_file() and record.is_file()
-                and artifacts.read_json(record).get("sha256") == artifacts.sha256(path))
+        return (
+            path.is_file()
+            and record.is_file()
+            and artifacts.read_json(record).get("sha256") == artifacts.sha256(path)
+        )
 
     return check
 

@@ -76,7 +76,9 @@ def reference_outputs(settings: Settings, source: Path, feeds: list[dict]) -> li
             out = model(**tensors)
             named = {o.onnx_name: out[o.onnx_name] for o in spec.outputs if o.onnx_name in out}
             if spec.mean_pooling:
-                named["embedding"] = mean_pooled(out["last_hidden_state"], tensors["attention_mask"])
+                named["embedding"] = mean_pooled(
+                    out["last_hidden_state"], tensors["attention_mask"]
+                )
             results.append({k: v.float().numpy() for k, v in named.items()})
     return results
 
@@ -85,7 +87,9 @@ def engine_runners(settings: Settings) -> list:
     """ONNX Runtime always; TensorRT when the build made a plan."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    runners = [OnnxrtRunner(SessionFromOnnx(str(paths.onnx_file(settings.name))), name="onnxruntime")]
+    runners = [
+        OnnxrtRunner(SessionFromOnnx(str(paths.onnx_file(settings.name))), name="onnxruntime")
+    ]
     if settings.backend == "tensorrt":
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -114,13 +118,20 @@ def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dic
     for (_, runner), iterations in accuracy.items():
         for (batch, seq), per_output in zip(settings.shape_points(), iterations):
             for output, result in per_output.items():
-                entry = {"batch": batch, "seq": seq, "max_abs_diff": float(result.max_absdiff),
-                         "max_rel_diff": float(result.max_reldiff), "pass": bool(result)}
+                entry = {
+                    "batch": batch,
+                    "seq": seq,
+                    "max_abs_diff": float(result.max_absdiff),
+                    "max_rel_diff": float(result.max_reldiff),
+                    "pass": bool(result),
+                }
                 report.setdefault(runner, {}).setdefault(output, []).append(entry)
                 if not entry["pass"]:
-                    failures.append(f"{output} ({runner}, batch {batch} x seq {seq}): max abs diff "
-                                    f"{entry['max_abs_diff']:.3g} > atol {tol.atol}, max rel diff "
-                                    f"{entry['max_rel_diff']:.3g} > rtol {tol.rtol}")
+                    failures.append(
+                        f"{output} ({runner}, batch {batch} x seq {seq}): max abs diff "
+                        f"{entry['max_abs_diff']:.3g} > atol {tol.atol}, max rel diff "
+                        f"{entry['max_rel_diff']:.3g} > rtol {tol.rtol}"
+                    )
     expected = {o.onnx_name for o in settings.task.outputs}
     for runner, outputs in report.items():
         if set(outputs) != expected:
@@ -142,22 +153,28 @@ def check(settings: Settings) -> None:
     input_names = [t["name"] for t in io["inputs"]]
     source = paths.source_dir(name)
     feeds = tokenized_feeds(settings, AutoTokenizer.from_pretrained(source), input_names)
-    print(f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} at (batch, seq) "
-          f"{settings.shape_points()}, atol {settings.tolerance.atol} rtol "
-          f"{settings.tolerance.rtol}", flush=True)
+    print(
+        f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} at (batch, seq) "
+        f"{settings.shape_points()}, atol {settings.tolerance.atol} rtol "
+        f"{settings.tolerance.rtol}",
+        flush=True,
+    )
     report = compare(settings, feeds, reference_outputs(settings, source, feeds))
     for runner, outputs in report.items():
         for output, entries in outputs.items():
             worst = max(e["max_abs_diff"] for e in entries)
             print(f"parity: {runner} {output}: max abs diff {worst:.3g} (pass)", flush=True)
-    artifacts.write_json(paths.parity_report(name), {
-        "reference": REFERENCE,
-        "precision": settings.precision,
-        "tolerance": {"atol": settings.tolerance.atol, "rtol": settings.tolerance.rtol},
-        "shapes": [list(p) for p in settings.shape_points()],
-        "results": report,
-        "versions": tool_versions(),
-    })
+    artifacts.write_json(
+        paths.parity_report(name),
+        {
+            "reference": REFERENCE,
+            "precision": settings.precision,
+            "tolerance": {"atol": settings.tolerance.atol, "rtol": settings.tolerance.rtol},
+            "shapes": [list(p) for p in settings.shape_points()],
+            "results": report,
+            "versions": tool_versions(),
+        },
+    )
 
 
 def tool_versions() -> dict:
@@ -165,7 +182,7 @@ def tool_versions() -> dict:
 
 
 def task_parity():
-    """Polygraphy: PyTorch fp32 vs ONNX Runtime (and TensorRT) at min/opt/max shapes; parity.json."""
+    """Polygraphy: PyTorch fp32 vs ONNX Runtime (+TensorRT) at min/opt/max; parity.json."""
     settings = current()
     name = settings.name
     params = {
@@ -181,8 +198,13 @@ def task_parity():
     yield {
         "name": name,
         "actions": [(fails_cleanly(check), [settings])],
-        "file_dep": [paths.source_manifest(name), paths.onnx_file(name), paths.onnx_io(name),
-                     *engine, paths.stage_module("parity")],
+        "file_dep": [
+            paths.source_manifest(name),
+            paths.onnx_file(name),
+            paths.onnx_io(name),
+            *engine,
+            paths.stage_module("parity"),
+        ],
         "targets": [target],
         "uptodate": [config_changed(params)],
         "clean": [(artifacts.remove_artifacts, [[target]])],

@@ -77,6 +77,11 @@ def rendered_config(name: str, part: str) -> Path:
     return zoo_dir(name) / "pbtxt" / f"{part}.pbtxt"
 
 
+def wiring_report(name: str) -> Path:
+    """Written by the ensemble wiring check, only when it passes."""
+    return zoo_dir(name) / "pbtxt" / "wiring.json"
+
+
 # --- templates/ and triton/: sources -----------------------------------------------------
 
 

@@ -22,8 +22,10 @@ def profile_shapes(settings: Settings, io: dict) -> dict[str, tuple[tuple[int, .
     shapes = {}
     for tensor in io["inputs"]:
         if len(tensor["shape"]) != 2:
-            raise TensorRTError(f"input {tensor['name']} has shape {tensor['shape']}; "
-                                "only (batch, sequence) inputs are supported")
+            raise TensorRTError(
+                f"input {tensor['name']} has shape {tensor['shape']}; "
+                "only (batch, sequence) inputs are supported"
+            )
         shapes[tensor["name"]] = tuple(zip(settings.batch.points(), settings.seq.points()))
     return shapes
 
@@ -41,14 +43,22 @@ def make_builder_config(settings: Settings, io: dict, memory_pool_limits=None):
     """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit."""
     from polygraphy.backend.trt import CreateConfig
 
-    return CreateConfig(fp16=settings.precision == "fp16", profiles=[make_profile(settings, io)],
-                        memory_pool_limits=memory_pool_limits)
+    return CreateConfig(
+        fp16=settings.precision == "fp16",
+        profiles=[make_profile(settings, io)],
+        memory_pool_limits=memory_pool_limits,
+    )
 
 
 def gpu_compute_capability() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return ",".join(sorted(set(out.stdout.split()))) or None
@@ -60,20 +70,26 @@ def build_engine(settings: Settings) -> None:
         import tensorrt as trt
         from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
     except ImportError as err:
-        raise TensorRTError("TensorRT is not installed; use backend=python or build in the "
-                            "exporter image (Dockerfile)") from err
+        raise TensorRTError(
+            "TensorRT is not installed; use backend=python or build in the "
+            "exporter image (Dockerfile)"
+        ) from err
     load_onnx(paths.onnx_file(name), name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name))
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
     config = make_builder_config(settings, io, memory_pool_limits=limits)
-    print(f"plan: building a {settings.precision} engine (TensorRT {trt.__version__}); "
-          f"profile {profile_shapes(settings, io)}", flush=True)
+    print(
+        f"plan: building a {settings.precision} engine (TensorRT {trt.__version__}); "
+        f"profile {profile_shapes(settings, io)}",
+        flush=True,
+    )
     engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(paths.onnx_file(name))), config)()
     target = paths.plan_file(name)
     with artifacts.atomic_target(target) as tmp:
         tmp.write_bytes(bytes(engine))
-    artifacts.write_json(paths.plan_record(name), {"sha256": artifacts.sha256(target),
-                                                   "tensorrt": trt.__version__})
+    artifacts.write_json(
+        paths.plan_record(name), {"sha256": artifacts.sha256(target), "tensorrt": trt.__version__}
+    )
 
 
 def task_plan():

@@ -207,7 +207,9 @@ def load_settings(get_var) -> Settings:
         backend=backend,
     )
     local = settings.source.local
-    check_shapes_fit_model(settings, (local / "config.json") if local else paths.source_config(name))
+    check_shapes_fit_model(
+        settings, (local / "config.json") if local else paths.source_config(name)
+    )
     return settings
 
 

@@ -1,0 +1,106 @@
+"""Stage `repo`: assembles the Triton model repository under models/.
+
+    models/<name>_tokenizer/  config.pbtxt, 1/model.py, 1/tokenizer.json
+    models/<name>_model/      config.pbtxt, 1/model.plan | 1/model.onnx (+ 1/model.py: python)
+    models/<name>/            config.pbtxt, 1/ (the ensemble)
+
+Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
+copied atomically and config.pbtxt is written last: a server polling the repository never
+sees a config whose files are not all in place. The model part waits for parity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from tasks import artifacts, paths
+from tasks.settings import Settings, current
+
+ENSEMBLE_MARKER = ".keep"  # Triton needs an ensemble's version folder, even empty
+
+
+@dataclass(frozen=True)
+class Component:
+    """One Triton model of the deployment: its version-folder files and its config."""
+
+    part: str
+    triton_model: str
+    files: tuple[tuple[Path | None, str], ...]  # (source or None for an empty marker, filename)
+    checks: tuple[Path, ...]  # reports that must exist first (parity)
+
+    def targets(self) -> list[Path]:
+        return [
+            *(paths.repo_version_file(self.triton_model, f) for _, f in self.files),
+            paths.repo_config(self.triton_model),
+        ]
+
+
+def components(settings: Settings) -> list[Component]:
+    name, names = settings.name, settings.triton_models
+    if settings.backend == "tensorrt":
+        model_files = ((paths.plan_file(name), settings.model_filename),)
+    elif settings.backend == "onnxruntime":
+        model_files = ((paths.onnx_file(name), settings.model_filename),)
+    else:
+        model_files = (
+            (paths.onnx_file(name), settings.model_filename),
+            (paths.runtime_model_code("onnx_model"), "model.py"),
+        )
+    return [
+        Component(
+            "tokenizer",
+            names["tokenizer"],
+            (
+                (paths.source_tokenizer(name), "tokenizer.json"),
+                (paths.runtime_model_code("tokenizer"), "model.py"),
+            ),
+            (),
+        ),
+        Component("model", names["model"], model_files, (paths.parity_report(name),)),
+        Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),
+    ]
+
+
+def install(component: Component, config_source: Path) -> None:
+    version_dir = paths.repo_version_file(component.triton_model, "x").parent
+    wanted = {filename for _, filename in component.files}
+    if version_dir.is_dir():  # files of another backend (model.plan after backend=python)
+        for stale in version_dir.iterdir():
+            if stale.name not in wanted and stale.is_file():
+                print(f"repo: removing stale {stale.relative_to(paths.ROOT)}", flush=True)
+                stale.unlink()
+    for source, filename in component.files:
+        target = paths.repo_version_file(component.triton_model, filename)
+        if source is None:
+            artifacts.write_text(target, "")
+        else:
+            artifacts.copy_file(source, target)
+    artifacts.copy_file(config_source, paths.repo_config(component.triton_model))
+    print(
+        f"repo: {paths.repo_model_dir(component.triton_model).relative_to(paths.ROOT)}", flush=True
+    )
+
+
+def task_repo():
+    """Assemble models/: <name>_model, <name>_tokenizer and the ensemble <name> (default)."""
+    settings = current()
+    for component in components(settings):
+        config_source = paths.rendered_config(settings.name, component.part)
+        targets = component.targets()
+        yield {
+            "name": component.triton_model,
+            "actions": [(install, [component, config_source])],
+            "file_dep": [
+                *(s for s, _ in component.files if s is not None),
+                config_source,
+                paths.wiring_report(settings.name),
+                *component.checks,
+                paths.stage_module("repo"),
+            ],
+            "targets": targets,
+            "uptodate": [config_changed({"files": [f for _, f in component.files]})],
+            "clean": [(artifacts.remove_artifacts, [targets])],
+        }

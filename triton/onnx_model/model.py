@@ -1,0 +1,79 @@
+"""Triton python-backend model: ONNX Runtime on the CPU, for servers without the
+onnxruntime backend (such as the one bundled with nvidia-pytriton).
+
+Imports only numpy, onnxruntime and Triton's own utilities. Its config.pbtxt names the
+inputs and outputs; parameters: `model_file` (in the version folder) and `intra_op_threads`
+(0 lets ONNX Runtime choose). Requests whose inputs have the same shape run in one call.
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _parameter(config: dict, key: str, default: str) -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "0"))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(version_dir / _parameter(config, "model_file", "model.onnx")),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        self.inputs = [tensor["name"] for tensor in config["input"]]
+        self.outputs = [tensor["name"] for tensor in config["output"]]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        groups = defaultdict(list)  # input shapes -> [(request index, feed)]
+        for index, request in enumerate(requests):
+            feed = {}
+            for name in self.inputs:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    error = pb_utils.TritonError(f"missing input '{name}'")
+                    responses[index] = pb_utils.InferenceResponse(error=error)
+                    break
+                feed[name] = tensor.as_numpy()
+            else:
+                key = tuple(feed[name].shape for name in self.inputs)
+                groups[key].append((index, feed))
+        for members in groups.values():
+            self._run(members, responses)
+        return responses
+
+    def _run(self, members, responses):
+        feed = {
+            name: np.concatenate([f[name] for _, f in members])
+            if len(members) > 1
+            else members[0][1][name]
+            for name in self.inputs
+        }
+        try:
+            results = self.session.run(self.outputs, feed)
+        except Exception as err:  # ONNX Runtime raises its own exception types
+            for index, _ in members:
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"ONNX Runtime failed: {err}")
+                )
+            return
+        start = 0
+        for index, member_feed in members:
+            rows = len(member_feed[self.inputs[0]])
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + rows]))
+                for name, value in zip(self.outputs, results)
+            ]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start += rows
