@@ -121,10 +121,11 @@ def remove_artifacts(targets: Iterable[Path], folders: Iterable[Path] = ()) -> N
             _remove(stale)
         parents.add(path.parent)
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-        _prune_empty(parent)
+        prune_empty_dirs(parent)
 
 
-def _prune_empty(folder: Path) -> None:
+def prune_empty_dirs(folder: Path) -> None:
+    """Remove `folder` and its parents while empty, below model_zoo/ or models/."""
     while folder not in paths.ARTIFACT_ROOTS and any(
         root in folder.parents for root in paths.ARTIFACT_ROOTS
     ):

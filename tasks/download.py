@@ -173,6 +173,7 @@ def fetch(settings: Settings) -> None:
     finally:
         if staged.exists():
             shutil.rmtree(staged)
+        artifacts.prune_empty_dirs(target.parent)  # a failed first download leaves nothing
     print(f"download: {settings.source.ref} -> {target.relative_to(paths.ROOT)}", flush=True)
 
 

@@ -114,24 +114,20 @@ def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dic
         comparisons=[(0, i) for i in range(1, len(results))],
         compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol),
     )[0]
-    report, failures = {}, []
+    report = {}
     for (_, runner), iterations in accuracy.items():
         for (batch, seq), per_output in zip(settings.shape_points(), iterations):
             for output, result in per_output.items():
-                entry = {
-                    "batch": batch,
-                    "seq": seq,
-                    "max_abs_diff": float(result.max_absdiff),
-                    "max_rel_diff": float(result.max_reldiff),
-                    "pass": bool(result),
-                }
-                report.setdefault(runner, {}).setdefault(output, []).append(entry)
-                if not entry["pass"]:
-                    failures.append(
-                        f"{output} ({runner}, batch {batch} x seq {seq}): max abs diff "
-                        f"{entry['max_abs_diff']:.3g} > atol {tol.atol}, max rel diff "
-                        f"{entry['max_rel_diff']:.3g} > rtol {tol.rtol}"
-                    )
+                report.setdefault(runner, {}).setdefault(output, []).append(
+                    {
+                        "batch": batch,
+                        "seq": seq,
+                        "max_abs_diff": float(result.max_absdiff),
+                        "max_rel_diff": float(result.max_reldiff),
+                        "pass": bool(result),
+                    }
+                )
+    failures = describe_failures(report, tol)
     expected = {o.onnx_name for o in settings.task.outputs}
     for runner, outputs in report.items():
         if set(outputs) != expected:
@@ -141,6 +137,23 @@ def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dic
     return report
 
 
+def describe_failures(report: dict, tol: catalog.Tolerance) -> list[str]:
+    """One line per failing output and runner: its worst shape and how many shapes fail."""
+    lines = []
+    for runner, outputs in report.items():
+        for output, entries in outputs.items():
+            failed = [e for e in entries if not e["pass"]]
+            if failed:
+                worst = max(failed, key=lambda e: e["max_abs_diff"])
+                lines.append(
+                    f"{output} ({runner}): max abs diff {worst['max_abs_diff']:.3g}, rel "
+                    f"{worst['max_rel_diff']:.3g} at batch {worst['batch']} x seq {worst['seq']} "
+                    f"(atol {tol.atol}, rtol {tol.rtol}; fails at {len(failed)} of "
+                    f"{len(entries)} shapes)"
+                )
+    return lines
+
+
 def check(settings: Settings) -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -148,6 +161,7 @@ def check(settings: Settings) -> None:
     hf_logging.set_verbosity_error()  # the long sample text is cropped on purpose
 
     name = settings.name
+    paths.parity_report(name).unlink(missing_ok=True)  # the report exists only while it is true
     load_onnx(paths.onnx_file(name), name)
     io = artifacts.read_json(paths.onnx_io(name))
     input_names = [t["name"] for t in io["inputs"]]

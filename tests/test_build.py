@@ -1,0 +1,145 @@
+"""The real build: doit in a clean copy of the project, offline, on the real MiniLM.
+
+The tests of this module share one build and run in order (each leaves a valid build).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import paths
+from tests.conftest import copy_project
+
+SHAPE_TASKS = {
+    "parity:encode",
+    "pbtxt:encode",
+    "pbtxt:encode_tokenizer",
+    "pbtxt:encode_model",
+    "pbtxt:encode-wiring",
+    "repo:encode_tokenizer",
+    "repo:encode_model",
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("build") / "project")
+    first = project.doit("task=encode")
+    project.first_run = first
+    return project
+
+
+def repo_files(project) -> set[str]:
+    models = project.root / "models"
+    return {p.relative_to(models).as_posix() for p in models.rglob("*") if p.is_file()}
+
+
+def test_first_build_makes_a_parity_checked_repository(built):
+    assert built.first_run.executed[0] == "download:encode"
+    assert repo_files(built) == {
+        "README.md",
+        "encode/config.pbtxt",
+        "encode/1/.keep",
+        "encode_tokenizer/config.pbtxt",
+        "encode_tokenizer/1/model.py",
+        "encode_tokenizer/1/tokenizer.json",
+        "encode_model/config.pbtxt",
+        "encode_model/1/model.py",
+        "encode_model/1/model.onnx",
+    }
+    report = json.loads(built.path(paths.parity_report("encode")).read_text())
+    results = report["results"]["onnxruntime"]
+    assert set(results) == {"last_hidden_state", "embedding"}
+    for output, entries in results.items():
+        assert [(e["batch"], e["seq"]) for e in entries] == [(1, 1), (8, 128), (32, 512)], output
+        assert all(e["pass"] and e["max_abs_diff"] <= 1e-3 for e in entries), output
+    assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-3}
+    assert report["versions"]["onnxruntime"] and report["versions"]["torch"]
+
+
+def test_a_second_run_executes_nothing(built):
+    assert built.doit("task=encode").executed == []
+
+
+def test_new_shapes_rebuild_only_the_shape_dependent_tasks(built):
+    run = built.doit("task=encode", "seq=1,64,256")
+    assert set(run.executed) == SHAPE_TASKS
+    tokenizer = (built.root / "models/encode_tokenizer/config.pbtxt").read_text()
+    assert 'key: "max_seq" value { string_value: "256" }' in tokenizer
+    report = json.loads(built.path(paths.parity_report("encode")).read_text())
+    assert report["shapes"] == [[1, 1], [8, 64], [32, 256]]
+    assert set(built.doit("task=encode").executed) == SHAPE_TASKS  # and back
+
+
+def test_editing_one_template_rebuilds_only_what_it_renders(built):
+    template = built.root / "templates/tokenizer.pbtxt.j2"
+    template.write_text(template.read_text() + "# a comment added by a test\n")
+    run = built.doit("task=encode")
+    assert set(run.executed) == {
+        "pbtxt:encode_tokenizer",
+        "pbtxt:encode-wiring",
+        "repo:encode_tokenizer",
+    }
+    assert (
+        (built.root / "models/encode_tokenizer/config.pbtxt")
+        .read_text()
+        .endswith("# a comment added by a test\n")
+    )
+
+
+def test_a_corrupted_onnx_file_is_noticed_and_rebuilt(built):
+    onnx_file = built.path(paths.onnx_file("encode"))
+    onnx_file.write_bytes(b"not an onnx model")
+    run = built.doit("task=encode")
+    assert "onnx:encode" in run.executed
+    record = json.loads(built.path(paths.onnx_io("encode")).read_text())
+    served = built.root / "models/encode_model/1/model.onnx"
+    assert served.read_bytes() == onnx_file.read_bytes()
+    import hashlib
+
+    assert hashlib.sha256(served.read_bytes()).hexdigest() == record["sha256"]
+
+
+def test_a_tampered_export_fails_parity_naming_the_output(built):
+    import onnx
+    from onnx import numpy_helper
+
+    onnx_file = built.path(paths.onnx_file("encode"))
+    model = onnx.load(str(onnx_file))
+    weight = next(
+        w
+        for w in model.graph.initializer
+        if w.name.endswith("query.weight") or len(w.dims) == 2 and w.dims[0] == 384
+    )
+    array = numpy_helper.to_array(weight).copy()
+    array[:, :8] += 0.5
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    onnx.save(model, str(onnx_file))
+    io_file = built.path(paths.onnx_io("encode"))  # as if the exporter itself had gone wrong
+    record = json.loads(io_file.read_text())
+    import hashlib
+
+    record["sha256"] = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    io_file.write_text(json.dumps(record))
+    run = built.doit("task=encode", check=False)
+    assert run.returncode != 0
+    assert (
+        "ParityError: outputs differ from the PyTorch reference: last_hidden_state "
+        "(onnxruntime): max abs diff" in run.output
+    )
+    assert "; embedding (onnxruntime): max abs diff" in run.output
+    assert "at batch 8 x seq 128 (atol 0.0001, rtol 0.001; fails at" in run.output
+    assert not built.path(paths.parity_report("encode")).exists()
+    assert not [t for t in run.executed if t.startswith("repo:")]
+    # Put the true export back for the tests that follow.
+    io_file.unlink()
+    assert "onnx:encode" in built.doit("task=encode").executed
+
+
+def test_clean_leaves_the_tree_as_cloned(built):
+    built.doit("clean")
+    left = built.git("status", "--porcelain", "--ignored", "--untracked-files=all").splitlines()
+    leftovers = [line for line in left if ".doit.db" not in line and "__pycache__" not in line]
+    assert leftovers == [" M templates/tokenizer.pbtxt.j2"]  # the test's own edit, nothing else

@@ -1,0 +1,259 @@
+"""The embedded tritonserver launcher against the real server from the nvidia-pytriton wheel.
+
+Model repositories are built here: an identity model on the python backend, one whose
+`initialize` raises, and one that loads too slowly. No mock stands in for Triton.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.errors import ServerError
+from tasks.serve import (
+    STUB_NAME,
+    EmbeddedTritonServer,
+    find_tritonserver,
+    free_port,
+    preflight_stub,
+    prepare_backend_dir,
+    server_environment,
+)
+
+CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+"""
+
+IDENTITY_MODEL = """\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+"""
+
+BROKEN_MODEL = """\
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("tokenizer.json is missing next to model.py")
+
+    def execute(self, requests):
+        return []
+"""
+
+SLOW_MODEL = """\
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(60)
+
+    def execute(self, requests):
+        return []
+"""
+
+
+def add_model(repo: Path, name: str, code: str) -> None:
+    """A python-backend model; model.py is written before config.pbtxt, as the build does."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(code)
+    (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name))
+
+
+def live_processes() -> dict[int, list[str]]:
+    """argv of every live (not zombie) process, read from /proc independently of tasks.serve."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and state not in ("Z", "X"):
+            found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
+def stubs_of(server: EmbeddedTritonServer) -> list[int]:
+    return [
+        pid
+        for pid, argv in live_processes().items()
+        if argv and argv[0].endswith(STUB_NAME) and any(server.shm_prefix in a for a in argv)
+    ]
+
+
+def servers_on(repo: Path) -> list[int]:
+    flag = f"--model-repository={repo.resolve()}"
+    return [pid for pid, argv in live_processes().items() if flag in argv]
+
+
+def shm_regions_of(server: EmbeddedTritonServer) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+
+
+@pytest.fixture(scope="module")
+def identity_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("identity_repo")
+    add_model(repo, "identity", IDENTITY_MODEL)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(identity_repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("identity_log") / "tritonserver.log"
+    with EmbeddedTritonServer(identity_repo, log_file=log, load_timeout=60) as running:
+        yield running
+
+
+# --- the bundled server and its python backend ----------------------------------------------
+
+
+def test_find_tritonserver_picks_the_stub_of_this_interpreter():
+    install = find_tritonserver()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert install.stub.parent.name == version
+    assert install.server.name == "tritonserver"
+    assert all(path.is_file() for path in vars(install).values())
+
+
+def test_prepare_backend_dir_links_the_python_backend(tmp_path):
+    install = find_tritonserver()
+    backend_dir = prepare_backend_dir(tmp_path / "backends", install)
+    prepare_backend_dir(tmp_path / "backends", install)  # again: links are replaced
+    python_dir = backend_dir / "python"
+    assert (python_dir / STUB_NAME).resolve() == install.stub.resolve()
+    assert (python_dir / "libtriton_python.so").resolve() == install.python_backend.resolve()
+    utils = python_dir / "triton_python_backend_utils.py"
+    assert utils.resolve() == install.backend_utils.resolve()
+
+
+def test_server_environment_puts_venv_bin_and_libdir_first():
+    venv_bin = str(Path(sys.executable).parent)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env = server_environment({"PATH": f"/usr/bin:{venv_bin}", "LD_LIBRARY_PATH": "/opt/lib"})
+    assert env["PATH"].split(":") == [venv_bin, "/usr/bin"]
+    assert env["LD_LIBRARY_PATH"].split(":") == [libdir, "/opt/lib"]
+
+
+def test_preflight_accepts_the_bundled_stub():
+    preflight_stub(find_tritonserver().stub, server_environment())
+
+
+def test_preflight_rejects_a_stub_that_cannot_start(tmp_path):
+    stub = tmp_path / STUB_NAME
+    stub.write_text(
+        "#!/bin/sh\necho 'libpython3.x.so.1.0: cannot open shared object' >&2\nexit 127\n"
+    )
+    stub.chmod(0o755)
+    with pytest.raises(ServerError, match=r"(?s)exit 127.*libpython3\.x\.so\.1\.0: cannot open"):
+        preflight_stub(stub, server_environment())
+
+
+# --- a real server ----------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_identity_model_answers_over_http(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    data = np.array([[0.5, -1.0, 3.25], [7.0, 0.0, -2.5]], dtype=np.float32)
+    request = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+    request.set_data_from_numpy(data)
+    result = client.infer("identity", [request])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+    client.close()
+
+
+def test_port_in_use_fails_before_launching(identity_repo, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = tmp_path / "never.log"
+        server = EmbeddedTritonServer(identity_repo, http_port=port, log_file=log)
+        expected = rf"port {port} \(http\) is already in use on 127\.0\.0\.1; pass http_port="
+        with pytest.raises(ServerError, match=expected):
+            server.start()
+    assert not log.exists(), "the server was launched although its port was taken"
+    assert server.pid is None
+
+
+@pytest.mark.server
+def test_broken_model_fails_with_its_own_error_and_leaves_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "identity", IDENTITY_MODEL)
+    add_model(repo, "broken", BROKEN_MODEL)
+    server = EmbeddedTritonServer(repo, log_file=tmp_path / "server.log", load_timeout=60)
+    with pytest.raises(ServerError) as raised:
+        server.start()
+    message = str(raised.value)
+    assert "failed to load 'broken'" in message
+    assert "RuntimeError: tokenizer.json is missing next to model.py" in message
+    assert "not ready after" not in message  # failed on the model's error, not on the timeout
+    assert "pinned memory" not in message  # reason lines only, not the whole log
+    assert servers_on(repo) == []
+    assert stubs_of(server) == []
+    assert shm_regions_of(server) == []
+
+
+@pytest.mark.server
+def test_load_timeout_stops_a_server_that_never_gets_ready(tmp_path):
+    repo = tmp_path / "repo"
+    add_model(repo, "slow", SLOW_MODEL)
+    server = EmbeddedTritonServer(repo, log_file=tmp_path / "server.log", load_timeout=3)
+    with pytest.raises(ServerError, match=r"(?s)not ready after 3 s.*loading: slow:1"):
+        server.start()
+    assert servers_on(repo) == []
+    assert stubs_of(server) == []
+    assert shm_regions_of(server) == []
+
+
+@pytest.mark.server
+def test_stop_leaves_nothing_behind_and_frees_the_ports(identity_repo, tmp_path):
+    ports = {kind: free_port() for kind in ("http", "grpc", "metrics")}
+    first = EmbeddedTritonServer(
+        identity_repo,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        log_file=tmp_path / "first.log",
+    )
+    with first:
+        pid = first.pid
+        assert stubs_of(first), "the identity model should run in a python backend stub"
+        assert shm_regions_of(first), "the python backend should hold a shm region"
+    assert pid not in live_processes()
+    assert stubs_of(first) == []
+    assert shm_regions_of(first) == []
+    first.stop()  # idempotent
+
+    second = EmbeddedTritonServer(
+        identity_repo,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        log_file=tmp_path / "second.log",
+    )
+    with second:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(second.http_url)
+        assert client.is_model_ready("identity")
+        client.close()
+    assert stubs_of(second) == []

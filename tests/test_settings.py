@@ -1,0 +1,90 @@
+"""Settings are validated at the door: each bad value fails with a message naming the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import catalog
+from tasks.errors import SettingsError
+from tasks.settings import Profile, load_settings
+
+
+def settings_from(**variables):
+    return load_settings(lambda name, default=None: variables.get(name, default))
+
+
+def test_defaults_build_minilm_encode_on_the_python_backend():
+    settings = settings_from()
+    assert settings.task.name == "encode"
+    assert settings.source.ref == "sentence-transformers/all-MiniLM-L6-v2"
+    assert not settings.source.is_local
+    assert settings.name == "encode"
+    assert settings.backend == "python"  # no TensorRT here
+    assert settings.precision == "fp32"
+    assert settings.batch.points() == (1, 8, 32)
+    assert settings.seq.points() == (1, 128, 512)
+    assert settings.shape_points() == [(1, 1), (8, 128), (32, 512)]
+    assert settings.triton_models == {
+        "ensemble": "encode",
+        "tokenizer": "encode_tokenizer",
+        "model": "encode_model",
+    }
+
+
+@pytest.mark.parametrize("task", sorted(catalog.TASKS))
+def test_each_task_has_its_default_model_and_name(task):
+    settings = settings_from(task=task)
+    assert settings.source.ref == catalog.TASKS[task].default_model
+    assert settings.name == task
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"task": "summarize"}, "task=summarize: unknown task; choose one of seqcls, qa, encode"),
+        ({"seq": "1,512,128"}, "seq=1,512,128: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX"),
+        ({"batch": "0"}, "batch=0: sizes must be at least 1"),
+        ({"batch": "1,8"}, "batch=1,8: expected MIN,OPT,MAX as three whole numbers"),
+        ({"seq": "a,b,c"}, "seq=a,b,c: expected MIN,OPT,MAX"),
+        ({"precision": "fp16"}, "precision=fp16: fp16 engines need TensorRT"),
+        ({"precision": "int3"}, "precision=int3: unknown precision; choose one of fp32, fp16"),
+        ({"backend": "tensorrt"}, "backend=tensorrt: TensorRT and an NVIDIA GPU are needed"),
+        ({"backend": "tflite"}, "backend=tflite: unknown backend"),
+        ({"model": "/no/such/model"}, "model=/no/such/model: this directory does not exist"),
+        ({"model": "./missing"}, "model=./missing: this directory does not exist"),
+        ({"name": "my model"}, "name=my model: use letters, digits"),
+    ],
+)
+def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message):
+    with pytest.raises(SettingsError) as caught:
+        settings_from(**variables)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_directory_without_config_json_is_refused(tmp_path):
+    with pytest.raises(SettingsError, match="no config.json"):
+        settings_from(model=str(tmp_path))
+
+
+def test_local_model_is_used_as_is_and_fingerprinted(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    settings = settings_from(model=str(tmp_path), task="seqcls", name="mine")
+    assert settings.source.local == tmp_path
+    before = settings.source.fingerprint()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "x": 1}))
+    assert settings.source.fingerprint() != before  # a changed model rebuilds
+
+
+def test_a_max_sequence_beyond_the_position_embeddings_is_impossible(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "roberta", "max_position_embeddings": 130, "pad_token_id": 1})
+    )
+    with pytest.raises(SettingsError, match=r"seq=1,64,256: the model takes at most 128 tokens"):
+        settings_from(model=str(tmp_path), seq="1,64,256")
+    assert settings_from(model=str(tmp_path), seq="1,64,128").seq.max == 128
+
+
+def test_a_single_number_is_a_fixed_size():
+    assert Profile.parse("batch", "4").points() == (4, 4, 4)

@@ -1,0 +1,213 @@
+"""Unit tests on what the stage generators yield and on the configs they render."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import catalog, paths, pbtxt, plan, settings
+from tasks.download import task_download
+from tasks.export import task_onnx
+from tasks.parity import task_parity
+from tasks.pbtxt import task_pbtxt
+from tasks.plan import task_plan
+from tasks.repo import task_repo
+from tests.test_settings import settings_from
+
+GENERATORS = {
+    "download": task_download,
+    "onnx": task_onnx,
+    "plan": task_plan,
+    "parity": task_parity,
+    "pbtxt": task_pbtxt,
+    "repo": task_repo,
+}
+
+
+def tasks_for(monkeypatch, **variables) -> dict[str, dict]:
+    """Every task dict the stages yield for these variables, by 'stage:name'."""
+    monkeypatch.setattr(settings, "_CURRENT", settings_from(**variables))
+    found = {}
+    for stage, generator in GENERATORS.items():
+        for task in generator() or ():
+            found[f"{stage}:{task['name']}"] = task
+    return found
+
+
+def params(task: dict) -> dict:
+    """The config_changed parameters of a task (its first uptodate check)."""
+    return task["uptodate"][0].config
+
+
+# Synthetic description of an exported BERT, as the onnx stage writes it to io.json.
+def fake_io(outputs: list[tuple[str, list]]) -> dict:
+    inputs = [
+        {"name": n, "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    return {
+        "inputs": inputs,
+        "outputs": [{"name": n, "dtype": "float32", "shape": s} for n, s in outputs],
+    }
+
+
+IO = {
+    "encode": fake_io(
+        [
+            ("last_hidden_state", ["batch_size", "sequence_length", 384]),
+            ("embedding", ["batch_size", 384]),
+        ]
+    ),
+    "seqcls": fake_io([("logits", ["batch_size", 2])]),
+    "qa": fake_io(
+        [
+            ("start_logits", ["batch_size", "sequence_length"]),
+            ("end_logits", ["batch_size", "sequence_length"]),
+        ]
+    ),
+}
+
+
+def test_the_dag_without_tensorrt_has_no_plan(monkeypatch):
+    found = tasks_for(monkeypatch)
+    assert not [t for t in found if t.startswith("plan:")]
+    assert set(found) == {
+        "download:encode",
+        "onnx:encode",
+        "parity:encode",
+        "pbtxt:encode",
+        "pbtxt:encode_tokenizer",
+        "pbtxt:encode_model",
+        "pbtxt:encode-wiring",
+        "repo:encode",
+        "repo:encode_tokenizer",
+        "repo:encode_model",
+    }
+
+
+def test_every_task_has_file_targets_under_the_artifact_folders(monkeypatch):
+    for name, task in tasks_for(monkeypatch).items():
+        assert task["targets"], name
+        for target in task["targets"]:
+            assert any(root in target.parents for root in paths.ARTIFACT_ROOTS), (name, target)
+            assert target.suffix or target.name.startswith("."), (name, target)  # files
+        stage = name.split(":")[0]
+        module = {"onnx": "export"}.get(stage, stage)
+        assert paths.stage_module(module) in task["file_dep"], name
+        assert task["clean"], name
+
+
+def test_each_template_is_a_dependency_of_exactly_the_task_that_renders_it(monkeypatch):
+    found = tasks_for(monkeypatch)
+    for part in pbtxt.PARTS:
+        users = [n for n, t in found.items() if paths.template(part) in t["file_dep"]]
+        assert users == [f"pbtxt:{settings.current().triton_models[part]}"]
+
+
+def test_shapes_reach_only_the_shape_dependent_tasks(monkeypatch):
+    before = tasks_for(monkeypatch)
+    after = tasks_for(monkeypatch, seq="1,64,256")
+    changed = {
+        n for n in before if "uptodate" in before[n] and params(before[n]) != params(after[n])
+    }
+    assert changed == {
+        "parity:encode",
+        "pbtxt:encode",
+        "pbtxt:encode_tokenizer",
+        "pbtxt:encode_model",
+    }
+
+
+def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypatch):
+    found = tasks_for(monkeypatch)
+    model = found["repo:encode_model"]
+    assert paths.parity_report("encode") in model["file_dep"]
+    assert paths.runtime_model_code("onnx_model") in model["file_dep"]
+    names = [t.relative_to(paths.MODELS).as_posix() for t in model["targets"]]
+    assert names == [
+        "encode_model/1/model.onnx",
+        "encode_model/1/model.py",
+        "encode_model/config.pbtxt",
+    ]  # config last
+
+
+def test_tensorrt_profile_and_builder_config_come_from_the_settings():
+    chosen = settings_from(batch="2,4,16", seq="8,64,256")
+    io = IO["encode"]
+    shapes = plan.profile_shapes(chosen, io)
+    assert shapes == {
+        name: ((2, 8), (4, 64), (16, 256))
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    profile = plan.make_profile(chosen, io)
+    assert profile["input_ids"].min == (2, 8) and profile["input_ids"].max == (16, 256)
+    config = plan.make_builder_config(chosen, io)
+    assert config.fp16 is False
+    assert [p["attention_mask"].opt for p in config.profiles] == [(4, 64)]
+
+
+def render_all(chosen) -> dict:
+    context = pbtxt.render_context(chosen, IO[chosen.task.name], pad=0)
+    configs = {}
+    for part in pbtxt.PARTS:
+        text = pbtxt.render(part, {**context, "model_name": chosen.triton_models[part]})
+        configs[part] = pbtxt.parse_config(text, part)
+    return configs
+
+
+@pytest.mark.parametrize("task", sorted(catalog.TASKS))
+def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
+    chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128")
+    configs = render_all(chosen)
+    parts = {configs[p].name: configs[p] for p in ("tokenizer", "model")}
+    assert pbtxt.check_wiring(configs["ensemble"], parts) == []
+    ensemble, model, tokenizer = configs["ensemble"], configs["model"], configs["tokenizer"]
+    assert {c.max_batch_size for c in configs.values()} == {16}
+    assert [i.name for i in ensemble.input] == list(chosen.task.text_inputs)
+    assert [o.name for o in ensemble.output] == [o.triton_name for o in chosen.task.outputs]
+    assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
+    assert tokenizer.parameters["max_seq"].string_value == "128"
+    assert tokenizer.parameters["min_seq"].string_value == "2"
+
+
+def test_encode_dims_come_from_the_onnx_graph():
+    configs = render_all(settings_from())
+    dims = {o.name: list(o.dims) for o in configs["ensemble"].output}
+    assert dims == {"HIDDEN_STATE": [-1, 384], "EMBEDDING": [384]}
+
+
+def test_wiring_check_names_what_is_broken():
+    configs = render_all(settings_from(task="seqcls"))
+    tokenizer = configs["tokenizer"]
+    tokenizer.output[0].name = "input_idz"
+    configs["model"].output[0].dims[:] = [3]
+    problems = pbtxt.check_wiring(
+        configs["ensemble"], {tokenizer.name: tokenizer, configs["model"].name: configs["model"]}
+    )
+    assert (
+        "step 0 (seqcls_tokenizer): model has no output 'input_ids' (has ['attention_mask', "
+        "'input_idz', 'token_type_ids'])" in problems
+    )
+    assert (
+        "step 1 (seqcls_model): input 'input_ids' reads 'input_ids', which nothing produces"
+        in problems
+    )
+    assert (
+        "ensemble output 'LOGITS' is declared TYPE_FP32 [2] but produced as TYPE_FP32 [3]"
+        in problems
+    )
+
+
+def test_a_template_typo_fails_against_the_schema():
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a valid Triton model config"):
+        pbtxt.parse_config('name: "x"\nmax_batch_sise: 4\n', "config.pbtxt")
+
+
+def test_a_missing_template_value_fails_the_render():
+    from tasks.errors import ConfigError
+
+    context = pbtxt.render_context(settings_from(), IO["encode"], pad=0)
+    del context["pad_id"]
+    with pytest.raises(ConfigError, match="'pad_id' is undefined"):
+        pbtxt.render("tokenizer", {**context, "model_name": "x"})
