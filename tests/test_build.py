@@ -6,6 +6,7 @@ The tests of this module share one build and run in order (each leaves a valid b
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -108,13 +109,9 @@ def test_a_tampered_export_fails_parity_naming_the_output(built):
 
     onnx_file = built.path(paths.onnx_file("encode"))
     model = onnx.load(str(onnx_file))
-    weight = next(
-        w
-        for w in model.graph.initializer
-        if w.name.endswith("query.weight") or len(w.dims) == 2 and w.dims[0] == 384
-    )
+    weight = next(w for w in model.graph.initializer if w.name == "embeddings.LayerNorm.bias")
     array = numpy_helper.to_array(weight).copy()
-    array[:, :8] += 0.5
+    array += 0.1
     weight.CopyFrom(numpy_helper.from_array(array, weight.name))
     onnx.save(model, str(onnx_file))
     io_file = built.path(paths.onnx_io("encode"))  # as if the exporter itself had gone wrong
@@ -130,7 +127,9 @@ def test_a_tampered_export_fails_parity_naming_the_output(built):
         "(onnxruntime): max abs diff" in run.output
     )
     assert "; embedding (onnxruntime): max abs diff" in run.output
-    assert "at batch 8 x seq 128 (atol 0.0001, rtol 0.001; fails at" in run.output
+    assert re.search(
+        r"at batch \d+ x seq \d+ \(atol 0.0001, rtol 0.001; fails at \d of 3 shapes\)", run.output
+    )
     assert not built.path(paths.parity_report("encode")).exists()
     assert not [t for t in run.executed if t.startswith("repo:")]
     # Put the true export back for the tests that follow.

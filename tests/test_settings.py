@@ -64,7 +64,7 @@ def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message)
 
 
 def test_a_directory_without_config_json_is_refused(tmp_path):
-    with pytest.raises(SettingsError, match="no config.json"):
+    with pytest.raises(SettingsError, match=r"no config\.json"):
         settings_from(model=str(tmp_path))
 
 
