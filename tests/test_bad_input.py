@@ -1,0 +1,142 @@
+"""Bad input fails at the door or at the step concerned, in one line, leaving nothing built."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tasks import paths
+from tests.conftest import OFFLINE_ENV
+
+
+def built_files(project) -> list[str]:
+    found = []
+    for root in ("model_zoo", "models"):
+        found += [
+            p.relative_to(project.root).as_posix()
+            for p in (project.root / root).rglob("*")
+            if p.name != "README.md"
+        ]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (["task=summarize"], "ERROR: task=summarize: unknown task; choose one of"),
+        (["model=/no/such/dir"], "ERROR: model=/no/such/dir: this directory does not exist"),
+        (["seq=1,512,128"], "ERROR: seq=1,512,128: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX"),
+        (["batch=0"], "ERROR: batch=0: sizes must be at least 1"),
+        (["precision=fp16"], "ERROR: precision=fp16: fp16 engines need TensorRT"),
+        (["backend=tensorrt"], "ERROR: backend=tensorrt: TensorRT and an NVIDIA GPU are needed"),
+    ],
+)
+def test_bad_variables_stop_doit_before_any_task(project, variables, message):
+    run = project.doit(*variables, check=False)
+    assert run.returncode == 3
+    assert run.output.strip() == message or run.output.startswith(message)
+    assert len(run.output.strip().splitlines()) == 1
+    assert run.executed == []
+    assert built_files(project) == []
+
+
+def test_a_model_whose_architecture_does_not_fit_the_task_fails_at_download(project, tmp_path):
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 16}))
+    run = project.doit("task=qa", f"model={t5}", check=False)
+    assert run.returncode == 1
+    assert run.executed == ["download:qa"]
+    assert (
+        "ModelSourceError: task=qa: a 't5' model cannot be exported for question-answering"
+        in run.output
+    )
+    assert "Traceback" not in run.output
+    assert built_files(project) == []
+
+
+def test_a_hub_id_without_the_hub_fails_at_download_naming_the_fix(project):
+    run = project.doit("task=seqcls", check=False)
+    assert run.returncode == 1
+    assert (
+        "ModelSourceError: model=distilbert-base-uncased-finetuned-sst-2-english: the "
+        "Hugging Face Hub is unreachable" in run.output
+    )
+    assert "pass model=DIR" in run.output
+    assert built_files(project) == []
+
+
+def test_doit_list_imports_nothing_heavy(project):
+    probe = (
+        "import sys, time; t = time.perf_counter(); sys.argv = ['doit', 'list'];"
+        "from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
+        "code = DoitMain(DodoTaskLoader()).run(['list']);"
+        "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'tensorrt', 'optimum',"
+        " 'polygraphy', 'onnx', 'tritonclient') if m in sys.modules];"
+        "print('HEAVY', heavy, 'SECONDS', time.perf_counter() - t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=project.root, capture_output=True, text=True, check=True
+    ).stdout
+    assert "HEAVY [] SECONDS" in out
+    assert "download " in out and "repo " in out and "parity " in out
+
+
+def wait_for(proc, marker: str, lines: list[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"doit ended before {marker!r}:\n{''.join(lines)}")
+        lines.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"no {marker!r} within {timeout}s")
+
+
+@pytest.mark.parametrize("stage", ["download", "onnx", "parity"])
+def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "doit", "task=encode"],
+        cwd=project.root,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        # Each marker is printed as the stage's real work starts; that work takes seconds.
+        marker = {
+            "download": ".  download:encode",
+            "onnx": "onnx: exporting",
+            "parity": "parity: PyTorch fp32 vs",
+        }[stage]
+        wait_for(proc, marker, lines)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    later = {
+        "download": paths.source_manifest,
+        "onnx": paths.onnx_io,
+        "parity": paths.parity_report,
+    }[stage]
+    assert not project.path(later("encode")).exists(), "".join(lines)  # killed before its end
+    run = project.doit("task=encode")
+    assert f"{stage}:encode" in run.executed
+    assert not [p for p in built_files(project) if ".tmp-" in p]
+    record = json.loads(project.path(paths.onnx_io("encode")).read_text())
+    import hashlib
+
+    served = (project.root / "models/encode_model/1/model.onnx").read_bytes()
+    assert hashlib.sha256(served).hexdigest() == record["sha256"]
+    assert json.loads(project.path(paths.parity_report("encode")).read_text())["results"]
+    assert project.doit("task=encode").executed == []
