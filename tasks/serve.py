@@ -36,14 +36,17 @@ INSTALL_FIX = "pip install -r requirements.txt"
 STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 PREFLIGHT_TIMEOUT = 15.0  # seconds for the stub to print its usage line
-STOP_TIMEOUT = 30.0  # Triton's own --exit-timeout-secs defaults to 30 s as well
+# --exit-timeout-secs: one budget for open HTTP connections (an idle keep-alive client counts)
+# and in-flight inferences; when it runs out Triton exits without unloading models.
+EXIT_TIMEOUT = 10
+KILL_MARGIN = 20.0  # after the exit timeout, before SIGKILL: 30 s in all by default
 KILL_TIMEOUT = 5.0
 POLL_INTERVAL = 0.1
 
 # A Triton log line: `E1124 05:34:53.493753 3385 model_lifecycle.cc:642] "message"`.
 LOG_LINE = re.compile(r"^(?P<level>[IWE])\d{4} [\d:.]+ +\d+ (?P<source>[^\]]+)\] (?P<msg>.*)$")
-# Error lines Triton prints on every CPU-only start: not a reason for anything.
-LOG_NOISE = ("CudaDriverHelper has not been initialized",)
+# Error lines Triton prints on every CPU-only start (the second for each ensemble): harmless.
+LOG_NOISE = ("CudaDriverHelper has not been initialized", "unable to create stream for ")
 # Error messages after which the server will not become ready: stop waiting at once.
 FATAL_MESSAGES = ("failed to load '", "Poll failed for model directory", "failed to start ")
 
@@ -272,6 +275,8 @@ class EmbeddedTritonServer:
     Ports left as None are picked free at construction, so the URLs are known before
     `start()`. The log goes to `log_file` (default: a kept temporary file). `extra_args` go on
     the command line as they are, e.g. `("--model-control-mode=explicit", "--load-model=*")`.
+    `exit_timeout` is Triton's `--exit-timeout-secs`; `stop()` sends SIGKILL only after that
+    plus a margin (30 s in all by default).
     """
 
     def __init__(
@@ -284,6 +289,7 @@ class EmbeddedTritonServer:
         metrics_port: int | None = None,
         log_file: Path | None = None,
         load_timeout: float = 120.0,
+        exit_timeout: int = EXIT_TIMEOUT,
         extra_args: Sequence[str] = (),
         quiet: bool = False,
     ) -> None:
@@ -300,6 +306,7 @@ class EmbeddedTritonServer:
             log_file = Path(name)
         self.log_path = Path(log_file)
         self.load_timeout = load_timeout
+        self.exit_timeout = exit_timeout
         self.extra_args = tuple(extra_args)
         self.quiet = quiet
         # Names this instance's python backend shm regions, so stop() removes exactly those.
@@ -337,7 +344,7 @@ class EmbeddedTritonServer:
             raise ServerError(f"this tritonserver is already running (pid {self._process.pid})")
         if not self.model_repository.is_dir():
             raise ServerError(
-                f"model repository {self.model_repository} is not a directory; build it first"
+                f"model repository {self.model_repository} is not a directory; build it with doit"
             )
         self._check_ports()
         install = find_tritonserver()
@@ -348,8 +355,8 @@ class EmbeddedTritonServer:
         try:
             self._workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-serve-"))
             backend_dir = prepare_backend_dir(self._workdir / "backends", install)
-            self._launch(install.server, backend_dir, env)
-            self._wait_until_ready()
+            process = self._launch(install.server, backend_dir, env)
+            self._wait_until_ready(process)
         except BaseException:
             self.stop()
             raise
@@ -368,7 +375,7 @@ class EmbeddedTritonServer:
                 if not self._terminated:
                     self._terminated = True
                     self._signal_group(process, signal.SIGTERM)
-                if not _wait(process, STOP_TIMEOUT):
+                if not _wait(process, self.exit_timeout + KILL_MARGIN):
                     self._signal_group(process, signal.SIGKILL)
                     _wait(process, KILL_TIMEOUT)
             self._process = None
@@ -383,12 +390,13 @@ class EmbeddedTritonServer:
                     f"pass {kind}_port=... (another port, or None for a free one)"
                 )
 
-    def _launch(self, server: Path, backend_dir: Path, env: dict[str, str]) -> None:
+    def _launch(self, server: Path, backend_dir: Path, env: dict[str, str]) -> subprocess.Popen:
         command = [
             str(server),
             f"--backend-directory={backend_dir}",
             f"--model-repository={self.model_repository}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--exit-timeout-secs={self.exit_timeout}",
         ]
         for kind, port in self.ports.items():
             command += [f"--{kind}-address={self.host}", f"--{kind}-port={port}"]
@@ -405,10 +413,9 @@ class EmbeddedTritonServer:
                 start_new_session=True,  # its own process group: stop() signals all of it
                 preexec_fn=_parent_death_signal(),
             )
+        return self._process
 
-    def _wait_until_ready(self) -> None:
-        process = self._process
-        assert process is not None
+    def _wait_until_ready(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.load_timeout
         log = _LogFollower(self.log_path)
         while True:

@@ -1,0 +1,53 @@
+"""Parity passes for every task head on real MiniLM weights and on a tiny random RoBERTa."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import catalog, paths
+
+
+def parity_report(project, *variables: str) -> dict:
+    run = project.doit(*variables, "parity")
+    assert run.executed[-1].startswith("parity:"), run.output
+    name = next(v.split("=", 1)[1] for v in variables if v.startswith("name="))
+    return json.loads(project.path(paths.parity_report(name)).read_text())
+
+
+def assert_all_outputs_pass(report: dict, task: str) -> None:
+    outputs = report["results"]["onnxruntime"]
+    assert set(outputs) == {o.onnx_name for o in catalog.TASKS[task].outputs}
+    for output, entries in outputs.items():
+        assert len(entries) == 3 and all(e["pass"] for e in entries), (output, entries)
+
+
+@pytest.mark.parametrize("task", ["seqcls", "qa"])
+def test_task_heads_on_minilm_weights_pass_parity(project, minilm_dir, task):
+    report = parity_report(
+        project,
+        f"task={task}",
+        f"model={minilm_dir}",
+        f"name=mini_{task}",
+        "batch=1,4,8",
+        "seq=1,64,256",
+    )
+    assert_all_outputs_pass(report, task)
+    manifest = json.loads(project.path(paths.source_manifest(f"mini_{task}")).read_text())
+    assert manifest["origin"] == str(minilm_dir)
+    assert manifest["task"] == task
+
+
+@pytest.mark.parametrize("task", sorted(catalog.TASKS))
+def test_a_tiny_random_roberta_passes_parity_for_every_task(project, tiny_roberta_dir, task):
+    report = parity_report(
+        project,
+        f"task={task}",
+        f"model={tiny_roberta_dir}",
+        f"name=tiny_{task}",
+        "batch=1,2,4",
+        "seq=1,16,128",
+    )
+    assert_all_outputs_pass(report, task)
+    assert report["shapes"] == [[1, 1], [2, 16], [4, 128]]
