@@ -2,34 +2,37 @@
 
     doit task=encode                     build models/encode (the default task)
     doit task=seqcls model=DIR name=sst2 build another deployment beside it
+    doit serve                           build what is stale, then serve models/
+    doit test                            run the test suite
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
-precision, backend. See README.md.
+precision, backend, host, http_port, grpc_port, metrics_port. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
 
 from tasks import paths
-from tasks.errors import SettingsError
-from tasks.settings import current
-
-try:
-    current()  # validate the command line before any task runs
-except SettingsError as err:
-    raise InvalidCommand(str(err)) from None
-
 from tasks.download import task_download  # noqa: F401
+from tasks.errors import SettingsError
 from tasks.export import task_onnx  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
 from tasks.plan import task_plan  # noqa: F401
 from tasks.repo import task_repo  # noqa: F401
+from tasks.serve import task_serve  # noqa: F401
+from tasks.settings import current
+from tasks.test import task_test  # noqa: F401
+
+try:
+    current()  # validate the command line before any task is even generated
+except SettingsError as err:
+    raise InvalidCommand(str(err)) from None
 
 DOIT_CONFIG = {
     "default_tasks": ["repo"],
     "verbosity": 2,
     "dep_file": str(paths.DEP_FILE),
-    "cleanforget": True,
+    "cleanforget": True,  # `doit clean` also forgets, so the next build starts afresh
 }

@@ -16,6 +16,8 @@ TESTS_DIR = ROOT / "tests"
 MODEL_ZOO = ROOT / "model_zoo"
 MODELS = ROOT / "models"
 DEP_FILE = ROOT / ".doit.db"
+SERVER_LOG = MODEL_ZOO / "tritonserver.log"  # written by `doit serve`
+CLIENT = ROOT / "triton" / "send_request.py"
 
 # Directories the build may create below; `doit clean` prunes empty ones up to these roots.
 ARTIFACT_ROOTS = (MODEL_ZOO, MODELS)

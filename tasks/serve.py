@@ -30,7 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import ServerError
+from tasks import artifacts, paths
+from tasks.errors import ServerError, fails_cleanly
+from tasks.settings import Settings, current
 
 INSTALL_FIX = "pip install -r requirements.txt"
 STUB_NAME = "triton_python_backend_stub"
@@ -332,6 +334,15 @@ class EmbeddedTritonServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def failure(self) -> ServerError:
+        """Why a server that was running has exited, from its own log."""
+        code = self._process.returncode if self._process is not None else None
+        return ServerError(self._failure_message(code))
+
     def __enter__(self) -> EmbeddedTritonServer:
         return self.start()
 
@@ -541,3 +552,70 @@ def _parent_death_signal():
             os._exit(1)
 
     return set_signal
+
+
+def example_request(settings: Settings, url: str) -> str:
+    """A curl command a user can paste: one text per ensemble input."""
+    import json
+
+    body = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": [1, 1],
+                "datatype": "BYTES",
+                "data": ["Triton serves transformers."],
+            }
+            for name in settings.task.text_inputs
+        ]
+    }
+    return f"curl -s -X POST http://{url}/v2/models/{settings.name}/infer -d '{json.dumps(body)}'"
+
+
+def serve_foreground(settings: Settings) -> None:
+    """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
+    import threading
+
+    endpoints = settings.endpoints
+    server = EmbeddedTritonServer(
+        paths.MODELS,
+        host=endpoints.host,
+        http_port=endpoints.http_port,
+        grpc_port=endpoints.grpc_port,
+        metrics_port=endpoints.metrics_port,
+        log_file=paths.SERVER_LOG,
+    )
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        server.start()
+        client = [sys.executable, str(paths.CLIENT), "-u", server.http_url, "-m", settings.name]
+        print(f"serve: sample request: {' '.join(client[1:])}", flush=True)
+        subprocess.run(client, check=False, timeout=120)
+        print(
+            f"serve: try it:\n  {example_request(settings, server.http_url)}\n"
+            f"  python triton/send_request.py --protocol grpc -u {server.grpc_url} "
+            f"-m {settings.name} -t 'your text' --statistics\n"
+            "serve: Ctrl-C stops the server",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if not server.running:
+                raise server.failure()
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def task_serve():
+    """Serve models/ on the embedded tritonserver (builds what is stale first); Ctrl-C stops."""
+    settings = current()
+    return {
+        "actions": [(fails_cleanly(serve_foreground), [settings])],
+        "task_dep": ["repo"],
+        "uptodate": [False],
+        "clean": [(artifacts.remove_artifacts, [[paths.SERVER_LOG]])],
+    }

@@ -27,6 +27,10 @@ VARIABLES = {
     "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
     "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
+    "host": "address `doit serve` binds (default 127.0.0.1)",
+    "http_port": "HTTP port of `doit serve` (default 8000)",
+    "grpc_port": "gRPC port of `doit serve` (default 8001)",
+    "metrics_port": "metrics port of `doit serve` (default 8002)",
 }
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -97,6 +101,39 @@ def tensorrt_available() -> bool:
 
 
 @dataclass(frozen=True)
+class Endpoints:
+    """Where `doit serve` listens."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+
+    def __post_init__(self) -> None:
+        ports = {
+            "http_port": self.http_port,
+            "grpc_port": self.grpc_port,
+            "metrics_port": self.metrics_port,
+        }
+        for var, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise SettingsError(f"{var}={port}: a port is a number from 1 to 65535")
+        if len(set(ports.values())) < 3:
+            given = " ".join(f"{var}={port}" for var, port in ports.items())
+            raise SettingsError(f"{given}: the three ports must differ")
+
+    @classmethod
+    def parse(cls, get_var) -> Endpoints:
+        values = {}
+        for field_ in ("http_port", "grpc_port", "metrics_port"):
+            text = get_var(field_, str(getattr(cls, field_)))
+            if not re.fullmatch(r"\d+", text):
+                raise SettingsError(f"{field_}={text}: a port is a number from 1 to 65535")
+            values[field_] = int(text)
+        return cls(host=get_var("host", cls.host), **values)
+
+
+@dataclass(frozen=True)
 class Settings:
     task: catalog.TaskSpec
     source: ModelSource
@@ -105,6 +142,7 @@ class Settings:
     seq: Profile
     precision: str
     backend: str  # resolved: tensorrt | onnxruntime | python
+    endpoints: Endpoints = field(default_factory=Endpoints)
     opset: int = catalog.ONNX_OPSET
     tolerance: catalog.Tolerance = field(init=False)
 
@@ -205,6 +243,7 @@ def load_settings(get_var) -> Settings:
         seq=Profile.parse("seq", get_var("seq", "1,128,512")),
         precision=precision,
         backend=backend,
+        endpoints=Endpoints.parse(get_var),
     )
     local = settings.source.local
     check_shapes_fit_model(
@@ -220,7 +259,17 @@ def current() -> Settings:
     """The settings of this doit run, read from the command line once."""
     global _CURRENT
     if _CURRENT is None:
-        from doit import get_var
+        from doit import doit_cmd, get_var
 
+        check_known(doit_cmd._CMDLINE_VARS or {})
         _CURRENT = load_settings(get_var)
     return _CURRENT
+
+
+def check_known(given: dict) -> None:
+    """A misspelt variable must not be silently ignored."""
+    for var, value in given.items():
+        if var not in VARIABLES:
+            raise SettingsError(
+                f"{var}={value}: unknown variable; use one of {', '.join(VARIABLES)}"
+            )

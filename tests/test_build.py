@@ -90,6 +90,60 @@ def test_editing_one_template_rebuilds_only_what_it_renders(built):
     )
 
 
+TEXTS = [
+    "Triton serves the model.",
+    "",
+    "Ce modèle encode des phrases; ça marche.",
+    "東京は日本の首都です。",
+    "long text " * 400,
+]
+
+
+def pytorch_encode(model_dir, texts: list[str], max_seq: int):
+    """What a user runs in-process: the Hugging Face model and sentence-transformers pooling."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tasks.parity import mean_pooled
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_seq, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    return (
+        batch["attention_mask"],
+        hidden.numpy(),
+        mean_pooled(hidden, batch["attention_mask"]).numpy(),
+    )
+
+
+@pytest.mark.server
+def test_the_served_ensemble_answers_as_pytorch_does(built, minilm_dir):
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from tasks.serve import EmbeddedTritonServer
+
+    with EmbeddedTritonServer(built.root / "models") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            text = httpclient.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
+            text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=object))
+            result = client.infer("encode", [text])
+        finally:
+            client.close()
+    mask, hidden, embedding = pytorch_encode(minilm_dir, TEXTS, max_seq=512)
+    served_hidden, served_embedding = result.as_numpy("HIDDEN_STATE"), result.as_numpy("EMBEDDING")
+    assert served_embedding.shape == (len(TEXTS), 384)
+    assert served_hidden.shape == hidden.shape  # padded to the longest text, truncated at 512
+    assert hidden.shape[1] == 512
+    np.testing.assert_allclose(served_embedding, embedding, atol=1e-4, rtol=1e-3)
+    real = mask.numpy().astype(bool)  # positions past a text's end are padding in both
+    np.testing.assert_allclose(served_hidden[real], hidden[real], atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(served_embedding, axis=1), 1.0, atol=1e-5)
+
+
 def test_a_corrupted_onnx_file_is_noticed_and_rebuilt(built):
     onnx_file = built.path(paths.onnx_file("encode"))
     onnx_file.write_bytes(b"not an onnx model")
