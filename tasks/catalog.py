@@ -11,10 +11,37 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Output:
-    """One output of the exported model and the name the ensemble gives it."""
+    """An output of the exported model and the ensemble tensor it becomes.
+
+    `exposed` outputs are outputs of the ensemble; the others only feed a later step."""
 
     onnx_name: str
     triton_name: str
+    exposed: bool = True
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor a runtime step declares itself: Triton type and dims after the batch dim."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """A python-backend step after the model (code in triton/<component>/model.py).
+
+    It reads ensemble tensors by name (its inputs are named as the tensors it reads), takes
+    whole requests (no batching: its inputs may have different first dims), and adds
+    `outputs` to the ensemble. `files` are copied from the checkpoint next to its code."""
+
+    component: str
+    inputs: tuple[str, ...]
+    outputs: tuple[Tensor, ...]
+    files: tuple[str, ...] = ()
+    parameters: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +60,21 @@ class TaskSpec:
     text_inputs: tuple[str, ...]  # ensemble inputs (BYTES); two inputs are encoded as a pair
     outputs: tuple[Output, ...]
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
+    windows: bool = False  # overlapping windows over a long second text, not truncation
+    postprocess: PostProcess | None = None
+
+
+# Extra tokenizer outputs when a task reads long texts in overlapping windows.
+WINDOW_TENSORS = (
+    Tensor("offsets", "TYPE_INT64", (-1, 2)),  # char span of each context token; -1 elsewhere
+    Tensor("window_item", "TYPE_INT64", (1,)),  # which batch item a window belongs to
+)
+MAX_ANSWER_TOKENS = 30
+
+
+def window_stride(max_seq: int) -> int:
+    """Tokens shared by consecutive windows: a quarter of the window, as HF's QA default."""
+    return max(max_seq // 4, 1)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -40,21 +82,48 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec(
             name="seqcls",
-            summary="sequence classification: TEXT -> LOGITS",
+            summary="sequence classification: TEXT -> LOGITS, LABEL, SCORE",
             optimum_task="text-classification",
             auto_class="AutoModelForSequenceClassification",
             default_model="distilbert-base-uncased-finetuned-sst-2-english",
             text_inputs=("TEXT",),
             outputs=(Output("logits", "LOGITS"),),
+            postprocess=PostProcess(
+                component="label",
+                inputs=("LOGITS",),
+                outputs=(Tensor("LABEL", "TYPE_STRING", (1,)), Tensor("SCORE", "TYPE_FP32", (1,))),
+                files=("config.json",),  # id2label
+            ),
         ),
         TaskSpec(
             name="qa",
-            summary="extractive question answering: QUESTION, CONTEXT -> START_LOGITS, END_LOGITS",
+            summary="extractive QA: QUESTION, CONTEXT -> ANSWER, SCORE, START_LOGITS, END_LOGITS",
             optimum_task="question-answering",
             auto_class="AutoModelForQuestionAnswering",
             default_model="deepset/roberta-base-squad2",
             text_inputs=("QUESTION", "CONTEXT"),
-            outputs=(Output("start_logits", "START_LOGITS"), Output("end_logits", "END_LOGITS")),
+            outputs=(
+                Output("start_logits", "window_start_logits", exposed=False),
+                Output("end_logits", "window_end_logits", exposed=False),
+            ),
+            windows=True,
+            postprocess=PostProcess(
+                component="qa_answer",
+                inputs=(
+                    "window_start_logits",
+                    "window_end_logits",
+                    "offsets",
+                    "window_item",
+                    "CONTEXT",
+                ),
+                outputs=(
+                    Tensor("ANSWER", "TYPE_STRING", (1,)),
+                    Tensor("SCORE", "TYPE_FP32", (1,)),
+                    Tensor("START_LOGITS", "TYPE_FP32", (-1,)),  # of the answer's window
+                    Tensor("END_LOGITS", "TYPE_FP32", (-1,)),
+                ),
+                parameters=(("max_answer_tokens", str(MAX_ANSWER_TOKENS)),),
+            ),
         ),
         TaskSpec(
             name="encode",

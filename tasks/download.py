@@ -167,7 +167,12 @@ def fetch(settings: Settings) -> None:
             for p in sorted(staged.rglob("*"))
             if p.is_file()
         }
-        manifest = {"origin": origin, "task": settings.task.name, "files": files}
+        manifest = {
+            "ref": settings.source.ref,
+            "origin": origin,
+            "task": settings.task.name,
+            "files": files,
+        }
         artifacts.write_json(staged / paths.source_manifest(settings.name).name, manifest)
         artifacts.replace_dir(staged, target)
     finally:

@@ -18,6 +18,7 @@ MODELS = ROOT / "models"
 DEP_FILE = ROOT / ".doit.db"
 SERVER_LOG = MODEL_ZOO / "tritonserver.log"  # written by `doit serve`
 CLIENT = ROOT / "triton" / "send_request.py"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 # Directories the build may create below; `doit clean` prunes empty ones up to these roots.
 ARTIFACT_ROOTS = (MODEL_ZOO, MODELS)
@@ -45,12 +46,16 @@ def source_manifest(name: str) -> Path:
     return source_dir(name) / "manifest.json"
 
 
+def source_file(name: str, filename: str) -> Path:
+    return source_dir(name) / filename
+
+
 def source_config(name: str) -> Path:
-    return source_dir(name) / "config.json"
+    return source_file(name, "config.json")
 
 
 def source_tokenizer(name: str) -> Path:
-    return source_dir(name) / "tokenizer.json"
+    return source_file(name, "tokenizer.json")
 
 
 def onnx_file(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Stage `pbtxt`: Jinja templates render the three config.pbtxt files of a deployment.
+"""Stage `pbtxt`: Jinja templates render the config.pbtxt files of a deployment.
 
 Templates are strict (StrictUndefined): a missing value fails the render. Each rendered file
 is parsed back into Triton's own protobuf (tritonclient's `model_config_pb2.ModelConfig`)
@@ -8,13 +8,13 @@ and tensors exist, and data types and dims agree from producer to consumer.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import ConfigError, fails_cleanly
 from tasks.settings import Settings, current
-
-PARTS = ("tokenizer", "model", "ensemble")
 
 
 def triton_dims(shape: list) -> list[int]:
@@ -26,7 +26,7 @@ def pad_id(name: str) -> int:
     """The pad token's id, from the checkpoint's tokenizer files."""
     from tokenizers import Tokenizer
 
-    tokenizer_config = paths.source_dir(name) / "tokenizer_config.json"
+    tokenizer_config = paths.source_file(name, "tokenizer_config.json")
     token = (
         artifacts.read_json(tokenizer_config).get("pad_token")
         if tokenizer_config.is_file()
@@ -43,37 +43,69 @@ def pad_id(name: str) -> int:
 
 
 def render_context(settings: Settings, io: dict, pad: int) -> dict:
-    """Everything the templates may use; the same context renders all three parts."""
-    dtype = {t["name"]: catalog.TRITON_DTYPES[t["dtype"]] for t in io["inputs"] + io["outputs"]}
-    dims = {t["name"]: triton_dims(t["shape"]) for t in io["outputs"]}
-    names = settings.triton_models
+    """Everything the templates may use; one context renders every part.
+
+    Tensors and ensemble steps are built from the task's facts and the exported graph
+    (`io.json`), so the configs agree with the model and with each other by construction."""
+    spec, names = settings.task, settings.triton_models
+    onnx_types = {
+        t["name"]: catalog.TRITON_DTYPES[t["dtype"]] for t in io["inputs"] + io["outputs"]
+    }
+    token = [catalog.Tensor(t["name"], onnx_types[t["name"]], (-1,)) for t in io["inputs"]]
+    tokenizer_outputs = token + (list(catalog.WINDOW_TENSORS) if spec.windows else [])
+    model_outputs = [
+        catalog.Tensor(t["name"], onnx_types[t["name"]], tuple(triton_dims(t["shape"])))
+        for t in io["outputs"]
+    ]
+    # Every tensor flowing through the ensemble, by its name there.
+    tensors = {n: catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs}
+    tensors.update({t.name: t for t in tokenizer_outputs})
+    by_onnx = {t.name: t for t in model_outputs}
+    for out in spec.outputs:
+        tensors[out.triton_name] = replace(by_onnx[out.onnx_name], name=out.triton_name)
+    steps = [
+        {
+            "model": names["tokenizer"],
+            "inputs": [(n, n) for n in spec.text_inputs],
+            "outputs": [(t.name, t.name) for t in tokenizer_outputs],
+        },
+        {
+            "model": names["model"],
+            "inputs": [(t.name, t.name) for t in token],
+            "outputs": [(o.onnx_name, o.triton_name) for o in spec.outputs],
+        },
+    ]
+    ensemble_outputs = [tensors[o.triton_name] for o in spec.outputs if o.exposed]
+    post = spec.postprocess
+    if post is not None:
+        steps.append(
+            {
+                "model": names["postprocess"],
+                "inputs": [(n, n) for n in post.inputs],
+                "outputs": [(t.name, t.name) for t in post.outputs],
+            }
+        )
+        ensemble_outputs += list(post.outputs)
     return {
-        "summary": settings.task.summary,
+        "summary": spec.summary,
         "backend": settings.backend,
         "platform": catalog.PLATFORMS.get(settings.backend, ""),
         "model_filename": settings.model_filename,
         "max_batch_size": settings.batch.max,
         "seq": settings.seq,
+        "stride": catalog.window_stride(settings.seq.max) if spec.windows else 0,
         "pad_id": pad,
         "queue_delay_us": catalog.QUEUE_DELAY_US,
         "intra_op_threads": catalog.INTRA_OP_THREADS,
-        "text_inputs": settings.task.text_inputs,
-        "token_tensors": [{"name": t["name"], "data_type": dtype[t["name"]]} for t in io["inputs"]],
-        "model_outputs": [
-            {"name": t["name"], "data_type": dtype[t["name"]], "dims": dims[t["name"]]}
-            for t in io["outputs"]
-        ],
-        "ensemble_outputs": [
-            {
-                "name": o.triton_name,
-                "source": o.onnx_name,
-                "data_type": dtype[o.onnx_name],
-                "dims": dims[o.onnx_name],
-            }
-            for o in settings.task.outputs
-        ],
-        "tokenizer_name": names["tokenizer"],
-        "transformer_name": names["model"],
+        "text_inputs": spec.text_inputs,
+        "token_tensors": token,
+        "tokenizer_outputs": tokenizer_outputs,
+        "model_outputs": model_outputs,
+        "post_inputs": [tensors[n] for n in post.inputs] if post else [],
+        "post_outputs": list(post.outputs) if post else [],
+        "post_parameters": list(post.parameters) if post else [],
+        "steps": steps,
+        "ensemble_outputs": ensemble_outputs,
     }
 
 
@@ -122,7 +154,9 @@ def render_part(settings: Settings, part: str) -> None:
 
 
 def _tensors(config, kind: str) -> dict:
-    return {t.name: (t.data_type, list(t.dims)) for t in getattr(config, kind)}
+    """Tensor name -> (data type, full dims: with the batch dim when the model batches)."""
+    batch = [-1] if config.max_batch_size > 0 else []
+    return {t.name: (t.data_type, batch + list(t.dims)) for t in getattr(config, kind)}
 
 
 def _agree(a: tuple, b: tuple) -> bool:
@@ -186,9 +220,9 @@ def check_deployment(settings: Settings) -> None:
             paths.rendered_config(name, part).read_text(),
             str(paths.rendered_config(name, part).relative_to(paths.ROOT)),
         )
-        for part in PARTS
+        for part in settings.triton_models
     }
-    parts = {configs[p].name: configs[p] for p in PARTS if p != "ensemble"}
+    parts = {configs[p].name: configs[p] for p in settings.triton_models if p != "ensemble"}
     problems = check_wiring(configs["ensemble"], parts)
     if problems:
         raise ConfigError(f"ensemble '{name}' is miswired: " + "; ".join(problems))
@@ -212,10 +246,10 @@ def task_pbtxt():
         "batch": settings.batch.points(),
         "seq": settings.seq.points(),
         "backend": settings.backend,
-        "task": settings.task.name,
+        "task": repr(settings.task),  # its tensors, steps and parameters are facts
         "serving": [catalog.QUEUE_DELAY_US, catalog.INTRA_OP_THREADS],
     }
-    for part in PARTS:
+    for part in settings.triton_models:
         target = paths.rendered_config(name, part)
         extra = [paths.source_manifest(name)] if part == "tokenizer" else []
         yield {
@@ -235,7 +269,10 @@ def task_pbtxt():
     yield {
         "name": f"{name}-wiring",
         "actions": [(fails_cleanly(check_deployment), [settings])],
-        "file_dep": [*(paths.rendered_config(name, p) for p in PARTS), paths.stage_module("pbtxt")],
+        "file_dep": [
+            *(paths.rendered_config(name, p) for p in settings.triton_models),
+            paths.stage_module("pbtxt"),
+        ],
         "targets": [report],
         "clean": [(artifacts.remove_artifacts, [[report]])],
     }

@@ -2,6 +2,7 @@
 
     models/<name>_tokenizer/  config.pbtxt, 1/model.py, 1/tokenizer.json
     models/<name>_model/      config.pbtxt, 1/model.plan | 1/model.onnx (+ 1/model.py: python)
+    models/<name>_post/       config.pbtxt, 1/model.py (+ checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
 Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
@@ -49,7 +50,7 @@ def components(settings: Settings) -> list[Component]:
             (paths.onnx_file(name), settings.model_filename),
             (paths.runtime_model_code("onnx_model"), "model.py"),
         )
-    return [
+    found = [
         Component(
             "tokenizer",
             names["tokenizer"],
@@ -60,8 +61,16 @@ def components(settings: Settings) -> list[Component]:
             (),
         ),
         Component("model", names["model"], model_files, (paths.parity_report(name),)),
-        Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),
     ]
+    post = settings.task.postprocess
+    if post is not None:
+        files = (
+            (paths.runtime_model_code(post.component), "model.py"),
+            *((paths.source_file(name, f), f) for f in post.files),
+        )
+        found.append(Component("postprocess", names["postprocess"], files, ()))
+    found.append(Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()))
+    return found
 
 
 def install(component: Component, config_source: Path) -> None:
@@ -85,7 +94,7 @@ def install(component: Component, config_source: Path) -> None:
 
 
 def task_repo():
-    """Assemble models/: <name>_model, <name>_tokenizer and the ensemble <name> (default)."""
+    """Assemble models/: the ensemble <name> and <name>_tokenizer, _model, _post (default)."""
     settings = current()
     for component in components(settings):
         config_source = paths.rendered_config(settings.name, component.part)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tasks import artifacts, paths
 from tasks.errors import ServerError, fails_cleanly
-from tasks.settings import Settings, current
+from tasks.settings import Endpoints, Settings, current
 
 INSTALL_FIX = "pip install -r requirements.txt"
 STUB_NAME = "triton_python_backend_stub"
@@ -234,6 +234,20 @@ def _indent(reason: str) -> str:
 def _is_fatal(line: str) -> bool:
     match = LOG_LINE.match(line)
     return bool(match and match["level"] == "E" and any(f in match["msg"] for f in FATAL_MESSAGES))
+
+
+def http_ready(url: str) -> bool:
+    """Whether the Triton server at host:port answers ready to /v2/health/ready."""
+    import urllib.error
+    import urllib.request
+
+    # No proxy: an http_proxy in the environment must not answer for localhost.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{url}/v2/health/ready", timeout=1.0) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _client_host(host: str) -> str:
@@ -446,16 +460,7 @@ class EmbeddedTritonServer:
             time.sleep(POLL_INTERVAL)
 
     def _is_ready(self) -> bool:
-        import urllib.error
-        import urllib.request
-
-        # No proxy: an http_proxy in the environment must not answer for localhost.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=1.0) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(self.http_url)
 
     def _failure_message(self, exit_code: int | None) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -572,12 +577,95 @@ def example_request(settings: Settings, url: str) -> str:
     return f"curl -s -X POST http://{url}/v2/models/{settings.name}/infer -d '{json.dumps(body)}'"
 
 
-def serve_foreground(settings: Settings) -> None:
-    """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
-    import threading
+class DockerTritonServer:
+    """NVIDIA's Triton image with the GPU, run through docker-compose.yml (GPU hosts only).
 
-    endpoints = settings.endpoints
-    server = EmbeddedTritonServer(
+    The same interface as EmbeddedTritonServer, for `doit serve server=docker`."""
+
+    def __init__(self, endpoints: Endpoints, load_timeout: float = 900.0) -> None:
+        self.endpoints = endpoints
+        self.load_timeout = load_timeout  # the first start builds and pulls the image
+        self.http_url = f"{_client_host(endpoints.host)}:{endpoints.http_port}"
+        self.grpc_url = f"{_client_host(endpoints.host)}:{endpoints.grpc_port}"
+        self._process: subprocess.Popen | None = None
+
+    def command(self, *args: str) -> list[str]:
+        if shutil.which("docker-compose"):
+            base = ["docker-compose"]
+        elif shutil.which("docker"):
+            base = ["docker", "compose"]
+        else:
+            raise ServerError(
+                "server=docker: no docker or docker-compose on PATH; install "
+                "Docker with the NVIDIA container toolkit, or use server=embedded"
+            )
+        return [*base, "-f", str(paths.COMPOSE_FILE), *args]
+
+    def environment(self) -> dict[str, str]:
+        """Variables docker-compose.yml reads for the published ports."""
+        e = self.endpoints
+        return {
+            **os.environ,
+            "TRITON_HOST": e.host,
+            "HTTP_PORT": str(e.http_port),
+            "GRPC_PORT": str(e.grpc_port),
+            "METRICS_PORT": str(e.metrics_port),
+        }
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def failure(self) -> ServerError:
+        return ServerError(f"the triton container stopped; see {paths.SERVER_LOG}")
+
+    def start(self) -> DockerTritonServer:
+        for kind in ("http", "grpc", "metrics"):
+            port = getattr(self.endpoints, f"{kind}_port")
+            if not port_is_free(self.endpoints.host, port):
+                raise ServerError(
+                    f"port {port} ({kind}) is already in use on "
+                    f"{self.endpoints.host}; pass {kind}_port=..."
+                )
+        paths.SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
+        with open(paths.SERVER_LOG, "wb") as log:
+            self._process = subprocess.Popen(
+                self.command("up", "--build", "triton"),
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.load_timeout
+        while not http_ready(self.http_url):
+            if not self.running or time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"the triton container did not become ready; see {paths.SERVER_LOG}"
+                )
+            time.sleep(1.0)
+        print(
+            f"tritonserver (docker): ready: HTTP {self.http_url}, gRPC {self.grpc_url}", flush=True
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        subprocess.run(
+            self.command("down"), env=self.environment(), check=False, capture_output=True
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGTERM)
+        _wait(self._process, 30)
+        self._process = None
+        print("tritonserver (docker): stopped", flush=True)
+
+
+def make_server(endpoints: Endpoints):
+    if endpoints.server == "docker":
+        return DockerTritonServer(endpoints)
+    return EmbeddedTritonServer(
         paths.MODELS,
         host=endpoints.host,
         http_port=endpoints.http_port,
@@ -585,6 +673,13 @@ def serve_foreground(settings: Settings) -> None:
         metrics_port=endpoints.metrics_port,
         log_file=paths.SERVER_LOG,
     )
+
+
+def serve_foreground(settings: Settings) -> None:
+    """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
+    import threading
+
+    server = make_server(settings.endpoints)
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -611,7 +706,7 @@ def serve_foreground(settings: Settings) -> None:
 
 
 def task_serve():
-    """Serve models/ on the embedded tritonserver (builds what is stale first); Ctrl-C stops."""
+    """Serve models/ on tritonserver (embedded, or server=docker); builds stale parts first."""
     settings = current()
     return {
         "actions": [(fails_cleanly(serve_foreground), [settings])],

@@ -27,12 +27,14 @@ VARIABLES = {
     "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
     "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
+    "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
     "host": "address `doit serve` binds (default 127.0.0.1)",
     "http_port": "HTTP port of `doit serve` (default 8000)",
     "grpc_port": "gRPC port of `doit serve` (default 8001)",
     "metrics_port": "metrics port of `doit serve` (default 8002)",
 }
 
+SERVERS = ("embedded", "docker")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -102,14 +104,16 @@ def tensorrt_available() -> bool:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where `doit serve` listens."""
+    """Which server `doit serve` runs and where it listens."""
 
+    server: str = "embedded"
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
 
     def __post_init__(self) -> None:
+        _choose("server", self.server, SERVERS)
         ports = {
             "http_port": self.http_port,
             "grpc_port": self.grpc_port,
@@ -130,7 +134,7 @@ class Endpoints:
             if not re.fullmatch(r"\d+", text):
                 raise SettingsError(f"{field_}={text}: a port is a number from 1 to 65535")
             values[field_] = int(text)
-        return cls(host=get_var("host", cls.host), **values)
+        return cls(server=get_var("server", cls.server), host=get_var("host", cls.host), **values)
 
 
 @dataclass(frozen=True)
@@ -151,12 +155,12 @@ class Settings:
 
     @property
     def triton_models(self) -> dict[str, str]:
-        """Part -> Triton model name: the ensemble and the two models it calls."""
-        return {
-            "ensemble": self.name,
-            "tokenizer": f"{self.name}_tokenizer",
-            "model": f"{self.name}_model",
-        }
+        """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
+        names = {"tokenizer": f"{self.name}_tokenizer", "model": f"{self.name}_model"}
+        if self.task.postprocess is not None:
+            names["postprocess"] = f"{self.name}_post"
+        names["ensemble"] = self.name
+        return names
 
     @property
     def model_filename(self) -> str:
@@ -165,6 +169,20 @@ class Settings:
     def shape_points(self) -> list[tuple[int, int]]:
         """(batch, seq) at the min, opt and max of the profile: where parity is checked."""
         return list(zip(self.batch.points(), self.seq.points()))
+
+
+def docker_engine_problem() -> str | None:
+    """Why `server=docker` cannot work here, or None (asks the engine: only when chosen)."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("docker-compose") or shutil.which("docker")):
+        return "no docker or docker-compose on PATH"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "`docker info` could not run"
+    return None if info.returncode == 0 else "no Docker engine answers (`docker info` failed)"
 
 
 def _choose(var: str, value: str, choices) -> str:
@@ -193,9 +211,9 @@ def resolve_model(ref: str, revision: str) -> ModelSource:
     return ModelSource(ref=ref, local=None, revision=revision)
 
 
-def check_shapes_fit_model(settings: Settings, config_path: Path) -> None:
+def check_shapes_fit_model(settings: Settings, config_path: Path | None) -> None:
     """Refuse a max sequence the model cannot take (its position embeddings)."""
-    if not config_path.is_file():
+    if config_path is None or not config_path.is_file():
         return
     config = json.loads(config_path.read_text())
     limit = config.get("max_position_embeddings") or config.get("n_positions")
@@ -207,6 +225,16 @@ def check_shapes_fit_model(settings: Settings, config_path: Path) -> None:
             f"seq={settings.seq.min},{settings.seq.opt},{settings.seq.max}: the model takes at "
             f"most {limit} tokens (max_position_embeddings); use seq=MIN,OPT,{limit} or less"
         )
+
+
+def known_config(settings: Settings) -> Path | None:
+    """The model's config.json if it is already at hand: local, or downloaded for this ref."""
+    if settings.source.local is not None:
+        return settings.source.local / "config.json"
+    manifest = paths.source_manifest(settings.name)
+    if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == settings.source.ref:
+        return paths.source_config(settings.name)
+    return None  # the download stage checks it once it has the model
 
 
 def load_settings(get_var) -> Settings:
@@ -245,10 +273,12 @@ def load_settings(get_var) -> Settings:
         backend=backend,
         endpoints=Endpoints.parse(get_var),
     )
-    local = settings.source.local
-    check_shapes_fit_model(
-        settings, (local / "config.json") if local else paths.source_config(name)
-    )
+    if settings.endpoints.server == "docker" and (problem := docker_engine_problem()):
+        raise SettingsError(
+            f"server=docker: {problem}; start Docker with the NVIDIA container "
+            "toolkit, or use server=embedded"
+        )
+    check_shapes_fit_model(settings, known_config(settings))
     return settings
 
 

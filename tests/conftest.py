@@ -149,3 +149,72 @@ def tiny_roberta_dir(tmp_path_factory) -> Path:
     RobertaModel(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+MARKERS = ("zebra", "giraffe")  # the crafted QA model answers from the first to the second
+
+
+@pytest.fixture(scope="session")
+def crafted_qa_dir(tmp_path_factory) -> Path:
+    """A tiny RoBERTa QA model whose answer is known: the span from ' zebra' to ' giraffe'.
+
+    Its layers add nothing (output projections are zero), so each token's hidden state is
+    its normalised embedding; the two marker words own one axis each, which the QA head reads
+    as start and end. Real weights files, a real tokenizer: only the numbers are chosen."""
+    import torch
+    from transformers import RobertaConfig, RobertaForQuestionAnswering
+
+    from tasks import catalog
+
+    target = tmp_path_factory.mktemp("crafted-qa")
+    texts = list(catalog.SAMPLE_TEXTS + catalog.SAMPLE_QUESTIONS)
+    tokenizer = train_tokenizer(texts + [f"the {MARKERS[0]} and the {MARKERS[1]}"] * 20)
+    marker_ids = [tokenizer.convert_tokens_to_ids(f"Ġ{word}") for word in MARKERS]
+    assert tokenizer.unk_token_id not in marker_ids
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(2)
+    model = RobertaForQuestionAnswering(config)
+    with torch.no_grad():
+        embeddings = model.roberta.embeddings
+        embeddings.word_embeddings.weight.normal_(0, 0.02)
+        embeddings.position_embeddings.weight.zero_()
+        embeddings.token_type_embeddings.weight.zero_()
+        for axis, token in enumerate(marker_ids):
+            embeddings.word_embeddings.weight[token] = 0
+            embeddings.word_embeddings.weight[token, axis] = 10.0
+        for layer in model.roberta.encoder.layer:
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_()
+                dense.bias.zero_()
+        model.qa_outputs.weight.zero_()
+        model.qa_outputs.bias.zero_()
+        model.qa_outputs.weight[0, 0] = 3.0  # start logit: the first marker's axis
+        model.qa_outputs.weight[1, 1] = 3.0  # end logit: the second's
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def labelled_minilm_dir(tmp_path_factory, minilm_dir) -> Path:
+    """MiniLM's real weights with a two-label classification config (the head is new)."""
+    import json
+
+    target = tmp_path_factory.mktemp("labelled-minilm")
+    shutil.copytree(minilm_dir, target, dirs_exist_ok=True)
+    config = json.loads((target / "config.json").read_text())
+    config["id2label"] = {"0": "negative", "1": "positive"}
+    config["label2id"] = {"negative": 0, "positive": 1}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target

@@ -96,9 +96,10 @@ def test_every_task_has_file_targets_under_the_artifact_folders(monkeypatch):
         assert task["clean"], name
 
 
-def test_each_template_is_a_dependency_of_exactly_the_task_that_renders_it(monkeypatch):
-    found = tasks_for(monkeypatch)
-    for part in pbtxt.PARTS:
+@pytest.mark.parametrize("task", sorted(catalog.TASKS))
+def test_each_template_is_a_dependency_of_exactly_the_task_that_renders_it(monkeypatch, task):
+    found = tasks_for(monkeypatch, task=task)
+    for part in settings.current().triton_models:
         users = [n for n, t in found.items() if paths.template(part) in t["file_dep"]]
         assert users == [f"pbtxt:{settings.current().triton_models[part]}"]
 
@@ -148,7 +149,7 @@ def test_tensorrt_profile_and_builder_config_come_from_the_settings():
 def render_all(chosen) -> dict:
     context = pbtxt.render_context(chosen, IO[chosen.task.name], pad=0)
     configs = {}
-    for part in pbtxt.PARTS:
+    for part in chosen.triton_models:
         text = pbtxt.render(part, {**context, "model_name": chosen.triton_models[part]})
         configs[part] = pbtxt.parse_config(text, part)
     return configs
@@ -158,12 +159,19 @@ def render_all(chosen) -> dict:
 def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
     chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128")
     configs = render_all(chosen)
-    parts = {configs[p].name: configs[p] for p in ("tokenizer", "model")}
+    parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
     assert pbtxt.check_wiring(configs["ensemble"], parts) == []
     ensemble, model, tokenizer = configs["ensemble"], configs["model"], configs["tokenizer"]
-    assert {c.max_batch_size for c in configs.values()} == {16}
+    assert {c.max_batch_size for p, c in configs.items() if p != "postprocess"} == {16}
     assert [i.name for i in ensemble.input] == list(chosen.task.text_inputs)
-    assert [o.name for o in ensemble.output] == [o.triton_name for o in chosen.task.outputs]
+    post = chosen.task.postprocess
+    assert [o.name for o in ensemble.output] == [
+        *(o.triton_name for o in chosen.task.outputs if o.exposed),
+        *(t.name for t in (post.outputs if post else ())),
+    ]
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
+        name for part, name in chosen.triton_models.items() if part != "ensemble"
+    ]
     assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
     assert tokenizer.parameters["max_seq"].string_value == "128"
     assert tokenizer.parameters["min_seq"].string_value == "2"
@@ -177,23 +185,22 @@ def test_encode_dims_come_from_the_onnx_graph():
 
 def test_wiring_check_names_what_is_broken():
     configs = render_all(settings_from(task="seqcls"))
-    tokenizer = configs["tokenizer"]
-    tokenizer.output[0].name = "input_idz"
+    configs["tokenizer"].output[0].name = "input_idz"
     configs["model"].output[0].dims[:] = [3]
-    problems = pbtxt.check_wiring(
-        configs["ensemble"], {tokenizer.name: tokenizer, configs["model"].name: configs["model"]}
-    )
-    assert (
+    parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
+    problems = pbtxt.check_wiring(configs["ensemble"], parts)
+    assert problems == [
         "step 0 (seqcls_tokenizer): model has no output 'input_ids' (has ['attention_mask', "
-        "'input_idz', 'token_type_ids'])" in problems
-    )
+        "'input_idz', 'token_type_ids'])",
+        "step 1 (seqcls_model): input 'input_ids' reads 'input_ids', which nothing produces",
+        "step 2 (seqcls_post): 'LOGITS' is TYPE_FP32 [-1, 3] but input 'LOGITS' wants "
+        "TYPE_FP32 [-1, 2]",
+        "ensemble output 'LOGITS' is declared TYPE_FP32 [-1, 2] but produced as TYPE_FP32 [-1, 3]",
+    ]
+    del parts["seqcls_post"]
     assert (
-        "step 1 (seqcls_model): input 'input_ids' reads 'input_ids', which nothing produces"
-        in problems
-    )
-    assert (
-        "ensemble output 'LOGITS' is declared TYPE_FP32 [2] but produced as TYPE_FP32 [3]"
-        in problems
+        "step 2 (seqcls_post): no such model in the deployment (['seqcls_model', "
+        "'seqcls_tokenizer'])" in pbtxt.check_wiring(configs["ensemble"], parts)
     )
 
 
@@ -211,3 +218,18 @@ def test_a_missing_template_value_fails_the_render():
     del context["pad_id"]
     with pytest.raises(ConfigError, match="'pad_id' is undefined"):
         pbtxt.render("tokenizer", {**context, "model_name": "x"})
+
+
+def test_a_broken_onnx_file_is_an_error_that_says_how_to_rebuild(tmp_path, monkeypatch):
+    from tasks.errors import ExportError
+    from tasks.export import load_onnx
+
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"\x08\x07garbage that is not a protobuf")
+    with pytest.raises(ExportError) as caught:
+        load_onnx(broken, "encode")
+    message = str(caught.value)
+    assert message.startswith("model.onnx is not a valid ONNX model (")
+    assert "run doit again to re-export it, or `doit forget onnx:encode` first" in message
+    assert "\n" not in message

@@ -3,7 +3,12 @@
 Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utilities (no
 `transformers`, nothing from the build). Everything it needs comes from its config.pbtxt:
 the text inputs (two inputs are encoded as a pair), the outputs the model takes, and the
-parameters `max_seq` (truncation), `min_seq` (minimum padded length) and `pad_id`.
+parameters `max_seq` (truncation), `min_seq` (minimum padded length), `pad_id` and `stride`.
+
+With `stride` > 0 a long second text (a QA context) is not cut: it is read in overlapping
+windows of `max_seq` tokens, one output row per window, and the extra outputs `offsets`
+(character span in the second text of each of its tokens, -1 elsewhere) and `window_item`
+(the batch item of each row) let a later step map answers back to text.
 """
 
 import json
@@ -19,6 +24,7 @@ ENCODING_FIELDS = {
     "attention_mask": "attention_mask",
     "token_type_ids": "type_ids",
 }
+WINDOW_FIELDS = ("offsets", "window_item")
 
 
 def _parameter(config: dict, key: str) -> str:
@@ -36,20 +42,27 @@ class TritonPythonModel:
         self.max_seq = int(_parameter(config, "max_seq"))
         self.min_seq = int(_parameter(config, "min_seq"))
         self.pad_id = int(_parameter(config, "pad_id"))
+        self.stride = int(_parameter(config, "stride"))
+        self.max_rows = int(config["max_batch_size"])
         self.tokenizer.no_padding()  # padded per request below, to its own longest text
-        self.tokenizer.enable_truncation(max_length=self.max_seq)
+        if self.stride:
+            self.tokenizer.enable_truncation(
+                max_length=self.max_seq, stride=self.stride, strategy="only_second"
+            )
+        else:
+            self.tokenizer.enable_truncation(max_length=self.max_seq)
         self.text_inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = []
         for tensor in config["output"]:
-            if tensor["name"] not in ENCODING_FIELDS:
+            name = tensor["name"]
+            if name not in ENCODING_FIELDS and name not in WINDOW_FIELDS:
                 raise pb_utils.TritonModelException(
-                    f"output '{tensor['name']}' is not one of {sorted(ENCODING_FIELDS)}"
+                    f"output '{name}' is not one of {sorted(ENCODING_FIELDS) + list(WINDOW_FIELDS)}"
                 )
-            dtype = pb_utils.triton_string_to_numpy(tensor["data_type"])
-            self.outputs.append((tensor["name"], ENCODING_FIELDS[tensor["name"]], dtype))
+            self.outputs.append((name, pb_utils.triton_string_to_numpy(tensor["data_type"])))
 
     def _texts(self, request) -> list:
-        """One list of str per text input, each with one entry per batch item."""
+        """The request's batch items: str, or (str, str) pairs for two inputs."""
         columns = []
         for name in self.text_inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -61,35 +74,71 @@ class TritonPythonModel:
             )
         if len({len(c) for c in columns}) > 1:
             raise ValueError(f"inputs {self.text_inputs} must have the same batch size")
-        return columns
+        return list(zip(*columns)) if len(columns) > 1 else columns[0]
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        batches = []  # (request index, texts) for the requests that are well formed
+        batches = []  # (request index, items) for the requests that are well formed
         for index, request in enumerate(requests):
             try:
                 batches.append((index, self._texts(request)))
             except ValueError as err:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
-        items = []
-        for _, columns in batches:
-            items.extend(zip(*columns) if len(columns) > 1 else columns[0])
-        encodings = self.tokenizer.encode_batch(items) if items else []  # one call for all
+                responses[index] = _error(str(err))
+        try:  # one call for every text of every request
+            encoded = self.tokenizer.encode_batch([i for _, items in batches for i in items])
+        except Exception:  # a text that cannot be encoded: find its request, spare the rest
+            encoded = None
         start = 0
-        for index, columns in batches:
-            count = len(columns[0])
-            responses[index] = self._response(encodings[start : start + count])
-            start += count
+        for index, items in batches:
+            if encoded is not None:
+                encodings = encoded[start : start + len(items)]
+                start += len(items)
+            else:
+                try:
+                    encodings = self.tokenizer.encode_batch(items)
+                except Exception as err:  # tokenizers raises plain Exceptions
+                    responses[index] = _error(f"cannot tokenize this request: {err}")
+                    continue
+            responses[index] = self._response(encodings)
         return responses
 
+    def _rows(self, encodings):
+        """(encoding, batch item) per output row: one per text, or one per window."""
+        for item, encoding in enumerate(encodings):
+            yield encoding, item
+            if self.stride:
+                for window in encoding.overflowing:
+                    yield window, item
+
     def _response(self, encodings):
-        length = max([self.min_seq, *(len(e.ids) for e in encodings)])
+        rows = list(self._rows(encodings))
+        if len(rows) > self.max_rows:
+            return _error(
+                f"the texts of this request need {len(rows)} windows of {self.max_seq} tokens; "
+                f"at most {self.max_rows} fit in one request: send fewer or shorter texts"
+            )
+        length = max([self.min_seq, *(len(e.ids) for e, _ in rows)])
         tensors = []
-        for name, field, dtype in self.outputs:
-            pad = self.pad_id if field == "ids" else 0
-            array = np.full((len(encodings), length), pad, dtype=dtype)
-            for row, encoding in enumerate(encodings):
-                values = getattr(encoding, field)
-                array[row, : len(values)] = values
+        for name, dtype in self.outputs:
+            if name == "window_item":
+                array = np.array([[item] for _, item in rows], dtype=dtype)
+            elif name == "offsets":
+                array = np.full((len(rows), length, 2), -1, dtype=dtype)
+                for row, (encoding, _) in enumerate(rows):
+                    for position, (sequence, span) in enumerate(
+                        zip(encoding.sequence_ids, encoding.offsets)
+                    ):
+                        if sequence == 1:
+                            array[row, position] = span
+            else:
+                field = ENCODING_FIELDS[name]
+                array = np.full((len(rows), length), self.pad_id if field == "ids" else 0, dtype)
+                for row, (encoding, _) in enumerate(rows):
+                    values = getattr(encoding, field)
+                    array[row, : len(values)] = values
             tensors.append(pb_utils.Tensor(name, array))
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))

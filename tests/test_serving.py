@@ -1,0 +1,348 @@
+"""Three deployments served together by a real tritonserver, queried over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tasks import paths
+from tests.conftest import MARKERS, OFFLINE_ENV, copy_project
+
+pytestmark = pytest.mark.server
+
+SHAPES = ("batch=1,4,8", "seq=1,64,128")
+TEXTS = [
+    "Triton serves the model.",
+    "",
+    "Ce modèle encode des phrases; ça marche.",
+    "東京は日本の首都です。",
+    "a text longer than the max sequence " * 30,
+]
+QUESTIONS = ["Who met whom?", "Was ist das?", ""]
+CONTEXTS = [f"Ann met the {MARKERS[0]} and the {MARKERS[1]}.", "Das ist ein Haus.", ""]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
+    from tasks.serve import EmbeddedTritonServer
+
+    project = copy_project(tmp_path_factory.mktemp("serving") / "project")
+    project.doit("task=encode", *SHAPES)
+    project.doit("task=seqcls", f"model={labelled_minilm_dir}", *SHAPES)
+    project.doit("task=qa", f"model={crafted_qa_dir}", *SHAPES)
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield project, server
+
+
+def infer(server, protocol: str, model: str, texts: dict[str, list[str]]):
+    """Send BYTES inputs through the ensemble; return {output: array}."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client_module
+
+        client = client_module.InferenceServerClient(server.grpc_url)
+    else:
+        import tritonclient.http as client_module
+
+        client = client_module.InferenceServerClient(server.http_url)
+    try:
+        inputs = []
+        for name, values in texts.items():
+            tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[v.encode()] for v in values], dtype=object))
+            inputs.append(tensor)
+        result = client.infer(model, inputs)
+        outputs = result.get_response(as_json=True) if protocol == "grpc" else result.get_response()
+        return {o["name"]: result.as_numpy(o["name"]) for o in outputs["outputs"]}
+    finally:
+        client.close()
+
+
+def reference(project, task: str, first: list[str], second: list[str] | None = None):
+    """The PyTorch model in-process, from the checkpoint the build used (head included)."""
+    import torch
+    import transformers
+
+    from tasks import catalog
+
+    source = project.path(paths.source_dir(task))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    model = getattr(transformers, catalog.TASKS[task].auto_class).from_pretrained(source).eval()
+    batch = tokenizer(
+        first,
+        second,
+        padding=True,
+        truncation="only_second" if second else True,
+        max_length=128,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        return batch["attention_mask"].numpy().astype(bool), model(**batch)
+
+
+def close(served_array, reference_array, mask=None):
+    reference_array = np.asarray(reference_array)
+    if mask is not None:
+        served_array, reference_array = served_array[mask], reference_array[mask]
+    np.testing.assert_allclose(served_array, reference_array, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_encode_answers_as_pytorch_does(served, protocol):
+    from tasks.parity import mean_pooled
+
+    project, server = served
+    out = infer(server, protocol, "encode", {"TEXT": TEXTS})
+    mask, reference_out = reference(project, "encode", TEXTS)
+    hidden = reference_out.last_hidden_state
+    assert out["HIDDEN_STATE"].shape == tuple(hidden.shape) == (len(TEXTS), 128, 384)
+    close(out["HIDDEN_STATE"], hidden.numpy(), mask)
+    import torch
+
+    close(out["EMBEDDING"], mean_pooled(hidden, torch.from_numpy(mask.astype(np.int64))).numpy())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_seqcls_answers_with_pytorch_logits_and_a_label(served, protocol):
+    project, server = served
+    out = infer(server, protocol, "seqcls", {"TEXT": TEXTS})
+    _, reference_out = reference(project, "seqcls", TEXTS)
+    logits = reference_out.logits.numpy()
+    close(out["LOGITS"], logits)
+    labels = {0: "negative", 1: "positive"}
+    assert [v[0].decode() for v in out["LABEL"]] == [labels[i] for i in logits.argmax(axis=1)]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    close(out["SCORE"][:, 0], probabilities.max(axis=1))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_qa_answers_with_pytorch_logits_and_the_answer_text(served, protocol):
+    project, server = served
+    out = infer(server, protocol, "qa", {"QUESTION": QUESTIONS, "CONTEXT": CONTEXTS})
+    mask, reference_out = reference(project, "qa", QUESTIONS, CONTEXTS)
+    close(out["START_LOGITS"], reference_out.start_logits.numpy(), mask)
+    close(out["END_LOGITS"], reference_out.end_logits.numpy(), mask)
+    answers = [v[0].decode() for v in out["ANSWER"]]
+    assert answers[0] == f"{MARKERS[0]} and the {MARKERS[1]}"
+    assert answers[2] == ""  # no context, no answer
+    assert out["SCORE"][0, 0] > 0.99
+
+
+def test_qa_finds_an_answer_near_the_end_of_a_context_three_times_the_max_seq(served):
+    from transformers import AutoTokenizer
+
+    project, server = served
+    filler = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+    context = f"{filler} and the secret is {MARKERS[0]} stripes and {MARKERS[1]} necks. The end."
+    tokenizer = AutoTokenizer.from_pretrained(project.path(paths.source_dir("qa")))
+    assert len(tokenizer(context)["input_ids"]) > 3 * 128
+    out = infer(server, "http", "qa", {"QUESTION": ["What is the secret?"], "CONTEXT": [context]})
+    assert out["ANSWER"][0, 0].decode() == f"{MARKERS[0]} stripes and {MARKERS[1]}"
+
+
+def test_every_deployment_in_the_repository_is_served(served):
+    import tritonclient.http as httpclient
+
+    _, server = served
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        for name in ("encode", "seqcls", "qa"):
+            for model in (name, f"{name}_tokenizer", f"{name}_model"):
+                assert client.is_model_ready(model), model
+    finally:
+        client.close()
+
+
+def raw_request(server, model: str, inputs: list[tuple[str, list, str, np.ndarray]]) -> str:
+    """Send exactly these inputs; return the server's error message ('' on success)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        tensors = []
+        for name, shape, datatype, data in inputs:
+            tensor = httpclient.InferInput(name, shape, datatype)
+            tensor.set_data_from_numpy(data)
+            tensors.append(tensor)
+        client.infer(model, tensors)
+        return ""
+    except InferenceServerException as err:
+        return str(err)
+    finally:
+        client.close()
+
+
+def text_array(count: int) -> np.ndarray:
+    return np.array([[b"some text"]] * count, dtype=object)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "expected"),
+    [
+        (
+            "encode",
+            [("TEXTS", [1, 1], "BYTES", text_array(1))],
+            "unexpected inference input 'TEXTS'",
+        ),
+        (
+            "encode",
+            [("TEXT", [1, 1], "INT32", np.array([[7]], dtype=np.int32))],
+            "inference input 'TEXT' data-type is 'INT32', but model 'encode' expects 'BYTES'",
+        ),
+        ("encode", [("TEXT", [9, 1], "BYTES", text_array(9))], "batch-size must be <= 8"),
+        ("qa", [("QUESTION", [1, 1], "BYTES", text_array(1))], "expected 2 inputs but got 1"),
+    ],
+    ids=["wrong-name", "wrong-datatype", "batch-too-big", "missing-input"],
+)
+def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(
+    served, model, inputs, expected
+):
+    _, server = served
+    assert expected in raw_request(server, model, inputs)
+    assert (
+        raw_request(
+            server,
+            model,
+            [
+                (n, [1, 1], "BYTES", text_array(1))
+                for n in (("TEXT",) if model == "encode" else ("QUESTION", "CONTEXT"))
+            ],
+        )
+        == ""
+    )
+
+
+def run_client(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(paths.CLIENT), *args], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_client_prints_labels_answers_and_statistics(served):
+    _, server = served
+    out = run_client("-u", server.http_url, "-m", "seqcls", "-t", "I like it", "--statistics")
+    assert "LABEL: object [1, 1]" in out and ("'negative'" in out or "'positive'" in out)
+    assert "seqcls_model v1:" in out and "queue" in out and "infer" in out
+    out = run_client(
+        "--protocol",
+        "grpc",
+        "-u",
+        server.grpc_url,
+        "-m",
+        "qa",
+        "-i",
+        "QUESTION:CONTEXT",
+        "-t",
+        QUESTIONS[0],
+        "-t",
+        CONTEXTS[0],
+        "-o",
+        "ANSWER",
+    )
+    assert f"[0] '{MARKERS[0]} and the {MARKERS[1]}'" in out
+    out = run_client("-u", server.http_url, "-m", "encode", "-b", "3")
+    assert "EMBEDDING: float32 [3, 384]" in out and "L2 norm 1.0000" in out
+
+
+def free_ports() -> list[int]:
+    from tasks.serve import free_port
+
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def start_serve(project, ports: list[int]) -> subprocess.Popen:
+    http, grpc, metrics = ports
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "doit",
+            "serve",
+            f"http_port={http}",
+            f"grpc_port={grpc}",
+            f"metrics_port={metrics}",
+            "task=encode",
+            *SHAPES,
+        ],
+        cwd=project.root,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} in:\n{''.join(seen)}")
+
+
+def test_serve_stops_cleanly_on_sigterm_and_starts_again(served):
+    from tasks.serve import port_is_free
+
+    project, _ = served
+    ports = free_ports()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        proc = start_serve(project, ports)
+        try:
+            out = read_until(proc, "serve: Ctrl-C stops the server")
+            assert "EMBEDDING: float32 [1, 384]" in out  # it answered its sample request
+            proc.send_signal(stop_signal)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out + rest
+        assert "tritonserver: stopped" in rest and "exit 0" in rest
+        assert all(port_is_free("127.0.0.1", p) for p in ports)
+
+
+def test_serve_reports_a_port_in_use_at_once(served):
+    project, server = served
+    started = time.monotonic()
+    proc = start_serve(
+        project, [server.ports["http"], *(p + 1000 for p in server.ports.values())][:3]
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"port {server.ports['http']} (http) is already in use on 127.0.0.1" in out
+    assert time.monotonic() - started < 30
+
+
+def test_serve_fails_within_seconds_with_the_reason_when_a_model_does_not_load(served):
+    project, _ = served
+    code = project.root / "models/encode_model/1/model.py"
+    original = code.read_text()
+    code.write_text(
+        original.replace(
+            "def initialize(self, args):",
+            "def initialize(self, args):\n        raise RuntimeError('a model that cannot load')",
+            1,
+        )
+    )
+    try:
+        started = time.monotonic()
+        proc = start_serve(project, free_ports())
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        code.write_text(original)
+    assert proc.returncode == 1
+    assert "failed to load 'encode_model'" in out and "a model that cannot load" in out
+    assert time.monotonic() - started < 60
