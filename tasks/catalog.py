@@ -62,7 +62,34 @@ class TaskSpec:
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
     windows: bool = False  # overlapping windows over a long second text, not truncation
     postprocess: PostProcess | None = None
+    onnx_parts: tuple[str, ...] = ("model",)  # the ONNX files optimum writes that we use
+    generation: str | None = None  # "causal" | "seq2seq": served by the generate model
 
+
+# Tensors a tokenizer may produce (and a transformer may take).
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+# Generation: optional ensemble inputs (omit TEMPERATURE, TOP_K and TOP_P for greedy decoding)
+# and the outputs. OUTPUT_IDS are the new tokens only, padded with -1.
+GENERATION_INPUTS = (
+    Tensor("MAX_NEW_TOKENS", "TYPE_INT32", (1,)),
+    Tensor("TEMPERATURE", "TYPE_FP32", (1,)),
+    Tensor("TOP_K", "TYPE_INT32", (1,)),
+    Tensor("TOP_P", "TYPE_FP32", (1,)),
+    Tensor("SEED", "TYPE_INT64", (1,)),
+)
+GENERATION_OUTPUTS = (
+    Tensor("OUTPUT_TEXT", "TYPE_STRING", (1,)),
+    Tensor("OUTPUT_IDS", "TYPE_INT64", (-1,)),
+)
+DEFAULT_MAX_NEW_TOKENS = 32
+GENERATION_PROMPTS = (
+    "The quick brown fox",
+    "Triton serves models that",
+    "A short one.",
+    "Numbers like 3.14159 and dates like 2026-11-24 are",
+)
+GENERATION_PARITY_NEW_TOKENS = 8
 
 # Extra tokenizer outputs when a task reads long texts in overlapping windows.
 WINDOW_TENSORS = (
@@ -124,6 +151,27 @@ TASKS: dict[str, TaskSpec] = {
                 ),
                 parameters=(("max_answer_tokens", str(MAX_ANSWER_TOKENS)),),
             ),
+        ),
+        TaskSpec(
+            name="t5",
+            summary="text to text (T5): TEXT -> OUTPUT_TEXT, OUTPUT_IDS",
+            optimum_task="text2text-generation-with-past",
+            auto_class="AutoModelForSeq2SeqLM",
+            default_model="t5-small",
+            text_inputs=("TEXT",),
+            outputs=(),
+            onnx_parts=("encoder_model", "decoder_model", "decoder_with_past_model"),
+            generation="seq2seq",
+        ),
+        TaskSpec(
+            name="causallm",
+            summary="text generation (GPT-2, OPT...): TEXT -> OUTPUT_TEXT, OUTPUT_IDS",
+            optimum_task="text-generation-with-past",
+            auto_class="AutoModelForCausalLM",
+            default_model="facebook/opt-125m",
+            text_inputs=("TEXT",),
+            outputs=(),
+            generation="causal",
         ),
         TaskSpec(
             name="encode",

@@ -10,6 +10,7 @@ and the file's sha256, so a model.onnx changed after the export is noticed and r
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -96,47 +97,54 @@ def add_mean_pooling(
 
 
 def export(settings: Settings) -> None:
-    import onnx
     from optimum.exporters.onnx import main_export
 
     name, spec = settings.name, settings.task
-    target = paths.onnx_file(name)
-    staged = artifacts.staging_dir(target.parent)
+    staged = artifacts.staging_dir(paths.onnx_file(name).parent)
     try:
         print(
             f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})", flush=True
         )
-        main_export(
-            str(paths.source_dir(name)),
-            output=staged,
-            task=spec.optimum_task,
-            opset=settings.opset,
-            local_files_only=True,
-            do_validation=False,
-            library_name="transformers",
-        )
-        exported = staged / "model.onnx"
-        if not exported.is_file():
-            raise ExportError(f"optimum wrote no model.onnx for task {spec.optimum_task}")
-        model = onnx.load(str(exported))
-        if spec.mean_pooling:
-            add_mean_pooling(model)
-        onnx.checker.check_model(model)
-        io = describe_io(model)
-        missing = {o.onnx_name for o in spec.outputs} - {o["name"] for o in io["outputs"]}
-        if missing:
-            raise ExportError(f"the exported model lacks outputs {sorted(missing)}")
-        with artifacts.atomic_target(target) as tmp:
-            onnx.save(model, str(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constants: expected
+            main_export(
+                str(paths.source_dir(name)),
+                output=staged,
+                task=spec.optimum_task,
+                opset=settings.opset,
+                local_files_only=True,
+                do_validation=False,
+                library_name="transformers",
+            )
+        for part in spec.onnx_parts:  # each file in place only once it is complete
+            install_part(settings, part, staged / f"{part}.onnx")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def install_part(settings: Settings, part: str, exported: Path) -> None:
+    """Check one exported file, add what the task needs, write it and its io record."""
+    import onnx
+
+    name, spec = settings.name, settings.task
+    if not exported.is_file():
+        raise ExportError(f"optimum wrote no {exported.name} for task {spec.optimum_task}")
+    model = onnx.load(str(exported))
+    if spec.mean_pooling:
+        add_mean_pooling(model)
+    onnx.checker.check_model(model)
+    io = describe_io(model)
+    missing = {o.onnx_name for o in spec.outputs} - {o["name"] for o in io["outputs"]}
+    if missing:
+        raise ExportError(f"the exported model lacks outputs {sorted(missing)}")
+    target = paths.onnx_file(name, part)
+    with artifacts.atomic_target(target) as tmp:
+        onnx.save(model, str(tmp))
     io["sha256"] = artifacts.sha256(target)
     io["opset"] = settings.opset
-    artifacts.write_json(paths.onnx_io(name), io)
-    print(
-        f"onnx: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB)",
-        flush=True,
-    )
+    artifacts.write_json(paths.onnx_io(name, part), io)
+    size = target.stat().st_size / 2**20
+    print(f"onnx: {target.relative_to(paths.ROOT)} ({size:.1f} MiB)", flush=True)
 
 
 def file_matches_record(path: Path, record: Path):
@@ -159,15 +167,20 @@ def task_onnx():
     params = {
         "task": settings.task.optimum_task,
         "mean_pooling": settings.task.mean_pooling,
+        "parts": settings.task.onnx_parts,
         "opset": settings.opset,
         "versions": artifacts.versions("optimum", "optimum-onnx", "onnx", "transformers", "torch"),
     }
-    targets = [paths.onnx_file(name), paths.onnx_io(name)]
+    parts = settings.task.onnx_parts
+    targets = [f(name, part) for part in parts for f in (paths.onnx_file, paths.onnx_io)]
     yield {
         "name": name,
         "actions": [(fails_cleanly(export), [settings])],
         "file_dep": [paths.source_manifest(name), paths.stage_module("export")],
         "targets": targets,
-        "uptodate": [config_changed(params), file_matches_record(*targets)],
+        "uptodate": [
+            config_changed(params),
+            *(file_matches_record(paths.onnx_file(name, p), paths.onnx_io(name, p)) for p in parts),
+        ],
         "clean": [(artifacts.remove_artifacts, [targets])],
     }

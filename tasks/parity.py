@@ -99,14 +99,24 @@ def engine_runners(settings: Settings) -> list:
     return runners
 
 
-def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dict:
-    """Run the engines, compare each to the reference; return the report, raise on failure."""
+def compare(
+    settings: Settings,
+    runners: list,
+    feeds: list[dict],
+    reference: list[dict],
+    labels: list[dict],
+    expected: set[str],
+) -> dict:
+    """Run the engines on the feeds and compare each output to the reference.
+
+    `labels` name each feed in the report (e.g. its batch and seq). Returns
+    {runner: {output: [entry per feed]}}; raises ParityError naming every failing output."""
     from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     tol = settings.tolerance
-    engines = Comparator.run(engine_runners(settings), data_loader=feeds)
+    engines = Comparator.run(runners, data_loader=feeds)
     ref_iterations = [IterationResult(outputs=out, runner_name=REFERENCE) for out in reference]
     results = RunResults([(REFERENCE, ref_iterations), *engines.items()])
     accuracy = Comparator.compare_accuracy(  # one AccuracyResult per compare function
@@ -116,19 +126,17 @@ def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dic
     )[0]
     report = {}
     for (_, runner), iterations in accuracy.items():
-        for (batch, seq), per_output in zip(settings.shape_points(), iterations):
+        for label, per_output in zip(labels, iterations):
             for output, result in per_output.items():
                 report.setdefault(runner, {}).setdefault(output, []).append(
                     {
-                        "batch": batch,
-                        "seq": seq,
+                        **label,
                         "max_abs_diff": float(result.max_absdiff),
                         "max_rel_diff": float(result.max_reldiff),
                         "pass": bool(result),
                     }
                 )
-    failures = describe_failures(report, tol)
-    expected = {o.onnx_name for o in settings.task.outputs}
+    failures = describe_failures(report, tol, labels[0].keys())
     for runner, outputs in report.items():
         if set(outputs) != expected:
             failures.append(f"{runner} compared {sorted(outputs)}, expected {sorted(expected)}")
@@ -137,58 +145,84 @@ def compare(settings: Settings, feeds: list[dict], reference: list[dict]) -> dic
     return report
 
 
-def describe_failures(report: dict, tol: catalog.Tolerance) -> list[str]:
-    """One line per failing output and runner: its worst shape and how many shapes fail."""
+def describe_failures(report: dict, tol: catalog.Tolerance, keys) -> list[str]:
+    """One line per failing output and runner: where it fails worst, and how often."""
     lines = []
     for runner, outputs in report.items():
         for output, entries in outputs.items():
             failed = [e for e in entries if not e["pass"]]
             if failed:
                 worst = max(failed, key=lambda e: e["max_abs_diff"])
+                where = " x ".join(f"{key} {worst[key]}" for key in keys)
                 lines.append(
                     f"{output} ({runner}): max abs diff {worst['max_abs_diff']:.3g}, rel "
-                    f"{worst['max_rel_diff']:.3g} at batch {worst['batch']} x seq {worst['seq']} "
-                    f"(atol {tol.atol}, rtol {tol.rtol}; fails at {len(failed)} of "
-                    f"{len(entries)} shapes)"
+                    f"{worst['max_rel_diff']:.3g} at {where} (atol {tol.atol}, rtol {tol.rtol}; "
+                    f"fails at {len(failed)} of {len(entries)} shapes)"
                 )
     return lines
 
 
 def check(settings: Settings) -> None:
-    from transformers import AutoTokenizer
+    """The parity stage: write parity.json only if every compared output passes."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the long sample text is cropped on purpose
-
     name = settings.name
     paths.parity_report(name).unlink(missing_ok=True)  # the report exists only while it is true
-    load_onnx(paths.onnx_file(name), name)
-    io = artifacts.read_json(paths.onnx_io(name))
-    input_names = [t["name"] for t in io["inputs"]]
-    source = paths.source_dir(name)
-    feeds = tokenized_feeds(settings, AutoTokenizer.from_pretrained(source), input_names)
+    for part in settings.task.onnx_parts:
+        load_onnx(paths.onnx_file(name, part), name)
+    tol = settings.tolerance
     print(
-        f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} at (batch, seq) "
-        f"{settings.shape_points()}, atol {settings.tolerance.atol} rtol "
-        f"{settings.tolerance.rtol}",
+        f"parity: PyTorch fp32 vs {settings.backend} {settings.precision}, atol {tol.atol} "
+        f"rtol {tol.rtol}",
         flush=True,
     )
-    report = compare(settings, feeds, reference_outputs(settings, source, feeds))
-    for runner, outputs in report.items():
-        for output, entries in outputs.items():
-            worst = max(e["max_abs_diff"] for e in entries)
-            print(f"parity: {runner} {output}: max abs diff {worst:.3g} (pass)", flush=True)
+    if settings.task.generation:
+        from tasks import generation_parity
+
+        results = generation_parity.check(settings)
+    else:
+        results = {"results": check_encoder(settings)}
     artifacts.write_json(
         paths.parity_report(name),
         {
             "reference": REFERENCE,
             "precision": settings.precision,
-            "tolerance": {"atol": settings.tolerance.atol, "rtol": settings.tolerance.rtol},
+            "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
             "shapes": [list(p) for p in settings.shape_points()],
-            "results": report,
+            **results,
             "versions": tool_versions(),
         },
     )
+
+
+def print_passes(report: dict, prefix: str = "") -> None:
+    for runner, outputs in report.items():
+        for output, entries in outputs.items():
+            worst = max(e["max_abs_diff"] for e in entries)
+            print(f"parity: {prefix}{runner} {output}: max abs diff {worst:.3g} (pass)", flush=True)
+
+
+def check_encoder(settings: Settings) -> dict:
+    """Encoder tasks: the model file at the min, opt and max (batch, seq) of the profile."""
+    from transformers import AutoTokenizer
+
+    io = artifacts.read_json(paths.onnx_io(settings.name))
+    source = paths.source_dir(settings.name)
+    feeds = tokenized_feeds(
+        settings, AutoTokenizer.from_pretrained(source), [t["name"] for t in io["inputs"]]
+    )
+    labels = [{"batch": b, "seq": s} for b, s in settings.shape_points()]
+    report = compare(
+        settings,
+        engine_runners(settings),
+        feeds,
+        reference_outputs(settings, source, feeds),
+        labels,
+        {o.onnx_name for o in settings.task.outputs},
+    )
+    print_passes(report)
+    return report
 
 
 def tool_versions() -> dict:
@@ -204,19 +238,33 @@ def task_parity():
         "precision": settings.precision,
         "tolerance": [settings.tolerance.atol, settings.tolerance.rtol],
         "backend": settings.backend,
-        "samples": list(itertools.chain(catalog.SAMPLE_TEXTS, catalog.SAMPLE_QUESTIONS)),
+        "samples": list(
+            itertools.chain(
+                catalog.SAMPLE_TEXTS, catalog.SAMPLE_QUESTIONS, catalog.GENERATION_PROMPTS
+            )
+        ),
+        "new_tokens": catalog.GENERATION_PARITY_NEW_TOKENS,
         "versions": tool_versions(),
     }
     engine = [paths.plan_file(name)] if settings.backend == "tensorrt" else []
+    generation = (  # the decoding loop that serves is the one proven equal to generate()
+        [paths.stage_module("generation_parity"), paths.runtime_file("generate", "decoding.py")]
+        if settings.task.generation
+        else []
+    )
     target = paths.parity_report(name)
     yield {
         "name": name,
         "actions": [(fails_cleanly(check), [settings])],
         "file_dep": [
             paths.source_manifest(name),
-            paths.onnx_file(name),
-            paths.onnx_io(name),
+            *(
+                f(name, part)
+                for part in settings.task.onnx_parts
+                for f in (paths.onnx_file, paths.onnx_io)
+            ),
             *engine,
+            *generation,
             paths.stage_module("parity"),
         ],
         "targets": [target],

@@ -58,13 +58,14 @@ def source_tokenizer(name: str) -> Path:
     return source_file(name, "tokenizer.json")
 
 
-def onnx_file(name: str) -> Path:
-    return zoo_dir(name) / "onnx" / "model.onnx"
+def onnx_file(name: str, part: str = "model") -> Path:
+    """An exported ONNX file; generation tasks export several parts (encoder, decoders)."""
+    return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
-def onnx_io(name: str) -> Path:
-    """Inputs and outputs of the exported model (names, types, shapes) and its sha256."""
-    return zoo_dir(name) / "onnx" / "io.json"
+def onnx_io(name: str, part: str = "model") -> Path:
+    """Inputs and outputs of one exported part (names, types, shapes) and its sha256."""
+    return zoo_dir(name) / "onnx" / f"{part}.io.json"
 
 
 def plan_file(name: str) -> Path:
@@ -96,9 +97,14 @@ def template(part: str) -> Path:
     return TEMPLATES_DIR / f"{part}.pbtxt.j2"
 
 
+def runtime_file(component: str, filename: str) -> Path:
+    """Code that runs inside Triton (imports nothing from `tasks/`)."""
+    return TRITON_DIR / component / filename
+
+
 def runtime_model_code(component: str) -> Path:
-    """python-backend code that runs inside Triton (imports nothing from `tasks/`)."""
-    return TRITON_DIR / component / "model.py"
+    """A python-backend model's `model.py`."""
+    return runtime_file(component, "model.py")
 
 
 # --- models/: the Triton model repository -------------------------------------------------

@@ -8,6 +8,7 @@ and tensors exist, and data types and dims agree from producer to consumer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from doit.tools import config_changed
@@ -22,39 +23,76 @@ def triton_dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
 
 
-def pad_id(name: str) -> int:
-    """The pad token's id, from the checkpoint's tokenizer files."""
+def checkpoint_facts(name: str) -> dict:
+    """Token ids and limits from the checkpoint's config files (no transformers import)."""
     from tokenizers import Tokenizer
 
-    tokenizer_config = paths.source_file(name, "tokenizer_config.json")
-    token = (
-        artifacts.read_json(tokenizer_config).get("pad_token")
-        if tokenizer_config.is_file()
-        else None
-    )
+    def read(filename: str) -> dict:
+        path = paths.source_file(name, filename)
+        return artifacts.read_json(path) if path.is_file() else {}
+
+    config, generation = read("config.json"), read("generation_config.json")
+    token = read("tokenizer_config.json").get("pad_token")
     if isinstance(token, dict):
         token = token.get("content")
-    found = (
-        Tokenizer.from_file(str(paths.source_tokenizer(name))).token_to_id(token) if token else None
-    )
-    if found is None:
-        found = artifacts.read_json(paths.source_config(name)).get("pad_token_id")
-    return found or 0
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(name)))
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    pad = tokenizer.token_to_id(token) if token else None
+    for fallback in (config.get("pad_token_id"), generation.get("pad_token_id"), *eos_ids, 0):
+        if pad is None:
+            pad = fallback
+    start = generation.get("decoder_start_token_id", config.get("decoder_start_token_id"))
+    return {
+        "pad_id": pad,
+        "eos_ids": eos_ids,
+        "decoder_start_id": "" if start is None else start,
+        "max_positions": config.get("n_positions") or config.get("max_position_embeddings") or 0,
+    }
 
 
-def render_context(settings: Settings, io: dict, pad: int) -> dict:
+def render_context(settings: Settings, io: dict, facts: dict) -> dict:
     """Everything the templates may use; one context renders every part.
 
     Tensors and ensemble steps are built from the task's facts and the exported graph
     (`io.json`), so the configs agree with the model and with each other by construction."""
-    spec, names = settings.task, settings.triton_models
-    onnx_types = {
-        t["name"]: catalog.TRITON_DTYPES[t["dtype"]] for t in io["inputs"] + io["outputs"]
+    spec = settings.task
+    pipeline = generation_pipeline if spec.generation else encoder_pipeline
+    return {
+        "summary": spec.summary,
+        "backend": settings.backend,
+        "platform": catalog.PLATFORMS.get(settings.backend, ""),
+        "model_filename": settings.model_filename,
+        "max_batch_size": settings.batch.max,
+        "seq": settings.seq,
+        "stride": catalog.window_stride(settings.seq.max) if spec.windows else 0,
+        "pad_id": facts["pad_id"],
+        "queue_delay_us": catalog.QUEUE_DELAY_US,
+        "intra_op_threads": catalog.INTRA_OP_THREADS,
+        "text_inputs": spec.text_inputs,
+        **pipeline(settings, io, facts),
     }
-    token = [catalog.Tensor(t["name"], onnx_types[t["name"]], (-1,)) for t in io["inputs"]]
+
+
+def _types(io: dict) -> dict[str, str]:
+    return {t["name"]: catalog.TRITON_DTYPES[t["dtype"]] for t in io["inputs"] + io["outputs"]}
+
+
+def _step(model: str, inputs, outputs) -> dict:
+    return {"model": model, "inputs": list(inputs), "outputs": list(outputs)}
+
+
+def _same(names) -> list[tuple[str, str]]:
+    return [(n, n) for n in names]
+
+
+def encoder_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
+    """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs."""
+    spec, names, types = settings.task, settings.triton_models, _types(io)
+    token = [catalog.Tensor(t["name"], types[t["name"]], (-1,)) for t in io["inputs"]]
     tokenizer_outputs = token + (list(catalog.WINDOW_TENSORS) if spec.windows else [])
     model_outputs = [
-        catalog.Tensor(t["name"], onnx_types[t["name"]], tuple(triton_dims(t["shape"])))
+        catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"])))
         for t in io["outputs"]
     ]
     # Every tensor flowing through the ensemble, by its name there.
@@ -64,40 +102,23 @@ def render_context(settings: Settings, io: dict, pad: int) -> dict:
     for out in spec.outputs:
         tensors[out.triton_name] = replace(by_onnx[out.onnx_name], name=out.triton_name)
     steps = [
-        {
-            "model": names["tokenizer"],
-            "inputs": [(n, n) for n in spec.text_inputs],
-            "outputs": [(t.name, t.name) for t in tokenizer_outputs],
-        },
-        {
-            "model": names["model"],
-            "inputs": [(t.name, t.name) for t in token],
-            "outputs": [(o.onnx_name, o.triton_name) for o in spec.outputs],
-        },
+        _step(
+            names["tokenizer"], _same(spec.text_inputs), _same(t.name for t in tokenizer_outputs)
+        ),
+        _step(
+            names["model"],
+            _same(t.name for t in token),
+            [(o.onnx_name, o.triton_name) for o in spec.outputs],
+        ),
     ]
     ensemble_outputs = [tensors[o.triton_name] for o in spec.outputs if o.exposed]
     post = spec.postprocess
     if post is not None:
         steps.append(
-            {
-                "model": names["postprocess"],
-                "inputs": [(n, n) for n in post.inputs],
-                "outputs": [(t.name, t.name) for t in post.outputs],
-            }
+            _step(names["postprocess"], _same(post.inputs), _same(t.name for t in post.outputs))
         )
         ensemble_outputs += list(post.outputs)
     return {
-        "summary": spec.summary,
-        "backend": settings.backend,
-        "platform": catalog.PLATFORMS.get(settings.backend, ""),
-        "model_filename": settings.model_filename,
-        "max_batch_size": settings.batch.max,
-        "seq": settings.seq,
-        "stride": catalog.window_stride(settings.seq.max) if spec.windows else 0,
-        "pad_id": pad,
-        "queue_delay_us": catalog.QUEUE_DELAY_US,
-        "intra_op_threads": catalog.INTRA_OP_THREADS,
-        "text_inputs": spec.text_inputs,
         "token_tensors": token,
         "tokenizer_outputs": tokenizer_outputs,
         "model_outputs": model_outputs,
@@ -105,7 +126,48 @@ def render_context(settings: Settings, io: dict, pad: int) -> dict:
         "post_outputs": list(post.outputs) if post else [],
         "post_parameters": list(post.parameters) if post else [],
         "steps": steps,
+        "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
         "ensemble_outputs": ensemble_outputs,
+    }
+
+
+def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
+    """tokenizer -> generate (KV-cache decoding loop, text out)."""
+    spec, names, types = settings.task, settings.triton_models, _types(io)
+    token = [
+        catalog.Tensor(t["name"], types[t["name"]], (-1,))
+        for t in io["inputs"]
+        if t["name"] in catalog.TOKEN_INPUTS
+    ]
+    options = list(catalog.GENERATION_INPUTS)
+    text = [catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs]
+    parameters = {
+        "kind": spec.generation,
+        "parts": json.dumps(list(spec.onnx_parts)),
+        "eos_token_ids": json.dumps(facts["eos_ids"]),
+        "pad_token_id": facts["pad_id"],
+        "decoder_start_token_id": facts["decoder_start_id"],
+        "max_positions": facts["max_positions"] if spec.generation == "causal" else 0,
+        "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.seq.max),
+        "max_new_tokens_limit": settings.seq.max,
+        "intra_op_threads": catalog.INTRA_OP_THREADS,
+    }
+    return {
+        "token_tensors": token,
+        "tokenizer_outputs": token,
+        "generate_inputs": [(t, False) for t in token] + [(t, True) for t in options],
+        "generate_outputs": list(catalog.GENERATION_OUTPUTS),
+        "generate_parameters": list(parameters.items()),
+        "steps": [
+            _step(names["tokenizer"], _same(spec.text_inputs), _same(t.name for t in token)),
+            _step(
+                names["generate"],
+                _same(t.name for t in token + options),
+                _same(t.name for t in catalog.GENERATION_OUTPUTS),
+            ),
+        ],
+        "ensemble_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),
     }
 
 
@@ -138,9 +200,9 @@ def parse_config(text: str, origin: str):
 
 def render_part(settings: Settings, part: str) -> None:
     name = settings.name
-    io = artifacts.read_json(paths.onnx_io(name))
+    io = artifacts.read_json(paths.onnx_io(name, settings.task.onnx_parts[0]))
     context = {
-        **render_context(settings, io, pad_id(name)),
+        **render_context(settings, io, checkpoint_facts(name)),
         "model_name": settings.triton_models[part],
     }
     text = render(part, context)
@@ -248,17 +310,17 @@ def task_pbtxt():
         "backend": settings.backend,
         "task": repr(settings.task),  # its tensors, steps and parameters are facts
         "serving": [catalog.QUEUE_DELAY_US, catalog.INTRA_OP_THREADS],
+        "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
     }
     for part in settings.triton_models:
         target = paths.rendered_config(name, part)
-        extra = [paths.source_manifest(name)] if part == "tokenizer" else []
         yield {
             "name": settings.triton_models[part],
             "actions": [(fails_cleanly(render_part), [settings, part])],
             "file_dep": [
                 paths.template(part),
-                paths.onnx_io(name),
-                *extra,
+                paths.onnx_io(name, settings.task.onnx_parts[0]),
+                paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),
             ],
             "targets": [target],

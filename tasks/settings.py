@@ -156,7 +156,11 @@ class Settings:
     @property
     def triton_models(self) -> dict[str, str]:
         """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
-        names = {"tokenizer": f"{self.name}_tokenizer", "model": f"{self.name}_model"}
+        names = {"tokenizer": f"{self.name}_tokenizer"}
+        if self.task.generation:
+            names["generate"] = f"{self.name}_generate"
+        else:
+            names["model"] = f"{self.name}_model"
         if self.task.postprocess is not None:
             names["postprocess"] = f"{self.name}_post"
         names["ensemble"] = self.name
@@ -244,7 +248,12 @@ def load_settings(get_var) -> Settings:
     backend = _choose("backend", get_var("backend", "auto"), catalog.BACKENDS)
     trt = tensorrt_available()
     if backend == "auto":
-        backend = "tensorrt" if trt else "python"
+        backend = "tensorrt" if trt and not spec.generation else "python"
+    if spec.generation and backend != "python":
+        raise SettingsError(
+            f"backend={backend}: task={task_name} is served by a python-backend model that runs "
+            "ONNX Runtime with a KV cache (TensorRT decoders are not built yet); use backend=python"
+        )
     elif backend == "tensorrt" and not trt:
         raise SettingsError(
             "backend=tensorrt: TensorRT and an NVIDIA GPU are needed and were not found; "

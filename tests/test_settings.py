@@ -43,7 +43,7 @@ def test_each_task_has_its_default_model_and_name(task):
 @pytest.mark.parametrize(
     ("variables", "message"),
     [
-        ({"task": "summarize"}, "task=summarize: unknown task; choose one of seqcls, qa, encode"),
+        ({"task": "summarize"}, "task=summarize: unknown task; choose one of seqcls, qa, t5, "),
         ({"seq": "1,512,128"}, "seq=1,512,128: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX"),
         ({"batch": "0"}, "batch=0: sizes must be at least 1"),
         ({"batch": "1,8"}, "batch=1,8: expected MIN,OPT,MAX as three whole numbers"),

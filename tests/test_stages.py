@@ -58,6 +58,34 @@ IO = {
         ]
     ),
     "seqcls": fake_io([("logits", ["batch_size", 2])]),
+    "causallm": {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {
+                "name": "past_key_values.0.key",
+                "dtype": "float32",
+                "shape": ["batch_size", 2, "past_sequence_length", 16],
+            },
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", 300]}
+        ],
+    },
+    "t5": {  # the encoder part
+        "inputs": [
+            {"name": n, "dtype": "int64", "shape": ["batch_size", "encoder_sequence_length"]}
+            for n in ("input_ids", "attention_mask")
+        ],
+        "outputs": [
+            {
+                "name": "last_hidden_state",
+                "dtype": "float32",
+                "shape": ["batch_size", "encoder_sequence_length", 32],
+            }
+        ],
+    },
     "qa": fake_io(
         [
             ("start_logits", ["batch_size", "sequence_length"]),
@@ -146,8 +174,11 @@ def test_tensorrt_profile_and_builder_config_come_from_the_settings():
     assert [p["attention_mask"].opt for p in config.profiles] == [(4, 64)]
 
 
+FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128}
+
+
 def render_all(chosen) -> dict:
-    context = pbtxt.render_context(chosen, IO[chosen.task.name], pad=0)
+    context = pbtxt.render_context(chosen, IO[chosen.task.name], FACTS)
     configs = {}
     for part in chosen.triton_models:
         text = pbtxt.render(part, {**context, "model_name": chosen.triton_models[part]})
@@ -161,20 +192,40 @@ def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
     configs = render_all(chosen)
     parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
     assert pbtxt.check_wiring(configs["ensemble"], parts) == []
-    ensemble, model, tokenizer = configs["ensemble"], configs["model"], configs["tokenizer"]
+    ensemble, tokenizer = configs["ensemble"], configs["tokenizer"]
     assert {c.max_batch_size for p, c in configs.items() if p != "postprocess"} == {16}
-    assert [i.name for i in ensemble.input] == list(chosen.task.text_inputs)
+    assert [i.name for i in ensemble.input if not i.optional] == list(chosen.task.text_inputs)
     post = chosen.task.postprocess
-    assert [o.name for o in ensemble.output] == [
-        *(o.triton_name for o in chosen.task.outputs if o.exposed),
-        *(t.name for t in (post.outputs if post else ())),
-    ]
+    if chosen.task.generation:
+        expected = [t.name for t in catalog.GENERATION_OUTPUTS]
+        optional = [t.name for t in catalog.GENERATION_INPUTS]
+    else:
+        expected = [o.triton_name for o in chosen.task.outputs if o.exposed]
+        expected += [t.name for t in (post.outputs if post else ())]
+        optional = []
+    assert [o.name for o in ensemble.output] == expected
+    assert [i.name for i in ensemble.input if i.optional] == optional
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
         name for part, name in chosen.triton_models.items() if part != "ensemble"
     ]
-    assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
+    assert [o.name for o in tokenizer.output][:2] == ["input_ids", "attention_mask"]
     assert tokenizer.parameters["max_seq"].string_value == "128"
     assert tokenizer.parameters["min_seq"].string_value == "2"
+
+
+def test_the_model_config_runs_onnx_runtime_in_the_python_backend():
+    model = render_all(settings_from(batch="1,4,16"))["model"]
+    assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
+    assert model.max_batch_size == 16 and model.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_the_generate_config_carries_the_checkpoint_facts():
+    generate = render_all(settings_from(task="t5", seq="1,32,64"))["generate"]
+    params = {k: v.string_value for k, v in generate.parameters.items()}
+    assert params["parts"] == '["encoder_model", "decoder_model", "decoder_with_past_model"]'
+    assert params["kind"] == "seq2seq" and params["eos_token_ids"] == "[1]"
+    assert params["max_new_tokens_limit"] == "64" and params["max_positions"] == "0"
+    assert [i.name for i in generate.input if not i.optional] == ["input_ids", "attention_mask"]
 
 
 def test_encode_dims_come_from_the_onnx_graph():
@@ -214,7 +265,7 @@ def test_a_template_typo_fails_against_the_schema():
 def test_a_missing_template_value_fails_the_render():
     from tasks.errors import ConfigError
 
-    context = pbtxt.render_context(settings_from(), IO["encode"], pad=0)
+    context = pbtxt.render_context(settings_from(), IO["encode"], FACTS)
     del context["pad_id"]
     with pytest.raises(ConfigError, match="'pad_id' is undefined"):
         pbtxt.render("tokenizer", {**context, "model_name": "x"})

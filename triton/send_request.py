@@ -19,6 +19,14 @@ import sys
 import numpy as np
 
 SAMPLE = "Hello, I'm a machine learning engineer, my duty is to serve models."
+# option -> (Triton datatype, Python type, numpy type) of the optional generation inputs
+GENERATION_OPTIONS = {
+    "max_new_tokens": ("INT32", int, np.int32),
+    "temperature": ("FP32", float, np.float32),
+    "top_k": ("INT32", int, np.int32),
+    "top_p": ("FP32", float, np.float32),
+    "seed": ("INT64", int, np.int64),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the server's per-model statistics after the request",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    generation = parser.add_argument_group("generation (t5, causallm; omit all for greedy)")
+    for flag, kind in GENERATION_OPTIONS.items():
+        generation.add_argument(
+            f"--{flag}",
+            type=kind[1],
+            default=None,
+            help=f"sent as {flag.upper()} for every batch item",
+        )
     args = parser.parse_args(argv)
     if args.url is None:
         args.url = "127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000"
@@ -154,6 +170,9 @@ def describe(name: str, array: np.ndarray) -> list[str]:
             shown = flat[0] if len(flat) == 1 else flat
             lines.append(f"  [{row}] {shown!r}")
             continue
+        if np.issubdtype(array.dtype, np.integer):  # token ids; -1 pads
+            lines.append(f"  [{row}] {[int(v) for v in np.asarray(value).reshape(-1) if v != -1]}")
+            continue
         value = np.asarray(value, dtype=np.float64)
         if value.size <= 10:
             extra = f" argmax {int(value.argmax())}" if value.ndim == 1 and value.size > 1 else ""
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.protocol, args.url, args.timeout)
     try:
         metadata = client.metadata(args.model)
-        inputs = metadata["inputs"]
+        inputs = [i for i in metadata["inputs"] if i["datatype"] == "BYTES"]  # the texts
         if args.inputs:
             by_name = {i["name"]: i for i in inputs}
             unknown = [n for n in args.inputs.split(":") if n not in by_name]

@@ -141,4 +141,9 @@ class TritonPythonModel:
 
 
 def _error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+    """A bad request (HTTP 400), not a server failure."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = (
+        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    )
+    return pb_utils.InferenceResponse(error=error)

@@ -1,0 +1,235 @@
+"""The parity stage for generation tasks (t5, causallm), called by tasks/parity.py.
+
+Two proofs, both against the Hugging Face model in fp32 on CPU:
+1. every exported file gives PyTorch's numbers (logits and KV cache) on real tokenized
+   prompts, for the first decoding step and for a step that reads the cache;
+2. greedy decoding with the serving loop (triton/generate/decoding.py) on ONNX Runtime yields
+   the token ids `generate()` yields, the prompts batched together as the server batches them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from tasks import catalog, paths
+from tasks.errors import ParityError
+from tasks.parity import compare, print_passes
+from tasks.pbtxt import checkpoint_facts
+from tasks.settings import Settings
+
+
+def load_decoding():
+    """The runtime's decoding module, loaded by path (runtime code is not a build package)."""
+    path = paths.runtime_file("generate", "decoding.py")
+    spec = importlib.util.spec_from_file_location("llm_in_triton_decoding", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cache_tensors(cache, kind: str) -> dict:
+    """A transformers cache as the exported files name it: present.{i}[.decoder|.encoder].key"""
+    if kind == "causal":
+        layers = {"": cache.layers}
+    else:
+        layers = {
+            ".decoder": cache.self_attention_cache.layers,
+            ".encoder": cache.cross_attention_cache.layers,
+        }
+    found = {}
+    for suffix, entries in layers.items():
+        for index, layer in enumerate(entries):
+            found[f"present.{index}{suffix}.key"] = layer.keys.detach().clone().numpy()
+            found[f"present.{index}{suffix}.value"] = layer.values.detach().clone().numpy()
+    return found
+
+
+def as_past(presents: dict) -> dict:
+    """Cache outputs of one step as the cache inputs of the next."""
+    return {
+        "past_key_values." + k[len("present.") :]: v
+        for k, v in presents.items()
+        if k.startswith("present.")
+    }
+
+
+def _torch(feed: dict, names: set[str]) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in feed.items() if k in names}
+
+
+def causal_steps(model, ids, mask, takes: dict[str, set[str]]) -> dict:
+    """model.onnx: the prompt with an empty cache, then one token reading the cache."""
+    import numpy as np
+
+    width, lengths = ids.shape[1], mask.sum(axis=1)
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for row, length in enumerate(lengths):  # left padding, as generate() and the server do
+        left_ids[row, width - length :] = ids[row, :length]
+        left_mask[row, width - length :] = 1
+    positions = np.where(left_mask == 1, left_mask.cumsum(axis=1) - 1, 1)
+    feed = {"input_ids": left_ids, "attention_mask": left_mask, "position_ids": positions}
+    out = model(**_torch(feed, takes["model"]), use_cache=True)
+    first = {"logits": out.logits.numpy(), **cache_tensors(out.past_key_values, "causal")}
+    empty = {
+        k: np.zeros((*v.shape[:2], 0, v.shape[3]), np.float32) for k, v in as_past(first).items()
+    }
+    feed2 = {
+        "input_ids": out.logits[:, -1].argmax(-1, keepdim=True).numpy(),
+        "attention_mask": np.concatenate([left_mask, np.ones((len(ids), 1), np.int64)], axis=1),
+        "position_ids": positions[:, -1:] + 1,
+    }
+    past = as_past(first)
+    out2 = model(
+        **_torch(feed2, takes["model"]), past_key_values=out.past_key_values, use_cache=True
+    )
+    second = {"logits": out2.logits.numpy(), **cache_tensors(out2.past_key_values, "causal")}
+    return {"model": [({**feed, **empty}, first), ({**feed2, **past}, second)]}
+
+
+def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
+    """encoder_model, decoder_model (first step), decoder_with_past_model (a cached step)."""
+    import numpy as np
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder_feed = {"input_ids": ids, "attention_mask": mask}
+    hidden = model.get_encoder()(**_torch(encoder_feed, set(encoder_feed))).last_hidden_state
+    encoded = BaseModelOutput(last_hidden_state=hidden)
+    start = np.full((len(ids), 1), start_id, np.int64)
+    out = model(
+        encoder_outputs=encoded,
+        attention_mask=torch.from_numpy(mask),
+        decoder_input_ids=torch.from_numpy(start),
+        use_cache=True,
+    )
+    first = {"logits": out.logits.numpy(), **cache_tensors(out.past_key_values, "seq2seq")}
+    tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+    past = as_past(first)
+    out2 = model(
+        encoder_outputs=encoded,
+        attention_mask=torch.from_numpy(mask),
+        decoder_input_ids=tokens,
+        past_key_values=out.past_key_values,
+        use_cache=True,
+    )
+    second = {
+        "logits": out2.logits.numpy(),
+        **{
+            k: v
+            for k, v in cache_tensors(out2.past_key_values, "seq2seq").items()
+            if ".decoder." in k
+        },
+    }
+    hidden = hidden.detach().numpy()
+    return {
+        "encoder_model": [(encoder_feed, {"last_hidden_state": hidden})],
+        "decoder_model": [
+            (
+                {
+                    "encoder_attention_mask": mask,
+                    "input_ids": start,
+                    "encoder_hidden_states": hidden,
+                },
+                first,
+            )
+        ],
+        "decoder_with_past_model": [
+            ({"encoder_attention_mask": mask, "input_ids": tokens.numpy(), **past}, second)
+        ],
+    }
+
+
+def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
+    """Each exported file against PyTorch on the same inputs: {part: {runner: {output: ...}}}."""
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    name, spec = settings.name, settings.task
+    files = {part: str(paths.onnx_file(name, part)) for part in spec.onnx_parts}
+    takes = {
+        part: {i.name for i in ort.InferenceSession(path).get_inputs()}
+        for part, path in files.items()
+    }
+    if spec.generation == "causal":
+        steps = causal_steps(model, ids, mask, takes)
+    else:
+        steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"] or 0))
+    report = {}
+    for part, pairs in steps.items():
+        feeds = [{k: v for k, v in feed.items() if k in takes[part]} for feed, _ in pairs]
+        reference = [ref for _, ref in pairs]
+        labels = [{"step": step, "batch": len(ids)} for step in range(len(pairs))]
+        runner = OnnxrtRunner(SessionFromOnnx(files[part]), name="onnxruntime")
+        report[part] = compare(settings, [runner], feeds, reference, labels, set(reference[0]))
+        print_passes(report[part], prefix=f"{part} ")
+    return report
+
+
+def greedy_parity(settings: Settings, model, tokenizer, ids, mask, facts: dict) -> dict:
+    """The serving loop, greedy, against generate(): the same new token ids, prompt by prompt."""
+    import torch
+
+    decoding = load_decoding()
+    new = catalog.GENERATION_PARITY_NEW_TOKENS
+    generator = decoding.Generator(
+        settings.task.generation,
+        {part: paths.onnx_file(settings.name, part) for part in settings.task.onnx_parts},
+        eos_ids=facts["eos_ids"],
+        pad_id=facts["pad_id"],
+        start_id=int(facts["decoder_start_id"] or 0),
+    )
+    served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    mismatches = []
+    for row, prompt in enumerate(catalog.GENERATION_PROMPTS):
+        length = int(mask[row].sum())
+        prompt_ids = torch.from_numpy(ids[row : row + 1, :length])
+        out = model.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=facts["pad_id"],
+            eos_token_id=facts["eos_ids"] or None,
+        )
+        expected = out[0, length:] if settings.task.generation == "causal" else out[0, 1:]
+        if served[row] != expected.tolist():
+            mismatches.append(
+                f"prompt {prompt!r}: served {served[row]}, generate() {expected.tolist()}"
+            )
+    if mismatches:
+        raise ParityError(
+            "greedy decoding differs from Hugging Face generate(): " + "; ".join(mismatches)
+        )
+    print(
+        f"parity: greedy decoding of {len(ids)} prompts x {new} tokens equals generate()",
+        flush=True,
+    )
+    return {"prompts": len(ids), "new_tokens": new, "equal": True, "tokens": served}
+
+
+def check(settings: Settings) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    name, spec = settings.name, settings.task
+    source = paths.source_dir(name)
+    facts = checkpoint_facts(name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token_id = facts["pad_id"]
+    tokenizer.padding_side = "right"  # as the Triton tokenizer pads
+    encoded = tokenizer(list(catalog.GENERATION_PROMPTS), padding=True, return_tensors="np")
+    ids = encoded["input_ids"].astype(np.int64)
+    mask = encoded["attention_mask"].astype(np.int64)
+    model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    with torch.inference_mode():
+        files = file_parity(settings, model, ids, mask, facts)
+        generation = greedy_parity(settings, model, tokenizer, ids, mask, facts)
+    return {"files": files, "generation": generation}

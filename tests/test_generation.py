@@ -1,0 +1,206 @@
+"""Generation (t5, causallm): built, proven equal to generate(), served by a real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tasks import paths
+from tests.conftest import copy_project
+
+pytestmark = pytest.mark.server
+
+SHAPES = ("batch=1,4,8", "seq=1,32,64")
+PROMPTS = [
+    "The quick brown fox",
+    "A short one.",
+    "Numbers like 3.14159 and dates are",
+    "Ce modèle génère du texte",
+]
+DEPLOYMENTS = {"gpt": ("causallm", "gpt2"), "opt": ("causallm", "opt"), "t5": ("t5", "t5")}
+OPTION_TYPES = {
+    "MAX_NEW_TOKENS": ("INT32", np.int32),
+    "TEMPERATURE": ("FP32", np.float32),
+    "TOP_K": ("INT32", np.int32),
+    "TOP_P": ("FP32", np.float32),
+    "SEED": ("INT64", np.int64),
+}
+
+
+def eos_variant(source, target) -> tuple[str, int]:
+    """A copy of a causal model whose EOS is a token it generates third or later for a prompt.
+
+    Returns the prompt and how many tokens it yields before stopping (EOS included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks import catalog
+
+    shutil.copytree(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target).eval()
+    for prompt in PROMPTS + list(catalog.GENERATION_PROMPTS):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(
+            ids,
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+        fresh = [i for i in range(2, len(out)) if out[i] not in out[:i]]
+        if fresh:
+            break
+    else:
+        raise AssertionError("no prompt gives a fresh token to make the EOS")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((target / name).read_text())
+        config["eos_token_id"] = out[fresh[0]]
+        (target / name).write_text(json.dumps(config))
+    return prompt, fresh[0] + 1
+
+
+@pytest.fixture(scope="module")
+def generating(tmp_path_factory, generation_models):
+    from tasks.serve import EmbeddedTritonServer
+
+    project = copy_project(tmp_path_factory.mktemp("generation") / "project")
+    for name, (task, family) in DEPLOYMENTS.items():
+        project.doit(f"task={task}", f"model={generation_models[family]}", f"name={name}", *SHAPES)
+    eos_dir = tmp_path_factory.mktemp("eos") / "gpt2-eos"
+    stops = eos_variant(generation_models["gpt2"], eos_dir)
+    project.doit("task=causallm", f"model={eos_dir}", "name=gpteos", *SHAPES)
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield project, server, generation_models, stops
+
+
+def generate(server, model: str, prompts: list[str], **options):
+    """OUTPUT_TEXT and OUTPUT_IDS (without the -1 padding) per prompt, or the error text."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        text = httpclient.InferInput("TEXT", [len(prompts), 1], "BYTES")
+        text.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=object))
+        inputs = [text]
+        for name, value in options.items():
+            datatype, numpy_type = OPTION_TYPES[name]
+            tensor = httpclient.InferInput(name, [len(prompts), 1], datatype)
+            tensor.set_data_from_numpy(np.full((len(prompts), 1), value, dtype=numpy_type))
+            inputs.append(tensor)
+        result = client.infer(model, inputs)
+    except InferenceServerException as err:
+        return str(err)
+    finally:
+        client.close()
+    ids = [[int(t) for t in row if t != -1] for row in result.as_numpy("OUTPUT_IDS")]
+    return [t[0].decode() for t in result.as_numpy("OUTPUT_TEXT")], ids
+
+
+def hf_generate(model_dir, task: str, prompt: str, new_tokens: int) -> list[int]:
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    auto = "AutoModelForCausalLM" if task == "causallm" else "AutoModelForSeq2SeqLM"
+    model = getattr(transformers, auto).from_pretrained(model_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist() if task == "causallm" else out[0, 1:].tolist()
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_served_greedy_output_equals_generate_token_for_token(generating, name):
+    project, server, models, _ = generating
+    task, family = DEPLOYMENTS[name]
+    texts, ids = generate(server, name, PROMPTS, MAX_NEW_TOKENS=10)  # lengths differ: batched
+    for prompt, served in zip(PROMPTS, ids):
+        assert served == hf_generate(models[family], task, prompt, 10), prompt
+    assert all(isinstance(t, str) for t in texts)
+    report = json.loads(project.path(paths.parity_report(name)).read_text())
+    assert report["generation"]["equal"] is True
+    assert set(report["files"]) == set(
+        {
+            "causallm": ["model"],
+            "t5": ["encoder_model", "decoder_model", "decoder_with_past_model"],
+        }[task]
+    )
+
+
+def test_max_new_tokens_is_respected(generating):
+    _, server, _, _ = generating
+    _, ids = generate(server, "gpt", PROMPTS[:2], MAX_NEW_TOKENS=3)
+    assert [len(i) for i in ids] == [3, 3]
+    _, ids = generate(server, "t5", PROMPTS[:1])  # the default
+    assert 1 <= len(ids[0]) <= 32
+
+
+def test_eos_stops_generation_early(generating):
+    _, server, _, (prompt, stops_after) = generating
+    _, ids = generate(server, "gpteos", [prompt, PROMPTS[1]], MAX_NEW_TOKENS=10)
+    assert len(ids[0]) == stops_after < 10
+
+
+def test_the_same_seed_gives_the_same_sample(generating):
+    _, server, _, _ = generating
+    options = {"MAX_NEW_TOKENS": 12, "TEMPERATURE": 1.5, "TOP_K": 50, "TOP_P": 0.95}
+    first = generate(server, "gpt", PROMPTS[:2], SEED=11, **options)
+    assert first == generate(server, "gpt", PROMPTS[:2], SEED=11, **options)
+    others = [generate(server, "gpt", PROMPTS[:2], SEED=seed, **options)[1] for seed in (12, 13)]
+    assert any(o != first[1] for o in others)  # sampling, not greedy in disguise
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"MAX_NEW_TOKENS": -1}, "MAX_NEW_TOKENS=-1: must be from 1 to 64"),
+        ({"MAX_NEW_TOKENS": 100000}, "MAX_NEW_TOKENS=100000: must be from 1 to 64"),
+        ({"TOP_P": 0.0}, "TOP_P=0.0: must be in (0, 1]"),
+        ({"TOP_P": 1.5}, "TOP_P=1.5: must be in (0, 1]"),
+        ({"TEMPERATURE": 0.0}, "TEMPERATURE=0.0: must be > 0 when sampling"),
+        ({"TEMPERATURE": -1.0, "TOP_K": 5}, "TEMPERATURE=-1.0: must be > 0 when sampling"),
+    ],
+)
+def test_bad_parameters_get_a_clear_error_and_the_server_keeps_serving(
+    generating, options, message
+):
+    _, server, _, _ = generating
+    error = generate(server, "gpt", PROMPTS[:1], **options)
+    assert isinstance(error, str) and message in error and "[400]" in error
+    assert isinstance(generate(server, "gpt", PROMPTS[:1], MAX_NEW_TOKENS=2), tuple)
+
+
+def test_the_client_prints_the_generated_text(generating):
+    _, server, _, _ = generating
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(paths.CLIENT),
+            "-u",
+            server.http_url,
+            "-m",
+            "t5",
+            "-t",
+            PROMPTS[0],
+            "--max_new_tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "OUTPUT_TEXT: object [1, 1]" in out
+    assert "OUTPUT_IDS: int64 [1, " in out

@@ -1,0 +1,176 @@
+"""Decoding with a KV cache over exported ONNX files, on ONNX Runtime: greedy and sampling.
+
+Runs inside Triton (loaded by triton/generate/model.py) and in the build's generation parity,
+so the loop that is proven equal to Hugging Face `generate()` is the loop that serves.
+Imports only numpy and onnxruntime.
+
+Two kinds of model, as optimum exports them:
+- causal: `model.onnx` (decoder with past; the first step feeds an empty past);
+- seq2seq: `encoder_model.onnx`, `decoder_model.onnx` (first step), `decoder_with_past_model.onnx`.
+Cache tensors are matched by name: output `present.X` feeds input `past_key_values.X`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAST, PRESENT = "past_key_values.", "present."
+
+
+class ParameterError(ValueError):
+    """A request's generation parameters are invalid; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """How to decode one prompt. Sampling is on when temperature, top_k or top_p is given."""
+
+    max_new_tokens: int
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self, limit: int) -> RowParams:
+        if not 1 <= self.max_new_tokens <= limit:
+            raise ParameterError(f"MAX_NEW_TOKENS={self.max_new_tokens}: must be from 1 to {limit}")
+        if self.sample and not self.temperature > 0:
+            raise ParameterError(
+                f"TEMPERATURE={self.temperature}: must be > 0 when sampling; omit TEMPERATURE, "
+                "TOP_K and TOP_P for greedy decoding"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ParameterError(f"TOP_P={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ParameterError(f"TOP_K={self.top_k}: must be >= 0 (0 turns it off)")
+        return self
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    shifted = np.exp(values - values.max())
+    return shifted / shifted.sum()
+
+
+def sample_token(logits: np.ndarray, params: RowParams, rng: np.random.Generator) -> int:
+    """Temperature, then top-k, then top-p (nucleus), as Hugging Face orders them."""
+    scores = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scores.size:
+        kth = np.partition(scores, -params.top_k)[-params.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if params.top_p < 1.0:
+        order = np.argsort(-scores)
+        cumulative = np.cumsum(_softmax(scores[order]))
+        keep = cumulative - _softmax(scores[order]) < params.top_p  # at least the best token
+        scores[order[~keep]] = -np.inf
+    return int(rng.choice(scores.size, p=_softmax(scores)))
+
+
+class Generator:
+    def __init__(
+        self,
+        kind: str,
+        files: dict[str, Path],
+        eos_ids: list[int],
+        pad_id: int,
+        start_id: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.kind, self.eos, self.pad_id, self.start_id = kind, set(eos_ids), pad_id, start_id
+        self.sessions = {
+            part: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for part, path in files.items()
+        }
+
+    def generate(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, params: list[RowParams]
+    ) -> list[list[int]]:
+        """New token ids per row (EOS included when reached). Prompts are right-padded."""
+        input_ids = input_ids.astype(np.int64)
+        attention_mask = attention_mask.astype(np.int64)
+        if self.kind == "causal":
+            step = self._causal_steps(input_ids, attention_mask)
+        else:
+            step = self._seq2seq_steps(input_ids, attention_mask)
+        rngs = [np.random.default_rng(p.seed) for p in params]
+        produced: list[list[int]] = [[] for _ in params]
+        active = np.ones(len(params), dtype=bool)
+        logits = next(step)
+        for _ in range(max(p.max_new_tokens for p in params)):
+            tokens = np.full(len(params), self.pad_id, dtype=np.int64)
+            for row, p in enumerate(params):
+                if not active[row]:
+                    continue
+                scores = logits[row]
+                token = sample_token(scores, p, rngs[row]) if p.sample else int(scores.argmax())
+                tokens[row] = token
+                produced[row].append(token)
+                if token in self.eos or len(produced[row]) >= p.max_new_tokens:
+                    active[row] = False
+            if not active.any():
+                break
+            logits = step.send(tokens)
+        step.close()
+        return produced
+
+    def _run(self, part: str, feed: dict, cache: dict) -> np.ndarray:
+        """Run one file; feed it the cache it takes, store the cache it gives; return logits."""
+        session = self.sessions[part]
+        names = [i.name for i in session.get_inputs()]
+        full = {**feed, **{n: cache[n[len(PAST) :]] for n in names if n.startswith(PAST)}}
+        outputs = [o.name for o in session.get_outputs()]
+        values = dict(zip(outputs, session.run(outputs, {n: full[n] for n in names})))
+        for name, value in values.items():
+            if name.startswith(PRESENT):
+                cache[name[len(PRESENT) :]] = value
+        return values["logits"][:, -1, :]
+
+    def _empty_cache(self, part: str, batch: int) -> dict:
+        cache = {}
+        for tensor in self.sessions[part].get_inputs():
+            if tensor.name.startswith(PAST):
+                _, heads, _, size = tensor.shape  # [batch, heads, past length, head size]
+                cache[tensor.name[len(PAST) :]] = np.zeros((batch, heads, 0, size), np.float32)
+        return cache
+
+    def _causal_steps(self, input_ids, attention_mask):
+        """Left-pad the prompts (as HF generate does), then one token per step."""
+        batch, width = input_ids.shape
+        lengths = attention_mask.sum(axis=1)
+        ids = np.full_like(input_ids, self.pad_id)
+        mask = np.zeros_like(attention_mask)
+        for row, length in enumerate(lengths):
+            ids[row, width - length :] = input_ids[row, :length]
+            mask[row, width - length :] = 1
+        positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+        cache = self._empty_cache("model", batch)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        while True:
+            tokens = yield self._run("model", feed, cache)
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            feed = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
+
+    def _seq2seq_steps(self, input_ids, attention_mask):
+        batch = len(input_ids)
+        encoder = self.sessions["encoder_model"]
+        hidden = encoder.run(
+            ["last_hidden_state"], {"input_ids": input_ids, "attention_mask": attention_mask}
+        )[0]
+        cache: dict = {}
+        feed = {
+            "encoder_attention_mask": attention_mask,
+            "encoder_hidden_states": hidden,
+            "input_ids": np.full((batch, 1), self.start_id, np.int64),
+        }
+        tokens = yield self._run("decoder_model", feed, cache)
+        while True:
+            feed = {"encoder_attention_mask": attention_mask, "input_ids": tokens[:, None]}
+            tokens = yield self._run("decoder_with_past_model", feed, cache)
