@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tasks import paths
+from tasks.errors import ExportError
 
 TMP_MARK = ".tmp-"
 
@@ -133,3 +134,42 @@ def prune_empty_dirs(folder: Path) -> None:
             return
         folder.rmdir()
         folder = folder.parent
+
+
+def file_record(path: Path) -> dict:
+    """What identifies a built file: its sha256, and its size and mtime to skip rehashing."""
+    stat = path.stat()
+    return {"sha256": sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def file_matches_record(path: Path, record: Path):
+    """A doit `uptodate` check: the file is still the one its record describes.
+
+    Unchanged size and mtime are trusted; otherwise the file is hashed, so a file replaced,
+    truncated or corrupted after its build is rebuilt."""
+
+    def check(task, values) -> bool:
+        if not (path.is_file() and record.is_file()):
+            return False
+        saved, stat = read_json(record), path.stat()
+        if saved.get("size") == stat.st_size and saved.get("mtime_ns") == stat.st_mtime_ns:
+            return True
+        return saved.get("sha256") == sha256(path)
+
+    return check
+
+
+def load_onnx(path: Path, name: str):
+    """Load and check an ONNX file; a broken one is an error that says how to rebuild it."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as err:  # protobuf DecodeError, ValidationError, OSError...
+        raise ExportError(
+            f"{path.relative_to(paths.ROOT)} is not a valid ONNX model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); run doit again to "
+            f"re-export it, or `doit forget onnx:{name}` first if it was replaced by hand"
+        ) from err
+    return model

@@ -191,6 +191,18 @@ TASKS: dict[str, TaskSpec] = {
 
 DEFAULT_TASK = "encode"
 
+# A deployment <name> is the ensemble <name> and these parts: <name><suffix>.
+PART_SUFFIXES = {
+    "tokenizer": "_tokenizer",
+    "model": "_model",
+    "generate": "_generate",
+    "postprocess": "_post",
+}
+
+# Model types whose positions start after the padding index: they take
+# max_position_embeddings - (pad_token_id + 1) tokens.
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
+
 # Hub ids that resolve to a copy shipped in a Python package when the Hub is unreachable:
 # id -> (importable package, attribute holding the model directory).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from doit.tools import config_changed
 
@@ -29,10 +30,14 @@ WEIGHT_FILES = (
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look before a download that would otherwise retry for minutes."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True  # behind a proxy only the real request can tell
+    host = urlparse(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")).hostname or HUB_HOST
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+        with socket.create_connection((host, 443), timeout=timeout):
             return True
     except OSError:
         return False
@@ -63,15 +68,24 @@ def copy_checkpoint(source: ModelSource, staged: Path) -> str:
         return str(source.local)
     if hub_reachable():
         from huggingface_hub import list_repo_files, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-        files = list_repo_files(source.ref, revision=source.revision)
-        patterns = list(HUB_PATTERNS)
-        if not any(f.endswith(".safetensors") for f in files):
-            patterns.append("pytorch_model*.bin")
-        print(f"download: fetching {source.ref}@{source.revision} from the Hub", flush=True)
-        snapshot_download(
-            source.ref, revision=source.revision, local_dir=staged, allow_patterns=patterns
-        )
+        try:
+            files = list_repo_files(source.ref, revision=source.revision)
+            patterns = list(HUB_PATTERNS)
+            if not any(f.endswith(".safetensors") for f in files):
+                patterns.append("pytorch_model*.bin")
+            print(f"download: fetching {source.ref}@{source.revision} from the Hub", flush=True)
+            snapshot_download(
+                source.ref, revision=source.revision, local_dir=staged, allow_patterns=patterns
+            )
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelSourceError(
+                f"model={source.ref} revision={source.revision}: the Hub did not give it "
+                f"({reason}); check the id and revision, run `huggingface-cli login` for a gated "
+                "model, or pass model=DIR"
+            ) from err
         shutil.rmtree(staged / ".cache", ignore_errors=True)
         return f"hub:{source.ref}@{source.revision}"
     packaged = offline_copy(source.ref)

@@ -20,22 +20,6 @@ from tasks.errors import ExportError, fails_cleanly
 from tasks.settings import Settings, current
 
 
-def load_onnx(path: Path, name: str):
-    """Load and check an ONNX file; a broken one is an error that says how to rebuild it."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as err:  # protobuf DecodeError, ValidationError, OSError...
-        raise ExportError(
-            f"{path.relative_to(paths.ROOT)} is not a valid ONNX model ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); run doit again to "
-            f"re-export it, or `doit forget onnx:{name}` first if it was replaced by hand"
-        ) from err
-    return model
-
-
 def describe_io(model) -> dict:
     """Names, numpy dtypes and shapes (symbolic dims as strings) of graph inputs/outputs."""
     from onnx import helper
@@ -100,7 +84,7 @@ def export(settings: Settings) -> None:
     from optimum.exporters.onnx import main_export
 
     name, spec = settings.name, settings.task
-    staged = artifacts.staging_dir(paths.onnx_file(name).parent)
+    staged = artifacts.staging_dir(paths.onnx_staging(name))
     try:
         print(
             f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})", flush=True
@@ -140,24 +124,10 @@ def install_part(settings: Settings, part: str, exported: Path) -> None:
     target = paths.onnx_file(name, part)
     with artifacts.atomic_target(target) as tmp:
         onnx.save(model, str(tmp))
-    io["sha256"] = artifacts.sha256(target)
-    io["opset"] = settings.opset
+    io.update(artifacts.file_record(target), opset=settings.opset)
     artifacts.write_json(paths.onnx_io(name, part), io)
     size = target.stat().st_size / 2**20
     print(f"onnx: {target.relative_to(paths.ROOT)} ({size:.1f} MiB)", flush=True)
-
-
-def file_matches_record(path: Path, record: Path):
-    """An `uptodate` check: the file still has the sha256 recorded when it was built."""
-
-    def check(task, values) -> bool:
-        return (
-            path.is_file()
-            and record.is_file()
-            and artifacts.read_json(record).get("sha256") == artifacts.sha256(path)
-        )
-
-    return check
 
 
 def task_onnx():
@@ -180,7 +150,10 @@ def task_onnx():
         "targets": targets,
         "uptodate": [
             config_changed(params),
-            *(file_matches_record(paths.onnx_file(name, p), paths.onnx_io(name, p)) for p in parts),
+            *(
+                artifacts.file_matches_record(paths.onnx_file(name, p), paths.onnx_io(name, p))
+                for p in parts
+            ),
         ],
-        "clean": [(artifacts.remove_artifacts, [targets])],
+        "clean": [(artifacts.remove_artifacts, [targets, [paths.onnx_staging(name)]])],
     }

@@ -16,7 +16,6 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import ParityError, fails_cleanly
-from tasks.export import load_onnx
 from tasks.settings import Settings, current
 
 REFERENCE = "pytorch"
@@ -170,7 +169,7 @@ def check(settings: Settings) -> None:
     name = settings.name
     paths.parity_report(name).unlink(missing_ok=True)  # the report exists only while it is true
     for part in settings.task.onnx_parts:
-        load_onnx(paths.onnx_file(name, part), name)
+        artifacts.load_onnx(paths.onnx_file(name, part), name)
     tol = settings.tolerance
     print(
         f"parity: PyTorch fp32 vs {settings.backend} {settings.precision}, atol {tol.atol} "
@@ -237,7 +236,7 @@ def task_parity():
         "shapes": settings.shape_points(),
         "precision": settings.precision,
         "tolerance": [settings.tolerance.atol, settings.tolerance.rtol],
-        "backend": settings.backend,
+        "tensorrt": settings.backend == "tensorrt",  # what is compared, not how it is served
         "samples": list(
             itertools.chain(
                 catalog.SAMPLE_TEXTS, catalog.SAMPLE_QUESTIONS, catalog.GENERATION_PROMPTS

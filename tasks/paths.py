@@ -6,6 +6,7 @@ Artifacts are files (never folders) so doit can track them and `doit clean` can 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +17,8 @@ TESTS_DIR = ROOT / "tests"
 MODEL_ZOO = ROOT / "model_zoo"
 MODELS = ROOT / "models"
 DEP_FILE = ROOT / ".doit.db"
-SERVER_LOG = MODEL_ZOO / "tritonserver.log"  # written by `doit serve`
+# `doit serve`'s server log: outside the tree (not a build artifact), printed at start.
+SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
@@ -61,6 +63,11 @@ def source_tokenizer(name: str) -> Path:
 def onnx_file(name: str, part: str = "model") -> Path:
     """An exported ONNX file; generation tasks export several parts (encoder, decoders)."""
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
+
+
+def onnx_staging(name: str) -> Path:
+    """Where optimum writes before each file is checked and moved into place."""
+    return zoo_dir(name) / "onnx" / "export"
 
 
 def onnx_io(name: str, part: str = "model") -> Path:
@@ -118,5 +125,9 @@ def repo_config(triton_model: str) -> Path:
     return repo_model_dir(triton_model) / "config.pbtxt"
 
 
+def repo_version_dir(triton_model: str) -> Path:
+    return repo_model_dir(triton_model) / "1"
+
+
 def repo_version_file(triton_model: str, filename: str) -> Path:
-    return repo_model_dir(triton_model) / "1" / filename
+    return repo_version_dir(triton_model) / filename

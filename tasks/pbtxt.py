@@ -311,6 +311,16 @@ def task_pbtxt():
         "task": repr(settings.task),  # its tensors, steps and parameters are facts
         "serving": [catalog.QUEUE_DELAY_US, catalog.INTRA_OP_THREADS],
         "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
+        # every other catalog fact render_context reads
+        "facts": [
+            catalog.window_stride(settings.seq.max),
+            repr(catalog.WINDOW_TENSORS),
+            catalog.PLATFORMS,
+            catalog.TRITON_DTYPES,
+            catalog.MODEL_FILES,
+            catalog.TOKEN_INPUTS,
+            repr(catalog.GENERATION_OUTPUTS),
+        ],
     }
     for part in settings.triton_models:
         target = paths.rendered_config(name, part)

@@ -13,7 +13,6 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import TensorRTError, fails_cleanly
-from tasks.export import file_matches_record, load_onnx
 from tasks.settings import Settings, current
 
 
@@ -74,7 +73,7 @@ def build_engine(settings: Settings) -> None:
             "TensorRT is not installed; use backend=python or build in the "
             "exporter image (Dockerfile)"
         ) from err
-    load_onnx(paths.onnx_file(name), name)  # a clear error for a broken file
+    artifacts.load_onnx(paths.onnx_file(name), name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name))
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
     config = make_builder_config(settings, io, memory_pool_limits=limits)
@@ -88,7 +87,7 @@ def build_engine(settings: Settings) -> None:
     with artifacts.atomic_target(target) as tmp:
         tmp.write_bytes(bytes(engine))
     artifacts.write_json(
-        paths.plan_record(name), {"sha256": artifacts.sha256(target), "tensorrt": trt.__version__}
+        paths.plan_record(name), {**artifacts.file_record(target), "tensorrt": trt.__version__}
     )
 
 
@@ -112,6 +111,6 @@ def task_plan():
         "actions": [(fails_cleanly(build_engine), [settings])],
         "file_dep": [paths.onnx_file(name), paths.onnx_io(name), paths.stage_module("plan")],
         "targets": targets,
-        "uptodate": [config_changed(params), file_matches_record(*targets)],
+        "uptodate": [config_changed(params), artifacts.file_matches_record(*targets)],
         "clean": [(artifacts.remove_artifacts, [targets])],
     }

@@ -13,12 +13,13 @@ sees a config whose files are not all in place. The model part waits for parity.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import artifacts, paths
+from tasks import artifacts, catalog, paths
 from tasks.settings import Settings, current
 
 ENSEMBLE_MARKER = ".keep"  # Triton needs an ensemble's version folder, even empty
@@ -83,8 +84,19 @@ def components(settings: Settings) -> list[Component]:
     return found
 
 
+def remove_other_parts(settings: Settings) -> None:
+    """Parts of an earlier build of this name for another task (`_post` after seqcls -> encode)
+    would still be loaded by Triton: remove them."""
+    wanted = set(settings.triton_models.values())
+    for suffix in catalog.PART_SUFFIXES.values():
+        folder = paths.repo_model_dir(f"{settings.name}{suffix}")
+        if folder.name not in wanted and folder.is_dir():
+            print(f"repo: removing {folder.relative_to(paths.ROOT)} (not part of this task)")
+            shutil.rmtree(folder)
+
+
 def install(component: Component, config_source: Path) -> None:
-    version_dir = paths.repo_version_file(component.triton_model, "x").parent
+    version_dir = paths.repo_version_dir(component.triton_model)
     wanted = {filename for _, filename in component.files}
     if version_dir.is_dir():  # files of another backend (model.plan after backend=python)
         for stale in version_dir.iterdir():
@@ -111,7 +123,10 @@ def task_repo():
         targets = component.targets()
         yield {
             "name": component.triton_model,
-            "actions": [(install, [component, config_source])],
+            "actions": [
+                *([(remove_other_parts, [settings])] if component.part == "ensemble" else []),
+                (install, [component, config_source]),
+            ],
             "file_dep": [
                 *(s for s, _ in component.files if s is not None),
                 config_source,

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import artifacts, paths
+from tasks import paths
 from tasks.errors import ServerError, fails_cleanly
 from tasks.settings import Endpoints, Settings, current
 
@@ -559,6 +559,9 @@ def _parent_death_signal():
     return set_signal
 
 
+SAMPLE_TEXT = "Triton serves transformers."
+
+
 def example_request(settings: Settings, url: str) -> str:
     """A curl command a user can paste: one text per ensemble input."""
     import json
@@ -569,7 +572,7 @@ def example_request(settings: Settings, url: str) -> str:
                 "name": name,
                 "shape": [1, 1],
                 "datatype": "BYTES",
-                "data": ["Triton serves transformers."],
+                "data": [SAMPLE_TEXT],
             }
             for name in settings.task.text_inputs
         ]
@@ -675,20 +678,41 @@ def make_server(endpoints: Endpoints):
     )
 
 
+def sample_request(settings: Settings, url: str) -> None:
+    """Answer one request with the real client, so a user sees the deployment work."""
+    client = [
+        sys.executable,
+        str(paths.CLIENT),
+        "-u",
+        url,
+        "-m",
+        settings.name,
+        *(arg for _ in settings.task.text_inputs for arg in ("-t", SAMPLE_TEXT)),
+    ]
+    print(f"serve: sample request: {' '.join(client[1:])}", flush=True)
+    try:  # no stdin: the client must not wait for texts on a pipe doit was given
+        subprocess.run(client, check=False, timeout=120, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print("serve: the sample request took over 120 s; the server keeps running", flush=True)
+
+
 def serve_foreground(settings: Settings) -> None:
     """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
     import threading
 
     server = make_server(settings.endpoints)
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    stop, ready = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not ready.is_set():  # still loading: interrupt the wait, start() cleans up
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        client = [sys.executable, str(paths.CLIENT), "-u", server.http_url, "-m", settings.name]
-        print(f"serve: sample request: {' '.join(client[1:])}", flush=True)
-        subprocess.run(client, check=False, timeout=120)
+        ready.set()
+        sample_request(settings, server.http_url)
         print(
             f"serve: try it:\n  {example_request(settings, server.http_url)}\n"
             f"  python triton/send_request.py --protocol grpc -u {server.grpc_url} "
@@ -699,7 +723,10 @@ def serve_foreground(settings: Settings) -> None:
         while not stop.wait(0.5):
             if not server.running:
                 raise server.failure()
+    except KeyboardInterrupt:
+        print("serve: interrupted while the server was starting", flush=True)
     finally:
+        ready.set()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -712,5 +739,4 @@ def task_serve():
         "actions": [(fails_cleanly(serve_foreground), [settings])],
         "task_dep": ["repo"],
         "uptodate": [False],
-        "clean": [(artifacts.remove_artifacts, [[paths.SERVER_LOG]])],
     }

@@ -156,13 +156,10 @@ class Settings:
     @property
     def triton_models(self) -> dict[str, str]:
         """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
-        names = {"tokenizer": f"{self.name}_tokenizer"}
-        if self.task.generation:
-            names["generate"] = f"{self.name}_generate"
-        else:
-            names["model"] = f"{self.name}_model"
+        parts = ["tokenizer", "generate" if self.task.generation else "model"]
         if self.task.postprocess is not None:
-            names["postprocess"] = f"{self.name}_post"
+            parts.append("postprocess")
+        names = {part: f"{self.name}{catalog.PART_SUFFIXES[part]}" for part in parts}
         names["ensemble"] = self.name
         return names
 
@@ -221,8 +218,7 @@ def check_shapes_fit_model(settings: Settings, config_path: Path | None) -> None
         return
     config = json.loads(config_path.read_text())
     limit = config.get("max_position_embeddings") or config.get("n_positions")
-    # RoBERTa-style models reserve padding_idx + 1 positions.
-    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert") and limit:
+    if config.get("model_type") in catalog.POSITIONS_AFTER_PADDING and limit:
         limit -= config.get("pad_token_id", 1) + 1
     if limit and settings.seq.max > limit:
         raise SettingsError(
@@ -272,6 +268,11 @@ def load_settings(get_var) -> Settings:
         raise SettingsError(
             f"name={name}: use letters, digits, '_' and '-', starting with a letter"
         )
+    if name.endswith(tuple(catalog.PART_SUFFIXES.values())):
+        raise SettingsError(
+            f"name={name}: names ending in {', '.join(catalog.PART_SUFFIXES.values())} name the "
+            "parts of a deployment; choose another name"
+        )
     settings = Settings(
         task=spec,
         source=resolve_model(get_var("model", spec.default_model), get_var("revision", "main")),
@@ -286,6 +287,11 @@ def load_settings(get_var) -> Settings:
         raise SettingsError(
             f"server=docker: {problem}; start Docker with the NVIDIA container "
             "toolkit, or use server=embedded"
+        )
+    if backend == "tensorrt" and settings.batch.min != 1:
+        raise SettingsError(
+            f"batch={settings.batch.given}: Triton sends batches of any size from 1 to MAX, so "
+            "the TensorRT profile's MIN batch must be 1"
         )
     check_shapes_fit_model(settings, known_config(settings))
     return settings

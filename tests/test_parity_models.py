@@ -54,3 +54,15 @@ def test_a_tiny_random_roberta_passes_parity_for_every_task(project, tiny_robert
     )
     assert_all_outputs_pass(report, task)
     assert report["shapes"] == [[1, 1], [2, 16], [4, 128]]
+
+
+def test_switching_a_deployment_to_another_task_removes_its_old_parts(project, tiny_roberta_dir):
+    shapes = ("batch=1,2,4", "seq=1,16,128", f"model={tiny_roberta_dir}", "name=switch")
+    project.doit("task=seqcls", *shapes)
+    assert (project.root / "models/switch_post/config.pbtxt").is_file()
+    project.doit("task=encode", *shapes)
+    assert sorted(p.name for p in (project.root / "models").iterdir() if p.is_dir()) == [
+        "switch",
+        "switch_model",
+        "switch_tokenizer",
+    ]

@@ -145,6 +145,21 @@ def test_qa_finds_an_answer_near_the_end_of_a_context_three_times_the_max_seq(se
     assert out["ANSWER"][0, 0].decode() == f"{MARKERS[0]} stripes and {MARKERS[1]}"
 
 
+def test_a_question_too_long_for_the_windows_is_a_bad_request(served):
+    _, server = served
+    long_question = "why " * 200
+    error = raw_request(
+        server,
+        "qa",
+        [
+            ("QUESTION", [1, 1], "BYTES", np.array([[long_question.encode()]], dtype=object)),
+            ("CONTEXT", [1, 1], "BYTES", text_array(1)),
+        ],
+    )
+    assert "[400]" in error and "QUESTION has" in error and "may have at most" in error
+    assert infer(server, "http", "qa", {"QUESTION": QUESTIONS[:1], "CONTEXT": CONTEXTS[:1]})
+
+
 def test_every_deployment_in_the_repository_is_served(served):
     import tritonclient.http as httpclient
 
@@ -312,6 +327,19 @@ def test_serve_stops_cleanly_on_sigterm_and_starts_again(served):
         assert proc.returncode == 0, out + rest
         assert "tritonserver: stopped" in rest and "exit 0" in rest
         assert all(port_is_free("127.0.0.1", p) for p in ports)
+
+
+def test_serve_stops_at_once_when_interrupted_while_starting(served):
+    project, _ = served
+    proc = start_serve(project, free_ports())
+    try:
+        read_until(proc, "tritonserver: starting")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "serve: interrupted while the server was starting" in out
 
 
 def test_serve_reports_a_port_in_use_at_once(served):

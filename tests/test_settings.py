@@ -55,6 +55,8 @@ def test_each_task_has_its_default_model_and_name(task):
         ({"model": "/no/such/model"}, "model=/no/such/model: this directory does not exist"),
         ({"model": "./missing"}, "model=./missing: this directory does not exist"),
         ({"name": "my model"}, "name=my model: use letters, digits"),
+        ({"name": "qa_post"}, "name=qa_post: names ending in _tokenizer, _model, _generate, _post"),
+        ({"task": "t5", "backend": "onnxruntime"}, "backend=onnxruntime: task=t5 is served by"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message):

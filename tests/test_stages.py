@@ -272,8 +272,8 @@ def test_a_missing_template_value_fails_the_render():
 
 
 def test_a_broken_onnx_file_is_an_error_that_says_how_to_rebuild(tmp_path, monkeypatch):
+    from tasks.artifacts import load_onnx
     from tasks.errors import ExportError
-    from tasks.export import load_onnx
 
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     broken = tmp_path / "model.onnx"

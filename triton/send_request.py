@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(describe(name, result.as_numpy(name))))
         if args.statistics:
             print("\n".join(statistics_lines(client.statistics())))
+    except OSError as err:  # the HTTP client's connection errors
+        print(
+            f"cannot reach Triton at {args.url} ({err}); is it running? (doit serve)",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as err:  # tritonclient raises InferenceServerException and others
         if type(err).__name__ != "InferenceServerException":
             raise

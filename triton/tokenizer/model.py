@@ -39,6 +39,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+        self.measure = Tokenizer.from_file(str(version_dir / "tokenizer.json"))  # no truncation
+        self.measure.no_truncation()
+        self.measure.no_padding()
         self.max_seq = int(_parameter(config, "max_seq"))
         self.min_seq = int(_parameter(config, "min_seq"))
         self.pad_id = int(_parameter(config, "pad_id"))
@@ -74,7 +77,19 @@ class TritonPythonModel:
             )
         if len({len(c) for c in columns}) > 1:
             raise ValueError(f"inputs {self.text_inputs} must have the same batch size")
-        return list(zip(*columns)) if len(columns) > 1 else columns[0]
+        if len(columns) == 1:
+            return columns[0]
+        if self.stride:  # windows need room for the context beyond the overlap
+            room = self.max_seq - self.tokenizer.num_special_tokens_to_add(True) - 2 * self.stride
+            for first in columns[0]:
+                length = len(self.measure.encode(first, add_special_tokens=False).ids)
+                if length > room:
+                    raise ValueError(
+                        f"{self.text_inputs[0]} has {length} tokens; with windows of "
+                        f"{self.max_seq} tokens overlapping by {self.stride} it may have at "
+                        f"most {room}: shorten it, or build with a larger max seq"
+                    )
+        return list(zip(*columns))
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -82,11 +97,11 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             try:
                 batches.append((index, self._texts(request)))
-            except ValueError as err:
+            except Exception as err:  # a bad request: its own error, the others go on
                 responses[index] = _error(str(err))
         try:  # one call for every text of every request
             encoded = self.tokenizer.encode_batch([i for _, items in batches for i in items])
-        except Exception:  # a text that cannot be encoded: find its request, spare the rest
+        except BaseException:  # tokenizers panics are BaseExceptions: find the bad request
             encoded = None
         start = 0
         for index, items in batches:
@@ -96,7 +111,7 @@ class TritonPythonModel:
             else:
                 try:
                     encodings = self.tokenizer.encode_batch(items)
-                except Exception as err:  # tokenizers raises plain Exceptions
+                except BaseException as err:
                     responses[index] = _error(f"cannot tokenize this request: {err}")
                     continue
             responses[index] = self._response(encodings)
