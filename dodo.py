@@ -3,17 +3,20 @@
     doit task=encode                     build models/encode (the default task)
     doit task=seqcls model=DIR name=sst2 build another deployment beside it
     doit serve                           build what is stale, then serve models/
+    doit bench                           measure the served deployment against in-process
     doit test                            run the test suite
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
-precision, backend, host, http_port, grpc_port, metrics_port. See README.md.
+precision, backend, host, http_port, grpc_port, metrics_port, server, queue_delay_us,
+instances, ort_threads, pad_multiple, concurrency, seconds. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
 
 from tasks import paths
+from tasks.bench import task_bench  # noqa: F401
 from tasks.download import task_download  # noqa: F401
 from tasks.errors import SettingsError
 from tasks.export import task_onnx  # noqa: F401

@@ -257,6 +257,8 @@ TRITON_DTYPES = {
 # Triton `platform` of the model for the backends that load a file directly
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 
-# Serving defaults written into the generated configs
+# Serving defaults written into the generated configs (variables override them)
 QUEUE_DELAY_US = 500  # dynamic batching: how long a request may wait for company
+MODEL_INSTANCES = 1  # instances of the model step
 INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: its own choice)
+PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)

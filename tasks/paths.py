@@ -87,6 +87,22 @@ def parity_report(name: str) -> Path:
     return zoo_dir(name) / "parity.json"
 
 
+def bench_dir(name: str) -> Path:
+    return zoo_dir(name) / "bench"
+
+
+def bench_report(name: str) -> Path:
+    return bench_dir(name) / "report.json"
+
+
+def bench_markdown(name: str) -> Path:
+    return bench_dir(name) / "report.md"
+
+
+def bench_plot(name: str) -> Path:
+    return bench_dir(name) / "throughput.png"
+
+
 def rendered_config(name: str, part: str) -> Path:
     """A rendered `config.pbtxt` before it is copied into the repository."""
     return zoo_dir(name) / "pbtxt" / f"{part}.pbtxt"

@@ -67,8 +67,10 @@ def render_context(settings: Settings, io: dict, facts: dict) -> dict:
         "seq": settings.seq,
         "stride": catalog.window_stride(settings.seq.max) if spec.windows else 0,
         "pad_id": facts["pad_id"],
-        "queue_delay_us": catalog.QUEUE_DELAY_US,
-        "intra_op_threads": catalog.INTRA_OP_THREADS,
+        "queue_delay_us": settings.serving.queue_delay_us,
+        "intra_op_threads": settings.serving.ort_threads,
+        "instances": settings.serving.instances,
+        "pad_multiple": settings.serving.pad_multiple,
         "text_inputs": spec.text_inputs,
         **pipeline(settings, io, facts),
     }
@@ -150,7 +152,7 @@ def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
         "max_positions": facts["max_positions"] if spec.generation == "causal" else 0,
         "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.seq.max),
         "max_new_tokens_limit": settings.seq.max,
-        "intra_op_threads": catalog.INTRA_OP_THREADS,
+        "intra_op_threads": settings.serving.ort_threads,
     }
     return {
         "token_tensors": token,
@@ -309,7 +311,7 @@ def task_pbtxt():
         "seq": settings.seq.points(),
         "backend": settings.backend,
         "task": repr(settings.task),  # its tensors, steps and parameters are facts
-        "serving": [catalog.QUEUE_DELAY_US, catalog.INTRA_OP_THREADS],
+        "serving": settings.serving.as_dict(),
         "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
         # every other catalog fact render_context reads
         "facts": [

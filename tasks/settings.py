@@ -28,6 +28,12 @@ VARIABLES = {
     "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
     "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
+    "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
+    "instances": "instances of the model step (default 1)",
+    "ort_threads": "ONNX Runtime intra-op threads per instance, 0 = its own choice (default 0)",
+    "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
+    "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
+    "seconds": "`doit bench`: seconds per point (default 5)",
     "host": "address `doit serve` binds (default 127.0.0.1)",
     "http_port": "HTTP port of `doit serve` (default 8000)",
     "grpc_port": "gRPC port of `doit serve` (default 8001)",
@@ -137,6 +143,59 @@ class Endpoints:
         return cls(server=get_var("server", cls.server), host=get_var("host", cls.host), **values)
 
 
+def _whole(var: str, text: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"\d+", text) or not low <= int(text) <= high:
+        raise SettingsError(f"{var}={text}: expected a whole number from {low} to {high}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Knobs of the generated configs, chosen by `doit bench` measurements (see README)."""
+
+    queue_delay_us: int = catalog.QUEUE_DELAY_US
+    instances: int = catalog.MODEL_INSTANCES
+    ort_threads: int = catalog.INTRA_OP_THREADS
+    pad_multiple: int = catalog.PAD_MULTIPLE
+
+    @classmethod
+    def parse(cls, get_var) -> Serving:
+        return cls(
+            queue_delay_us=_whole(
+                "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6
+            ),
+            instances=_whole("instances", get_var("instances", str(cls.instances)), 1, 64),
+            ort_threads=_whole("ort_threads", get_var("ort_threads", str(cls.ort_threads)), 0, 256),
+            pad_multiple=_whole(
+                "pad_multiple", get_var("pad_multiple", str(cls.pad_multiple)), 1, 512
+            ),
+        )
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """How `doit bench` drives the server: a concurrency sweep, a fixed time per point."""
+
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seconds: float = 5.0
+
+    @classmethod
+    def parse(cls, get_var) -> Bench:
+        levels = get_var("concurrency", ",".join(map(str, cls.concurrency)))
+        concurrency = tuple(_whole("concurrency", p.strip(), 1, 256) for p in levels.split(","))
+        text = get_var("seconds", str(cls.seconds))
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 3600:
+            raise SettingsError(f"seconds={text}: expected seconds per point, e.g. seconds=2")
+        return cls(concurrency=concurrency, seconds=seconds)
+
+
 @dataclass(frozen=True)
 class Settings:
     task: catalog.TaskSpec
@@ -147,6 +206,8 @@ class Settings:
     precision: str
     backend: str  # resolved: tensorrt | onnxruntime | python
     endpoints: Endpoints = field(default_factory=Endpoints)
+    serving: Serving = field(default_factory=Serving)
+    bench: Bench = field(default_factory=Bench)
     opset: int = catalog.ONNX_OPSET
     tolerance: catalog.Tolerance = field(init=False)
 
@@ -282,6 +343,8 @@ def load_settings(get_var) -> Settings:
         precision=precision,
         backend=backend,
         endpoints=Endpoints.parse(get_var),
+        serving=Serving.parse(get_var),
+        bench=Bench.parse(get_var),
     )
     if settings.endpoints.server == "docker" and (problem := docker_engine_problem()):
         raise SettingsError(

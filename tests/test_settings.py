@@ -90,3 +90,29 @@ def test_a_max_sequence_beyond_the_position_embeddings_is_impossible(tmp_path):
 
 def test_a_single_number_is_a_fixed_size():
     assert Profile.parse("batch", "4").points() == (4, 4, 4)
+
+
+def test_serving_and_bench_knobs_are_validated_at_the_door():
+    chosen = settings_from(
+        queue_delay_us="2000",
+        instances="2",
+        ort_threads="1",
+        pad_multiple="16",
+        concurrency="1,4",
+        seconds="0.5",
+    )
+    assert chosen.serving.as_dict() == {
+        "queue_delay_us": 2000,
+        "instances": 2,
+        "ort_threads": 1,
+        "pad_multiple": 16,
+    }
+    assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
+    for variables, message in [
+        ({"instances": "0"}, "instances=0: expected a whole number from 1 to 64"),
+        ({"concurrency": "1,x"}, "concurrency=x: expected a whole number from 1 to 256"),
+        ({"seconds": "-2"}, "seconds=-2: expected seconds per point"),
+        ({"pad_multiple": "0"}, "pad_multiple=0: expected a whole number from 1 to 512"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            settings_from(**variables)

@@ -3,7 +3,8 @@
 Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utilities (no
 `transformers`, nothing from the build). Everything it needs comes from its config.pbtxt:
 the text inputs (two inputs are encoded as a pair), the outputs the model takes, and the
-parameters `max_seq` (truncation), `min_seq` (minimum padded length), `pad_id` and `stride`.
+parameters `max_seq` (truncation), `min_seq` (minimum padded length), `pad_id`, `stride` and
+`pad_multiple` (lengths padded up to a multiple, so requests share shapes and batch).
 
 With `stride` > 0 a long second text (a QA context) is not cut: it is read in overlapping
 windows of `max_seq` tokens, one output row per window, and the extra outputs `offsets`
@@ -46,6 +47,7 @@ class TritonPythonModel:
         self.min_seq = int(_parameter(config, "min_seq"))
         self.pad_id = int(_parameter(config, "pad_id"))
         self.stride = int(_parameter(config, "stride"))
+        self.pad_multiple = int(_parameter(config, "pad_multiple"))
         self.max_rows = int(config["max_batch_size"])
         self.tokenizer.no_padding()  # padded per request below, to its own longest text
         if self.stride:
@@ -132,7 +134,9 @@ class TritonPythonModel:
                 f"the texts of this request need {len(rows)} windows of {self.max_seq} tokens; "
                 f"at most {self.max_rows} fit in one request: send fewer or shorter texts"
             )
-        length = max([self.min_seq, *(len(e.ids) for e, _ in rows)])
+        longest = max(len(e.ids) for e, _ in rows)
+        rounded = -(-longest // self.pad_multiple) * self.pad_multiple  # up to a multiple
+        length = max(self.min_seq, min(rounded, max(self.max_seq, longest)))
         tensors = []
         for name, dtype in self.outputs:
             if name == "window_item":

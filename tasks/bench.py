@@ -1,0 +1,428 @@
+"""Stage `bench`: what users get, measured. The served ensemble (text in, over the network,
+gRPC and HTTP) against what they would run instead, on the same texts, in one run:
+
+- `triton`: our load generator on tritonclient (Python threads, one text per request, a
+  closed loop per worker): a concurrency sweep with a fixed time per point, every response
+  checked (every output present, one row, finite numbers), errors counted;
+- `onnxruntime`: the same tokenizer and ONNX file in-process, the same concurrency (threads
+  calling one session): the limit for the CPU backend;
+- `pytorch`: the Hugging Face model in-process, one request at a time.
+
+Writes model_zoo/<name>/bench/report.json, report.md and throughput.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import threading
+import time
+
+from tasks import artifacts, catalog, paths
+from tasks.errors import BuildError, fails_cleanly
+from tasks.settings import Settings, current
+
+WARMUP_SECONDS = 1.0
+
+
+def bench_texts(spec: catalog.TaskSpec) -> list[tuple[str, ...]]:
+    """Realistic inputs of mixed lengths: one text per ensemble input, per request."""
+    sentences = list(catalog.SAMPLE_TEXTS)
+    texts = [*sentences, *(" ".join(sentences[i : i + n]) for n in (2, 4) for i in range(4))]
+    if len(spec.text_inputs) == 2:
+        return [(q, t) for q, t in zip(itertools.cycle(catalog.SAMPLE_QUESTIONS), texts)]
+    return [(t,) for t in texts]
+
+
+def summarize(latencies: list[float], seconds: float, errors: int, concurrency: int) -> dict:
+    ordered = sorted(latencies) or [float("nan")]
+
+    def pct(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": round(len(latencies) / seconds, 2),
+        "p50_ms": pct(0.5),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 2) if latencies else None,
+    }
+
+
+def closed_loop(work, concurrency: int, seconds: float, texts: list) -> dict:
+    """`concurrency` threads each run `work(worker_state, text)` back to back for `seconds`.
+
+    `work` returns True for a good answer; anything else, or an exception, is an error."""
+    order, lock = itertools.count(), threading.Lock()
+    latencies, errors, failures = [], [0], []
+    start_line = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def worker(index: int) -> None:
+        state = {}
+        start_line.wait()
+        while True:
+            with lock:
+                text = texts[next(order) % len(texts)]
+            began = time.perf_counter()
+            if began >= deadline[0]:
+                break
+            try:
+                good = work(state, text)
+            except Exception as err:  # every failure counts, and the first few are shown
+                good = False
+                failures.append(repr(err)[:200])
+            took = time.perf_counter() - began
+            with lock:
+                if good:
+                    latencies.append(took)
+                else:
+                    errors[0] += 1
+        state.get("close", lambda: None)()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.perf_counter() + seconds
+    start_line.wait()
+    for thread in threads:
+        thread.join()
+    point = summarize(latencies, seconds, errors[0], concurrency)
+    if failures:
+        point["first_errors"] = sorted(set(failures))[:3]
+    return point
+
+
+def expected_outputs(spec: catalog.TaskSpec) -> list[str]:
+    if spec.generation:
+        return [t.name for t in catalog.GENERATION_OUTPUTS]
+    post = [t.name for t in spec.postprocess.outputs] if spec.postprocess else []
+    return [o.triton_name for o in spec.outputs if o.exposed] + post
+
+
+def good_answer(arrays: list) -> bool:
+    """Every output present, one row, finite numbers or decodable text."""
+    import numpy as np
+
+    for array in arrays:
+        if array is None or len(array) != 1:
+            return False
+        if array.dtype == object:
+            [v.decode("utf-8") for v in array.reshape(-1)]
+        elif not np.isfinite(array).all():
+            return False
+    return True
+
+
+def triton_work(settings: Settings, protocol: str, url: str):
+    """One request through the ensemble, its answer checked."""
+    import numpy as np
+
+    if protocol == "grpc":
+        import tritonclient.grpc as client_module
+    else:
+        import tritonclient.http as client_module
+    spec, outputs = settings.task, expected_outputs(settings.task)
+
+    def work(state: dict, text: tuple[str, ...]) -> bool:
+        if "client" not in state:
+            state["client"] = client_module.InferenceServerClient(url)
+            state["close"] = state["client"].close
+        inputs = []
+        for name, value in zip(spec.text_inputs, text):
+            tensor = client_module.InferInput(name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[value.encode()]], dtype=object))
+            inputs.append(tensor)
+        if spec.generation:
+            tensor = client_module.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
+            tensor.set_data_from_numpy(np.array([[BENCH_NEW_TOKENS]], dtype=np.int32))
+            inputs.append(tensor)
+        result = state["client"].infer(settings.name, inputs)
+        return good_answer([result.as_numpy(name) for name in outputs])
+
+    return work
+
+
+BENCH_NEW_TOKENS = 8  # generation: tokens per request in every system
+
+
+def onnxruntime_work(settings: Settings):
+    """The same tokenizer and ONNX file(s) in-process: what the CPU backend can do at best."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_padding()  # as the served tokenizer: a tokenizer.json may pad to a fixed length
+    tokenizer.enable_truncation(max_length=settings.seq.max)
+    if settings.task.generation:
+        from tasks.generation_parity import load_decoding
+        from tasks.pbtxt import checkpoint_facts
+
+        facts, decoding = checkpoint_facts(settings.name), load_decoding()
+        generator = decoding.Generator(
+            settings.task.generation,
+            {p: paths.onnx_file(settings.name, p) for p in settings.task.onnx_parts},
+            eos_ids=facts["eos_ids"],
+            pad_id=facts["pad_id"],
+            start_id=int(facts["decoder_start_id"] or 0),
+        )
+
+        def generate(state: dict, text: tuple[str, ...]) -> bool:
+            ids = np.array([tokenizer.encode(text[0]).ids], dtype=np.int64)
+            out = generator.generate(ids, np.ones_like(ids), [decoding.RowParams(BENCH_NEW_TOKENS)])
+            return len(out[0]) >= 1
+
+        return generate
+    session = ort.InferenceSession(
+        str(paths.onnx_file(settings.name)), providers=["CPUExecutionProvider"]
+    )
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    names = [i.name for i in session.get_inputs()]
+
+    def infer(state: dict, text: tuple[str, ...]) -> bool:
+        encoding = tokenizer.encode(*text)
+        feed = {n: np.array([getattr(encoding, fields[n])], dtype=np.int64) for n in names}
+        return good_answer(session.run(None, feed))
+
+    return infer
+
+
+def pytorch_work(settings: Settings):
+    """The Hugging Face model in-process, as a user would run it instead."""
+    import torch
+    import transformers
+
+    source = paths.source_dir(settings.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    model = getattr(transformers, settings.task.auto_class).from_pretrained(source).eval()
+
+    def infer(state: dict, text: tuple[str, ...]) -> bool:
+        batch = tokenizer(*text, truncation=True, max_length=settings.seq.max, return_tensors="pt")
+        with torch.inference_mode():
+            if settings.task.generation:
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=BENCH_NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id or 0,
+                )
+                return out.shape[0] == 1
+            out = model(**batch)
+        return all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
+
+    return infer
+
+
+def sweep(name: str, work, levels, seconds: float, texts: list, extra: dict) -> list[dict]:
+    points = []
+    for concurrency in levels:
+        closed_loop(work, concurrency, min(WARMUP_SECONDS, seconds), texts)  # warm up
+        point = {**extra, **closed_loop(work, concurrency, seconds, texts)}
+        points.append(point)
+        print(
+            f"bench: {name} concurrency {concurrency}: {point['throughput']:.1f} req/s, "
+            f"p50 {point['p50_ms']} ms, p95 {point['p95_ms']} ms, {point['errors']} errors",
+            flush=True,
+        )
+    return points
+
+
+def machine() -> dict:
+    import os
+
+    memory = None
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as handle:
+            memory = handle.readline().split()[1] + " kB"
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "memory": memory,
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+
+
+def run(settings: Settings) -> None:
+    from tasks.serve import EmbeddedTritonServer, http_ready
+
+    bench, endpoints = settings.bench, settings.endpoints
+    texts = bench_texts(settings.task)
+    url = f"{endpoints.host}:{endpoints.http_port}"
+    grpc_url = f"{endpoints.host}:{endpoints.grpc_port}"
+    server = None
+    if http_ready(url):
+        print(f"bench: reusing the Triton server at {url} (it must serve this build)", flush=True)
+    else:
+        server = EmbeddedTritonServer(
+            paths.MODELS,
+            host=endpoints.host,
+            http_port=endpoints.http_port,
+            grpc_port=endpoints.grpc_port,
+            metrics_port=endpoints.metrics_port,
+        ).start()
+    systems = {"triton": [], "onnxruntime": [], "pytorch": []}
+    try:
+        for protocol, address in (("grpc", grpc_url), ("http", url)):
+            systems["triton"] += sweep(
+                f"triton {protocol}",
+                triton_work(settings, protocol, address),
+                bench.concurrency,
+                bench.seconds,
+                texts,
+                {"protocol": protocol},
+            )
+    finally:
+        if server is not None:
+            server.stop()
+    systems["onnxruntime"] = sweep(
+        "onnxruntime in-process",
+        onnxruntime_work(settings),
+        bench.concurrency,
+        bench.seconds,
+        texts,
+        {},
+    )
+    systems["pytorch"] = sweep(
+        "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}
+    )
+    errors = sum(p["errors"] for points in systems.values() for p in points)
+    report = {
+        "deployment": settings.name,
+        "task": settings.task.name,
+        "load_generator": "llm-in-triton's own, on tritonclient: Python threads, one text per "
+        "request, closed loop per worker, every response checked",
+        "texts": len(texts),
+        "seconds_per_point": bench.seconds,
+        "systems": systems,
+        "summary": summary(systems),
+        "errors": errors,
+        "machine": machine(),
+        "settings": {
+            "batch": settings.batch.points(),
+            "seq": settings.seq.points(),
+            "backend": settings.backend,
+            "precision": settings.precision,
+            "serving": settings.serving.as_dict(),
+        },
+        "versions": artifacts.versions(
+            "tritonclient", "nvidia-pytriton", "onnxruntime", "torch", "transformers"
+        ),
+    }
+    write_reports(settings.name, report)
+    if errors:
+        raise BuildError(
+            f"{errors} requests failed during the benchmark; see "
+            f"{paths.bench_report(settings.name).relative_to(paths.ROOT)}"
+        )
+
+
+def summary(systems: dict) -> dict:
+    best = {
+        name: max((p["throughput"] for p in points), default=0.0)
+        for name, points in systems.items()
+    }
+    single = {
+        name: next((p["p50_ms"] for p in points if p["concurrency"] == 1), None)
+        for name, points in (
+            ("triton", [p for p in systems["triton"] if p.get("protocol") == "grpc"]),
+            ("onnxruntime", systems["onnxruntime"]),
+        )
+    }
+    return {
+        "best_throughput": best,
+        "triton_vs_onnxruntime": round(best["triton"] / best["onnxruntime"], 2)
+        if best["onnxruntime"]
+        else None,
+        "triton_vs_pytorch": round(best["triton"] / best["pytorch"], 2)
+        if best["pytorch"]
+        else None,
+        "p50_ms_at_concurrency_1": single,
+    }
+
+
+def write_reports(name: str, report: dict) -> None:
+    artifacts.write_json(paths.bench_report(name), report)
+    lines = [
+        f"# Benchmark: {name} ({report['task']})",
+        "",
+        f"{report['load_generator']}; {report['seconds_per_point']} s per point, "
+        f"{report['texts']} texts of mixed lengths; machine: {report['machine']['cpus']} "
+        f"CPUs, {report['machine']['processor']}.",
+        "",
+        "| system | protocol | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for system, points in report["systems"].items():
+        for p in points:
+            lines.append(
+                f"| {system} | {p.get('protocol', 'in-process')} | {p['concurrency']} | "
+                f"{p['throughput']} | {p['p50_ms']} | {p['p95_ms']} | {p['p99_ms']} | "
+                f"{p['errors']} |"
+            )
+    s = report["summary"]
+    lines += [
+        "",
+        f"Best served throughput / in-process ONNX Runtime: {s['triton_vs_onnxruntime']}; "
+        f"/ PyTorch one at a time: {s['triton_vs_pytorch']}. p50 at concurrency 1 (ms): "
+        f"{s['p50_ms_at_concurrency_1']}.",
+        "",
+    ]
+    artifacts.write_text(paths.bench_markdown(name), "\n".join(lines))
+    plot(report, paths.bench_plot(name))
+    print(
+        f"bench: {paths.bench_markdown(name).relative_to(paths.ROOT)}\n" + "\n".join(lines),
+        flush=True,
+    )
+
+
+def plot(report: dict, target) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    series = {}
+    for system, points in report["systems"].items():
+        for p in points:
+            label = f"{system} {p['protocol']}" if "protocol" in p else system
+            series.setdefault(label, []).append(p)
+    for label, points in series.items():
+        x = [p["concurrency"] for p in points]
+        style = "o-" if len(points) > 1 else "s"
+        left.plot(x, [p["throughput"] for p in points], style, label=label)
+        right.plot(x, [p["p95_ms"] for p in points], style, label=label)
+    for axis, title in ((left, "throughput (requests/s)"), (right, "p95 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    figure.suptitle(f"{report['deployment']} ({report['task']}), {report['machine']['cpus']} CPUs")
+    figure.tight_layout()
+    with artifacts.atomic_target(target) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def task_bench():
+    """Benchmark the served ensemble (gRPC, HTTP) against ONNX Runtime and PyTorch in-process."""
+    settings = current()
+    targets = [
+        paths.bench_report(settings.name),
+        paths.bench_markdown(settings.name),
+        paths.bench_plot(settings.name),
+    ]
+    return {
+        "actions": [(fails_cleanly(run), [settings])],
+        "task_dep": ["repo"],
+        "targets": targets,
+        "uptodate": [False],
+        "clean": [(artifacts.remove_artifacts, [targets])],
+    }

@@ -1,0 +1,69 @@
+"""`doit bench`: a real (short) benchmark run, and the honesty of its load generator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks import bench, paths
+
+
+def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
+    calls = []
+
+    def work(state, text):
+        calls.append(text)
+        if len(calls) % 3 == 0:
+            raise ConnectionError("server went away")
+        return len(calls) % 3 == 1  # every third is a wrong answer, every third an exception
+
+    point = bench.closed_loop(work, concurrency=2, seconds=0.3, texts=[("a",), ("b",)])
+    assert point["requests"] + point["errors"] == len(calls)
+    assert point["errors"] >= len(calls) * 2 // 3 - 2
+    assert point["first_errors"] == ["ConnectionError('server went away')"]
+    assert point["throughput"] == round(point["requests"] / 0.3, 2)
+
+
+def test_an_answer_is_good_only_when_complete_and_finite():
+    assert bench.good_answer([np.ones((1, 4)), np.array([[b"label"]], dtype=object)])
+    assert not bench.good_answer([np.array([[np.nan]])])
+    assert not bench.good_answer([None])
+    assert not bench.good_answer([np.ones((2, 4))])  # one text sent, one row expected
+
+
+@pytest.mark.server
+def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
+    from tasks.serve import free_port
+
+    ports = sorted({free_port() for _ in range(6)})[:3]
+    run = project.doit(
+        "task=encode",
+        f"model={tiny_roberta_dir}",
+        "seq=1,16,128",
+        "bench",
+        "seconds=0.5",
+        "concurrency=1,2",
+        f"http_port={ports[0]}",
+        f"grpc_port={ports[1]}",
+        f"metrics_port={ports[2]}",
+    )
+    assert "bench: triton grpc concurrency 2:" in run.output
+    report = json.loads(project.path(paths.bench_report("encode")).read_text())
+    assert set(report["systems"]) == {"triton", "onnxruntime", "pytorch"}
+    assert [(p["protocol"], p["concurrency"]) for p in report["systems"]["triton"]] == [
+        ("grpc", 1),
+        ("grpc", 2),
+        ("http", 1),
+        ("http", 2),
+    ]
+    for points in report["systems"].values():
+        for point in points:
+            assert point["errors"] == 0 and point["throughput"] > 0
+            assert point["p50_ms"] <= point["p95_ms"] <= point["p99_ms"]
+    assert report["errors"] == 0 and report["machine"]["cpus"]
+    assert report["settings"]["serving"]["queue_delay_us"] >= 0
+    markdown = project.path(paths.bench_markdown("encode")).read_text()
+    assert "| triton | grpc | 1 |" in markdown and "| pytorch | in-process | 1 |" in markdown
+    assert project.path(paths.bench_plot("encode")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
