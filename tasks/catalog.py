@@ -257,8 +257,15 @@ TRITON_DTYPES = {
 # Triton `platform` of the model for the backends that load a file directly
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 
-# Serving defaults written into the generated configs (variables override them)
-QUEUE_DELAY_US = 500  # dynamic batching: how long a request may wait for company
+# Serving defaults written into the generated configs (variables override them), chosen by
+# `doit bench seconds=3` on MiniLM encode, 2 cores (README, "Benchmark"): p50 at concurrency 1
+# and best throughput over concurrency 1-16, gRPC:
+#   queue_delay_us=500                         5.7 ms, 216 req/s
+#   queue_delay_us=0                           4.5 ms, 215 req/s   <- chosen
+#   queue_delay_us=0 pad_multiple=16           5.3 ms, 202 req/s
+#   queue_delay_us=2000 pad_multiple=16       10.4 ms, 202 req/s
+#   queue_delay_us=0 instances=2 ort_threads=1 8.4 ms, 223 req/s
+QUEUE_DELAY_US = 0  # dynamic batching: a lone request must not wait for company
 MODEL_INSTANCES = 1  # instances of the model step
 INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: its own choice)
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
