@@ -214,9 +214,10 @@ def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
 
 
 def test_the_model_config_runs_onnx_runtime_in_the_python_backend():
-    model = render_all(settings_from(batch="1,4,16"))["model"]
+    model = render_all(settings_from(batch="1,4,16", queue_delay_us="700", instances="2"))["model"]
     assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
-    assert model.max_batch_size == 16 and model.dynamic_batching.max_queue_delay_microseconds > 0
+    assert model.max_batch_size == 16 and model.dynamic_batching.max_queue_delay_microseconds == 700
+    assert model.instance_group[0].count == 2
 
 
 def test_the_generate_config_carries_the_checkpoint_facts():
