@@ -215,5 +215,12 @@ def task_download():
         "file_dep": [paths.stage_module("download")],
         "targets": targets,
         "uptodate": [config_changed(params)],
-        "clean": [(artifacts.remove_artifacts, [targets, [paths.source_dir(settings.name)]])],
+        # `doit clean` always reaches this root task: it also takes the deployment's
+        # benchmark reports, which no default task builds.
+        "clean": [
+            (
+                artifacts.remove_artifacts,
+                [targets, [paths.source_dir(settings.name), paths.bench_dir(settings.name)]],
+            )
+        ],
     }

@@ -67,3 +67,6 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     markdown = project.path(paths.bench_markdown("encode")).read_text()
     assert "| triton | grpc | 1 |" in markdown and "| pytorch | in-process | 1 |" in markdown
     assert project.path(paths.bench_plot("encode")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    project.doit("task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128", "clean")
+    left = project.git("status", "--porcelain", "--ignored", "--untracked-files=all").splitlines()
+    assert [line for line in left if ".doit.db" not in line and "__pycache__" not in line] == []
