@@ -160,17 +160,10 @@ def onnxruntime_work(settings: Settings):
     tokenizer.no_padding()  # as the served tokenizer: a tokenizer.json may pad to a fixed length
     tokenizer.enable_truncation(max_length=settings.seq.max)
     if settings.task.generation:
-        from tasks.generation_parity import load_decoding
+        from tasks.generation_parity import make_generator
         from tasks.pbtxt import checkpoint_facts
 
-        facts, decoding = checkpoint_facts(settings.name), load_decoding()
-        generator = decoding.Generator(
-            settings.task.generation,
-            {p: paths.onnx_file(settings.name, p) for p in settings.task.onnx_parts},
-            eos_ids=facts["eos_ids"],
-            pad_id=facts["pad_id"],
-            start_id=int(facts["decoder_start_id"] or 0),
-        )
+        decoding, generator = make_generator(settings, checkpoint_facts(settings.name))
 
         def generate(state: dict, text: tuple[str, ...]) -> bool:
             ids = np.array([tokenizer.encode(text[0]).ids], dtype=np.int64)

@@ -29,6 +29,19 @@ def load_decoding():
     return module
 
 
+def make_generator(settings: Settings, facts: dict):
+    """(the decoding module, its Generator on this build's ONNX files), as the server makes it."""
+    decoding = load_decoding()
+    generator = decoding.Generator(
+        settings.task.generation,
+        {part: paths.onnx_file(settings.name, part) for part in settings.task.onnx_parts},
+        eos_ids=facts["eos_ids"],
+        pad_id=facts["pad_id"],
+        start_id=int(facts["decoder_start_id"] or 0),
+    )
+    return decoding, generator
+
+
 def cache_tensors(cache, kind: str) -> dict:
     """A transformers cache as the exported files name it: present.{i}[.decoder|.encoder].key"""
     if kind == "causal":
@@ -173,15 +186,8 @@ def greedy_parity(settings: Settings, model, tokenizer, ids, mask, facts: dict) 
     """The serving loop, greedy, against generate(): the same new token ids, prompt by prompt."""
     import torch
 
-    decoding = load_decoding()
+    decoding, generator = make_generator(settings, facts)
     new = catalog.GENERATION_PARITY_NEW_TOKENS
-    generator = decoding.Generator(
-        settings.task.generation,
-        {part: paths.onnx_file(settings.name, part) for part in settings.task.onnx_parts},
-        eos_ids=facts["eos_ids"],
-        pad_id=facts["pad_id"],
-        start_id=int(facts["decoder_start_id"] or 0),
-    )
     served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
     mismatches = []
     for row, prompt in enumerate(catalog.GENERATION_PROMPTS):

@@ -123,20 +123,12 @@ def train_tokenizer(texts: list[str]):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_roberta_dir(tmp_path_factory) -> Path:
-    """A tiny random RoBERTa (2 layers, hidden 32) with a tokenizer trained here."""
-    import torch
-    from transformers import RobertaConfig, RobertaModel
+def tiny_roberta_config(vocab_size: int, **sizes):
+    """A RoBERTa config small enough to build in a second; takes 128 tokens."""
+    from transformers import RobertaConfig
 
-    from tasks import catalog
-
-    target = tmp_path_factory.mktemp("tiny-roberta")
-    tokenizer = train_tokenizer(list(catalog.SAMPLE_TEXTS + catalog.SAMPLE_QUESTIONS))
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
+    return RobertaConfig(
+        vocab_size=vocab_size,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=130,
@@ -144,7 +136,21 @@ def tiny_roberta_dir(tmp_path_factory) -> Path:
         bos_token_id=0,
         eos_token_id=2,
         type_vocab_size=1,
+        **sizes,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory) -> Path:
+    """A tiny random RoBERTa (2 layers, hidden 32) with a tokenizer trained here."""
+    import torch
+    from transformers import RobertaModel
+
+    from tasks import catalog
+
+    target = tmp_path_factory.mktemp("tiny-roberta")
+    tokenizer = train_tokenizer(list(catalog.SAMPLE_TEXTS + catalog.SAMPLE_QUESTIONS))
+    config = tiny_roberta_config(len(tokenizer), hidden_size=32, num_hidden_layers=2)
     torch.manual_seed(1)
     RobertaModel(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -162,7 +168,7 @@ def crafted_qa_dir(tmp_path_factory) -> Path:
     its normalised embedding; the two marker words own one axis each, which the QA head reads
     as start and end. Real weights files, a real tokenizer: only the numbers are chosen."""
     import torch
-    from transformers import RobertaConfig, RobertaForQuestionAnswering
+    from transformers import RobertaForQuestionAnswering
 
     from tasks import catalog
 
@@ -171,18 +177,7 @@ def crafted_qa_dir(tmp_path_factory) -> Path:
     tokenizer = train_tokenizer(texts + [f"the {MARKERS[0]} and the {MARKERS[1]}"] * 20)
     marker_ids = [tokenizer.convert_tokens_to_ids(f"Ġ{word}") for word in MARKERS]
     assert tokenizer.unk_token_id not in marker_ids
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=130,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        type_vocab_size=1,
-    )
+    config = tiny_roberta_config(len(tokenizer), hidden_size=64, num_hidden_layers=1)
     torch.manual_seed(2)
     model = RobertaForQuestionAnswering(config)
     with torch.no_grad():
