@@ -35,63 +35,74 @@ def bench_texts(spec: catalog.TaskSpec) -> list[tuple[str, ...]]:
     return [(t,) for t in texts]
 
 
-def summarize(latencies: list[float], seconds: float, errors: int, concurrency: int) -> dict:
-    ordered = sorted(latencies) or [float("nan")]
+def summarize(latencies: list[float], elapsed: float, errors: int, concurrency: int) -> dict:
+    """A point of the report; no answer at all gives null statistics, never NaN."""
+    ordered = sorted(latencies)
 
-    def pct(q: float) -> float:
+    def pct(q: float) -> float | None:
+        if not ordered:
+            return None
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
         "errors": errors,
-        "throughput": round(len(latencies) / seconds, 2),
+        "throughput": round(len(latencies) / elapsed, 2) if elapsed > 0 else 0.0,
         "p50_ms": pct(0.5),
         "p95_ms": pct(0.95),
         "p99_ms": pct(0.99),
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 2) if latencies else None,
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 2) if ordered else None,
     }
 
 
-def closed_loop(work, concurrency: int, seconds: float, texts: list) -> dict:
-    """`concurrency` threads each run `work(worker_state, text)` back to back for `seconds`.
+def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None) -> dict:
+    """`concurrency` threads each run `work(state, text)` back to back, starting requests for
+    `seconds`; throughput divides by the time until the last of them finished.
 
-    `work` returns True for a good answer; anything else, or an exception, is an error."""
+    `setup(state)` runs before the clock starts (clients connect there, unmeasured). `work`
+    returns True for a good answer; anything else, or an exception, is an error."""
     order, lock = itertools.count(), threading.Lock()
     latencies, errors, failures = [], [0], []
     start_line = threading.Barrier(concurrency + 1)
-    deadline = [0.0]
+    clock = {"start": 0.0, "deadline": 0.0, "last": 0.0}
 
-    def worker(index: int) -> None:
-        state = {}
-        start_line.wait()
+    def worker() -> None:
+        state: dict = {}
+        if setup is not None:
+            setup(state)
+        start_line.wait()  # everyone is set up
+        start_line.wait()  # the clock is set
         while True:
             with lock:
                 text = texts[next(order) % len(texts)]
             began = time.perf_counter()
-            if began >= deadline[0]:
+            if began >= clock["deadline"]:
                 break
             try:
                 good = work(state, text)
             except Exception as err:  # every failure counts, and the first few are shown
                 good = False
                 failures.append(repr(err)[:200])
-            took = time.perf_counter() - began
+            ended = time.perf_counter()
             with lock:
+                clock["last"] = max(clock["last"], ended)
                 if good:
-                    latencies.append(took)
+                    latencies.append(ended - began)
                 else:
                     errors[0] += 1
         state.get("close", lambda: None)()
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
-    deadline[0] = time.perf_counter() + seconds
+    start_line.wait()
+    clock["start"] = time.perf_counter()
+    clock["deadline"] = clock["start"] + seconds
     start_line.wait()
     for thread in threads:
         thread.join()
-    point = summarize(latencies, seconds, errors[0], concurrency)
+    point = summarize(latencies, clock["last"] - clock["start"], errors[0], concurrency)
     if failures:
         point["first_errors"] = sorted(set(failures))[:3]
     return point
@@ -112,7 +123,8 @@ def good_answer(arrays: list) -> bool:
         if array is None or len(array) != 1:
             return False
         if array.dtype == object:
-            [v.decode("utf-8") for v in array.reshape(-1)]
+            for value in array.reshape(-1):
+                value.decode("utf-8")  # raises on bytes that are not text
         elif not np.isfinite(array).all():
             return False
     return True
@@ -128,10 +140,11 @@ def triton_work(settings: Settings, protocol: str, url: str):
         import tritonclient.http as client_module
     spec, outputs = settings.task, expected_outputs(settings.task)
 
+    def setup(state: dict) -> None:
+        state["client"] = client_module.InferenceServerClient(url)
+        state["close"] = state["client"].close
+
     def work(state: dict, text: tuple[str, ...]) -> bool:
-        if "client" not in state:
-            state["client"] = client_module.InferenceServerClient(url)
-            state["close"] = state["client"].close
         inputs = []
         for name, value in zip(spec.text_inputs, text):
             tensor = client_module.InferInput(name, [1, 1], "BYTES")
@@ -139,15 +152,12 @@ def triton_work(settings: Settings, protocol: str, url: str):
             inputs.append(tensor)
         if spec.generation:
             tensor = client_module.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
-            tensor.set_data_from_numpy(np.array([[BENCH_NEW_TOKENS]], dtype=np.int32))
+            tensor.set_data_from_numpy(np.array([[catalog.BENCH_NEW_TOKENS]], dtype=np.int32))
             inputs.append(tensor)
         result = state["client"].infer(settings.name, inputs)
         return good_answer([result.as_numpy(name) for name in outputs])
 
-    return work
-
-
-BENCH_NEW_TOKENS = 8  # generation: tokens per request in every system
+    return setup, work
 
 
 def onnxruntime_work(settings: Settings):
@@ -167,7 +177,9 @@ def onnxruntime_work(settings: Settings):
 
         def generate(state: dict, text: tuple[str, ...]) -> bool:
             ids = np.array([tokenizer.encode(text[0]).ids], dtype=np.int64)
-            out = generator.generate(ids, np.ones_like(ids), [decoding.RowParams(BENCH_NEW_TOKENS)])
+            out = generator.generate(
+                ids, np.ones_like(ids), [decoding.RowParams(catalog.BENCH_NEW_TOKENS)]
+            )
             return len(out[0]) >= 1
 
         return generate
@@ -200,7 +212,7 @@ def pytorch_work(settings: Settings):
             if settings.task.generation:
                 out = model.generate(
                     **batch,
-                    max_new_tokens=BENCH_NEW_TOKENS,
+                    max_new_tokens=catalog.BENCH_NEW_TOKENS,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id or 0,
                 )
@@ -211,11 +223,13 @@ def pytorch_work(settings: Settings):
     return infer
 
 
-def sweep(name: str, work, levels, seconds: float, texts: list, extra: dict) -> list[dict]:
+def sweep(
+    name: str, work, levels, seconds: float, texts: list, extra: dict, setup=None
+) -> list[dict]:
     points = []
     for concurrency in levels:
-        closed_loop(work, concurrency, min(WARMUP_SECONDS, seconds), texts)  # warm up
-        point = {**extra, **closed_loop(work, concurrency, seconds, texts)}
+        closed_loop(work, concurrency, min(WARMUP_SECONDS, seconds), texts, setup)  # warm up
+        point = {**extra, **closed_loop(work, concurrency, seconds, texts, setup)}
         points.append(point)
         print(
             f"bench: {name} concurrency {concurrency}: {point['throughput']:.1f} req/s, "
@@ -250,7 +264,14 @@ def run(settings: Settings) -> None:
     grpc_url = f"{endpoints.host}:{endpoints.grpc_port}"
     server = None
     if http_ready(url):
-        print(f"bench: reusing the Triton server at {url} (it must serve this build)", flush=True)
+        if not http_ready(url, settings.name):
+            raise BuildError(
+                f"the Triton server at {url} does not serve '{settings.name}'; "
+                "stop it, or bench on other ports (http_port=... grpc_port=...)"
+            )
+        print(
+            f"bench: reusing the Triton server at {url}, which serves '{settings.name}'", flush=True
+        )
     else:
         server = EmbeddedTritonServer(
             paths.MODELS,
@@ -262,13 +283,15 @@ def run(settings: Settings) -> None:
     systems = {"triton": [], "onnxruntime": [], "pytorch": []}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):
+            setup, work = triton_work(settings, protocol, address)
             systems["triton"] += sweep(
                 f"triton {protocol}",
-                triton_work(settings, protocol, address),
+                work,
                 bench.concurrency,
                 bench.seconds,
                 texts,
                 {"protocol": protocol},
+                setup,
             )
     finally:
         if server is not None:

@@ -90,6 +90,7 @@ GENERATION_PROMPTS = (
     "Numbers like 3.14159 and dates like 2026-11-24 are",
 )
 GENERATION_PARITY_NEW_TOKENS = 8
+BENCH_NEW_TOKENS = 8  # `doit bench` on a generation task: new tokens per request, every system
 
 # Extra tokenizer outputs when a task reads long texts in overlapping windows.
 WINDOW_TENSORS = (

@@ -37,7 +37,7 @@ def make_generator(settings: Settings, facts: dict):
         {part: paths.onnx_file(settings.name, part) for part in settings.task.onnx_parts},
         eos_ids=facts["eos_ids"],
         pad_id=facts["pad_id"],
-        start_id=int(facts["decoder_start_id"] or 0),
+        start_id=int(facts["decoder_start_id"]),
     )
     return decoding, generator
 
@@ -170,7 +170,7 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
     if spec.generation == "causal":
         steps = causal_steps(model, ids, mask, takes)
     else:
-        steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"] or 0))
+        steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"]))
     report = {}
     for part, pairs in steps.items():
         feeds = [{k: v for k, v in feed.items() if k in takes[part]} for feed, _ in pairs]

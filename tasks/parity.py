@@ -247,7 +247,11 @@ def task_parity():
     }
     engine = [paths.plan_file(name)] if settings.backend == "tensorrt" else []
     generation = (  # the decoding loop that serves is the one proven equal to generate()
-        [paths.stage_module("generation_parity"), paths.runtime_file("generate", "decoding.py")]
+        [
+            paths.stage_module("generation_parity"),
+            paths.runtime_file("generate", "decoding.py"),
+            paths.stage_module("pbtxt"),
+        ]  # checkpoint_facts: pad, EOS and start ids
         if settings.task.generation
         else []
     )

@@ -46,7 +46,8 @@ def checkpoint_facts(name: str) -> dict:
     return {
         "pad_id": pad,
         "eos_ids": eos_ids,
-        "decoder_start_id": "" if start is None else start,
+        # HF's default for encoder-decoders without one is the pad token (T5 does this)
+        "decoder_start_id": pad if start is None else start,
         "max_positions": config.get("n_positions") or config.get("max_position_embeddings") or 0,
     }
 
@@ -71,6 +72,7 @@ def render_context(settings: Settings, io: dict, facts: dict) -> dict:
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "pad_multiple": settings.serving.pad_multiple,
+        "overflow": "reject" if spec.generation else "truncate",
         "text_inputs": spec.text_inputs,
         **pipeline(settings, io, facts),
     }

@@ -236,15 +236,16 @@ def _is_fatal(line: str) -> bool:
     return bool(match and match["level"] == "E" and any(f in match["msg"] for f in FATAL_MESSAGES))
 
 
-def http_ready(url: str) -> bool:
-    """Whether the Triton server at host:port answers ready to /v2/health/ready."""
+def http_ready(url: str, model: str | None = None) -> bool:
+    """Whether the Triton server at host:port answers ready (for `model`, if given)."""
     import urllib.error
     import urllib.request
 
+    route = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
     # No proxy: an http_proxy in the environment must not answer for localhost.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://{url}/v2/health/ready", timeout=1.0) as reply:
+        with opener.open(f"http://{url}{route}", timeout=1.0) as reply:
             return reply.status == 200
     except (urllib.error.URLError, OSError):
         return False

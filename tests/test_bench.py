@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +24,23 @@ def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
     assert point["requests"] + point["errors"] == len(calls)
     assert point["errors"] >= len(calls) * 2 // 3 - 2
     assert point["first_errors"] == ["ConnectionError('server went away')"]
-    assert point["throughput"] == round(point["requests"] / 0.3, 2)
+    assert 0.9 * point["requests"] / 0.3 <= point["throughput"] <= 1.5 * point["requests"] / 0.3
+
+
+def test_no_good_answer_gives_null_statistics_not_nan():
+    point = bench.closed_loop(lambda state, text: False, 1, 0.1, [("a",)])
+    assert point["requests"] == 0 and point["errors"] > 0
+    assert point["p50_ms"] is None and point["throughput"] == 0.0
+    json.dumps(point, allow_nan=False)
+
+
+def test_clients_connect_before_the_clock_starts():
+    def setup(state):
+        time.sleep(0.2)  # a slow connection must not be measured
+        state["ready"] = True
+
+    point = bench.closed_loop(lambda state, text: state["ready"], 2, 0.2, [("a",)], setup)
+    assert point["errors"] == 0 and point["p99_ms"] < 100
 
 
 def test_an_answer_is_good_only_when_complete_and_finite():

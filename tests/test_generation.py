@@ -148,9 +148,57 @@ def test_max_new_tokens_is_respected(generating):
 
 
 def test_eos_stops_generation_early(generating):
-    _, server, _, (prompt, stops_after) = generating
+    project, server, _, (prompt, stops_after) = generating
     _, ids = generate(server, "gpteos", [prompt, PROMPTS[1]], MAX_NEW_TOKENS=10)
     assert len(ids[0]) == stops_after < 10
+    # the row that goes on after the other stopped is still right
+    source = project.path(paths.source_dir("gpteos"))
+    assert ids[1] == hf_generate(source, "causallm", PROMPTS[1], 10)
+
+
+def test_a_prompt_longer_than_the_max_seq_is_refused_not_cut(generating):
+    _, server, _, _ = generating
+    error = generate(server, "gpt", ["many words " * 100, PROMPTS[0]])
+    assert isinstance(error, str) and "[400]" in error
+    assert "this deployment takes at most 64 (seq=MIN,OPT,MAX)" in error
+
+
+def test_a_finished_row_never_runs_past_the_model_positions(generating):
+    """A long prompt done early beside a short one going far: positions stay in range."""
+    from tasks.generation_parity import load_decoding
+
+    project, _, _, _ = generating
+    decoding = load_decoding()
+    generator = decoding.Generator(
+        "causal", {"model": project.path(paths.onnx_file("gpt"))}, eos_ids=[], pad_id=0, start_id=0
+    )
+    long_ids, short_ids = list(range(3, 103)), [5, 6]  # 100 + 5 and 2 + 100 tokens fit 128
+    ids = np.zeros((2, 100), np.int64)
+    mask = np.zeros((2, 100), np.int64)
+    ids[0], mask[0] = long_ids, 1
+    ids[1, :2], mask[1, :2] = short_ids, 1
+    both = generator.generate(ids, mask, [decoding.RowParams(5), decoding.RowParams(100)])
+    alone = generator.generate(ids[:1], mask[:1], [decoding.RowParams(5)])
+    assert [len(t) for t in both] == [5, 100] and both[0] == alone[0]
+
+
+def test_requests_with_different_parameters_decode_together(generating):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server, models, _ = generating
+    jobs = [
+        {"MAX_NEW_TOKENS": 6},
+        {"MAX_NEW_TOKENS": 9, "TEMPERATURE": 0.7, "SEED": 1},
+        {"MAX_NEW_TOKENS": 4},
+        {},
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: generate(server, "gpt", PROMPTS[:2], **job), jobs))
+    assert all(isinstance(r, tuple) for r in results)
+    for job, (_, ids) in zip(jobs, results):
+        if "TEMPERATURE" not in job:
+            new = job.get("MAX_NEW_TOKENS", 32)
+            assert ids == [hf_generate(models["gpt2"], "causallm", p, new) for p in PROMPTS[:2]]
 
 
 def test_the_same_seed_gives_the_same_sample(generating):
@@ -171,6 +219,7 @@ def test_the_same_seed_gives_the_same_sample(generating):
         ({"TOP_P": 1.5}, "TOP_P=1.5: must be in (0, 1]"),
         ({"TEMPERATURE": 0.0}, "TEMPERATURE=0.0: must be > 0 when sampling"),
         ({"TEMPERATURE": -1.0, "TOP_K": 5}, "TEMPERATURE=-1.0: must be > 0 when sampling"),
+        ({"SEED": -5, "TEMPERATURE": 1.0}, "SEED=-5: must be >= 0"),
     ],
 )
 def test_bad_parameters_get_a_clear_error_and_the_server_keeps_serving(

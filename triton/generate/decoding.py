@@ -37,12 +37,17 @@ class RowParams:
 
     def validate(self, limit: int) -> RowParams:
         if not 1 <= self.max_new_tokens <= limit:
-            raise ParameterError(f"MAX_NEW_TOKENS={self.max_new_tokens}: must be from 1 to {limit}")
+            raise ParameterError(
+                f"MAX_NEW_TOKENS={self.max_new_tokens}: must be from 1 to {limit} (a deployment "
+                "built with seq=MIN,OPT,MAX allows up to MAX new tokens)"
+            )
         if self.sample and not self.temperature > 0:
             raise ParameterError(
                 f"TEMPERATURE={self.temperature}: must be > 0 when sampling; omit TEMPERATURE, "
                 "TOP_K and TOP_P for greedy decoding"
             )
+        if self.seed is not None and self.seed < 0:
+            raise ParameterError(f"SEED={self.seed}: must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ParameterError(f"TOP_P={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
@@ -56,7 +61,13 @@ def _softmax(values: np.ndarray) -> np.ndarray:
 
 
 def sample_token(logits: np.ndarray, params: RowParams, rng: np.random.Generator) -> int:
-    """Temperature, then top-k, then top-p (nucleus), as Hugging Face orders them."""
+    scores = filtered_scores(logits, params)
+    return int(rng.choice(scores.size, p=_softmax(scores)))
+
+
+def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
+    """Temperature, then top-k, then top-p (nucleus), as Hugging Face orders them; the
+    tokens filtered out get -inf."""
     scores = logits.astype(np.float64) / params.temperature
     if params.top_k and params.top_k < scores.size:
         kth = np.partition(scores, -params.top_k)[-params.top_k]
@@ -66,10 +77,12 @@ def sample_token(logits: np.ndarray, params: RowParams, rng: np.random.Generator
         cumulative = np.cumsum(_softmax(scores[order]))
         keep = cumulative - _softmax(scores[order]) < params.top_p  # at least the best token
         scores[order[~keep]] = -np.inf
-    return int(rng.choice(scores.size, p=_softmax(scores)))
+    return scores
 
 
 class Generator:
+    """Decodes batches of prompts with the exported files of one model (see module doc)."""
+
     def __init__(
         self,
         kind: str,
@@ -116,7 +129,7 @@ class Generator:
                     active[row] = False
             if not active.any():
                 break
-            logits = step.send(tokens)
+            logits = step.send((tokens, active))
         step.close()
         return produced
 
@@ -140,7 +153,7 @@ class Generator:
                 cache[tensor.name[len(PAST) :]] = np.zeros((batch, heads, 0, size), np.float32)
         return cache
 
-    def _causal_steps(self, input_ids, attention_mask):
+    def _causal_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pad the prompts (as HF generate does), then one token per step."""
         batch, width = input_ids.shape
         lengths = attention_mask.sum(axis=1)
@@ -153,12 +166,15 @@ class Generator:
         cache = self._empty_cache("model", batch)
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         while True:
-            tokens = yield self._run("model", feed, cache)
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            tokens, active = yield self._run("model", feed, cache)
+            # A finished row stays where it is: no new position, its new token masked out, so
+            # it never runs past the model's positions while the others go on.
+            step = active.astype(np.int64)[:, None]
+            mask = np.concatenate([mask, step], axis=1)
+            positions = positions[:, -1:] + step
             feed = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
 
-    def _seq2seq_steps(self, input_ids, attention_mask):
+    def _seq2seq_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         batch = len(input_ids)
         encoder = self.sessions["encoder_model"]
         hidden = encoder.run(
@@ -170,7 +186,7 @@ class Generator:
             "encoder_hidden_states": hidden,
             "input_ids": np.full((batch, 1), self.start_id, np.int64),
         }
-        tokens = yield self._run("decoder_model", feed, cache)
-        while True:
+        tokens, _ = yield self._run("decoder_model", feed, cache)
+        while True:  # relative positions: a finished row cannot run out of them
             feed = {"encoder_attention_mask": attention_mask, "input_ids": tokens[:, None]}
-            tokens = yield self._run("decoder_with_past_model", feed, cache)
+            tokens, _ = yield self._run("decoder_with_past_model", feed, cache)

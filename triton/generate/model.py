@@ -42,14 +42,14 @@ class TritonPythonModel:
         self.max_positions = int(params["max_positions"])  # 0: no limit (relative positions)
         self.kind = params["kind"]
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
-        start = params.get("decoder_start_token_id", "")
+        start = params["decoder_start_token_id"]
         self.generator = decoding.Generator(
             self.kind,
             {part: version_dir / f"{part}.onnx" for part in json.loads(params["parts"])},
             eos_ids=json.loads(params["eos_token_ids"]),
             pad_id=int(params["pad_token_id"]),
-            start_id=int(start) if start else None,
-            threads=int(params.get("intra_op_threads", "0")),
+            start_id=int(start),
+            threads=int(params["intra_op_threads"]),
         )
 
     def _optional(self, request, name, rows, default, cast):

@@ -4,7 +4,8 @@ Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utiliti
 `transformers`, nothing from the build). Everything it needs comes from its config.pbtxt:
 the text inputs (two inputs are encoded as a pair), the outputs the model takes, and the
 parameters `max_seq` (truncation), `min_seq` (minimum padded length), `pad_id`, `stride` and
-`pad_multiple` (lengths padded up to a multiple, so requests share shapes and batch).
+`pad_multiple` (lengths padded up to a multiple, so requests share shapes and batch) and
+`overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never cut silently).
 
 With `stride` > 0 a long second text (a QA context) is not cut: it is read in overlapping
 windows of `max_seq` tokens, one output row per window, and the extra outputs `offsets`
@@ -49,8 +50,11 @@ class TritonPythonModel:
         self.stride = int(_parameter(config, "stride"))
         self.pad_multiple = int(_parameter(config, "pad_multiple"))
         self.max_rows = int(config["max_batch_size"])
+        self.reject_long = _parameter(config, "overflow") == "reject"  # prompts: never cut
         self.tokenizer.no_padding()  # padded per request below, to its own longest text
-        if self.stride:
+        if self.reject_long:
+            self.tokenizer.no_truncation()
+        elif self.stride:
             self.tokenizer.enable_truncation(
                 max_length=self.max_seq, stride=self.stride, strategy="only_second"
             )
@@ -129,12 +133,17 @@ class TritonPythonModel:
 
     def _response(self, encodings):
         rows = list(self._rows(encodings))
+        longest = max(len(e.ids) for e, _ in rows)
+        if self.reject_long and longest > self.max_seq:
+            return _error(
+                f"a {self.text_inputs[0]} has {longest} tokens; this deployment takes at most "
+                f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
+            )
         if len(rows) > self.max_rows:
             return _error(
                 f"the texts of this request need {len(rows)} windows of {self.max_seq} tokens; "
                 f"at most {self.max_rows} fit in one request: send fewer or shorter texts"
             )
-        longest = max(len(e.ids) for e, _ in rows)
         rounded = -(-longest // self.pad_multiple) * self.pad_multiple  # up to a multiple
         length = max(self.min_seq, min(rounded, max(self.max_seq, longest)))
         tensors = []
