@@ -198,6 +198,7 @@ PART_SUFFIXES = {
     "model": "_model",
     "generate": "_generate",
     "postprocess": "_post",
+    "stream": "_stream",
 }
 
 # Model types whose positions start after the padding index: they take

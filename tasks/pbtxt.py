@@ -154,6 +154,7 @@ def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
         "max_positions": facts["max_positions"] if spec.generation == "causal" else 0,
         "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.seq.max),
         "max_new_tokens_limit": settings.seq.max,
+        "max_seq": settings.seq.max,
         "intra_op_threads": settings.serving.ort_threads,
     }
     return {
@@ -172,6 +173,9 @@ def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
         ],
         "ensemble_inputs": [(t, False) for t in text] + [(t, True) for t in options],
         "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),
+        # <name>_stream: the same decoding, decoupled, on <name>_generate's files
+        "stream_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "stream_parameters": [*parameters.items(), ("weights_from", names["generate"])],
     }
 
 

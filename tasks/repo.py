@@ -3,6 +3,7 @@
     models/<name>_tokenizer/  config.pbtxt, 1/model.py, 1/tokenizer.json
     models/<name>_model/      config.pbtxt, 1/model.plan | 1/model.onnx (+ 1/model.py: python)
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
+    models/<name>_stream/     config.pbtxt, 1/model.py, decoding.py (reads _generate's files)
     models/<name>_post/       config.pbtxt, 1/model.py (+ checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
@@ -71,6 +72,11 @@ def components(settings: Settings) -> list[Component]:
             (paths.runtime_model_code("generate"), "model.py"),
         )
         found.append(Component("generate", names["generate"], files, (paths.parity_report(name),)))
+        code = (
+            (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
+            (paths.runtime_model_code("generate"), "model.py"),
+        )
+        found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))
     else:
         found.append(Component("model", names["model"], model_files, (paths.parity_report(name),)))
     post = settings.task.postprocess

@@ -217,7 +217,9 @@ class Settings:
     @property
     def triton_models(self) -> dict[str, str]:
         """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
-        parts = ["tokenizer", "generate" if self.task.generation else "model"]
+        parts = (
+            ["tokenizer", "generate", "stream"] if self.task.generation else ["tokenizer", "model"]
+        )
         if self.task.postprocess is not None:
             parts.append("postprocess")
         names = {part: f"{self.name}{catalog.PART_SUFFIXES[part]}" for part in parts}

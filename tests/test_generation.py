@@ -231,25 +231,72 @@ def test_bad_parameters_get_a_clear_error_and_the_server_keeps_serving(
     assert isinstance(generate(server, "gpt", PROMPTS[:1], MAX_NEW_TOKENS=2), tuple)
 
 
-def test_the_client_prints_the_generated_text(generating):
-    _, server, _, _ = generating
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(paths.CLIENT),
-            "-u",
-            server.http_url,
-            "-m",
-            "t5",
-            "-t",
-            PROMPTS[0],
-            "--max_new_tokens",
-            "4",
-        ],
+def client(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(paths.CLIENT), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
+
+
+def test_the_client_prints_the_generated_text(generating):
+    _, server, _, _ = generating
+    out = client("-u", server.http_url, "-m", "gpt", "-t", PROMPTS[0], "--max_new_tokens", "4")
     assert "OUTPUT_TEXT: object [1, 1]" in out
-    assert "OUTPUT_IDS: int64 [1, " in out
+    assert "OUTPUT_IDS: int64 [1, 4]" in out  # the option reached the server
+
+
+@pytest.mark.parametrize("name", ["gpt", "t5"])
+def test_streaming_sends_each_token_as_it_comes_and_adds_up(generating, name):
+    _, server, _, _ = generating
+    _, whole = generate(server, name, PROMPTS[:1], MAX_NEW_TOKENS=6)
+    out = client(
+        "--protocol",
+        "grpc",
+        "-u",
+        server.grpc_url,
+        "-m",
+        name,
+        "--stream",
+        "-t",
+        PROMPTS[0],
+        "--max_new_tokens",
+        "6",
+    )
+    assert out.splitlines()[-1].endswith(f" {whole[0]}")  # the same tokens, one at a time
+
+
+def test_streaming_responses_arrive_one_per_token(generating):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    _, server, _, _ = generating
+    arrived: queue.Queue = queue.Queue()
+    stream_client = grpcclient.InferenceServerClient(server.grpc_url)
+    text = grpcclient.InferInput("TEXT", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[p.encode()] for p in PROMPTS[:2]], dtype=object))
+    limit = grpcclient.InferInput("MAX_NEW_TOKENS", [2, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[3], [5]], dtype=np.int32))
+    stream_client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+    try:
+        stream_client.async_stream_infer(
+            "gpt_stream", [text, limit], enable_empty_final_response=True
+        )
+        steps = []
+        while True:
+            result, error = arrived.get(timeout=60)
+            assert error is None, error
+            if result.get_response().outputs:
+                steps.append(result.as_numpy("OUTPUT_IDS")[:, 0].tolist())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        stream_client.stop_stream()
+        stream_client.close()
+    assert len(steps) == 5  # the longer row decides; the shorter one is -1 after 3 tokens
+    assert all(t != -1 for t in (s[0] for s in steps[:3])) and [s[0] for s in steps[3:]] == [-1, -1]
+    _, whole = generate(server, "gpt", PROMPTS[:2], MAX_NEW_TOKENS=5)
+    assert [s[1] for s in steps] == whole[1]

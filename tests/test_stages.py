@@ -206,7 +206,7 @@ def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
     assert [o.name for o in ensemble.output] == expected
     assert [i.name for i in ensemble.input if i.optional] == optional
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
-        name for part, name in chosen.triton_models.items() if part != "ensemble"
+        name for part, name in chosen.triton_models.items() if part not in ("ensemble", "stream")
     ]
     assert [o.name for o in tokenizer.output][:2] == ["input_ids", "attention_mask"]
     assert tokenizer.parameters["max_seq"].string_value == "128"
@@ -227,6 +227,10 @@ def test_the_generate_config_carries_the_checkpoint_facts():
     assert params["kind"] == "seq2seq" and params["eos_token_ids"] == "[1]"
     assert params["max_new_tokens_limit"] == "64" and params["max_positions"] == "0"
     assert [i.name for i in generate.input if not i.optional] == ["input_ids", "attention_mask"]
+    stream = render_all(settings_from(task="t5", seq="1,32,64"))["stream"]
+    assert stream.model_transaction_policy.decoupled
+    assert [i.name for i in stream.input if not i.optional] == ["TEXT"]
+    assert stream.parameters["weights_from"].string_value == "t5_generate"
 
 
 def test_encode_dims_come_from_the_onnx_graph():

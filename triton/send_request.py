@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the server's per-model statistics after the request",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="generation: print tokens as they come (gRPC, model <name>_stream)",
+    )
     generation = parser.add_argument_group("generation (t5, causallm; omit all for greedy)")
     for flag, kind in GENERATION_OPTIONS.items():
         generation.add_argument(
@@ -79,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.url = "127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000"
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if args.stream:
+        if args.protocol != "grpc":
+            parser.error("--stream needs --protocol grpc (HTTP has no streaming inference)")
+        if not args.model.endswith("_stream"):
+            args.model += "_stream"
     return args
 
 
@@ -129,6 +139,31 @@ class Client:
         requested = [self.module.InferRequestedOutput(name) for name in outputs]
         kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         return self.client.infer(model, inputs, outputs=requested, **kwargs)
+
+    def stream(self, model: str, arrays: dict[str, np.ndarray], datatypes: dict[str, str]):
+        """Results of a decoupled model as they arrive (gRPC), until its final response."""
+        import queue
+
+        inputs = []
+        for name, array in arrays.items():
+            tensor = self.module.InferInput(name, list(array.shape), datatypes[name])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        arrived: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+        try:
+            self.client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            while True:
+                result, error = arrived.get(timeout=self.timeout)
+                if error is not None:
+                    raise error
+                response = result.get_response()
+                if response.outputs:
+                    yield result
+                if response.parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            self.client.stop_stream()
 
     def statistics(self) -> list[dict]:
         if self.protocol == "grpc":
@@ -186,6 +221,26 @@ def describe(name: str, array: np.ndarray) -> list[str]:
     return lines
 
 
+def print_stream(results) -> int:
+    """Each row's text as it grows; the text and token ids of every row at the end."""
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    for result in results:
+        pieces = [v[0].decode("utf-8", "replace") for v in result.as_numpy("OUTPUT_TEXT")]
+        if not texts:
+            texts, ids = [""] * len(pieces), [[] for _ in pieces]
+        for row, (piece, token) in enumerate(zip(pieces, result.as_numpy("OUTPUT_IDS")[:, 0])):
+            texts[row] += piece
+            if token != -1:
+                ids[row].append(int(token))
+        if len(pieces) == 1:
+            print(pieces[0], end="", flush=True)
+    print()
+    for row, (text, tokens) in enumerate(zip(texts, ids)):
+        print(f"[{row}] {text!r} {tokens}")
+    return 0
+
+
 def statistics_lines(stats: list[dict]) -> list[str]:
     """Per model with traffic: counts and the average time of each phase in ms."""
     lines = ["statistics (average ms per request):"]
@@ -228,9 +283,15 @@ def main(argv: list[str] | None = None) -> int:
             args.outputs.split(":") if args.outputs else [o["name"] for o in metadata["outputs"]]
         )
         arrays = build_arrays(texts, inputs, args.batch_size)
-        result = client.infer(
-            args.model, arrays, {i["name"]: i["datatype"] for i in inputs}, outputs
-        )
+        datatypes = {i["name"]: i["datatype"] for i in inputs}
+        rows = len(next(iter(arrays.values())))
+        for flag, (datatype, _, numpy_type) in GENERATION_OPTIONS.items():
+            if getattr(args, flag) is not None:
+                arrays[flag.upper()] = np.full((rows, 1), getattr(args, flag), dtype=numpy_type)
+                datatypes[flag.upper()] = datatype
+        if args.stream:
+            return print_stream(client.stream(args.model, arrays, datatypes))
+        result = client.infer(args.model, arrays, datatypes, outputs)
         print(
             f"{args.model} via {args.protocol}://{args.url}: {len(next(iter(arrays.values())))} "
             "item(s)"

@@ -103,9 +103,16 @@ class Generator:
         }
 
     def generate(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, params: list[RowParams]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        params: list[RowParams],
+        on_step=None,
     ) -> list[list[int]]:
-        """New token ids per row (EOS included when reached). Prompts are right-padded."""
+        """New token ids per row (EOS included when reached). Prompts are right-padded.
+
+        `on_step(tokens, produced)`, if given, sees each step's tokens and which rows made one
+        (for streaming)."""
         input_ids = input_ids.astype(np.int64)
         attention_mask = attention_mask.astype(np.int64)
         if self.kind == "causal":
@@ -118,6 +125,7 @@ class Generator:
         logits = next(step)
         for _ in range(max(p.max_new_tokens for p in params)):
             tokens = np.full(len(params), self.pad_id, dtype=np.int64)
+            produced_now = active.copy()
             for row, p in enumerate(params):
                 if not active[row]:
                     continue
@@ -127,6 +135,8 @@ class Generator:
                 produced[row].append(token)
                 if token in self.eos or len(produced[row]) >= p.max_new_tokens:
                     active[row] = False
+            if on_step is not None:
+                on_step(tokens, produced_now)
             if not active.any():
                 break
             logits = step.send((tokens, active))

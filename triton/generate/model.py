@@ -7,6 +7,9 @@ TOP_K and TOP_P for greedy). Outputs: `OUTPUT_TEXT` (the new text only) and `OUT
 together; a request with bad parameters gets an error and the others go on.
 The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file. Imports only numpy,
 onnxruntime, tokenizers and Triton's utilities.
+
+The same code, configured decoupled and with `weights_from`, is `<name>_stream`: it takes
+TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).
 """
 
 import importlib.util
@@ -37,6 +40,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        # The streaming twin (`<name>_stream`, decoupled) reads the files of `<name>_generate`
+        # and tokenizes TEXT itself: one token per response, as soon as it is decoded.
+        self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
+        if params.get("weights_from"):
+            version_dir = Path(args["model_repository"]).parent / params["weights_from"] / "1"
+        self.max_seq = int(params["max_seq"])
         self.default_max_new = int(params["default_max_new_tokens"])
         self.limit = int(params["max_new_tokens_limit"])
         self.max_positions = int(params["max_positions"])  # 0: no limit (relative positions)
@@ -78,6 +87,84 @@ class TritonPythonModel:
             for n, t, k, p, s in columns
         ]
 
+    def _texts_as_prompts(self, request):
+        """TEXT tokenized here (the streaming model has no tokenizer step before it)."""
+        texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+        encodings = self.tokenizer.encode_batch(
+            [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts]
+        )
+        prompts = [np.array(e.ids, dtype=np.int64) for e in encodings]
+        for prompt in prompts:
+            if len(prompt) > self.max_seq:
+                raise decoding.ParameterError(
+                    f"a TEXT has {len(prompt)} tokens; this deployment takes at most "
+                    f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
+                )
+            if self.kind == "causal" and len(prompt) == 0:
+                raise decoding.ParameterError("a TEXT is empty: a causal LM needs a token")
+        return prompts
+
+    def _stream(self, request):
+        """Decode one request, sending each step's tokens as a response of their own."""
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            prompts = self._texts_as_prompts(request)
+            params = self._params(request, len(prompts))
+            self._check_positions(prompts, params)
+        except decoding.ParameterError as err:
+            sender.send(_invalid(str(err)), flags=final)
+            return
+        ids, mask = self._padded(prompts)
+        so_far = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+
+        def send_step(tokens, produced):
+            pieces, out_ids = [], []
+            for row, made in enumerate(produced):
+                piece, token = "", -1
+                if made:
+                    so_far[row].append(int(tokens[row]))
+                    text = self.tokenizer.decode(so_far[row], skip_special_tokens=True)
+                    piece, texts[row], token = text[len(texts[row]) :], text, int(tokens[row])
+                pieces.append([piece.encode("utf-8")])
+                out_ids.append([token])
+            sender.send(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("OUTPUT_TEXT", np.array(pieces, dtype=object)),
+                        pb_utils.Tensor("OUTPUT_IDS", np.array(out_ids, dtype=np.int64)),
+                    ]
+                )
+            )
+
+        try:
+            self.generator.generate(ids, mask, params, on_step=send_step)
+        except Exception as err:  # ONNX Runtime errors end this stream, not the server
+            sender.send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
+                flags=final,
+            )
+            return
+        sender.send(flags=final)
+
+    def _check_positions(self, prompts, params):
+        for prompt, p in zip(prompts, params):
+            if self.max_positions and len(prompt) + p.max_new_tokens > self.max_positions:
+                raise decoding.ParameterError(
+                    f"a prompt of {len(prompt)} tokens + MAX_NEW_TOKENS={p.max_new_tokens} "
+                    f"exceeds the model's {self.max_positions} positions"
+                )
+
+    def _padded(self, prompts):
+        width = max(len(prompt) for prompt in prompts)
+        ids = np.full((len(prompts), width), self.generator.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+            mask[row, : len(prompt)] = 1
+        return ids, mask
+
     def _prompts(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
@@ -87,18 +174,17 @@ class TritonPythonModel:
         return [ids[row, :length] for row, length in enumerate(lengths)]
 
     def execute(self, requests):
+        if self.streaming:
+            for request in requests:
+                self._stream(request)
+            return None
         responses = [None] * len(requests)
         rows = []  # (request index, prompt ids, params)
         for index, request in enumerate(requests):
             try:
                 prompts = self._prompts(request)
                 params = self._params(request, len(prompts))
-                for prompt, p in zip(prompts, params):
-                    if self.max_positions and len(prompt) + p.max_new_tokens > self.max_positions:
-                        raise decoding.ParameterError(
-                            f"a prompt of {len(prompt)} tokens + MAX_NEW_TOKENS="
-                            f"{p.max_new_tokens} exceeds the model's {self.max_positions} positions"
-                        )
+                self._check_positions(prompts, params)
             except decoding.ParameterError as err:
                 responses[index] = _invalid(str(err))
                 continue
@@ -113,12 +199,7 @@ class TritonPythonModel:
         return responses
 
     def _decode(self, rows, responses):
-        width = max(len(prompt) for _, prompt, _ in rows)
-        ids = np.full((len(rows), width), self.generator.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, (_, prompt, _) in enumerate(rows):
-            ids[row, : len(prompt)] = prompt
-            mask[row, : len(prompt)] = 1
+        ids, mask = self._padded([prompt for _, prompt, _ in rows])
         produced = self.generator.generate(ids, mask, [p for _, _, p in rows])
         for index in sorted({i for i, _, _ in rows}):
             mine = [tokens for (i, _, _), tokens in zip(rows, produced) if i == index]
