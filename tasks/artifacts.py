@@ -84,8 +84,7 @@ def replace_dir(staged: Path, target: Path) -> None:
 def staging_dir(target: Path) -> Path:
     """A fresh, empty temporary folder beside `target`, to fill and pass to `replace_dir`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}{TMP_MARK}*"):
-        _remove(stale)
+    _remove_stale_tmps(target)
     staged = _tmp_name(target)
     staged.mkdir()
     return staged
@@ -118,8 +117,7 @@ def remove_artifacts(targets: Iterable[Path], folders: Iterable[Path] = ()) -> N
         if path.exists() or path.is_symlink():
             print(f"removing {path.relative_to(paths.ROOT)}")
             _remove(path)
-        for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-            _remove(stale)
+        _remove_stale_tmps(path)
         parents.add(path.parent)
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         prune_empty_dirs(parent)

@@ -236,6 +236,16 @@ def _is_fatal(line: str) -> bool:
     return bool(match and match["level"] == "E" and any(f in match["msg"] for f in FATAL_MESSAGES))
 
 
+def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
+    """Fail at once, naming the port, when one is taken (kind -> port)."""
+    for kind, port in ports.items():
+        if not port_is_free(host, port):
+            raise ServerError(
+                f"port {port} ({kind}) is already in use on {host}; "
+                f"pass {kind}_port=... (another port, or None for a free one)"
+            )
+
+
 def http_ready(url: str, model: str | None = None) -> bool:
     """Whether the Triton server at host:port answers ready (for `model`, if given)."""
     import urllib.error
@@ -372,7 +382,7 @@ class EmbeddedTritonServer:
             raise ServerError(
                 f"model repository {self.model_repository} is not a directory; build it with doit"
             )
-        self._check_ports()
+        check_ports_free(self.host, self.ports)
         install = find_tritonserver()
         env = server_environment()
         preflight_stub(install.stub, env)
@@ -407,14 +417,6 @@ class EmbeddedTritonServer:
             self._process = None
             self._echo(f"tritonserver: stopped (pid {process.pid}, exit {process.returncode})")
         self._remove_leftovers()
-
-    def _check_ports(self) -> None:
-        for kind, port in self.ports.items():
-            if not port_is_free(self.host, port):
-                raise ServerError(
-                    f"port {port} ({kind}) is already in use on {self.host}; "
-                    f"pass {kind}_port=... (another port, or None for a free one)"
-                )
 
     def _launch(self, server: Path, backend_dir: Path, env: dict[str, str]) -> subprocess.Popen:
         command = [
@@ -624,13 +626,9 @@ class DockerTritonServer:
         return ServerError(f"the triton container stopped; see {paths.SERVER_LOG}")
 
     def start(self) -> DockerTritonServer:
-        for kind in ("http", "grpc", "metrics"):
-            port = getattr(self.endpoints, f"{kind}_port")
-            if not port_is_free(self.endpoints.host, port):
-                raise ServerError(
-                    f"port {port} ({kind}) is already in use on "
-                    f"{self.endpoints.host}; pass {kind}_port=..."
-                )
+        e = self.endpoints
+        ports = {"http": e.http_port, "grpc": e.grpc_port, "metrics": e.metrics_port}
+        check_ports_free(e.host, ports)
         paths.SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
         with open(paths.SERVER_LOG, "wb") as log:
             self._process = subprocess.Popen(
