@@ -51,10 +51,27 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class OnnxExport:
+    """One run of optimum's ONNX exporter: its task, and which file it writes is which part.
+
+    `first_step` exports a decoder's first step: no past key/values in, the present ones out
+    (optimum's config with use_past_in_inputs=False). With a `-with-past` export of the same
+    decoder it makes the unmerged pair TensorRT converts (a merged decoder's `If` does not)."""
+
+    optimum_task: str
+    files: tuple[tuple[str, str], ...]  # (file optimum writes, our part name)
+    first_step: bool = False
+
+
+def one_file(optimum_task: str) -> tuple[OnnxExport, ...]:
+    return (OnnxExport(optimum_task, (("model.onnx", "model"),)),)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     summary: str
-    optimum_task: str  # optimum's ONNX exporter task
+    exports: tuple[OnnxExport, ...]  # optimum exports whose files the task uses
     auto_class: str  # transformers class that loads the reference model
     default_model: str
     text_inputs: tuple[str, ...]  # ensemble inputs (BYTES); two inputs are encoded as a pair
@@ -62,8 +79,16 @@ class TaskSpec:
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
     windows: bool = False  # overlapping windows over a long second text, not truncation
     postprocess: PostProcess | None = None
-    onnx_parts: tuple[str, ...] = ("model",)  # the ONNX files optimum writes that we use
     generation: str | None = None  # "causal" | "seq2seq": served by the generate model
+
+    @property
+    def onnx_parts(self) -> tuple[str, ...]:
+        """The exported ONNX files, in decoding order (encoder, first step, cached steps)."""
+        return tuple(part for export in self.exports for _, part in export.files)
+
+    @property
+    def optimum_tasks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(export.optimum_task for export in self.exports))
 
 
 # Tensors a tokenizer may produce (and a transformer may take).
@@ -105,13 +130,15 @@ def window_stride(max_seq: int) -> int:
     return max(max_seq // 4, 1)
 
 
+SEQ2SEQ_PARTS = ("encoder_model", "decoder_model", "decoder_with_past_model")
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec(
             name="seqcls",
             summary="sequence classification: TEXT -> LOGITS, LABEL, SCORE",
-            optimum_task="text-classification",
+            exports=one_file("text-classification"),
             auto_class="AutoModelForSequenceClassification",
             default_model="distilbert-base-uncased-finetuned-sst-2-english",
             text_inputs=("TEXT",),
@@ -126,7 +153,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             name="qa",
             summary="extractive QA: QUESTION, CONTEXT -> ANSWER, SCORE, START_LOGITS, END_LOGITS",
-            optimum_task="question-answering",
+            exports=one_file("question-answering"),
             auto_class="AutoModelForQuestionAnswering",
             default_model="deepset/roberta-base-squad2",
             text_inputs=("QUESTION", "CONTEXT"),
@@ -156,18 +183,27 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             name="t5",
             summary="text to text (T5): TEXT -> OUTPUT_TEXT, OUTPUT_IDS",
-            optimum_task="text2text-generation-with-past",
+            exports=(
+                OnnxExport(
+                    "text2text-generation-with-past",
+                    tuple((f"{part}.onnx", part) for part in SEQ2SEQ_PARTS),
+                ),
+            ),
             auto_class="AutoModelForSeq2SeqLM",
             default_model="t5-small",
             text_inputs=("TEXT",),
             outputs=(),
-            onnx_parts=("encoder_model", "decoder_model", "decoder_with_past_model"),
             generation="seq2seq",
         ),
         TaskSpec(
             name="causallm",
             summary="text generation (GPT-2, OPT...): TEXT -> OUTPUT_TEXT, OUTPUT_IDS",
-            optimum_task="text-generation-with-past",
+            exports=(
+                OnnxExport("text-generation", (("model.onnx", "decoder_model"),), first_step=True),
+                OnnxExport(
+                    "text-generation-with-past", (("model.onnx", "decoder_with_past_model"),)
+                ),
+            ),
             auto_class="AutoModelForCausalLM",
             default_model="facebook/opt-125m",
             text_inputs=("TEXT",),
@@ -177,7 +213,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             name="encode",
             summary="encoder embeddings: TEXT -> HIDDEN_STATE, EMBEDDING",
-            optimum_task="feature-extraction",
+            exports=one_file("feature-extraction"),
             auto_class="AutoModel",
             default_model="sentence-transformers/all-MiniLM-L6-v2",
             text_inputs=("TEXT",),
@@ -199,6 +235,10 @@ PART_SUFFIXES = {
     "generate": "_generate",
     "postprocess": "_post",
     "stream": "_stream",
+    # generation with decoder=models: each exported file is a model of its own
+    "encoder_model": "_encoder",
+    "decoder_model": "_decoder",
+    "decoder_with_past_model": "_decoder_past",
 }
 
 # Model types whose positions start after the padding index: they take
@@ -224,6 +264,30 @@ MODEL_FILES = {"tensorrt": "model.plan", "onnxruntime": "model.onnx", "python": 
 
 ONNX_OPSET = 18
 TENSORRT_WORKSPACE_MIB = 2048
+
+# TensorRT profiles. Each symbolic dim of an exported file's inputs names a range, per part;
+# a dim written "a + b" spans the sum of both ranges. plan.dim_ranges gives the ranges:
+#   batch  the `batch` profile          prompt  the `seq` profile (tokens in a prompt)
+#   one    a single token               causal_past / seq2seq_past  the cache lengths a
+#   decoding loop feeds, up to a MAX-token prompt and MAX new tokens (see plan.dim_ranges)
+PROFILE_DIMS: dict[str, dict[str, str]] = {
+    "model": {"batch_size": "batch", "sequence_length": "prompt"},
+    "encoder_model": {"batch_size": "batch", "encoder_sequence_length": "prompt"},
+    "decoder_model": {
+        "batch_size": "batch",
+        "sequence_length": "prompt",  # causal: the whole prompt, no cache yet
+        "decoder_sequence_length": "one",  # seq2seq: the start token
+        "encoder_sequence_length": "prompt",
+    },
+    "decoder_with_past_model": {
+        "batch_size": "batch",
+        "sequence_length": "one",
+        "decoder_sequence_length": "one",
+        "encoder_sequence_length": "prompt",
+        "past_sequence_length": "causal_past",
+        "past_decoder_sequence_length": "seq2seq_past",
+    },
+}
 
 # Sample texts for parity: real tokens of mixed lengths and scripts, never all-ones tensors.
 SAMPLE_TEXTS = (

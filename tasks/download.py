@@ -111,12 +111,13 @@ def check_task_support(spec: catalog.TaskSpec, model_type: str) -> None:
         )
     except KeyError:
         supported = {}
-    if spec.optimum_task not in supported:
-        fits = [t for t, s in catalog.TASKS.items() if s.optimum_task in supported]
+    missing = [task for task in spec.optimum_tasks if task not in supported]
+    if missing:
+        fits = [t for t, s in catalog.TASKS.items() if all(o in supported for o in s.optimum_tasks)]
         hint = f"use task={' or task='.join(fits)}" if fits else "use a model of another family"
         raise ModelSourceError(
             f"task={spec.name}: a '{model_type}' model cannot be exported for "
-            f"{spec.optimum_task}; {hint}, or pick a model made for {spec.name}"
+            f"{', '.join(missing)}; {hint}, or pick a model made for {spec.name}"
         )
 
 

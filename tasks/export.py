@@ -1,8 +1,11 @@
-"""Stage `onnx`: optimum exports the checkpoint to model_zoo/<name>/onnx/model.onnx.
+"""Stage `onnx`: optimum exports the checkpoint to model_zoo/<name>/onnx/<part>.onnx.
 
-Dynamic batch and sequence axes. Tasks with `mean_pooling` get an `embedding` output added
-to the graph (mean over the attention mask, L2-normalised, as sentence-transformers does), so
-every backend, TensorRT included, serves it without a post-processing model.
+Dynamic batch and sequence axes. Encoder tasks export one `model.onnx`; generation tasks
+export unmerged decoders (T5: encoder, decoder, decoder with past; causal LMs: the first step
+and the decoder with past), the files both ONNX Runtime and TensorRT run.
+Tasks with `mean_pooling` get an `embedding` output added to the graph (mean over the
+attention mask, L2-normalised, as sentence-transformers does), so every backend, TensorRT
+included, serves it without a post-processing model.
 `io.json` records the graph's inputs and outputs (the one description later stages read)
 and the file's sha256, so a model.onnx changed after the export is noticed and rebuilt.
 """
@@ -80,39 +83,61 @@ def add_mean_pooling(
     graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
 
 
+def first_step_config(source: Path, optimum_task: str):
+    """optimum's ONNX config for a decoder's first step: present key/values out, no past in."""
+    from optimum.exporters.tasks import TasksManager
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx",
+        model_type=config.model_type,
+        task=optimum_task,
+        library_name="transformers",
+    )
+    return constructor(config, task=optimum_task, use_past=True, use_past_in_inputs=False)
+
+
 def export(settings: Settings) -> None:
     from optimum.exporters.onnx import main_export
 
     name, spec = settings.name, settings.task
+    source = paths.source_dir(name)
     staged = artifacts.staging_dir(paths.onnx_staging(name))
     try:
-        print(
-            f"onnx: exporting {spec.optimum_task} with optimum (opset {settings.opset})", flush=True
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about constants: expected
-            main_export(
-                str(paths.source_dir(name)),
-                output=staged,
-                task=spec.optimum_task,
-                opset=settings.opset,
-                local_files_only=True,
-                do_validation=False,
-                library_name="transformers",
+        for run, job in enumerate(spec.exports):
+            what = f"{job.optimum_task}{' (first step)' if job.first_step else ''}"
+            print(f"onnx: exporting {what} with optimum (opset {settings.opset})", flush=True)
+            output = staged / str(run)
+            custom = (
+                {"model": first_step_config(source, job.optimum_task)} if job.first_step else {}
             )
-        for part in spec.onnx_parts:  # each file in place only once it is complete
-            install_part(settings, part, staged / f"{part}.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about constants: expected
+                main_export(
+                    str(source),
+                    output=output,
+                    task=job.optimum_task,
+                    opset=settings.opset,
+                    local_files_only=True,
+                    do_validation=False,
+                    no_post_process=True,  # no merged decoder: its `If` blocks TensorRT
+                    library_name="transformers",
+                    custom_onnx_configs=custom or None,
+                )
+            for filename, part in job.files:  # each file in place only once it is complete
+                install_part(settings, part, output / filename, job.optimum_task)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def install_part(settings: Settings, part: str, exported: Path) -> None:
+def install_part(settings: Settings, part: str, exported: Path, optimum_task: str) -> None:
     """Check one exported file, add what the task needs, write it and its io record."""
     import onnx
 
     name, spec = settings.name, settings.task
     if not exported.is_file():
-        raise ExportError(f"optimum wrote no {exported.name} for task {spec.optimum_task}")
+        raise ExportError(f"optimum wrote no {exported.name} for task {optimum_task}")
     model = onnx.load(str(exported))
     if spec.mean_pooling:
         add_mean_pooling(model)
@@ -135,9 +160,8 @@ def task_onnx():
     settings = current()
     name = settings.name
     params = {
-        "task": settings.task.optimum_task,
+        "exports": repr(settings.task.exports),
         "mean_pooling": settings.task.mean_pooling,
-        "parts": settings.task.onnx_parts,
         "opset": settings.opset,
         "versions": artifacts.versions("optimum", "optimum-onnx", "onnx", "transformers", "torch"),
     }

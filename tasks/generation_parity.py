@@ -3,8 +3,9 @@
 Two proofs, both against the Hugging Face model in fp32 on CPU:
 1. every exported file gives PyTorch's numbers (logits and KV cache) on real tokenized
    prompts, for the first decoding step and for a step that reads the cache;
-2. greedy decoding with the serving loop (triton/generate/decoding.py) on ONNX Runtime yields
-   the token ids `generate()` yields, the prompts batched together as the server batches them.
+2. greedy decoding with the serving loop (triton/generate/decoding.py) on ONNX Runtime, and
+   on the TensorRT engines when the backend is tensorrt, yields the token ids `generate()`
+   yields, the prompts batched together as the server batches them.
 """
 
 from __future__ import annotations
@@ -29,12 +30,38 @@ def load_decoding():
     return module
 
 
-def make_generator(settings: Settings, facts: dict):
-    """(the decoding module, its Generator on this build's ONNX files), as the server makes it."""
+class TensorRTStep:
+    """One engine of the build as a decoding step (Polygraphy's TrtRunner, outputs on host)."""
+
+    def __init__(self, plan) -> None:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))
+        self.runner.activate()
+        self.inputs = list(self.runner.get_input_metadata().keys())
+
+    def __call__(self, feed: dict) -> dict:
+        return dict(self.runner.infer(feed))
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+
+def make_generator(settings: Settings, facts: dict, engines: bool = False):
+    """(the decoding module, its Generator), as the server makes it: on this build's ONNX files,
+    or with `engines` on its TensorRT plans."""
     decoding = load_decoding()
+    parts = settings.task.onnx_parts
+    if engines:
+        steps = {part: TensorRTStep(paths.plan_file(settings.name, part)) for part in parts}
+    else:
+        steps = decoding.onnxruntime_steps(
+            {part: paths.onnx_file(settings.name, part) for part in parts}
+        )
     generator = decoding.Generator(
         settings.task.generation,
-        {part: paths.onnx_file(settings.name, part) for part in settings.task.onnx_parts},
+        steps,
         eos_ids=facts["eos_ids"],
         pad_id=facts["pad_id"],
         start_id=int(facts["decoder_start_id"]),
@@ -74,8 +101,8 @@ def _torch(feed: dict, names: set[str]) -> dict:
     return {k: torch.from_numpy(v) for k, v in feed.items() if k in names}
 
 
-def causal_steps(model, ids, mask, takes: dict[str, set[str]]) -> dict:
-    """model.onnx: the prompt with an empty cache, then one token reading the cache."""
+def causal_steps(model, ids, mask) -> dict:
+    """decoder_model: the prompt without a cache; decoder_with_past_model: a token reading it."""
     import numpy as np
 
     width, lengths = ids.shape[1], mask.sum(axis=1)
@@ -85,22 +112,20 @@ def causal_steps(model, ids, mask, takes: dict[str, set[str]]) -> dict:
         left_mask[row, width - length :] = 1
     positions = np.where(left_mask == 1, left_mask.cumsum(axis=1) - 1, 1)
     feed = {"input_ids": left_ids, "attention_mask": left_mask, "position_ids": positions}
-    out = model(**_torch(feed, takes["model"]), use_cache=True)
+    out = model(**_torch(feed, set(feed)), use_cache=True)
     first = {"logits": out.logits.numpy(), **cache_tensors(out.past_key_values, "causal")}
-    empty = {
-        k: np.zeros((*v.shape[:2], 0, v.shape[3]), np.float32) for k, v in as_past(first).items()
-    }
     feed2 = {
         "input_ids": out.logits[:, -1].argmax(-1, keepdim=True).numpy(),
         "attention_mask": np.concatenate([left_mask, np.ones((len(ids), 1), np.int64)], axis=1),
         "position_ids": positions[:, -1:] + 1,
     }
     past = as_past(first)
-    out2 = model(
-        **_torch(feed2, takes["model"]), past_key_values=out.past_key_values, use_cache=True
-    )
+    out2 = model(**_torch(feed2, set(feed2)), past_key_values=out.past_key_values, use_cache=True)
     second = {"logits": out2.logits.numpy(), **cache_tensors(out2.past_key_values, "causal")}
-    return {"model": [({**feed, **empty}, first), ({**feed2, **past}, second)]}
+    return {
+        "decoder_model": [(feed, first)],
+        "decoder_with_past_model": [({**feed2, **past}, second)],
+    }
 
 
 def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
@@ -157,9 +182,11 @@ def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
 
 
 def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
-    """Each exported file against PyTorch on the same inputs: {part: {runner: {output: ...}}}."""
+    """Each exported file (and its engine, on TensorRT) against PyTorch on the same inputs:
+    {part: {runner: {output: ...}}}."""
     import onnxruntime as ort
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from tasks.parity import engine_runners
 
     name, spec = settings.name, settings.task
     files = {part: str(paths.onnx_file(name, part)) for part in spec.onnx_parts}
@@ -168,7 +195,7 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         for part, path in files.items()
     }
     if spec.generation == "causal":
-        steps = causal_steps(model, ids, mask, takes)
+        steps = causal_steps(model, ids, mask)
     else:
         steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"]))
     report = {}
@@ -176,21 +203,27 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         feeds = [{k: v for k, v in feed.items() if k in takes[part]} for feed, _ in pairs]
         reference = [ref for _, ref in pairs]
         labels = [{"step": step, "batch": len(ids)} for step in range(len(pairs))]
-        runner = OnnxrtRunner(SessionFromOnnx(files[part]), name="onnxruntime")
-        report[part] = compare(settings, [runner], feeds, reference, labels, set(reference[0]))
+        runners = engine_runners(settings, part)
+        report[part] = compare(settings, runners, feeds, reference, labels, set(reference[0]))
         print_passes(report[part], prefix=f"{part} ")
     return report
 
 
-def greedy_parity(settings: Settings, model, tokenizer, ids, mask, facts: dict) -> dict:
-    """The serving loop, greedy, against generate(): the same new token ids, prompt by prompt."""
+def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bool) -> dict:
+    """The serving loop, greedy, against generate(): the same new token ids, prompt by prompt
+    (on the ONNX files, or with `engines` on the TensorRT plans)."""
     import torch
 
-    decoding, generator = make_generator(settings, facts)
-    new = catalog.GENERATION_PARITY_NEW_TOKENS
-    served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    decoding, generator = make_generator(settings, facts, engines)
+    new = min(catalog.GENERATION_PARITY_NEW_TOKENS, settings.max_new_tokens)
+    try:
+        served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    finally:
+        for step in generator.steps.values():
+            getattr(step, "close", lambda: None)()
+    runtime = "tensorrt" if engines else "onnxruntime"
     mismatches = []
-    for row, prompt in enumerate(catalog.GENERATION_PROMPTS):
+    for row, prompt in zip(range(len(ids)), catalog.GENERATION_PROMPTS):
         length = int(mask[row].sum())
         prompt_ids = torch.from_numpy(ids[row : row + 1, :length])
         out = model.generate(
@@ -208,11 +241,16 @@ def greedy_parity(settings: Settings, model, tokenizer, ids, mask, facts: dict) 
                 f"prompt {prompt!r}: served {served[row]}, generate() {expected.tolist()}"
             )
     if mismatches:
+        hint = (
+            " (fp16 can flip near-ties: try precision=fp32)" if settings.precision == "fp16" else ""
+        )
         raise ParityError(
-            "greedy decoding differs from Hugging Face generate(): " + "; ".join(mismatches)
+            f"greedy decoding on {runtime} differs from Hugging Face generate(){hint}: "
+            + "; ".join(mismatches)
         )
     print(
-        f"parity: greedy decoding of {len(ids)} prompts x {new} tokens equals generate()",
+        f"parity: greedy decoding on {runtime} of {len(ids)} prompts x {new} tokens "
+        "equals generate()",
         flush=True,
     )
     return {"prompts": len(ids), "new_tokens": new, "equal": True, "tokens": served}
@@ -230,12 +268,22 @@ def check(settings: Settings) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token_id = facts["pad_id"]
     tokenizer.padding_side = "right"  # as the Triton tokenizer pads
-    encoded = tokenizer(list(catalog.GENERATION_PROMPTS), padding=True, return_tensors="np")
+    # as many prompts as a batch may hold, no longer than a prompt may be: the engines'
+    # profiles take nothing else
+    prompts = list(catalog.GENERATION_PROMPTS[: settings.batch.max])
+    encoded = tokenizer(
+        prompts, padding=True, truncation=True, max_length=settings.seq.max, return_tensors="np"
+    )
     ids = encoded["input_ids"].astype(np.int64)
     mask = encoded["attention_mask"].astype(np.int64)
     model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
     model.eval()
     with torch.inference_mode():
         files = file_parity(settings, model, ids, mask, facts)
-        generation = greedy_parity(settings, model, tokenizer, ids, mask, facts)
-    return {"files": files, "generation": generation}
+        generation = greedy_parity(settings, model, ids, mask, facts, engines=False)
+        report = {"files": files, "generation": generation}
+        if settings.backend == "tensorrt":
+            report["generation_tensorrt"] = greedy_parity(
+                settings, model, ids, mask, facts, engines=True
+            )
+    return report

@@ -82,18 +82,18 @@ def reference_outputs(settings: Settings, source: Path, feeds: list[dict]) -> li
     return results
 
 
-def engine_runners(settings: Settings) -> list:
-    """ONNX Runtime always; TensorRT when the build made a plan."""
+def engine_runners(settings: Settings, part: str = "model") -> list:
+    """Polygraphy runners of one exported part: ONNX Runtime always; TensorRT when the build
+    made a plan."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    runners = [
-        OnnxrtRunner(SessionFromOnnx(str(paths.onnx_file(settings.name))), name="onnxruntime")
-    ]
+    onnx_file = paths.onnx_file(settings.name, part)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_file)), name="onnxruntime")]
     if settings.backend == "tensorrt":
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        engine = EngineFromBytes(BytesFromPath(str(paths.plan_file(settings.name))))
+        engine = EngineFromBytes(BytesFromPath(str(paths.plan_file(settings.name, part))))
         runners.append(TrtRunner(engine, name="tensorrt"))
     return runners
 
@@ -245,7 +245,11 @@ def task_parity():
         "new_tokens": catalog.GENERATION_PARITY_NEW_TOKENS,
         "versions": tool_versions(),
     }
-    engine = [paths.plan_file(name)] if settings.backend == "tensorrt" else []
+    engine = (
+        [paths.plan_file(name, part) for part in settings.task.onnx_parts]
+        if settings.backend == "tensorrt"
+        else []
+    )
     generation = (  # the decoding loop that serves is the one proven equal to generate()
         [
             paths.stage_module("generation_parity"),

@@ -75,12 +75,14 @@ def onnx_io(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.io.json"
 
 
-def plan_file(name: str) -> Path:
-    return zoo_dir(name) / "plan" / "model.plan"
+def plan_file(name: str, part: str = "model") -> Path:
+    """The TensorRT engine of one exported part."""
+    return zoo_dir(name) / "plan" / f"{part}.plan"
 
 
-def plan_record(name: str) -> Path:
-    return zoo_dir(name) / "plan" / "build.json"
+def plan_record(name: str, part: str = "model") -> Path:
+    """Its sha256, size and mtime, and the TensorRT version that built it."""
+    return zoo_dir(name) / "plan" / f"{part}.build.json"
 
 
 def parity_report(name: str) -> Path:

@@ -52,11 +52,13 @@ def checkpoint_facts(name: str) -> dict:
     }
 
 
-def render_context(settings: Settings, io: dict, facts: dict) -> dict:
-    """Everything the templates may use; one context renders every part.
+def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
+    """Everything the templates may use; one context renders every part (`file_context`
+    adds the tensors of an exported file's own model).
 
-    Tensors and ensemble steps are built from the task's facts and the exported graph
-    (`io.json`), so the configs agree with the model and with each other by construction."""
+    Tensors and ensemble steps are built from the task's facts and the exported graphs
+    (`ios`: part -> its io.json), so the configs agree with the model and with each other by
+    construction."""
     spec = settings.task
     pipeline = generation_pipeline if spec.generation else encoder_pipeline
     return {
@@ -74,8 +76,25 @@ def render_context(settings: Settings, io: dict, facts: dict) -> dict:
         "pad_multiple": settings.serving.pad_multiple,
         "overflow": "reject" if spec.generation else "truncate",
         "text_inputs": spec.text_inputs,
-        **pipeline(settings, io, facts),
+        **pipeline(settings, ios, facts),
     }
+
+
+def file_context(io: dict) -> dict:
+    """A model serving one exported file (model.pbtxt.j2): its tensors, from its io.json."""
+    types = _types(io)
+    return {
+        kind: [
+            catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"])))
+            for t in io[f"{direction}s"]
+        ]
+        for kind, direction in (("model_inputs", "input"), ("model_outputs", "output"))
+    }
+
+
+def template_name(settings: Settings, part: str) -> str:
+    """Exported files render with model.pbtxt.j2; every other part has a template of its own."""
+    return "model" if part in settings.task.onnx_parts else part
 
 
 def _types(io: dict) -> dict[str, str]:
@@ -90,15 +109,14 @@ def _same(names) -> list[tuple[str, str]]:
     return [(n, n) for n in names]
 
 
-def encoder_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
+def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
     """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs."""
-    spec, names, types = settings.task, settings.triton_models, _types(io)
+    spec, names = settings.task, settings.triton_models
+    io = ios["model"]
+    types = _types(io)
     token = [catalog.Tensor(t["name"], types[t["name"]], (-1,)) for t in io["inputs"]]
     tokenizer_outputs = token + (list(catalog.WINDOW_TENSORS) if spec.windows else [])
-    model_outputs = [
-        catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"])))
-        for t in io["outputs"]
-    ]
+    model_outputs = file_context(io)["model_outputs"]
     # Every tensor flowing through the ensemble, by its name there.
     tensors = {n: catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs}
     tensors.update({t.name: t for t in tokenizer_outputs})
@@ -123,9 +141,7 @@ def encoder_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
         )
         ensemble_outputs += list(post.outputs)
     return {
-        "token_tensors": token,
         "tokenizer_outputs": tokenizer_outputs,
-        "model_outputs": model_outputs,
         "post_inputs": [tensors[n] for n in post.inputs] if post else [],
         "post_outputs": list(post.outputs) if post else [],
         "post_parameters": list(post.parameters) if post else [],
@@ -135,9 +151,14 @@ def encoder_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
     }
 
 
-def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
-    """tokenizer -> generate (KV-cache decoding loop, text out)."""
-    spec, names, types = settings.task, settings.triton_models, _types(io)
+def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
+    """tokenizer -> generate (KV-cache decoding loop, text out).
+
+    With decoder=models the loop calls each exported file's model through BLS: the
+    `step_models` parameter names them and the tensors it sends and reads."""
+    spec, names = settings.task, settings.triton_models
+    io = ios[spec.onnx_parts[0]]  # what the prompt goes into: the tokenizer's tensors
+    types = _types(io)
     token = [
         catalog.Tensor(t["name"], types[t["name"]], (-1,))
         for t in io["inputs"]
@@ -145,20 +166,29 @@ def generation_pipeline(settings: Settings, io: dict, facts: dict) -> dict:
     ]
     options = list(catalog.GENERATION_INPUTS)
     text = [catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs]
+    step_models = {
+        part: {
+            "model": names[part],
+            "inputs": [t["name"] for t in ios[part]["inputs"]],
+            "outputs": [t["name"] for t in ios[part]["outputs"]],
+        }
+        for part in spec.onnx_parts
+        if settings.decoder == "models"
+    }
     parameters = {
         "kind": spec.generation,
         "parts": json.dumps(list(spec.onnx_parts)),
+        "step_models": json.dumps(step_models),
         "eos_token_ids": json.dumps(facts["eos_ids"]),
         "pad_token_id": facts["pad_id"],
         "decoder_start_token_id": facts["decoder_start_id"],
         "max_positions": facts["max_positions"] if spec.generation == "causal" else 0,
-        "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.seq.max),
-        "max_new_tokens_limit": settings.seq.max,
+        "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens),
+        "max_new_tokens_limit": settings.max_new_tokens,
         "max_seq": settings.seq.max,
         "intra_op_threads": settings.serving.ort_threads,
     }
     return {
-        "token_tensors": token,
         "tokenizer_outputs": token,
         "generate_inputs": [(t, False) for t in token] + [(t, True) for t in options],
         "generate_outputs": list(catalog.GENERATION_OUTPUTS),
@@ -206,19 +236,24 @@ def parse_config(text: str, origin: str):
         raise ConfigError(f"{origin} is not a valid Triton model config: {err}") from err
 
 
+def part_context(settings: Settings, part: str, ios: dict[str, dict], facts: dict) -> dict:
+    """The context one part renders with."""
+    context = render_context(settings, ios, facts)
+    if part in settings.task.onnx_parts:
+        context.update(file_context(ios[part]), onnx_part=part)
+    return {**context, "model_name": settings.triton_models[part]}
+
+
 def render_part(settings: Settings, part: str) -> None:
     name = settings.name
-    io = artifacts.read_json(paths.onnx_io(name, settings.task.onnx_parts[0]))
-    context = {
-        **render_context(settings, io, checkpoint_facts(name)),
-        "model_name": settings.triton_models[part],
-    }
-    text = render(part, context)
-    config = parse_config(text, f"the config rendered from templates/{paths.template(part).name}")
+    ios = {p: artifacts.read_json(paths.onnx_io(name, p)) for p in settings.task.onnx_parts}
+    template = template_name(settings, part)
+    text = render(template, part_context(settings, part, ios, checkpoint_facts(name)))
+    where = f"templates/{paths.template(template).name}"
+    config = parse_config(text, f"the config rendered from {where}")
     if config.name != settings.triton_models[part]:
         raise ConfigError(
-            f"templates/{paths.template(part).name} renders name '{config.name}', "
-            f"expected '{settings.triton_models[part]}'"
+            f"{where} renders name '{config.name}', expected '{settings.triton_models[part]}'"
         )
     artifacts.write_text(paths.rendered_config(name, part), text)
 
@@ -283,6 +318,24 @@ def check_wiring(ensemble, parts: dict) -> list[str]:
     return problems
 
 
+def check_step_models(config, parts: dict) -> list[str]:
+    """Problems in the models a decoding loop calls through BLS (its `step_models`)."""
+    steps = json.loads(config.parameters["step_models"].string_value or "{}")
+    problems = []
+    for part, step in steps.items():
+        where = f"{config.name} calls {step['model']} ({part})"
+        if step["model"] not in parts:
+            problems.append(f"{where}: no such model in the deployment")
+            continue
+        model = parts[step["model"]]
+        inputs, outputs = _tensors(model, "input"), _tensors(model, "output")
+        if sorted(inputs) != sorted(step["inputs"]):
+            problems.append(f"{where}: sends {step['inputs']} but it takes {sorted(inputs)}")
+        if missing := sorted(set(step["outputs"]) - set(outputs)):
+            problems.append(f"{where}: reads {missing}, which it does not produce")
+    return problems
+
+
 def check_deployment(settings: Settings) -> None:
     name = settings.name
     configs = {
@@ -294,6 +347,9 @@ def check_deployment(settings: Settings) -> None:
     }
     parts = {configs[p].name: configs[p] for p in settings.triton_models if p != "ensemble"}
     problems = check_wiring(configs["ensemble"], parts)
+    for part in ("generate", "stream"):
+        if part in configs:
+            problems += check_step_models(configs[part], parts)
     if problems:
         raise ConfigError(f"ensemble '{name}' is miswired: " + "; ".join(problems))
     artifacts.write_json(
@@ -316,6 +372,7 @@ def task_pbtxt():
         "batch": settings.batch.points(),
         "seq": settings.seq.points(),
         "backend": settings.backend,
+        "decoder": settings.decoder,
         "task": repr(settings.task),  # its tensors, steps and parameters are facts
         "serving": settings.serving.as_dict(),
         "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
@@ -336,8 +393,8 @@ def task_pbtxt():
             "name": settings.triton_models[part],
             "actions": [(fails_cleanly(render_part), [settings, part])],
             "file_dep": [
-                paths.template(part),
-                paths.onnx_io(name, settings.task.onnx_parts[0]),
+                paths.template(template_name(settings, part)),
+                *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),
             ],

@@ -1,8 +1,10 @@
-"""Stage `plan`: the TensorRT engine, built from the ONNX file with the settings' profile.
+"""Stage `plan`: a TensorRT engine per exported part, each with the settings' profile.
 
 In the DAG only when the backend is `tensorrt` (settings refuse that backend where TensorRT
-or a GPU is missing). Its staleness includes the TensorRT version and the GPU's compute
-capability, so a plan built for another GPU or TensorRT release is rebuilt.
+or a GPU is missing). Encoder tasks build one engine; generation tasks one per unmerged
+decoder file, with profiles for the cache lengths decoding feeds (`dim_ranges`). Staleness
+includes the TensorRT version and the GPU's compute capability, so a plan built for another
+GPU or TensorRT release is rebuilt.
 """
 
 from __future__ import annotations
@@ -15,36 +17,69 @@ from tasks import artifacts, catalog, paths
 from tasks.errors import TensorRTError, fails_cleanly
 from tasks.settings import Settings, current
 
+Range = tuple[int, int, int]
 
-def profile_shapes(settings: Settings, io: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Input name -> (min, opt, max) shapes; every text input is (batch, seq)."""
+
+def dim_ranges(settings: Settings) -> dict[str, Range]:
+    """(min, opt, max) of each kind of dim (catalog.PROFILE_DIMS names them).
+
+    Decoding a prompt of W tokens into N new ones: the first step (decoder_model) makes token
+    1; token n > 1 comes from decoder_with_past_model reading a cache of W + n - 2 tokens
+    (causal: prompt and new tokens) or n - 1 tokens (seq2seq: new tokens; the prompt is in
+    the encoder's cache). W and N are at most the `seq` profile's MAX."""
+
+    def span(low: int, opt: int, high: int) -> Range:
+        high = max(high, low)
+        return (low, min(max(opt, low), high), high)
+
+    seq, new = settings.seq, settings.max_new_tokens
+    return {
+        "batch": settings.batch.points(),
+        "prompt": seq.points(),
+        "one": (1, 1, 1),
+        "causal_past": span(1, seq.opt, seq.max + new - 2),
+        "seq2seq_past": span(1, min(seq.opt, new - 1), new - 1),
+    }
+
+
+def profile_shapes(settings: Settings, part: str, io: dict) -> dict[str, tuple[tuple, ...]]:
+    """Input name -> (min, opt, max) shapes of one exported part, from its symbolic dims."""
+    table, ranges = catalog.PROFILE_DIMS.get(part, {}), dim_ranges(settings)
     shapes = {}
     for tensor in io["inputs"]:
-        if len(tensor["shape"]) != 2:
-            raise TensorRTError(
-                f"input {tensor['name']} has shape {tensor['shape']}; "
-                "only (batch, sequence) inputs are supported"
-            )
-        shapes[tensor["name"]] = tuple(zip(settings.batch.points(), settings.seq.points()))
+        per_dim = []
+        for dim in tensor["shape"]:
+            if isinstance(dim, int) and dim > 0:
+                per_dim.append((dim, dim, dim))
+                continue
+            terms = [term.strip() for term in str(dim).split("+")]
+            unknown = [term for term in terms if term not in table]
+            if unknown:
+                raise TensorRTError(
+                    f"{part}.onnx input {tensor['name']} has dim {dim!r}: no profile range for "
+                    f"{', '.join(map(repr, unknown))} (add it to catalog.PROFILE_DIMS['{part}'])"
+                )
+            per_dim.append(tuple(sum(ranges[table[t]][i] for t in terms) for i in range(3)))
+        shapes[tensor["name"]] = tuple(tuple(d[i] for d in per_dim) for i in range(3))
     return shapes
 
 
-def make_profile(settings: Settings, io: dict):
+def make_profile(settings: Settings, part: str, io: dict):
     from polygraphy.backend.trt import Profile
 
     profile = Profile()
-    for name, (low, opt, high) in profile_shapes(settings, io).items():
+    for name, (low, opt, high) in profile_shapes(settings, part, io).items():
         profile.add(name, min=low, opt=opt, max=high)
     return profile
 
 
-def make_builder_config(settings: Settings, io: dict, memory_pool_limits=None):
+def make_builder_config(settings: Settings, part: str, io: dict, memory_pool_limits=None):
     """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit."""
     from polygraphy.backend.trt import CreateConfig
 
     return CreateConfig(
         fp16=settings.precision == "fp16",
-        profiles=[make_profile(settings, io)],
+        profiles=[make_profile(settings, part, io)],
         memory_pool_limits=memory_pool_limits,
     )
 
@@ -63,7 +98,7 @@ def gpu_compute_capability() -> str | None:
     return ",".join(sorted(set(out.stdout.split()))) or None
 
 
-def build_engine(settings: Settings) -> None:
+def build_engine(settings: Settings, part: str) -> None:
     name = settings.name
     try:
         import tensorrt as trt
@@ -73,44 +108,55 @@ def build_engine(settings: Settings) -> None:
             "TensorRT is not installed; use backend=python or build in the "
             "exporter image (Dockerfile)"
         ) from err
-    artifacts.load_onnx(paths.onnx_file(name), name)  # a clear error for a broken file
-    io = artifacts.read_json(paths.onnx_io(name))
+    source = paths.onnx_file(name, part)
+    artifacts.load_onnx(source, name)  # a clear error for a broken file
+    io = artifacts.read_json(paths.onnx_io(name, part))
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
-    config = make_builder_config(settings, io, memory_pool_limits=limits)
+    config = make_builder_config(settings, part, io, memory_pool_limits=limits)
     print(
-        f"plan: building a {settings.precision} engine (TensorRT {trt.__version__}); "
-        f"profile {profile_shapes(settings, io)}",
+        f"plan: building a {settings.precision} engine of {part} (TensorRT {trt.__version__}); "
+        f"profile {profile_shapes(settings, part, io)}",
         flush=True,
     )
-    engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(paths.onnx_file(name))), config)()
-    target = paths.plan_file(name)
+    engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
+    target = paths.plan_file(name, part)
     with artifacts.atomic_target(target) as tmp:
         tmp.write_bytes(bytes(engine))
     artifacts.write_json(
-        paths.plan_record(name), {**artifacts.file_record(target), "tensorrt": trt.__version__}
+        paths.plan_record(name, part),
+        {**artifacts.file_record(target), "tensorrt": trt.__version__},
     )
 
 
+def plan_task_name(settings: Settings, part: str) -> str:
+    return settings.name if part == "model" else f"{settings.name}-{part}"
+
+
 def task_plan():
-    """TensorRT engine from the ONNX file with the min/opt/max profile (backend=tensorrt only)."""
+    """TensorRT engines from the ONNX files with their profiles (backend=tensorrt only)."""
     settings = current()
     if settings.backend != "tensorrt":
         return
     name = settings.name
     params = {
-        "batch": settings.batch.points(),
-        "seq": settings.seq.points(),
+        "ranges": dim_ranges(settings),
+        "dims": catalog.PROFILE_DIMS,
         "precision": settings.precision,
         "workspace_mib": catalog.TENSORRT_WORKSPACE_MIB,
         "tensorrt": artifacts.versions("tensorrt")["tensorrt"],
         "compute_capability": gpu_compute_capability(),
     }
-    targets = [paths.plan_file(name), paths.plan_record(name)]
-    yield {
-        "name": name,
-        "actions": [(fails_cleanly(build_engine), [settings])],
-        "file_dep": [paths.onnx_file(name), paths.onnx_io(name), paths.stage_module("plan")],
-        "targets": targets,
-        "uptodate": [config_changed(params), artifacts.file_matches_record(*targets)],
-        "clean": [(artifacts.remove_artifacts, [targets])],
-    }
+    for part in settings.task.onnx_parts:
+        targets = [paths.plan_file(name, part), paths.plan_record(name, part)]
+        yield {
+            "name": plan_task_name(settings, part),
+            "actions": [(fails_cleanly(build_engine), [settings, part])],
+            "file_dep": [
+                paths.onnx_file(name, part),
+                paths.onnx_io(name, part),
+                paths.stage_module("plan"),
+            ],
+            "targets": targets,
+            "uptodate": [config_changed(params), artifacts.file_matches_record(*targets)],
+            "clean": [(artifacts.remove_artifacts, [targets])],
+        }

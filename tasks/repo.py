@@ -4,6 +4,8 @@
     models/<name>_model/      config.pbtxt, 1/model.plan | 1/model.onnx (+ 1/model.py: python)
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
     models/<name>_stream/     config.pbtxt, 1/model.py, decoding.py (reads _generate's files)
+    models/<name>_encoder/, _decoder/, _decoder_past/   with decoder=models: one exported
+                              file each, as _model (the generate model holds no *.onnx then)
     models/<name>_post/       config.pbtxt, 1/model.py (+ checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
@@ -42,17 +44,24 @@ class Component:
         ]
 
 
-def components(settings: Settings) -> list[Component]:
-    name, names = settings.name, settings.triton_models
+def file_model(settings: Settings, part: str) -> Component:
+    """A Triton model serving one exported file: its engine, its ONNX file, or the ONNX file
+    and the python-backend code that runs it."""
+    name = settings.name
     if settings.backend == "tensorrt":
-        model_files = ((paths.plan_file(name), settings.model_filename),)
+        files = ((paths.plan_file(name, part), settings.model_filename),)
     elif settings.backend == "onnxruntime":
-        model_files = ((paths.onnx_file(name), settings.model_filename),)
+        files = ((paths.onnx_file(name, part), settings.model_filename),)
     else:
-        model_files = (
-            (paths.onnx_file(name), settings.model_filename),
+        files = (
+            (paths.onnx_file(name, part), settings.model_filename),
             (paths.runtime_model_code("onnx_model"), "model.py"),
         )
+    return Component(part, settings.triton_models[part], files, (paths.parity_report(name),))
+
+
+def components(settings: Settings) -> list[Component]:
+    name, names = settings.name, settings.triton_models
     found = [
         Component(
             "tokenizer",
@@ -65,8 +74,15 @@ def components(settings: Settings) -> list[Component]:
         ),
     ]
     if settings.task.generation:
+        inline = settings.decoder == "inline"
+        if not inline:
+            found += [file_model(settings, part) for part in settings.task.onnx_parts]
         files = (
-            *((paths.onnx_file(name, part), f"{part}.onnx") for part in settings.task.onnx_parts),
+            *(
+                (paths.onnx_file(name, part), f"{part}.onnx")
+                for part in settings.task.onnx_parts
+                if inline
+            ),
             (paths.source_tokenizer(name), "tokenizer.json"),
             (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
             (paths.runtime_model_code("generate"), "model.py"),
@@ -78,7 +94,7 @@ def components(settings: Settings) -> list[Component]:
         )
         found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))
     else:
-        found.append(Component("model", names["model"], model_files, (paths.parity_report(name),)))
+        found.append(file_model(settings, "model"))
     post = settings.task.postprocess
     if post is not None:
         files = (

@@ -27,6 +27,9 @@ VARIABLES = {
     "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
     "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
+    "decoder": "generation: inline (ONNX Runtime inside the generate model; backend=python) | "
+    "models (each exported file a Triton model, called through BLS; the only choice on "
+    "tensorrt and onnxruntime) (default: inline on python)",
     "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
     "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
     "instances": "instances of the model step (default 1)",
@@ -41,6 +44,7 @@ VARIABLES = {
 }
 
 SERVERS = ("embedded", "docker")
+DECODERS = ("inline", "models")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -205,6 +209,7 @@ class Settings:
     seq: Profile
     precision: str
     backend: str  # resolved: tensorrt | onnxruntime | python
+    decoder: str | None = None  # generation only: inline | models
     endpoints: Endpoints = field(default_factory=Endpoints)
     serving: Serving = field(default_factory=Serving)
     bench: Bench = field(default_factory=Bench)
@@ -217,14 +222,22 @@ class Settings:
     @property
     def triton_models(self) -> dict[str, str]:
         """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
-        parts = (
-            ["tokenizer", "generate", "stream"] if self.task.generation else ["tokenizer", "model"]
-        )
+        if not self.task.generation:
+            parts = ["tokenizer", "model"]
+        elif self.decoder == "models":  # each exported file is a model the loop calls (BLS)
+            parts = ["tokenizer", *self.task.onnx_parts, "generate", "stream"]
+        else:
+            parts = ["tokenizer", "generate", "stream"]
         if self.task.postprocess is not None:
             parts.append("postprocess")
         names = {part: f"{self.name}{catalog.PART_SUFFIXES[part]}" for part in parts}
         names["ensemble"] = self.name
         return names
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation: the most new tokens a request may ask for (the seq profile's MAX)."""
+        return self.seq.max
 
     @property
     def model_filename(self) -> str:
@@ -300,6 +313,24 @@ def known_config(settings: Settings) -> Path | None:
     return None  # the download stage checks it once it has the model
 
 
+def choose_decoder(task_name: str, spec: catalog.TaskSpec, backend: str, given: str):
+    """Where a generation task's exported files run: inside the generate model, or as models."""
+    if not spec.generation:
+        if given:
+            raise SettingsError(
+                f"decoder={given}: only generation tasks (t5, causallm) have a decoder; "
+                f"drop it for task={task_name}"
+            )
+        return None
+    decoder = _choose("decoder", given or ("inline" if backend == "python" else "models"), DECODERS)
+    if decoder == "inline" and backend != "python":
+        raise SettingsError(
+            f"decoder=inline: ONNX Runtime inside the generate model is backend=python; "
+            f"backend={backend} serves each exported file as a Triton model (decoder=models)"
+        )
+    return decoder
+
+
 def load_settings(get_var) -> Settings:
     """Read every variable once through doit's `get_var` and validate it."""
     task_name = _choose("task", get_var("task", catalog.DEFAULT_TASK), catalog.TASKS)
@@ -307,13 +338,9 @@ def load_settings(get_var) -> Settings:
     backend = _choose("backend", get_var("backend", "auto"), catalog.BACKENDS)
     trt = tensorrt_available()
     if backend == "auto":
-        backend = "tensorrt" if trt and not spec.generation else "python"
-    if spec.generation and backend != "python":
-        raise SettingsError(
-            f"backend={backend}: task={task_name} is served by a python-backend model that runs "
-            "ONNX Runtime with a KV cache (TensorRT decoders are not built yet); use backend=python"
-        )
-    elif backend == "tensorrt" and not trt:
+        backend = "tensorrt" if trt else "python"
+    decoder = choose_decoder(task_name, spec, backend, get_var("decoder", ""))
+    if backend == "tensorrt" and not trt:
         raise SettingsError(
             "backend=tensorrt: TensorRT and an NVIDIA GPU are needed and were not found; "
             "use backend=python (ONNX Runtime inside Triton) or build on a GPU host "
@@ -344,6 +371,7 @@ def load_settings(get_var) -> Settings:
         seq=Profile.parse("seq", get_var("seq", "1,128,512")),
         precision=precision,
         backend=backend,
+        decoder=decoder,
         endpoints=Endpoints.parse(get_var),
         serving=Serving.parse(get_var),
         bench=Bench.parse(get_var),

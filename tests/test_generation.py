@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import paths
+from tasks import catalog, paths
 from tests.conftest import copy_project
 
 pytestmark = pytest.mark.server
@@ -22,7 +22,18 @@ PROMPTS = [
     "Numbers like 3.14159 and dates are",
     "Ce modèle génère du texte",
 ]
-DEPLOYMENTS = {"gpt": ("causallm", "gpt2"), "opt": ("causallm", "opt"), "t5": ("t5", "t5")}
+DEPLOYMENTS = {  # name: (task, family, more variables)
+    "gpt": ("causallm", "gpt2", ()),
+    "opt": ("causallm", "opt", ()),
+    "t5": ("t5", "t5", ()),
+    # each exported file a Triton model of its own, called through BLS (as on TensorRT)
+    "optbls": ("causallm", "opt", ("decoder=models",)),
+    "t5bls": ("t5", "t5", ("decoder=models",)),
+}
+PARTS = {  # the unmerged decoders TensorRT takes, exported for every backend
+    "causallm": ["decoder_model", "decoder_with_past_model"],
+    "t5": ["encoder_model", "decoder_model", "decoder_with_past_model"],
+}
 OPTION_TYPES = {
     "MAX_NEW_TOKENS": ("INT32", np.int32),
     "TEMPERATURE": ("FP32", np.float32),
@@ -37,8 +48,6 @@ def eos_variant(source, target) -> tuple[str, int]:
 
     Returns the prompt and how many tokens it yields before stopping (EOS included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks import catalog
 
     shutil.copytree(source, target)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -69,8 +78,9 @@ def generating(tmp_path_factory, generation_models):
     from tasks.serve import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("generation") / "project")
-    for name, (task, family) in DEPLOYMENTS.items():
-        project.doit(f"task={task}", f"model={generation_models[family]}", f"name={name}", *SHAPES)
+    for name, (task, family, more) in DEPLOYMENTS.items():
+        model = f"model={generation_models[family]}"
+        project.doit(f"task={task}", model, f"name={name}", *SHAPES, *more)
     eos_dir = tmp_path_factory.mktemp("eos") / "gpt2-eos"
     stops = eos_variant(generation_models["gpt2"], eos_dir)
     project.doit("task=causallm", f"model={eos_dir}", "name=gpteos", *SHAPES)
@@ -124,19 +134,14 @@ def hf_generate(model_dir, task: str, prompt: str, new_tokens: int) -> list[int]
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
 def test_served_greedy_output_equals_generate_token_for_token(generating, name):
     project, server, models, _ = generating
-    task, family = DEPLOYMENTS[name]
+    task, family, _ = DEPLOYMENTS[name]
     texts, ids = generate(server, name, PROMPTS, MAX_NEW_TOKENS=10)  # lengths differ: batched
     for prompt, served in zip(PROMPTS, ids):
         assert served == hf_generate(models[family], task, prompt, 10), prompt
     assert all(isinstance(t, str) for t in texts)
     report = json.loads(project.path(paths.parity_report(name)).read_text())
     assert report["generation"]["equal"] is True
-    assert set(report["files"]) == set(
-        {
-            "causallm": ["model"],
-            "t5": ["encoder_model", "decoder_model", "decoder_with_past_model"],
-        }[task]
-    )
+    assert set(report["files"]) == set(PARTS[task])
 
 
 def test_max_new_tokens_is_respected(generating):
@@ -169,8 +174,9 @@ def test_a_finished_row_never_runs_past_the_model_positions(generating):
 
     project, _, _, _ = generating
     decoding = load_decoding()
+    files = {part: project.path(paths.onnx_file("gpt", part)) for part in PARTS["causallm"]}
     generator = decoding.Generator(
-        "causal", {"model": project.path(paths.onnx_file("gpt"))}, eos_ids=[], pad_id=0, start_id=0
+        "causal", decoding.onnxruntime_steps(files), eos_ids=[], pad_id=0, start_id=0
     )
     long_ids, short_ids = list(range(3, 103)), [5, 6]  # 100 + 5 and 2 + 100 tokens fit 128
     ids = np.zeros((2, 100), np.int64)
@@ -248,7 +254,32 @@ def test_the_client_prints_the_generated_text(generating):
     assert "OUTPUT_IDS: int64 [1, 4]" in out  # the option reached the server
 
 
-@pytest.mark.parametrize("name", ["gpt", "t5"])
+@pytest.mark.parametrize("name", ["optbls", "t5bls"])
+def test_with_decoder_models_every_step_is_a_model_the_loop_calls(generating, name):
+    import tritonclient.http as httpclient
+
+    project, server, _, _ = generating
+    task = DEPLOYMENTS[name][0]
+    step_models = [f"{name}{catalog.PART_SUFFIXES[p]}" for p in catalog.TASKS[task].onnx_parts]
+    client = httpclient.InferenceServerClient(server.http_url)
+
+    def calls() -> dict[str, int]:
+        stats = client.get_inference_statistics()["model_stats"]
+        return {s["name"]: s["inference_count"] for s in stats if s["name"] in step_models}
+
+    before = calls()
+    _, ids = generate(server, name, PROMPTS[:2], MAX_NEW_TOKENS=5)
+    after = calls()
+    client.close()
+    assert [len(i) for i in ids] == [5, 5]
+    # the first step (and the encoder) once per row, the cached step once per row per token
+    assert after[step_models[-1]] - before[step_models[-1]] == 2 * 4
+    assert after[step_models[-2]] - before[step_models[-2]] == 2
+    generate_dir = project.path(paths.repo_version_dir(f"{name}_generate"))
+    assert not list(generate_dir.glob("*.onnx"))  # the files live in the step models
+
+
+@pytest.mark.parametrize("name", ["gpt", "t5", "t5bls"])
 def test_streaming_sends_each_token_as_it_comes_and_adds_up(generating, name):
     _, server, _, _ = generating
     _, whole = generate(server, name, PROMPTS[:1], MAX_NEW_TOKENS=6)

@@ -56,7 +56,13 @@ def test_each_task_has_its_default_model_and_name(task):
         ({"model": "./missing"}, "model=./missing: this directory does not exist"),
         ({"name": "my model"}, "name=my model: use letters, digits"),
         ({"name": "qa_post"}, "name=qa_post: names ending in _tokenizer, _model, _generate, _post"),
-        ({"task": "t5", "backend": "onnxruntime"}, "backend=onnxruntime: task=t5 is served by"),
+        (
+            {"task": "t5", "backend": "onnxruntime", "decoder": "inline"},
+            "decoder=inline: ONNX Runtime inside the generate model is backend=python; "
+            "backend=onnxruntime serves each exported file as a Triton model (decoder=models)",
+        ),
+        ({"task": "t5", "decoder": "bls"}, "decoder=bls: unknown decoder; choose one of inline"),
+        ({"decoder": "models"}, "decoder=models: only generation tasks (t5, causallm) have"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message):
@@ -116,3 +122,32 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
     ]:
         with pytest.raises(SettingsError, match=message):
             settings_from(**variables)
+
+
+@pytest.mark.parametrize(
+    ("variables", "decoder", "models"),
+    [
+        ({}, "inline", ["t5_tokenizer", "t5_generate", "t5_stream", "t5"]),
+        (
+            {"decoder": "models"},
+            "models",
+            [
+                "t5_tokenizer",
+                "t5_encoder",
+                "t5_decoder",
+                "t5_decoder_past",
+                "t5_generate",
+                "t5_stream",
+                "t5",
+            ],
+        ),
+        ({"backend": "onnxruntime"}, "models", None),
+    ],
+)
+def test_generation_decodes_inline_on_python_and_through_models_elsewhere(
+    variables, decoder, models
+):
+    settings = settings_from(task="t5", **variables)
+    assert settings.decoder == decoder
+    if models is not None:
+        assert list(settings.triton_models.values()) == models

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks import catalog, paths, pbtxt, plan, settings
@@ -162,26 +164,37 @@ def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypat
 def test_tensorrt_profile_and_builder_config_come_from_the_settings():
     chosen = settings_from(batch="2,4,16", seq="8,64,256")
     io = IO["encode"]
-    shapes = plan.profile_shapes(chosen, io)
+    shapes = plan.profile_shapes(chosen, "model", io)
     assert shapes == {
         name: ((2, 8), (4, 64), (16, 256))
         for name in ("input_ids", "attention_mask", "token_type_ids")
     }
-    profile = plan.make_profile(chosen, io)
+    profile = plan.make_profile(chosen, "model", io)
     assert profile["input_ids"].min == (2, 8) and profile["input_ids"].max == (16, 256)
-    config = plan.make_builder_config(chosen, io)
+    config = plan.make_builder_config(chosen, "model", io)
     assert config.fp16 is False
     assert [p["attention_mask"].opt for p in config.profiles] == [(4, 64)]
+
+
+def test_a_dim_without_a_profile_range_is_named():
+    io = {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch_size", "h"]}]}
+    with pytest.raises(plan.TensorRTError, match=r"input pixel_values has dim 'h'.*PROFILE_DIMS"):
+        plan.profile_shapes(settings_from(), "model", io)
 
 
 FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128}
 
 
+def ios_of(chosen) -> dict:
+    """Every exported part described alike (the render only needs names, types and dims)."""
+    return {part: IO[chosen.task.name] for part in chosen.task.onnx_parts}
+
+
 def render_all(chosen) -> dict:
-    context = pbtxt.render_context(chosen, IO[chosen.task.name], FACTS)
     configs = {}
     for part in chosen.triton_models:
-        text = pbtxt.render(part, {**context, "model_name": chosen.triton_models[part]})
+        context = pbtxt.part_context(chosen, part, ios_of(chosen), FACTS)
+        text = pbtxt.render(pbtxt.template_name(chosen, part), context)
         configs[part] = pbtxt.parse_config(text, part)
     return configs
 
@@ -211,6 +224,50 @@ def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
     assert [o.name for o in tokenizer.output][:2] == ["input_ids", "attention_mask"]
     assert tokenizer.parameters["max_seq"].string_value == "128"
     assert tokenizer.parameters["min_seq"].string_value == "2"
+
+
+@pytest.mark.parametrize("task", ["t5", "causallm"])
+def test_with_decoder_models_the_loop_calls_each_exported_file_through_bls(task):
+    chosen = settings_from(task=task, decoder="models", batch="1,4,16")
+    configs = render_all(chosen)
+    parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
+    assert pbtxt.check_wiring(configs["ensemble"], parts) == []
+    assert pbtxt.check_step_models(configs["generate"], parts) == []
+    steps = json.loads(configs["generate"].parameters["step_models"].string_value)
+    assert list(steps) == list(chosen.task.onnx_parts)
+    for part, step in steps.items():
+        model = configs[part]
+        assert step["model"] == model.name == chosen.triton_models[part]
+        assert model.backend == "python" and model.max_batch_size == 16
+        assert [i.name for i in model.input] == step["inputs"]
+    # a step model that does not take what the loop sends is caught before serving
+    first = configs[chosen.task.onnx_parts[0]]
+    first.input[0].name = "renamed"
+    problems = pbtxt.check_step_models(configs["generate"], parts)
+    assert len(problems) == 1 and f"calls {first.name}" in problems[0]
+
+
+def test_on_a_tensorrt_host_generation_builds_an_engine_per_part_served_by_bls(monkeypatch):
+    monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
+    chosen = settings_from(task="t5", seq="1,32,64")
+    assert (chosen.backend, chosen.decoder, chosen.precision) == ("tensorrt", "models", "fp16")
+    found = tasks_for(monkeypatch, task="t5", seq="1,32,64")
+    assert sorted(t for t in found if t.startswith("plan:")) == [
+        "plan:t5-decoder_model",
+        "plan:t5-decoder_with_past_model",
+        "plan:t5-encoder_model",
+    ]
+    parity = found["parity:t5"]
+    assert {paths.plan_file("t5", p) for p in chosen.task.onnx_parts} <= set(parity["file_dep"])
+    decoder = found["repo:t5_decoder_past"]
+    assert paths.plan_file("t5", "decoder_with_past_model") in decoder["file_dep"]
+    assert paths.repo_version_file("t5_decoder_past", "model.plan") in decoder["targets"]
+    generate = found["repo:t5_generate"]
+    assert not [f for f in generate["targets"] if f.suffix in (".onnx", ".plan")]
+    configs = render_all(chosen)
+    engine = configs["decoder_with_past_model"]
+    assert engine.platform == "tensorrt_plan" and engine.default_model_filename == "model.plan"
+    assert engine.instance_group[0].kind == engine.instance_group[0].KIND_GPU
 
 
 def test_the_model_config_runs_onnx_runtime_in_the_python_backend():
@@ -270,7 +327,7 @@ def test_a_template_typo_fails_against_the_schema():
 def test_a_missing_template_value_fails_the_render():
     from tasks.errors import ConfigError
 
-    context = pbtxt.render_context(settings_from(), IO["encode"], FACTS)
+    context = pbtxt.render_context(settings_from(), {"model": IO["encode"]}, FACTS)
     del context["pad_id"]
     with pytest.raises(ConfigError, match="'pad_id' is undefined"):
         pbtxt.render("tokenizer", {**context, "model_name": "x"})

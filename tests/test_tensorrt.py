@@ -41,3 +41,28 @@ def test_a_plan_is_rebuilt_for_new_shapes_but_not_twice(project):
         project.doit("task=encode", "backend=tensorrt", "batch=1,4,8", "seq=1,32,128").executed
         == []
     )
+
+
+@pytest.mark.parametrize(("task", "family"), [("causallm", "gpt2"), ("t5", "t5")])
+def test_generation_builds_an_engine_per_decoder_that_decodes_as_generate(
+    project, generation_models, task, family
+):
+    from tasks import catalog
+
+    run = project.doit(
+        f"task={task}",
+        f"model={generation_models[family]}",
+        "backend=tensorrt",
+        "precision=fp32",
+        "batch=1,4,8",
+        "seq=1,16,32",
+    )
+    parts = catalog.TASKS[task].onnx_parts
+    assert {f"plan:{task}-{part}" for part in parts} <= set(run.executed)
+    report = json.loads(project.path(paths.parity_report(task)).read_text())
+    assert report["generation"]["equal"] and report["generation_tensorrt"]["equal"]
+    assert all(set(report["files"][part]) == {"onnxruntime", "tensorrt"} for part in parts)
+    for part in parts:
+        model = f"{task}{catalog.PART_SUFFIXES[part]}"
+        assert (project.root / "models" / model / "1" / "model.plan").is_file()
+    assert not list((project.root / "models" / f"{task}_generate" / "1").glob("*.onnx"))

@@ -1,12 +1,15 @@
-"""Decoding with a KV cache over exported ONNX files, on ONNX Runtime: greedy and sampling.
+"""Decoding with a KV cache over the exported files: greedy and sampling.
 
 Runs inside Triton (loaded by triton/generate/model.py) and in the build's generation parity,
 so the loop that is proven equal to Hugging Face `generate()` is the loop that serves.
-Imports only numpy and onnxruntime.
+Imports only numpy (and onnxruntime, for the steps that run on it).
 
-Two kinds of model, as optimum exports them:
-- causal: `model.onnx` (decoder with past; the first step feeds an empty past);
-- seq2seq: `encoder_model.onnx`, `decoder_model.onnx` (first step), `decoder_with_past_model.onnx`.
+Two kinds of model, as the build exports them (unmerged decoders):
+- causal: `decoder_model` (the prompt, no past) then `decoder_with_past_model`;
+- seq2seq: `encoder_model`, `decoder_model` (first step), `decoder_with_past_model`.
+Each part is a *step*: a callable from named arrays to named arrays, with `.inputs` naming
+what it takes. Steps run on ONNX Runtime here (`onnxruntime_steps`), or are other Triton
+models called through BLS (model.py), or TensorRT engines (the build's parity).
 Cache tensors are matched by name: output `present.X` feeds input `past_key_values.X`.
 """
 
@@ -80,27 +83,39 @@ def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
     return scores
 
 
-class Generator:
-    """Decodes batches of prompts with the exported files of one model (see module doc)."""
+class OnnxRuntimeStep:
+    """One exported file on ONNX Runtime (CPU): named arrays in, named arrays out."""
 
-    def __init__(
-        self,
-        kind: str,
-        files: dict[str, Path],
-        eos_ids: list[int],
-        pad_id: int,
-        start_id: int | None = None,
-        threads: int = 0,
-    ) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feed: dict) -> dict:
+        return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+
+
+def onnxruntime_steps(files: dict[str, Path], threads: int = 0) -> dict:
+    return {part: OnnxRuntimeStep(path, threads) for part, path in files.items()}
+
+
+class Generator:
+    """Decodes batches of prompts with the steps (parts) of one model (see module doc)."""
+
+    def __init__(
+        self,
+        kind: str,
+        steps: dict,
+        eos_ids: list[int],
+        pad_id: int,
+        start_id: int | None = None,
+    ) -> None:
         self.kind, self.eos, self.pad_id, self.start_id = kind, set(eos_ids), pad_id, start_id
-        self.sessions = {
-            part: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for part, path in files.items()
-        }
+        self.steps = steps
 
     def generate(
         self,
@@ -144,28 +159,18 @@ class Generator:
         return produced
 
     def _run(self, part: str, feed: dict, cache: dict) -> np.ndarray:
-        """Run one file; feed it the cache it takes, store the cache it gives; return logits."""
-        session = self.sessions[part]
-        names = [i.name for i in session.get_inputs()]
-        full = {**feed, **{n: cache[n[len(PAST) :]] for n in names if n.startswith(PAST)}}
-        outputs = [o.name for o in session.get_outputs()]
-        values = dict(zip(outputs, session.run(outputs, {n: full[n] for n in names})))
+        """Run one step; feed it the cache it takes, store the cache it gives; return logits."""
+        step = self.steps[part]
+        full = {**feed, **{n: cache[n[len(PAST) :]] for n in step.inputs if n.startswith(PAST)}}
+        values = step({n: full[n] for n in step.inputs})
         for name, value in values.items():
             if name.startswith(PRESENT):
                 cache[name[len(PRESENT) :]] = value
         return values["logits"][:, -1, :]
 
-    def _empty_cache(self, part: str, batch: int) -> dict:
-        cache = {}
-        for tensor in self.sessions[part].get_inputs():
-            if tensor.name.startswith(PAST):
-                _, heads, _, size = tensor.shape  # [batch, heads, past length, head size]
-                cache[tensor.name[len(PAST) :]] = np.zeros((batch, heads, 0, size), np.float32)
-        return cache
-
     def _causal_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pad the prompts (as HF generate does), then one token per step."""
-        batch, width = input_ids.shape
+        width = input_ids.shape[1]
         lengths = attention_mask.sum(axis=1)
         ids = np.full_like(input_ids, self.pad_id)
         mask = np.zeros_like(attention_mask)
@@ -173,23 +178,22 @@ class Generator:
             ids[row, width - length :] = input_ids[row, :length]
             mask[row, width - length :] = 1
         positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
-        cache = self._empty_cache("model", batch)
+        cache: dict = {}
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        tokens, active = yield self._run("decoder_model", feed, cache)
         while True:
-            tokens, active = yield self._run("model", feed, cache)
             # A finished row stays where it is: no new position, its new token masked out, so
             # it never runs past the model's positions while the others go on.
             step = active.astype(np.int64)[:, None]
             mask = np.concatenate([mask, step], axis=1)
             positions = positions[:, -1:] + step
             feed = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
+            tokens, active = yield self._run("decoder_with_past_model", feed, cache)
 
     def _seq2seq_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         batch = len(input_ids)
-        encoder = self.sessions["encoder_model"]
-        hidden = encoder.run(
-            ["last_hidden_state"], {"input_ids": input_ids, "attention_mask": attention_mask}
-        )[0]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        hidden = self.steps["encoder_model"](feed)["last_hidden_state"]
         cache: dict = {}
         feed = {
             "encoder_attention_mask": attention_mask,

@@ -5,8 +5,10 @@ Inputs: `input_ids`, `attention_mask` (from the tokenizer step) and the optional
 TOP_K and TOP_P for greedy). Outputs: `OUTPUT_TEXT` (the new text only) and `OUTPUT_IDS`
 (the new token ids, padded with -1). All rows of all requests that arrive together decode
 together; a request with bad parameters gets an error and the others go on.
-The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file. Imports only numpy,
-onnxruntime, tokenizers and Triton's utilities.
+The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file; or, with the
+`step_models` parameter (decoder=models, and always on TensorRT), each exported file is a Triton
+model of the deployment that the loop calls through BLS. Imports only numpy, onnxruntime,
+tokenizers and Triton's utilities.
 
 The same code, configured decoupled and with `weights_from`, is `<name>_stream`: it takes
 TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).
@@ -35,6 +37,27 @@ def _load_decoding():
 decoding = _load_decoding()
 
 
+class BlsStep:
+    """A decoding step served by another Triton model (a TensorRT engine, an ONNX file),
+    called through BLS; its outputs are asked for in CPU memory, for the numpy loop."""
+
+    def __init__(self, model: str, inputs: list, outputs: list) -> None:
+        self.model, self.inputs, self.outputs = model, inputs, outputs
+        self.memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+    def __call__(self, feed: dict) -> dict:
+        request = pb_utils.InferenceRequest(
+            model_name=self.model,
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feed[n])) for n in self.inputs],
+            requested_output_names=self.outputs,
+            preferred_memory=self.memory,
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.model}: {response.error().message()}")
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.outputs}
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -52,13 +75,18 @@ class TritonPythonModel:
         self.kind = params["kind"]
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         start = params["decoder_start_token_id"]
+        step_models = json.loads(params["step_models"])
+        if step_models:  # decoder=models: each exported file is a Triton model of its own
+            steps = {part: BlsStep(**step) for part, step in step_models.items()}
+        else:
+            files = {part: version_dir / f"{part}.onnx" for part in json.loads(params["parts"])}
+            steps = decoding.onnxruntime_steps(files, int(params["intra_op_threads"]))
         self.generator = decoding.Generator(
             self.kind,
-            {part: version_dir / f"{part}.onnx" for part in json.loads(params["parts"])},
+            steps,
             eos_ids=json.loads(params["eos_token_ids"]),
             pad_id=int(params["pad_token_id"]),
             start_id=int(start),
-            threads=int(params["intra_op_threads"]),
         )
 
     def _optional(self, request, name, rows, default, cast):
@@ -192,7 +220,7 @@ class TritonPythonModel:
         if rows:
             try:
                 self._decode(rows, responses)
-            except Exception as err:  # ONNX Runtime errors: fail these requests, keep serving
+            except Exception as err:  # ONNX Runtime or BLS errors: fail these, keep serving
                 for index in {i for i, _, _ in rows}:
                     error = pb_utils.TritonError(f"generation failed: {err}")
                     responses[index] = pb_utils.InferenceResponse(error=error)
