@@ -106,15 +106,29 @@ def components(settings: Settings) -> list[Component]:
     return found
 
 
-def remove_other_parts(settings: Settings) -> None:
-    """Parts of an earlier build of this name for another task (`_post` after seqcls -> encode)
-    would still be loaded by Triton: remove them."""
+def other_parts(settings: Settings) -> list[Path]:
+    """Repository folders and rendered configs of this name's parts that this deployment does
+    not have: left by an earlier build for another task or decoder (`_post` after seqcls ->
+    encode, `_decoder` after decoder=models -> inline)."""
     wanted = set(settings.triton_models.values())
-    for suffix in catalog.PART_SUFFIXES.values():
-        folder = paths.repo_model_dir(f"{settings.name}{suffix}")
-        if folder.name not in wanted and folder.is_dir():
-            print(f"repo: removing {folder.relative_to(paths.ROOT)} (not part of this task)")
-            shutil.rmtree(folder)
+    found = []
+    for part, suffix in catalog.PART_SUFFIXES.items():
+        if f"{settings.name}{suffix}" not in wanted:
+            found += [
+                paths.repo_model_dir(f"{settings.name}{suffix}"),
+                paths.rendered_config(settings.name, part),
+            ]
+    return found
+
+
+def remove_other_parts(settings: Settings) -> None:
+    """Triton would still load them: remove them."""
+    for path in other_parts(settings):
+        if path.is_dir():
+            print(f"repo: removing {path.relative_to(paths.ROOT)} (not part of this deployment)")
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def install(component: Component, config_source: Path) -> None:
@@ -157,6 +171,23 @@ def task_repo():
                 paths.stage_module("repo"),
             ],
             "targets": targets,
-            "uptodate": [config_changed({"files": [f for _, f in component.files]})],
-            "clean": [(artifacts.remove_artifacts, [targets])],
+            "uptodate": [
+                config_changed(
+                    {
+                        "files": [f for _, f in component.files],
+                        # the ensemble's run removes parts of other deployments of this name
+                        **(
+                            {"models": list(settings.triton_models.values())}
+                            if component.part == "ensemble"
+                            else {}
+                        ),
+                    }
+                )
+            ],
+            "clean": [
+                (
+                    artifacts.remove_artifacts,
+                    [targets, other_parts(settings) if component.part == "ensemble" else []],
+                )
+            ],
         }

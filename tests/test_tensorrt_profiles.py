@@ -75,3 +75,26 @@ def test_profiles_cover_every_shape_decoding_feeds(exported, task):
         for name, (_, _, high) in profile.items():
             reached = np.max([feed[name] for feed in seen[part]], axis=0)
             assert tuple(reached) == high, (part, name)
+
+
+def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(
+    exported, generation_models
+):
+    """The step models of decoder=models would still be loaded by Triton after a switch."""
+    common = ("task=t5", f"model={generation_models['t5']}", f"seq={SEQ}")
+    exported.doit(*common, "decoder=models")
+    models = exported.root / "models"
+    assert (models / "t5_decoder_past" / "1" / "model.onnx").is_file()
+    exported.doit(*common)  # back to inline
+    assert sorted(p.name for p in models.iterdir() if p.name.startswith("t5")) == [
+        "t5",
+        "t5_generate",
+        "t5_stream",
+        "t5_tokenizer",
+    ]
+    assert not (exported.root / "model_zoo/t5/pbtxt/decoder_model.pbtxt").exists()
+    exported.doit(*common, "decoder=models")
+    exported.doit("clean", *common)  # with the other decoder's variables: still everything
+    exported.doit("clean", "task=causallm", f"model={generation_models['gpt2']}", f"seq={SEQ}")
+    left = exported.git("status", "--ignored", "--short").split("\n")
+    assert [line for line in left if line and ".doit.db" not in line] == []
