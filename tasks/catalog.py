@@ -267,11 +267,12 @@ TENSORRT_WORKSPACE_MIB = 2048
 
 # TensorRT profiles. Each symbolic dim of an exported file's inputs names a range, per part;
 # a dim written "a + b" spans the sum of both ranges. plan.dim_ranges gives the ranges:
-#   batch  the `batch` profile          prompt  the `seq` profile (tokens in a prompt)
-#   one    a single token               causal_past / seq2seq_past  the cache lengths a
-#   decoding loop feeds, up to a MAX-token prompt and MAX new tokens (see plan.dim_ranges)
+#   batch   the `batch` profile        tokens  the `seq` profile (the tokenizer pads to MIN)
+#   prompt  1 to the `seq` MAX (a generation prompt, as long as it is)    one  a single token
+#   causal_past / seq2seq_past  the cache lengths a decoding loop feeds, up to a MAX-token
+#   prompt and MAX new tokens (see plan.dim_ranges)
 PROFILE_DIMS: dict[str, dict[str, str]] = {
-    "model": {"batch_size": "batch", "sequence_length": "prompt"},
+    "model": {"batch_size": "batch", "sequence_length": "tokens"},
     "encoder_model": {"batch_size": "batch", "encoder_sequence_length": "prompt"},
     "decoder_model": {
         "batch_size": "batch",

@@ -121,7 +121,6 @@ def export(settings: Settings) -> None:
                     opset=settings.opset,
                     local_files_only=True,
                     do_validation=False,
-                    no_post_process=True,  # no merged decoder: its `If` blocks TensorRT
                     library_name="transformers",
                     custom_onnx_configs=custom or None,
                 )

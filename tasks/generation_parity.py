@@ -42,7 +42,8 @@ class TensorRTStep:
         self.inputs = list(self.runner.get_input_metadata().keys())
 
     def __call__(self, feed: dict) -> dict:
-        return dict(self.runner.infer(feed))
+        # copies: the runner reuses its output buffers on the next call
+        return {name: array.copy() for name, array in self.runner.infer(feed).items()}
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -54,7 +55,14 @@ def make_generator(settings: Settings, facts: dict, engines: bool = False):
     decoding = load_decoding()
     parts = settings.task.onnx_parts
     if engines:
-        steps = {part: TensorRTStep(paths.plan_file(settings.name, part)) for part in parts}
+        steps = {}
+        try:
+            for part in parts:
+                steps[part] = TensorRTStep(paths.plan_file(settings.name, part))
+        except Exception:
+            for step in steps.values():
+                step.close()
+            raise
     else:
         steps = decoding.onnxruntime_steps(
             {part: paths.onnx_file(settings.name, part) for part in parts}

@@ -15,36 +15,46 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import TensorRTError, fails_cleanly
+from tasks.pbtxt import checkpoint_facts
 from tasks.settings import Settings, current
 
 Range = tuple[int, int, int]
 
 
-def dim_ranges(settings: Settings) -> dict[str, Range]:
+def dim_ranges(settings: Settings, max_positions: int = 0) -> dict[str, Range]:
     """(min, opt, max) of each kind of dim (catalog.PROFILE_DIMS names them).
 
-    Decoding a prompt of W tokens into N new ones: the first step (decoder_model) makes token
-    1; token n > 1 comes from decoder_with_past_model reading a cache of W + n - 2 tokens
-    (causal: prompt and new tokens) or n - 1 tokens (seq2seq: new tokens; the prompt is in
-    the encoder's cache). W and N are at most the `seq` profile's MAX."""
+    Encoder tasks: the tokenizer pads to the `seq` profile's MIN, so `tokens` is that profile.
+    Generation: the loop sends prompts as they are (padded to the longest of the batch), so a
+    `prompt` may be shorter than MIN. Decoding a prompt of W tokens into N new ones: the first
+    step (decoder_model) makes token 1; token n > 1 comes from decoder_with_past_model reading
+    a cache of W + n - 2 tokens (causal: prompt and new tokens) or n - 1 tokens (seq2seq: new
+    tokens; the prompt is in the encoder's cache). W and N are at most the `seq` profile's
+    MAX, and a causal model's W + N at most its `max_positions` (the server refuses more)."""
 
     def span(low: int, opt: int, high: int) -> Range:
         high = max(high, low)
         return (low, min(max(opt, low), high), high)
 
     seq, new = settings.seq, settings.max_new_tokens
+    causal_cache = seq.max + new - 2
+    if max_positions:
+        causal_cache = min(causal_cache, max_positions - 2)
     return {
         "batch": settings.batch.points(),
-        "prompt": seq.points(),
+        "tokens": seq.points(),
+        "prompt": span(1, seq.opt, seq.max),
         "one": (1, 1, 1),
-        "causal_past": span(1, seq.opt, seq.max + new - 2),
+        "causal_past": span(1, seq.opt, causal_cache),
         "seq2seq_past": span(1, min(seq.opt, new - 1), new - 1),
     }
 
 
-def profile_shapes(settings: Settings, part: str, io: dict) -> dict[str, tuple[tuple, ...]]:
+def profile_shapes(
+    settings: Settings, part: str, io: dict, max_positions: int = 0
+) -> dict[str, tuple[tuple, ...]]:
     """Input name -> (min, opt, max) shapes of one exported part, from its symbolic dims."""
-    table, ranges = catalog.PROFILE_DIMS.get(part, {}), dim_ranges(settings)
+    table, ranges = catalog.PROFILE_DIMS.get(part, {}), dim_ranges(settings, max_positions)
     shapes = {}
     for tensor in io["inputs"]:
         per_dim = []
@@ -64,22 +74,24 @@ def profile_shapes(settings: Settings, part: str, io: dict) -> dict[str, tuple[t
     return shapes
 
 
-def make_profile(settings: Settings, part: str, io: dict):
+def make_profile(settings: Settings, part: str, io: dict, max_positions: int = 0):
     from polygraphy.backend.trt import Profile
 
     profile = Profile()
-    for name, (low, opt, high) in profile_shapes(settings, part, io).items():
+    for name, (low, opt, high) in profile_shapes(settings, part, io, max_positions).items():
         profile.add(name, min=low, opt=opt, max=high)
     return profile
 
 
-def make_builder_config(settings: Settings, part: str, io: dict, memory_pool_limits=None):
+def make_builder_config(
+    settings: Settings, part: str, io: dict, max_positions: int = 0, memory_pool_limits=None
+):
     """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit."""
     from polygraphy.backend.trt import CreateConfig
 
     return CreateConfig(
         fp16=settings.precision == "fp16",
-        profiles=[make_profile(settings, part, io)],
+        profiles=[make_profile(settings, part, io, max_positions)],
         memory_pool_limits=memory_pool_limits,
     )
 
@@ -111,11 +123,12 @@ def build_engine(settings: Settings, part: str) -> None:
     source = paths.onnx_file(name, part)
     artifacts.load_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
+    positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
-    config = make_builder_config(settings, part, io, memory_pool_limits=limits)
+    config = make_builder_config(settings, part, io, positions, memory_pool_limits=limits)
     print(
         f"plan: building a {settings.precision} engine of {part} (TensorRT {trt.__version__}); "
-        f"profile {profile_shapes(settings, part, io)}",
+        f"profile {profile_shapes(settings, part, io, positions)}",
         flush=True,
     )
     engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
@@ -154,6 +167,7 @@ def task_plan():
             "file_dep": [
                 paths.onnx_file(name, part),
                 paths.onnx_io(name, part),
+                paths.source_manifest(name),  # max_positions caps a causal LM's cache
                 paths.stage_module("plan"),
             ],
             "targets": targets,

@@ -25,7 +25,7 @@ VARIABLES = {
     "revision": "Hub revision to download (default main)",
     "batch": "MIN,OPT,MAX batch sizes (default 1,8,32)",
     "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
-    "precision": "fp32 | fp16 (default fp16 on TensorRT, else fp32)",
+    "precision": "fp32 | fp16 (default fp16 on TensorRT for encoder tasks, else fp32)",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
     "decoder": "generation: inline (ONNX Runtime inside the generate model; backend=python) | "
     "models (each exported file a Triton model, called through BLS; the only choice on "
@@ -346,7 +346,11 @@ def load_settings(get_var) -> Settings:
             "use backend=python (ONNX Runtime inside Triton) or build on a GPU host "
             "(see the Dockerfile)"
         )
-    precision = get_var("precision", "fp16" if backend == "tensorrt" else "fp32")
+    # fp16 engines by default, but not for generation: greedy parity is token for token, and
+    # fp16 flips near-ties (and overflows in T5); ask for precision=fp16 to try it
+    precision = get_var(
+        "precision", "fp16" if backend == "tensorrt" and not spec.generation else "fp32"
+    )
     _choose("precision", precision, catalog.PRECISIONS)
     if precision == "fp16" and backend != "tensorrt":
         raise SettingsError(

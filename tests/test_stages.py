@@ -250,7 +250,7 @@ def test_with_decoder_models_the_loop_calls_each_exported_file_through_bls(task)
 def test_on_a_tensorrt_host_generation_builds_an_engine_per_part_served_by_bls(monkeypatch):
     monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
     chosen = settings_from(task="t5", seq="1,32,64")
-    assert (chosen.backend, chosen.decoder, chosen.precision) == ("tensorrt", "models", "fp16")
+    assert (chosen.backend, chosen.decoder, chosen.precision) == ("tensorrt", "models", "fp32")
     found = tasks_for(monkeypatch, task="t5", seq="1,32,64")
     assert sorted(t for t in found if t.startswith("plan:")) == [
         "plan:t5-decoder_model",

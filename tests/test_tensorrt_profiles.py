@@ -8,6 +8,8 @@ files, records every feed, and checks it against `plan.profile_shapes`: no Tenso
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,15 @@ from tasks import artifacts, paths, plan
 from tests.conftest import copy_project
 from tests.test_settings import settings_from
 
-SEQ = "1,6,12"  # MAX prompt tokens = MAX new tokens = 12
+SEQ = "4,6,12"  # MIN 4: prompts may still be shorter; MAX prompt = MAX new tokens = 12
 CASES = {"causallm": "gpt2", "t5": "t5"}
+WIDEST = {  # batch, width, prompt lengths, new tokens: the longest prompt, the most tokens
+    "causallm": (4, 12, [12, 3, 1, 7], [12, 2, 12, 1]),
+    "t5": (4, 12, [12, 3, 1, 7], [12, 2, 12, 1]),
+    # a model's positions cap the cache: 100 + 28 new tokens fill GPT-2's 128
+    "causallm-positions": (4, 100, [100, 3, 1, 7], [28, 2, 28, 1]),
+}
+SMALLEST = (1, 1, [1], [2])  # a one-token prompt (below MIN) that reaches the cached step
 
 
 class Recorder:
@@ -38,11 +47,17 @@ def exported(tmp_path_factory, generation_models):
     return project
 
 
-@pytest.mark.parametrize("task", sorted(CASES))
-def test_profiles_cover_every_shape_decoding_feeds(exported, task):
+@pytest.mark.parametrize("case", sorted(WIDEST))
+def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generation_models, case):
     from tasks.generation_parity import load_decoding
 
-    chosen = settings_from(task=task, seq=SEQ, batch="1,2,4")
+    task = case.split("-")[0]
+    positions = 0
+    if case.endswith("positions"):
+        config = json.loads((generation_models[CASES[task]] / "config.json").read_text())
+        positions = config["n_positions"]  # as build_engine reads it from the checkpoint
+    seq = "1,50,100" if positions else SEQ
+    chosen = settings_from(task=task, seq=seq, batch="1,2,4")
     decoding = load_decoding()
     seen = {part: [] for part in chosen.task.onnx_parts}
     steps = {
@@ -52,12 +67,8 @@ def test_profiles_cover_every_shape_decoding_feeds(exported, task):
         for part in chosen.task.onnx_parts
     }
     generator = decoding.Generator(chosen.task.generation, steps, eos_ids=[], pad_id=0, start_id=0)
-    most = chosen.max_new_tokens
     rng = np.random.default_rng(0)
-    for batch, width, lengths, new in [
-        (4, 12, [12, 3, 1, 7], [most, 2, most, 1]),  # the longest prompt, the most new tokens
-        (1, 1, [1], [2]),  # the smallest that reaches the cached step
-    ]:
+    for batch, width, lengths, new in (WIDEST[case], SMALLEST):
         ids = rng.integers(3, 200, (batch, width)).astype(np.int64)
         mask = (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
         produced = generator.generate(ids, mask, [decoding.RowParams(n) for n in new])
@@ -65,16 +76,17 @@ def test_profiles_cover_every_shape_decoding_feeds(exported, task):
 
     for part in chosen.task.onnx_parts:
         io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
-        profile = plan.profile_shapes(chosen, part, io)
+        profile = plan.profile_shapes(chosen, part, io, positions)
         assert set(profile) == set(seen[part][0])
         for feed in seen[part]:
             for name, shape in feed.items():
                 low, _, high = profile[name]
                 assert all(a <= d <= b for a, d, b in zip(low, shape, high)), (part, name, shape)
-        # the bounds are tight: the longest case reaches every maximum
-        for name, (_, _, high) in profile.items():
-            reached = np.max([feed[name] for feed in seen[part]], axis=0)
-            assert tuple(reached) == high, (part, name)
+        # the bounds are tight: the widest case reaches every maximum, the smallest every minimum
+        for name, (low, _, high) in profile.items():
+            shapes = [feed[name] for feed in seen[part]]
+            assert tuple(np.max(shapes, axis=0)) == high, (part, name)
+            assert tuple(np.min(shapes, axis=0)) == low, (part, name)
 
 
 def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(
