@@ -26,13 +26,40 @@ from tasks.settings import Settings, current
 WARMUP_SECONDS = 1.0
 
 
-def bench_texts(spec: catalog.TaskSpec) -> list[tuple[str, ...]]:
-    """Realistic inputs of mixed lengths: one text per ensemble input, per request."""
+def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
+    """Realistic inputs of mixed lengths: one text per ensemble input, per request.
+
+    Generation refuses a prompt it would have to cut (never truncates it), so on a generation
+    task only the texts this deployment takes are sent, by every system alike."""
+    spec = settings.task
     sentences = list(catalog.SAMPLE_TEXTS)
     texts = [*sentences, *(" ".join(sentences[i : i + n]) for n in (2, 4) for i in range(4))]
     if len(spec.text_inputs) == 2:
         return [(q, t) for q, t in zip(itertools.cycle(catalog.SAMPLE_QUESTIONS), texts)]
-    return [(t,) for t in texts]
+    if not spec.generation:
+        return [(t,) for t in texts]
+    from tokenizers import Tokenizer
+
+    from tasks.pbtxt import checkpoint_facts
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    longest = settings.seq.max
+    positions = checkpoint_facts(settings.name)["max_positions"]
+    if spec.generation == "causal" and positions:
+        longest = min(longest, positions - new_tokens(settings))
+    fitting = [(t,) for t in texts if len(tokenizer.encode(t).ids) <= longest]
+    if not fitting:
+        raise BuildError(
+            f"no benchmark text fits a prompt of {longest} tokens (seq=MIN,OPT,MAX); "
+            "bench a deployment built with a larger MAX"
+        )
+    print(f"bench: {len(fitting)} of {len(texts)} texts fit a prompt of {longest} tokens")
+    return fitting
+
+
+def new_tokens(settings: Settings) -> int:
+    """New tokens per request on a generation task, every system alike."""
+    return min(catalog.BENCH_NEW_TOKENS, settings.max_new_tokens)
 
 
 def summarize(latencies: list[float], elapsed: float, errors: int, concurrency: int) -> dict:
@@ -83,7 +110,7 @@ def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None)
                 good = work(state, text)
             except Exception as err:  # every failure counts, and the first few are shown
                 good = False
-                failures.append(repr(err)[:200])
+                failures.append(f"{type(err).__name__}: {err}"[:200])
             ended = time.perf_counter()
             with lock:
                 clock["last"] = max(clock["last"], ended)
@@ -152,7 +179,7 @@ def triton_work(settings: Settings, protocol: str, url: str):
             inputs.append(tensor)
         if spec.generation:
             tensor = client_module.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
-            tensor.set_data_from_numpy(np.array([[catalog.BENCH_NEW_TOKENS]], dtype=np.int32))
+            tensor.set_data_from_numpy(np.array([[new_tokens(settings)]], dtype=np.int32))
             inputs.append(tensor)
         result = state["client"].infer(settings.name, inputs)
         return good_answer([result.as_numpy(name) for name in outputs])
@@ -178,7 +205,7 @@ def onnxruntime_work(settings: Settings):
         def generate(state: dict, text: tuple[str, ...]) -> bool:
             ids = np.array([tokenizer.encode(text[0]).ids], dtype=np.int64)
             out = generator.generate(
-                ids, np.ones_like(ids), [decoding.RowParams(catalog.BENCH_NEW_TOKENS)]
+                ids, np.ones_like(ids), [decoding.RowParams(new_tokens(settings))]
             )
             return len(out[0]) >= 1
 
@@ -212,7 +239,7 @@ def pytorch_work(settings: Settings):
             if settings.task.generation:
                 out = model.generate(
                     **batch,
-                    max_new_tokens=catalog.BENCH_NEW_TOKENS,
+                    max_new_tokens=new_tokens(settings),
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id or 0,
                 )
@@ -259,7 +286,7 @@ def run(settings: Settings) -> None:
     from tasks.serve import EmbeddedTritonServer, http_ready
 
     bench, endpoints = settings.bench, settings.endpoints
-    texts = bench_texts(settings.task)
+    texts = bench_texts(settings)
     url = f"{endpoints.host}:{endpoints.http_port}"
     grpc_url = f"{endpoints.host}:{endpoints.grpc_port}"
     server = None

@@ -23,7 +23,7 @@ def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
     point = bench.closed_loop(work, concurrency=2, seconds=0.3, texts=[("a",), ("b",)])
     assert point["requests"] + point["errors"] == len(calls)
     assert point["errors"] >= len(calls) * 2 // 3 - 2
-    assert point["first_errors"] == ["ConnectionError('server went away')"]
+    assert point["first_errors"] == ["ConnectionError: server went away"]
     assert 0.9 * point["requests"] / 0.3 <= point["throughput"] <= 1.5 * point["requests"] / 0.3
 
 
@@ -87,3 +87,27 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     project.doit("task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128", "clean")
     left = project.git("status", "--porcelain", "--ignored", "--untracked-files=all").splitlines()
     assert [line for line in left if ".doit.db" not in line and "__pycache__" not in line] == []
+
+
+@pytest.mark.server
+def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, generation_models):
+    """Generation refuses a prompt longer than the max seq: the bench must not count those
+    refusals as the server's failures, nor let the baselines truncate them."""
+    from tasks.serve import free_port
+
+    ports = sorted({free_port() for _ in range(6)})[:3]
+    run = project.doit(
+        "task=causallm",
+        f"model={generation_models['gpt2']}",
+        "seq=1,16,32",
+        "bench",
+        "seconds=0.5",
+        "concurrency=1",
+        f"http_port={ports[0]}",
+        f"grpc_port={ports[1]}",
+        f"metrics_port={ports[2]}",
+    )
+    assert "texts fit a prompt of 32 tokens" in run.output
+    report = json.loads(project.path(paths.bench_report("causallm")).read_text())
+    assert 0 < report["texts"] < 16 and report["errors"] == 0
+    assert all(p["requests"] > 0 for points in report["systems"].values() for p in points)
