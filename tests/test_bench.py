@@ -50,21 +50,20 @@ def test_an_answer_is_good_only_when_complete_and_finite():
     assert not bench.good_answer([np.ones((2, 4))])  # one text sent, one row expected
 
 
-@pytest.mark.server
-def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
+def doit_bench(project, *variables: str):
+    """A short `doit bench` on free ports."""
     from tasks.serve import free_port
 
-    ports = sorted({free_port() for _ in range(6)})[:3]
-    run = project.doit(
-        "task=encode",
-        f"model={tiny_roberta_dir}",
-        "seq=1,16,128",
-        "bench",
-        "seconds=0.5",
-        "concurrency=1,2",
-        f"http_port={ports[0]}",
-        f"grpc_port={ports[1]}",
-        f"metrics_port={ports[2]}",
+    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
+    ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")
+    # defaults first: a variable given twice takes its last value
+    return project.doit("seconds=0.5", "concurrency=1", *variables, *ports, "bench")
+
+
+@pytest.mark.server
+def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
+    run = doit_bench(
+        project, "task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128", "concurrency=1,2"
     )
     assert "bench: triton grpc concurrency 2:" in run.output
     report = json.loads(project.path(paths.bench_report("encode")).read_text())
@@ -93,20 +92,7 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
 def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, generation_models):
     """Generation refuses a prompt longer than the max seq: the bench must not count those
     refusals as the server's failures, nor let the baselines truncate them."""
-    from tasks.serve import free_port
-
-    ports = sorted({free_port() for _ in range(6)})[:3]
-    run = project.doit(
-        "task=causallm",
-        f"model={generation_models['gpt2']}",
-        "seq=1,16,32",
-        "bench",
-        "seconds=0.5",
-        "concurrency=1",
-        f"http_port={ports[0]}",
-        f"grpc_port={ports[1]}",
-        f"metrics_port={ports[2]}",
-    )
+    run = doit_bench(project, "task=causallm", f"model={generation_models['gpt2']}", "seq=1,16,32")
     assert "texts fit a prompt of 32 tokens" in run.output
     report = json.loads(project.path(paths.bench_report("causallm")).read_text())
     assert 0 < report["texts"] < 16 and report["errors"] == 0
