@@ -3,7 +3,9 @@ gRPC and HTTP) against what they would run instead, on the same texts, in one ru
 
 - `triton`: our load generator on tritonclient (Python threads, one text per request, a
   closed loop per worker): a concurrency sweep with a fixed time per point, every response
-  checked (every output present, one row, finite numbers), errors counted;
+  checked (every output present, one row, finite numbers), errors counted; or, with
+  `loadgen=perf_analyzer`, NVIDIA's C++ load generator (tasks/perf_analyzer.py), which takes
+  next to no CPU from the server it measures;
 - `onnxruntime`: the same tokenizer and ONNX file in-process, the same concurrency (threads
   calling one session): the limit for the CPU backend;
 - `pytorch`: the Hugging Face model in-process, one request at a time.
@@ -310,6 +312,11 @@ def run(settings: Settings) -> None:
     systems = {"triton": [], "onnxruntime": [], "pytorch": []}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):
+            if bench.loadgen == "perf_analyzer":
+                from tasks import perf_analyzer
+
+                systems["triton"] += perf_analyzer.sweep(settings, protocol, address, texts)
+                continue
             setup, work = triton_work(settings, protocol, address)
             systems["triton"] += sweep(
                 f"triton {protocol}",
@@ -338,8 +345,7 @@ def run(settings: Settings) -> None:
     report = {
         "deployment": settings.name,
         "task": settings.task.name,
-        "load_generator": "llm-in-triton's own, on tritonclient: Python threads, one text per "
-        "request, closed loop per worker, every response checked",
+        "load_generator": load_generator(bench.loadgen),
         "texts": len(texts),
         "seconds_per_point": bench.seconds,
         "systems": systems,
@@ -363,6 +369,17 @@ def run(settings: Settings) -> None:
             f"{errors} requests failed during the benchmark; see "
             f"{paths.bench_report(settings.name).relative_to(paths.ROOT)}"
         )
+
+
+def load_generator(loadgen: str) -> str:
+    if loadgen == "perf_analyzer":
+        from tasks.perf_analyzer import LOAD_GENERATOR
+
+        return LOAD_GENERATOR
+    return (
+        "llm-in-triton's own, on tritonclient: Python threads, one text per request, closed "
+        "loop per worker, every response checked"
+    )
 
 
 def summary(systems: dict) -> dict:

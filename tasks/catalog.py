@@ -115,6 +115,9 @@ GENERATION_PROMPTS = (
     "Numbers like 3.14159 and dates like 2026-11-24 are",
 )
 GENERATION_PARITY_NEW_TOKENS = 8
+# `doit bench loadgen=perf_analyzer`: the tritonclient release of the bundled tritonserver,
+# whose manylinux wheel carries the perf_analyzer binary.
+PERF_ANALYZER_RELEASE = "2.51.0"
 BENCH_NEW_TOKENS = 8  # `doit bench` on a generation task: new tokens per request, every system
 
 # Extra tokenizer outputs when a task reads long texts in overlapping windows.

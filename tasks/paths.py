@@ -6,6 +6,7 @@ Artifacts are files (never folders) so doit can track them and `doit clean` can 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,9 @@ DEP_FILE = ROOT / ".doit.db"
 SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+# Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
+TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"
 
 # Directories the build may create below; `doit clean` prunes empty ones up to these roots.
 ARTIFACT_ROOTS = (MODEL_ZOO, MODELS)
@@ -87,6 +91,11 @@ def plan_record(name: str, part: str = "model") -> Path:
 
 def parity_report(name: str) -> Path:
     return zoo_dir(name) / "parity.json"
+
+
+def perf_analyzer_dir(release: str) -> Path:
+    """NVIDIA's perf_analyzer binary and the library links it needs (`doit bench`)."""
+    return TOOLS_CACHE / f"perf_analyzer-{release}"
 
 
 def bench_dir(name: str) -> Path:

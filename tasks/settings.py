@@ -37,6 +37,8 @@ VARIABLES = {
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
     "seconds": "`doit bench`: seconds per point (default 5)",
+    "loadgen": "`doit bench`: python (ours, every answer checked) | perf_analyzer (NVIDIA's, "
+    "C++, fetched once) (default python)",
     "host": "address `doit serve` binds (default 127.0.0.1)",
     "http_port": "HTTP port of `doit serve` (default 8000)",
     "grpc_port": "gRPC port of `doit serve` (default 8001)",
@@ -45,6 +47,7 @@ VARIABLES = {
 
 SERVERS = ("embedded", "docker")
 DECODERS = ("inline", "models")
+LOADGENS = ("python", "perf_analyzer")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -185,6 +188,7 @@ class Bench:
 
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     seconds: float = 5.0
+    loadgen: str = "python"  # or perf_analyzer
 
     @classmethod
     def parse(cls, get_var) -> Bench:
@@ -197,7 +201,8 @@ class Bench:
             seconds = -1.0
         if not 0 < seconds <= 3600:
             raise SettingsError(f"seconds={text}: expected seconds per point, e.g. seconds=2")
-        return cls(concurrency=concurrency, seconds=seconds)
+        loadgen = _choose("loadgen", get_var("loadgen", cls.loadgen), LOADGENS)
+        return cls(concurrency=concurrency, seconds=seconds, loadgen=loadgen)
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,13 @@ class DoitRun:
 class Project:
     root: Path
 
-    def doit(self, *args: str, check: bool = True, timeout: float = 900) -> DoitRun:
+    def doit(
+        self, *args: str, check: bool = True, timeout: float = 900, environment=None
+    ) -> DoitRun:
         proc = subprocess.run(
             [sys.executable, "-m", "doit", *args],
             cwd=self.root,
-            env={**os.environ, **OFFLINE_ENV},
+            env={**os.environ, **OFFLINE_ENV, **(environment or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -50,14 +50,16 @@ def test_an_answer_is_good_only_when_complete_and_finite():
     assert not bench.good_answer([np.ones((2, 4))])  # one text sent, one row expected
 
 
-def doit_bench(project, *variables: str):
+def doit_bench(project, *variables: str, environment=None):
     """A short `doit bench` on free ports."""
     from tasks.serve import free_port
 
     http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
     ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")
     # defaults first: a variable given twice takes its last value
-    return project.doit("seconds=0.5", "concurrency=1", *variables, *ports, "bench")
+    return project.doit(
+        "seconds=0.5", "concurrency=1", *variables, *ports, "bench", environment=environment
+    )
 
 
 @pytest.mark.server
@@ -97,3 +99,22 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
     report = json.loads(project.path(paths.bench_report("causallm")).read_text())
     assert 0 < report["texts"] < 16 and report["errors"] == 0
     assert all(p["requests"] > 0 for points in report["systems"].values() for p in points)
+
+
+@pytest.mark.server
+def test_bench_with_perf_analyzer_reports_its_points(project, tiny_roberta_dir, tmp_path):
+    """NVIDIA's perf_analyzer, fetched from the tritonclient wheel of the server's release."""
+    run = doit_bench(
+        project,
+        "task=encode",
+        f"model={tiny_roberta_dir}",
+        "seq=1,16,128",
+        "loadgen=perf_analyzer",
+        environment={"XDG_CACHE_HOME": str(tmp_path / "cache")},  # a fresh fetch
+    )
+    assert "bench: triton grpc (perf_analyzer) concurrency 1:" in run.output
+    report = json.loads(project.path(paths.bench_report("encode")).read_text())
+    assert report["load_generator"].startswith("NVIDIA perf_analyzer 2.51.0")
+    points = report["systems"]["triton"]
+    assert [(p["protocol"], p["concurrency"]) for p in points] == [("grpc", 1), ("http", 1)]
+    assert all(p["throughput"] > 0 and p["p50_ms"] <= p["p99_ms"] for p in points)

@@ -63,6 +63,7 @@ def test_each_task_has_its_default_model_and_name(task):
         ),
         ({"task": "t5", "decoder": "bls"}, "decoder=bls: unknown decoder; choose one of inline"),
         ({"decoder": "models"}, "decoder=models: only generation tasks (t5, causallm) have"),
+        ({"loadgen": "locust"}, "loadgen=locust: unknown loadgen; choose one of python, perf_"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message):
