@@ -8,7 +8,9 @@
 
 # The server: NVIDIA's Triton plus what our python-backend models import.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS server
-RUN pip install --no-cache-dir numpy==1.26.4 tokenizers==0.22.2 onnxruntime==1.20.1
+# CuPy reads generation's logits on the GPU, so the KV cache stays there between engine calls.
+RUN pip install --no-cache-dir numpy==1.26.4 tokenizers==0.22.2 onnxruntime==1.20.1 \
+    cupy-cuda12x==13.3.0
 
 # The exporter: everything `doit` needs, TensorRT included.
 FROM nvcr.io/nvidia/tensorrt:24.10-py3 AS exporter

@@ -8,8 +8,10 @@ Two kinds of model, as the build exports them (unmerged decoders):
 - causal: `decoder_model` (the prompt, no past) then `decoder_with_past_model`;
 - seq2seq: `encoder_model`, `decoder_model` (first step), `decoder_with_past_model`.
 Each part is a *step*: a callable from named arrays to named arrays, with `.inputs` naming
-what it takes. Steps run on ONNX Runtime here (`onnxruntime_steps`), or are other Triton
-models called through BLS (model.py), or TensorRT engines (the build's parity).
+what it takes. Only `logits` must be a numpy array: the loop passes every other output (the
+KV cache, the encoder's states) back unread, so a step may keep them in its own form.
+Steps run on ONNX Runtime here (`onnxruntime_steps`), or are other Triton models called
+through BLS (model.py), or TensorRT engines (the build's parity).
 Cache tensors are matched by name: output `present.X` feeds input `past_key_values.X`.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 PAST, PRESENT = "past_key_values.", "present."
+LOGITS = "logits"  # the one output the loop reads; the others it only passes on
 
 
 class ParameterError(ValueError):
@@ -166,7 +169,7 @@ class Generator:
         for name, value in values.items():
             if name.startswith(PRESENT):
                 cache[name[len(PRESENT) :]] = value
-        return values["logits"][:, -1, :]
+        return values[LOGITS][:, -1, :]
 
     def _causal_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pad the prompts (as HF generate does), then one token per step."""

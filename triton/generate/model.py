@@ -37,25 +37,54 @@ def _load_decoding():
 decoding = _load_decoding()
 
 
+def _cupy():
+    """CuPy when a GPU is there to read logits from (the server image has it), else None."""
+    try:
+        import cupy
+
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # not installed, or no usable GPU
+        return None
+
+
 class BlsStep:
     """A decoding step served by another Triton model (a TensorRT engine, an ONNX file),
-    called through BLS; its outputs are asked for in CPU memory, for the numpy loop."""
+    called through BLS.
+
+    Only the logits come back to numpy. Every other output (the KV cache, the encoder's
+    states) stays a Triton tensor where it is, and is renamed (DLPack, no copy) into the next
+    step's input: on a GPU the cache never leaves it, when CuPy is there to read the logits;
+    without CuPy all outputs are asked for in CPU memory."""
 
     def __init__(self, model: str, inputs: list, outputs: list) -> None:
         self.model, self.inputs, self.outputs = model, inputs, outputs
-        self.memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.cupy = _cupy()
+        cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.memory = {} if self.cupy is not None else {"preferred_memory": cpu}
+
+    @staticmethod
+    def _tensor(name: str, value):
+        if isinstance(value, np.ndarray):
+            return pb_utils.Tensor(name, np.ascontiguousarray(value))
+        return pb_utils.Tensor.from_dlpack(name, value)  # an earlier step's output, renamed
+
+    def _array(self, tensor) -> np.ndarray:
+        if tensor.is_cpu():
+            return tensor.as_numpy()
+        return self.cupy.from_dlpack(tensor.to_dlpack()).get()
 
     def __call__(self, feed: dict) -> dict:
         request = pb_utils.InferenceRequest(
             model_name=self.model,
-            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feed[n])) for n in self.inputs],
+            inputs=[self._tensor(n, feed[n]) for n in self.inputs],
             requested_output_names=self.outputs,
-            preferred_memory=self.memory,
+            **self.memory,
         )
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{self.model}: {response.error().message()}")
-        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.outputs}
+        tensors = {n: pb_utils.get_output_tensor_by_name(response, n) for n in self.outputs}
+        return {n: self._array(t) if n == decoding.LOGITS else t for n, t in tensors.items()}
 
 
 class TritonPythonModel:
