@@ -45,15 +45,18 @@ def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
     from tasks.pbtxt import checkpoint_facts
 
     tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
-    longest = settings.seq.max
+    tokenizer.no_truncation()  # count as the served tokenizer does
+    tokenizer.no_padding()
+    longest, why = settings.seq.max, "seq=MIN,OPT,MAX"
     positions = checkpoint_facts(settings.name)["max_positions"]
-    if spec.generation == "causal" and positions:
-        longest = min(longest, positions - new_tokens(settings))
+    if spec.generation == "causal" and positions and positions - new_tokens(settings) < longest:
+        longest = positions - new_tokens(settings)
+        why = f"the model's {positions} positions less {new_tokens(settings)} new tokens"
     fitting = [(t,) for t in texts if len(tokenizer.encode(t).ids) <= longest]
     if not fitting:
         raise BuildError(
-            f"no benchmark text fits a prompt of {longest} tokens (seq=MIN,OPT,MAX); "
-            "bench a deployment built with a larger MAX"
+            f"no benchmark text fits a prompt of {longest} tokens ({why}); "
+            "bench a deployment built with a larger MAX, or a model with more positions"
         )
     print(f"bench: {len(fitting)} of {len(texts)} texts fit a prompt of {longest} tokens")
     return fitting
@@ -456,8 +459,9 @@ def plot(report: dict, target) -> None:
     for label, points in series.items():
         x = [p["concurrency"] for p in points]
         style = "o-" if len(points) > 1 else "s"
+        nan = float("nan")  # a point without an answer has no latency
         left.plot(x, [p["throughput"] for p in points], style, label=label)
-        right.plot(x, [p["p95_ms"] for p in points], style, label=label)
+        right.plot(x, [nan if p["p95_ms"] is None else p["p95_ms"] for p in points], style)
     for axis, title in ((left, "throughput (requests/s)"), (right, "p95 latency (ms)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrency")

@@ -41,7 +41,11 @@ def bundled_libraries() -> Path:
 
 
 def fetch() -> Path:
-    """The perf_analyzer binary, downloaded once; its library folder is next to it."""
+    """The perf_analyzer binary, downloaded once; its library folder is next to it.
+
+    Under a lock: two benchmarks fetching at once wait for each other instead of removing
+    each other's files."""
+    import fcntl
     import platform
 
     if platform.machine() != "x86_64":
@@ -50,35 +54,47 @@ def fetch() -> Path:
             "bench with loadgen=python"
         )
     folder = paths.perf_analyzer_dir(catalog.PERF_ANALYZER_RELEASE)
-    binary = folder / "perf_analyzer"
-    if not binary.is_file():
-        wheel = f"tritonclient=={catalog.PERF_ANALYZER_RELEASE}"
-        print(f"bench: fetching perf_analyzer from the {wheel} wheel into {folder}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            download = subprocess.run(
-                [
-                    *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
-                    *("--only-binary=:all:", "--platform", "manylinux1_x86_64", wheel, "-d", tmp),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        binary = folder / "perf_analyzer"
+        if not binary.is_file():
+            download(binary)
+        link_libraries(folder / "lib")
+    return binary
+
+
+def download(binary: Path) -> None:
+    wheel = f"tritonclient=={catalog.PERF_ANALYZER_RELEASE}"
+    print(f"bench: fetching perf_analyzer from the {wheel} wheel into {binary.parent}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
+                *("--only-binary=:all:", "--platform", "manylinux1_x86_64", wheel, "-d", tmp),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        wheels = list(Path(tmp).glob("tritonclient-*.whl"))
+        if run.returncode != 0 or not wheels:
+            last = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise BuildError(
+                f"could not download {wheel}, which carries perf_analyzer ({last}); "
+                "bench with loadgen=python, or retry with network access"
             )
-            wheels = list(Path(tmp).glob("tritonclient-*.whl"))
-            if download.returncode != 0 or not wheels:
-                last = (download.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise BuildError(
-                    f"could not download {wheel}, which carries perf_analyzer ({last}); "
-                    "bench with loadgen=python, or retry with network access"
-                )
-            member = f"tritonclient-{catalog.PERF_ANALYZER_RELEASE}.data/data/bin/perf_analyzer"
-            with zipfile.ZipFile(wheels[0]) as archive:
-                data = archive.read(member)
-        with artifacts.atomic_target(binary) as tmp_binary:
-            tmp_binary.write_bytes(data)
-            tmp_binary.chmod(0o755)
-    lib = folder / "lib"
+        member = f"tritonclient-{catalog.PERF_ANALYZER_RELEASE}.data/data/bin/perf_analyzer"
+        with zipfile.ZipFile(wheels[0]) as archive:
+            data = archive.read(member)
+    with artifacts.atomic_target(binary) as tmp_binary:
+        tmp_binary.write_bytes(data)
+        tmp_binary.chmod(0o755)
+
+
+def link_libraries(lib: Path) -> None:
+    """The bundled libraries under the plain names perf_analyzer asks for."""
     lib.mkdir(exist_ok=True)
     bundle = bundled_libraries()
     for pattern, plain in LIBRARIES:
@@ -86,10 +102,12 @@ def fetch() -> Path:
         if not found:
             raise BuildError(f"{bundle} has no {pattern}, which perf_analyzer links")
         link = lib / plain
-        if not link.exists():
-            link.unlink(missing_ok=True)  # a dangling link from an earlier install
-            link.symlink_to(found[0])
-    return binary
+        if link.exists() and link.resolve() == found[0].resolve():
+            continue
+        staged = lib / f".{plain}.new"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(found[0])
+        os.replace(staged, link)  # also replaces a dangling link from an earlier install
 
 
 def input_data(settings: Settings, texts: list[tuple[str, ...]], target: Path) -> None:
@@ -123,10 +141,26 @@ def parse(csv_file: Path, concurrency: int, protocol: str) -> dict:
     }
 
 
+def failed_point(concurrency: int, protocol: str, message: str) -> dict:
+    """perf_analyzer stops at a failed request and says no more: one error, its reason."""
+    return {
+        "protocol": protocol,
+        "concurrency": concurrency,
+        "throughput": 0.0,
+        **dict.fromkeys(("p50_ms", "p95_ms", "p99_ms")),
+        "errors": 1,
+        "first_errors": [message[:200]],
+    }
+
+
 def sweep(settings: Settings, protocol: str, url: str, texts: list) -> list[dict]:
-    """perf_analyzer at each concurrency of the settings, on the served ensemble."""
+    """perf_analyzer at each concurrency of the settings, on the served ensemble.
+
+    Each point is three windows of a third of `seconds`; the stability check is off (a busy
+    machine would fail it), so a point takes about `seconds`, as our load generator's do."""
     binary = fetch()
     environment = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent / "lib")}
+    window_ms = max(int(settings.bench.seconds * 1000 / 3), 100)
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "input.json", Path(tmp) / "point.csv"
@@ -136,22 +170,37 @@ def sweep(settings: Settings, protocol: str, url: str, texts: list) -> list[dict
                 str(binary),
                 *("-m", settings.name, "-u", url, "-i", protocol, "--input-data", str(data)),
                 *("--concurrency-range", f"{concurrency}:{concurrency}"),
-                *("--measurement-interval", str(int(settings.bench.seconds * 1000))),
-                *("--stability-percentage", "100", "--max-trials", "3", "-f", str(out)),
+                *("--measurement-interval", str(window_ms)),
+                *("--stability-percentage", "1000", "--max-trials", "3", "-f", str(out)),
             ]
-            run = subprocess.run(
-                command, capture_output=True, text=True, env=environment, check=False
-            )
-            if run.returncode != 0 or not out.is_file():
-                tail = " ".join((run.stdout + run.stderr).strip().splitlines()[-3:])
-                raise BuildError(f"perf_analyzer failed at concurrency {concurrency}: {tail}")
-            point = parse(out, concurrency, protocol)
+            try:
+                run = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    env=environment,
+                    timeout=10 * settings.bench.seconds + 120,
+                    check=False,
+                )
+                failure = None
+                if run.returncode != 0 or not out.is_file():
+                    tail = " ".join((run.stdout + run.stderr).strip().splitlines()[-3:])
+                    failure = f"perf_analyzer exited with {run.returncode}: {tail}"
+            except subprocess.TimeoutExpired:
+                failure = "perf_analyzer did not finish: the server stopped answering"
+            if failure is None:
+                point = parse(out, concurrency, protocol)
+                out.unlink()
+            else:
+                point = failed_point(concurrency, protocol, failure)
             points.append(point)
             print(
                 f"bench: triton {protocol} (perf_analyzer) concurrency {concurrency}: "
-                f"{point['throughput']:.1f} req/s, p50 {point['p50_ms']} ms, "
-                f"p95 {point['p95_ms']} ms",
+                + (
+                    failure
+                    or f"{point['throughput']:.1f} req/s, p50 {point['p50_ms']} ms, "
+                    f"p95 {point['p95_ms']} ms"
+                ),
                 flush=True,
             )
-            out.unlink()
     return points

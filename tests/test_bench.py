@@ -102,16 +102,17 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
 
 
 @pytest.mark.server
-def test_bench_with_perf_analyzer_reports_its_points(project, tiny_roberta_dir, tmp_path):
-    """NVIDIA's perf_analyzer, fetched from the tritonclient wheel of the server's release."""
-    run = doit_bench(
-        project,
-        "task=encode",
-        f"model={tiny_roberta_dir}",
-        "seq=1,16,128",
-        "loadgen=perf_analyzer",
-        environment={"XDG_CACHE_HOME": str(tmp_path / "cache")},  # a fresh fetch
-    )
+def test_bench_with_perf_analyzer_reports_its_points(project, tiny_roberta_dir):
+    """NVIDIA's perf_analyzer, fetched once from the tritonclient wheel of the server's
+    release (into the user's cache: the only test that needs the network, once)."""
+    variables = ("task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128")
+    run = project.doit(*variables, "repo")  # built first: a failed fetch must be the fetch's
+    try:
+        run = doit_bench(project, *variables, "loadgen=perf_analyzer", "seconds=0.6")
+    except AssertionError as failed:
+        if "could not download tritonclient==" in str(failed):
+            pytest.skip("no network to fetch perf_analyzer from PyPI (loadgen=python works)")
+        raise
     assert "bench: triton grpc (perf_analyzer) concurrency 1:" in run.output
     report = json.loads(project.path(paths.bench_report("encode")).read_text())
     assert report["load_generator"].startswith("NVIDIA perf_analyzer 2.51.0")

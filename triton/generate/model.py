@@ -52,9 +52,9 @@ class BlsStep:
     called through BLS.
 
     Only the logits come back to numpy. Every other output (the KV cache, the encoder's
-    states) stays a Triton tensor where it is, and is renamed (DLPack, no copy) into the next
-    step's input: on a GPU the cache never leaves it, when CuPy is there to read the logits;
-    without CuPy all outputs are asked for in CPU memory."""
+    states) stays a Triton tensor where it is, and is renamed (DLPack) into the next step's
+    input, never converted: on a GPU the cache never leaves it, when CuPy is there to read the
+    logits; without CuPy all outputs are asked for in CPU memory."""
 
     def __init__(self, model: str, inputs: list, outputs: list) -> None:
         self.model, self.inputs, self.outputs = model, inputs, outputs
@@ -71,7 +71,7 @@ class BlsStep:
     def _array(self, tensor) -> np.ndarray:
         if tensor.is_cpu():
             return tensor.as_numpy()
-        return self.cupy.from_dlpack(tensor.to_dlpack()).get()
+        return self.cupy.from_dlpack(tensor)[:, -1:].get()  # the loop reads the last position
 
     def __call__(self, feed: dict) -> dict:
         request = pb_utils.InferenceRequest(
