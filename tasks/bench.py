@@ -140,13 +140,6 @@ def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None)
     return point
 
 
-def expected_outputs(spec: catalog.TaskSpec) -> list[str]:
-    if spec.generation:
-        return [t.name for t in catalog.GENERATION_OUTPUTS]
-    post = [t.name for t in spec.postprocess.outputs] if spec.postprocess else []
-    return [o.triton_name for o in spec.outputs if o.exposed] + post
-
-
 def good_answer(arrays: list) -> bool:
     """Every output present, one row, finite numbers or decodable text."""
     import numpy as np
@@ -170,7 +163,7 @@ def triton_work(settings: Settings, protocol: str, url: str):
         import tritonclient.grpc as client_module
     else:
         import tritonclient.http as client_module
-    spec, outputs = settings.task, expected_outputs(settings.task)
+    spec, outputs = settings.task, settings.task.answers
 
     def setup(state: dict) -> None:
         state["client"] = client_module.InferenceServerClient(url)

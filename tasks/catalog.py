@@ -87,6 +87,15 @@ class TaskSpec:
         return tuple(part for export in self.exports for _, part in export.files)
 
     @property
+    def answers(self) -> tuple[str, ...]:
+        """The ensemble's outputs, by name, in order (pbtxt gives them their types and dims)."""
+        if self.generation:
+            return tuple(t.name for t in GENERATION_OUTPUTS)
+        post = self.postprocess.outputs if self.postprocess else ()
+        exposed = tuple(o.triton_name for o in self.outputs if o.exposed)
+        return exposed + tuple(t.name for t in post)
+
+    @property
     def optimum_tasks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(export.optimum_task for export in self.exports))
 

@@ -133,13 +133,12 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
             [(o.onnx_name, o.triton_name) for o in spec.outputs],
         ),
     ]
-    ensemble_outputs = [tensors[o.triton_name] for o in spec.outputs if o.exposed]
     post = spec.postprocess
     if post is not None:
         steps.append(
             _step(names["postprocess"], _same(post.inputs), _same(t.name for t in post.outputs))
         )
-        ensemble_outputs += list(post.outputs)
+    by_name = {**tensors, **{t.name: t for t in (post.outputs if post else ())}}
     return {
         "tokenizer_outputs": tokenizer_outputs,
         "post_inputs": [tensors[n] for n in post.inputs] if post else [],
@@ -147,7 +146,7 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
         "post_parameters": list(post.parameters) if post else [],
         "steps": steps,
         "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
-        "ensemble_outputs": ensemble_outputs,
+        "ensemble_outputs": [by_name[n] for n in spec.answers],
     }
 
 
@@ -202,7 +201,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
             ),
         ],
         "ensemble_inputs": [(t, False) for t in text] + [(t, True) for t in options],
-        "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),
+        "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),  # spec.answers, with types
         # <name>_stream: the same decoding, decoupled, on <name>_generate's files
         "stream_inputs": [(t, False) for t in text] + [(t, True) for t in options],
         "stream_parameters": [*parameters.items(), ("weights_from", names["generate"])],
