@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from tasks import catalog, paths
+from tasks import artifacts, catalog, paths
 from tasks.errors import ParityError
 from tasks.parity import compare, print_passes
 from tasks.pbtxt import checkpoint_facts
@@ -49,6 +49,12 @@ class TensorRTStep:
         self.runner.deactivate()
 
 
+def close_steps(steps: dict) -> None:
+    """Release the steps that hold resources (TensorRT runners); the others have nothing."""
+    for step in steps.values():
+        getattr(step, "close", lambda: None)()
+
+
 def make_generator(settings: Settings, facts: dict, engines: bool = False):
     """(the decoding module, its Generator), as the server makes it: on this build's ONNX files,
     or with `engines` on its TensorRT plans."""
@@ -60,8 +66,7 @@ def make_generator(settings: Settings, facts: dict, engines: bool = False):
             for part in parts:
                 steps[part] = TensorRTStep(paths.plan_file(settings.name, part))
         except Exception:
-            for step in steps.values():
-                step.close()
+            close_steps(steps)
             raise
     else:
         steps = decoding.onnxruntime_steps(
@@ -192,15 +197,12 @@ def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
 def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
     """Each exported file (and its engine, on TensorRT) against PyTorch on the same inputs:
     {part: {runner: {output: ...}}}."""
-    import onnxruntime as ort
-
     from tasks.parity import engine_runners
 
     name, spec = settings.name, settings.task
-    files = {part: str(paths.onnx_file(name, part)) for part in spec.onnx_parts}
-    takes = {
-        part: {i.name for i in ort.InferenceSession(path).get_inputs()}
-        for part, path in files.items()
+    takes = {  # the inputs each file takes, as the export recorded them
+        part: {t["name"] for t in artifacts.read_json(paths.onnx_io(name, part))["inputs"]}
+        for part in spec.onnx_parts
     }
     if spec.generation == "causal":
         steps = causal_steps(model, ids, mask)
@@ -227,8 +229,7 @@ def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bo
     try:
         served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
     finally:
-        for step in generator.steps.values():
-            getattr(step, "close", lambda: None)()
+        close_steps(generator.steps)
     runtime = "tensorrt" if engines else "onnxruntime"
     mismatches = []
     for row, prompt in zip(range(len(ids)), catalog.GENERATION_PROMPTS):
