@@ -1,22 +1,30 @@
 # Images for GPU hosts (this project's CI machine has no Docker engine and no GPU).
-# TensorRT in the exporter matches the server's (both NGC 24.10: TensorRT 10.5, Triton 2.51),
-# so a plan built by `doit` loads in the server.
+# Both stages are NGC 24.10: Triton 2.51 (the version of the tritonserver the tests run here)
+# and TensorRT 10.5 in both, so a plan built by `doit` loads in the server. NGC 24.10 is
+# Ubuntu 22.04 with Python 3.10, so every pin in requirements/ has wheels for 3.10;
+# tests/test_docker.py resolves each stage's packages for its stated Python with pip.
 #
 #   docker compose build
 #   docker compose run --rm exporter task=encode backend=tensorrt   # builds models/
 #   docker compose up triton                                       # serves models/
 
-# The server: NVIDIA's Triton plus what our python-backend models import.
+# The server: NVIDIA's Triton plus what our python-backend models import, from the same
+# requirements/server.txt that the embedded server's venv installs, so that what is served
+# is what parity proved.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS server
-# CuPy reads generation's logits on the GPU, so the KV cache stays there between engine calls.
-RUN pip install --no-cache-dir numpy==1.26.4 tokenizers==0.22.2 onnxruntime==1.20.1 \
-    cupy-cuda12x==13.3.0
+ARG PYTHON_VERSION=3.10
+COPY requirements/server.txt /tmp/requirements/server.txt
+# CuPy (GPU only, so not in server.txt) reads generation's logits on the GPU, so the KV
+# cache stays there between engine calls.
+RUN pip install --no-cache-dir -r /tmp/requirements/server.txt cupy-cuda12x==13.3.0
 
-# The exporter: everything `doit` needs, TensorRT included.
+# The exporter: everything `doit` needs; TensorRT comes with the base image.
 FROM nvcr.io/nvidia/tensorrt:24.10-py3 AS exporter
+ARG PYTHON_VERSION=3.10
 WORKDIR /workspace/llm-in-triton
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+COPY requirements/ requirements/
+RUN pip install --no-cache-dir -r requirements/exporter.txt
+# The project itself (.dockerignore keeps the host's venv and build outputs out).
 COPY . .
 ENTRYPOINT ["doit"]
 CMD ["task=encode", "backend=tensorrt"]

@@ -17,7 +17,9 @@ TRITON_DIR = ROOT / "triton"
 TESTS_DIR = ROOT / "tests"
 MODEL_ZOO = ROOT / "model_zoo"
 MODELS = ROOT / "models"
-DEP_FILE = ROOT / ".doit.db"
+# doit's record of what was built lives beside what it built: a mounted model_zoo/ (the
+# exporter image's volume) carries it from one `docker compose run --rm` to the next.
+DEP_FILE = MODEL_ZOO / ".doit.db"
 # `doit serve`'s server log: outside the tree (not a build artifact), printed at start.
 SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,8 @@ def test_the_exporter_writes_into_the_same_folders():
     mounts = volumes(exporter)
     assert mounts[str(paths.MODELS)] == f"{workdir}/models"
     assert mounts[str(paths.MODEL_ZOO)] == f"{workdir}/model_zoo"
+    # doit's state lives on that volume, so `compose run --rm` does not rebuild everything
+    assert paths.MODEL_ZOO in paths.DEP_FILE.parents
 
 
 @needs_compose
@@ -83,11 +88,138 @@ def test_serve_ports_reach_the_published_ports():
     }
 
 
+def test_serve_with_docker_fails_at_the_door_without_an_engine(project):
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        pytest.skip("a Docker engine answers here")
+    run = project.doit("serve", "server=docker", check=False, timeout=60)
+    assert run.returncode == 3
+    assert run.output.startswith("ERROR: server=docker: "), run.output
+    assert "or use server=embedded" in run.output
+    assert run.executed == []
+
+
+# --- the images' Python packages ---------------------------------------------------------
+
+GLIBC = (2, 35)  # Ubuntu 22.04, the base of both NGC 24.10 images
+NETWORK_ERRORS = (
+    "NewConnectionError",
+    "Max retries",
+    "Could not fetch URL",
+    "unreachable",
+    "Temporary failure in name resolution",
+    "timed out",
+)
+
+
+@dataclass
+class Stage:
+    name: str
+    python: str
+    requirement_files: list[Path]
+    pins: list[str]
+
+
+def dockerfile_stages() -> dict[str, Stage]:
+    """Each stage's stated Python and what its `pip install` lines install (files resolved
+    through the stage's COPY lines back to the project's own files)."""
+    stages, stage, workdir, copies = {}, None, Path("/"), {}
+    for line in (paths.ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "FROM":
+            stage = Stage(words[-1], "", [], [])
+            stages[stage.name], workdir, copies = stage, Path("/"), {}
+        elif words[0] == "ARG" and words[1].startswith("PYTHON_VERSION="):
+            stage.python = words[1].split("=", 1)[1]
+        elif words[0] == "WORKDIR":
+            workdir = workdir / words[1]
+        elif words[0] == "COPY":
+            copies[workdir / words[2]] = paths.ROOT / words[1]
+        elif words[:3] == ["RUN", "pip", "install"]:
+            args = iter(words[3:])
+            for arg in args:
+                if arg == "-r":
+                    stage.requirement_files.append(_copied(workdir / next(args), copies))
+                elif not arg.startswith("-"):
+                    stage.pins.append(arg)
+    return stages
+
+
+def _copied(inside: Path, copies: dict[Path, Path]) -> Path:
+    for dest, source in copies.items():
+        if inside == dest or dest in inside.parents:
+            return source / inside.relative_to(dest) if source.is_dir() else source
+    raise AssertionError(f"{inside} is installed but no COPY puts it in the image")
+
+
+def pinned(requirement_file: Path) -> dict[str, str]:
+    """name -> version of every pin in a requirements file and the files it includes."""
+    pins = {}
+    for line in requirement_file.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            pins |= pinned(requirement_file.parent / line[3:].strip())
+        elif line:
+            name, version = line.split("==")
+            pins[re.sub(r"\[.*\]", "", name).lower()] = version
+    return pins
+
+
+def test_every_stage_states_its_python_and_installs_project_files():
+    stages = dockerfile_stages()
+    assert set(stages) == {"server", "exporter"}
+    for stage in stages.values():
+        assert re.fullmatch(r"3\.\d+", stage.python), stage
+        assert stage.requirement_files, stage
+        assert all(f.is_file() for f in stage.requirement_files), stage
+
+
+@pytest.mark.parametrize("stage_name", ["server", "exporter"])
+def test_pip_resolves_each_stage_for_its_python_and_platform_from_wheels(tmp_path, stage_name):
+    """pip's own resolver, for the stage's Python and glibc, wheels only (no build from source)."""
+    stage = dockerfile_stages()[stage_name]
+    platforms = [f"manylinux_{GLIBC[0]}_{minor}_x86_64" for minor in range(17, GLIBC[1] + 1)]
+    platforms += ["manylinux2014_x86_64"]  # pip does not widen a manylinux_2_35 tag itself
+    report = tmp_path / "report.json"
+    command = [
+        sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+        "--only-binary=:all:", "--python-version", stage.python, "--target", str(tmp_path / "t"),
+        *(arg for p in platforms for arg in ("--platform", p)),
+        "--report", str(report),
+        *(arg for f in stage.requirement_files for arg in ("-r", str(f))), *stage.pins,
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and any(e in run.stderr for e in NETWORK_ERRORS):
+        pytest.skip(f"the package registry cannot be reached: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    resolved = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    for requirement_file in stage.requirement_files:
+        for name, version in pinned(requirement_file).items():
+            assert resolved[name] == version, (name, version, resolved.get(name))
+
+
+def test_the_server_image_installs_what_the_embedded_server_runs_with():
+    """One source: the server stage installs requirements/server.txt, this machine's venv
+    includes it, and the versions installed here are its pins."""
+    from importlib.metadata import version
+
+    server = paths.ROOT / "requirements" / "server.txt"
+    assert dockerfile_stages()["server"].requirement_files == [server]
+    assert "-r requirements/server.txt" in (paths.ROOT / "requirements.txt").read_text()
+    assert "-r server.txt" in (paths.ROOT / "requirements" / "exporter.txt").read_text()
+    pins = pinned(server)
+    assert set(pins) >= {"numpy", "tokenizers", "onnxruntime"}
+    assert {name: version(name) for name in pins} == pins
+
+
 def test_the_server_image_installs_what_the_runtime_models_import():
-    dockerfile = (paths.ROOT / "Dockerfile").read_text()
-    server_stage = dockerfile.split("AS server", 1)[1].split("FROM", 1)[0]
+    stage = dockerfile_stages()["server"]
     imports_of = {"cupy-cuda12x": "cupy"}  # distributions whose import name differs
-    installed = {re.split(r"[=<>]", p)[0] for p in re.findall(r"(\S+==\S+)", server_stage)}
+    installed = set(pinned(stage.requirement_files[0])) | {p.split("==")[0] for p in stage.pins}
     installed = {imports_of.get(name, name) for name in installed}
     imported = set()
     for model in paths.TRITON_DIR.glob("*/model.py"):
@@ -100,11 +232,7 @@ def test_the_server_image_installs_what_the_runtime_models_import():
     assert third_party == installed, (third_party, installed)
 
 
-def test_serve_with_docker_fails_at_the_door_without_an_engine(project):
-    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-        pytest.skip("a Docker engine answers here")
-    run = project.doit("serve", "server=docker", check=False, timeout=60)
-    assert run.returncode == 3
-    assert run.output.startswith("ERROR: server=docker: "), run.output
-    assert "or use server=embedded" in run.output
-    assert run.executed == []
+def test_docker_context_leaves_out_the_hosts_venv_and_build_outputs():
+    ignored = (paths.ROOT / ".dockerignore").read_text().split()
+    for entry in (".venv", "models/*", "model_zoo/*", ".git"):
+        assert entry in ignored
