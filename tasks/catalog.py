@@ -116,6 +116,8 @@ GENERATION_OUTPUTS = (
     Tensor("OUTPUT_TEXT", "TYPE_STRING", (1,)),
     Tensor("OUTPUT_IDS", "TYPE_INT64", (-1,)),
 )
+# The decoders' logits: the export keeps the last position only, all decoding reads.
+GENERATION_LOGITS = "logits"
 DEFAULT_MAX_NEW_TOKENS = 32
 GENERATION_PROMPTS = (
     "The quick brown fox",
@@ -277,12 +279,14 @@ MODEL_FILES = {"tensorrt": "model.plan", "onnxruntime": "model.onnx", "python": 
 ONNX_OPSET = 18
 TENSORRT_WORKSPACE_MIB = 2048
 
-# TensorRT profiles. Each symbolic dim of an exported file's inputs names a range, per part;
-# a dim written "a + b" spans the sum of both ranges. plan.dim_ranges gives the ranges:
+# TensorRT profiles. Each symbolic dim of an exported file's tensors names a range, per part;
+# a dim written "a + b" spans the sum of both ranges (a number counts as itself).
+# profiles.dim_ranges gives the ranges:
 #   batch   the `batch` profile        tokens  the `seq` profile (the tokenizer pads to MIN)
 #   prompt  1 to the `seq` MAX (a generation prompt, as long as it is)    one  a single token
 #   causal_past / seq2seq_past  the cache lengths a decoding loop feeds, up to a MAX-token
-#   prompt and MAX new tokens (see plan.dim_ranges)
+#   prompt and MAX new tokens (see profiles.dim_ranges)
+#   none    0: a first step's outputs name a past it does not have
 PROFILE_DIMS: dict[str, dict[str, str]] = {
     "model": {"batch_size": "batch", "sequence_length": "tokens"},
     "encoder_model": {"batch_size": "batch", "encoder_sequence_length": "prompt"},
@@ -291,6 +295,8 @@ PROFILE_DIMS: dict[str, dict[str, str]] = {
         "sequence_length": "prompt",  # causal: the whole prompt, no cache yet
         "decoder_sequence_length": "one",  # seq2seq: the start token
         "encoder_sequence_length": "prompt",
+        "past_sequence_length": "none",
+        "past_decoder_sequence_length": "none",
     },
     "decoder_with_past_model": {
         "batch_size": "batch",
@@ -301,6 +307,11 @@ PROFILE_DIMS: dict[str, dict[str, str]] = {
         "past_decoder_sequence_length": "seq2seq_past",
     },
 }
+# TensorRT hardware compatibility of the plans (`trt_compat`): which GPUs a plan may load on.
+#   none          the GPU model it was built on (TensorRT's default: the fastest engine)
+#   same_cc       any GPU of the same compute capability (TensorRT 10.8 and later)
+#   ampere_plus   any GPU from Ampere (compute capability 8.0) on; fewer tactics, slower
+TRT_COMPAT = {"none": "NONE", "same_cc": "SAME_COMPUTE_CAPABILITY", "ampere_plus": "AMPERE_PLUS"}
 
 # Sample texts for parity: real tokens of mixed lengths and scripts, never all-ones tensors.
 SAMPLE_TEXTS = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import ParityError
 from tasks.parity import compare, print_passes
 from tasks.pbtxt import checkpoint_facts
@@ -78,6 +78,7 @@ def make_generator(settings: Settings, facts: dict, engines: bool = False):
         eos_ids=facts["eos_ids"],
         pad_id=facts["pad_id"],
         start_id=int(facts["decoder_start_id"]),
+        cache_limit=profiles.cache_limit(settings, facts["max_positions"]),
     )
     return decoding, generator
 
@@ -108,6 +109,11 @@ def as_past(presents: dict) -> dict:
     }
 
 
+def last(logits):
+    """The last position's logits: all the exported decoders return (see tasks/export.py)."""
+    return logits[:, -1:].contiguous().numpy()
+
+
 def _torch(feed: dict, names: set[str]) -> dict:
     import torch
 
@@ -126,7 +132,7 @@ def causal_steps(model, ids, mask) -> dict:
     positions = np.where(left_mask == 1, left_mask.cumsum(axis=1) - 1, 1)
     feed = {"input_ids": left_ids, "attention_mask": left_mask, "position_ids": positions}
     out = model(**_torch(feed, set(feed)), use_cache=True)
-    first = {"logits": out.logits.numpy(), **cache_tensors(out.past_key_values, "causal")}
+    first = {"logits": last(out.logits), **cache_tensors(out.past_key_values, "causal")}
     feed2 = {
         "input_ids": out.logits[:, -1].argmax(-1, keepdim=True).numpy(),
         "attention_mask": np.concatenate([left_mask, np.ones((len(ids), 1), np.int64)], axis=1),
@@ -134,7 +140,7 @@ def causal_steps(model, ids, mask) -> dict:
     }
     past = as_past(first)
     out2 = model(**_torch(feed2, set(feed2)), past_key_values=out.past_key_values, use_cache=True)
-    second = {"logits": out2.logits.numpy(), **cache_tensors(out2.past_key_values, "causal")}
+    second = {"logits": last(out2.logits), **cache_tensors(out2.past_key_values, "causal")}
     return {
         "decoder_model": [(feed, first)],
         "decoder_with_past_model": [({**feed2, **past}, second)],
@@ -157,7 +163,7 @@ def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
         decoder_input_ids=torch.from_numpy(start),
         use_cache=True,
     )
-    first = {"logits": out.logits.numpy(), **cache_tensors(out.past_key_values, "seq2seq")}
+    first = {"logits": last(out.logits), **cache_tensors(out.past_key_values, "seq2seq")}
     tokens = out.logits[:, -1].argmax(-1, keepdim=True)
     past = as_past(first)
     out2 = model(
@@ -168,7 +174,7 @@ def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
         use_cache=True,
     )
     second = {
-        "logits": out2.logits.numpy(),
+        "logits": last(out2.logits),
         **{
             k: v
             for k, v in cache_tensors(out2.past_key_values, "seq2seq").items()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from doit.tools import config_changed
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import ConfigError, fails_cleanly
 from tasks.settings import Settings, current
 
@@ -73,6 +73,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "queue_delay_us": settings.serving.queue_delay_us,
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
+        "gpus": settings.serving.gpus,
         "pad_multiple": settings.serving.pad_multiple,
         "overflow": "reject" if spec.generation else "truncate",
         "text_inputs": spec.text_inputs,
@@ -185,6 +186,8 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens),
         "max_new_tokens_limit": settings.max_new_tokens,
         "max_seq": settings.seq.max,
+        # the longest cache a batch may grow: the engines' profile holds no more
+        "cache_limit": profiles.cache_limit(settings, facts["max_positions"]),
         "intra_op_threads": settings.serving.ort_threads,
     }
     return {
@@ -396,6 +399,7 @@ def task_pbtxt():
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),
+                paths.stage_module("profiles"),  # the cache a decoding batch may grow
             ],
             "targets": [target],
             "uptodate": [config_changed(params)],

@@ -2,9 +2,11 @@
 
 In the DAG only when the backend is `tensorrt` (settings refuse that backend where TensorRT
 or a GPU is missing). Encoder tasks build one engine; generation tasks one per unmerged
-decoder file, with profiles for the cache lengths decoding feeds (`dim_ranges`). Staleness
-includes the TensorRT version and the GPU's compute capability, so a plan built for another
-GPU or TensorRT release is rebuilt.
+decoder file, with profiles for the cache lengths decoding feeds (`profiles.dim_ranges`).
+Staleness includes the TensorRT version, the GPUs' compute capabilities and the hardware
+compatibility (`trt_compat`), so a plan built for another GPU or TensorRT release is rebuilt,
+and a plan that could not load on every GPU the deployment runs on is refused at build time.
+Each build prints (and records) the GPU memory the deployment reserves when Triton loads it.
 """
 
 from __future__ import annotations
@@ -13,101 +15,112 @@ import subprocess
 
 from doit.tools import config_changed
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import TensorRTError, fails_cleanly
 from tasks.pbtxt import checkpoint_facts
 from tasks.settings import Settings, current
-
-Range = tuple[int, int, int]
-
-
-def dim_ranges(settings: Settings, max_positions: int = 0) -> dict[str, Range]:
-    """(min, opt, max) of each kind of dim (catalog.PROFILE_DIMS names them).
-
-    Encoder tasks: the tokenizer pads to the `seq` profile's MIN, so `tokens` is that profile.
-    Generation: the loop sends prompts as they are (padded to the longest of the batch), so a
-    `prompt` may be shorter than MIN. Decoding a prompt of W tokens into N new ones: the first
-    step (decoder_model) makes token 1; token n > 1 comes from decoder_with_past_model reading
-    a cache of W + n - 2 tokens (causal: prompt and new tokens) or n - 1 tokens (seq2seq: new
-    tokens; the prompt is in the encoder's cache). W and N are at most the `seq` profile's
-    MAX, and a causal model's W + N at most its `max_positions` (the server refuses more)."""
-
-    def span(low: int, opt: int, high: int) -> Range:
-        high = max(high, low)
-        return (low, min(max(opt, low), high), high)
-
-    seq, new = settings.seq, settings.max_new_tokens
-    causal_cache = seq.max + new - 2
-    if max_positions:
-        causal_cache = min(causal_cache, max_positions - 2)
-    return {
-        "batch": settings.batch.points(),
-        "tokens": seq.points(),
-        "prompt": span(1, seq.opt, seq.max),
-        "one": (1, 1, 1),
-        "causal_past": span(1, seq.opt, causal_cache),
-        "seq2seq_past": span(1, min(seq.opt, new - 1), new - 1),
-    }
-
-
-def profile_shapes(
-    settings: Settings, part: str, io: dict, max_positions: int = 0
-) -> dict[str, tuple[tuple, ...]]:
-    """Input name -> (min, opt, max) shapes of one exported part, from its symbolic dims."""
-    table, ranges = catalog.PROFILE_DIMS.get(part, {}), dim_ranges(settings, max_positions)
-    shapes = {}
-    for tensor in io["inputs"]:
-        per_dim = []
-        for dim in tensor["shape"]:
-            if isinstance(dim, int) and dim > 0:
-                per_dim.append((dim, dim, dim))
-                continue
-            terms = [term.strip() for term in str(dim).split("+")]
-            unknown = [term for term in terms if term not in table]
-            if unknown:
-                raise TensorRTError(
-                    f"{part}.onnx input {tensor['name']} has dim {dim!r}: no profile range for "
-                    f"{', '.join(map(repr, unknown))} (add it to catalog.PROFILE_DIMS['{part}'])"
-                )
-            per_dim.append(tuple(sum(ranges[table[t]][i] for t in terms) for i in range(3)))
-        shapes[tensor["name"]] = tuple(tuple(d[i] for d in per_dim) for i in range(3))
-    return shapes
 
 
 def make_profile(settings: Settings, part: str, io: dict, max_positions: int = 0):
     from polygraphy.backend.trt import Profile
 
     profile = Profile()
-    for name, (low, opt, high) in profile_shapes(settings, part, io, max_positions).items():
+    shapes = profiles.profile_shapes(settings, part, io, max_positions)
+    for name, (low, opt, high) in shapes.items():
         profile.add(name, min=low, opt=opt, max=high)
     return profile
 
 
+def compat_level(trt, compat: str):
+    """TensorRT's HardwareCompatibilityLevel for `trt_compat`, or a clear error."""
+    level = getattr(trt.HardwareCompatibilityLevel, catalog.TRT_COMPAT[compat], None)
+    if level is None:
+        raise TensorRTError(
+            f"trt_compat={compat}: TensorRT {trt.__version__} has no "
+            f"{catalog.TRT_COMPAT[compat]} level; use trt_compat=ampere_plus or none"
+        )
+    return level
+
+
 def make_builder_config(
-    settings: Settings, part: str, io: dict, max_positions: int = 0, memory_pool_limits=None
+    settings: Settings,
+    part: str,
+    io: dict,
+    max_positions: int = 0,
+    memory_pool_limits=None,
+    compatibility=None,
 ):
-    """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit."""
+    """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit, and the
+    hardware compatibility level (None: TensorRT's default, this GPU model only)."""
     from polygraphy.backend.trt import CreateConfig
 
     return CreateConfig(
         fp16=settings.precision == "fp16",
         profiles=[make_profile(settings, part, io, max_positions)],
         memory_pool_limits=memory_pool_limits,
+        hardware_compatibility_level=compatibility,
     )
 
 
-def gpu_compute_capability() -> str | None:
+def gpus() -> list[tuple[int, str, str]]:
+    """(index, name, compute capability) of each NVIDIA GPU here; [] without nvidia-smi."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
             check=True,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return ",".join(sorted(set(out.stdout.split()))) or None
+        return []
+    rows = [[field.strip() for field in line.split(",")] for line in out.stdout.splitlines()]
+    return [(int(row[0]), row[1], row[2]) for row in rows if len(row) == 3]
+
+
+def gpu_compute_capability() -> str | None:
+    return ",".join(sorted({cc for _, _, cc in gpus()})) or None
+
+
+def placement_problem(compat: str, built_on: str, serving: list[tuple[int, str, str]]) -> str:
+    """Why a plan built on a GPU of compute capability `built_on` with `trt_compat` cannot
+    load on every GPU of `serving` (index, name, compute capability), or ''."""
+    if compat == "ampere_plus":
+        old = [g for g in serving if float(g[2]) < 8.0]
+        if old:
+            shown = ", ".join(f"GPU {i} {n} ({cc})" for i, n, cc in old)
+            return (
+                f"trt_compat=ampere_plus plans load on GPUs of compute capability 8.0 and later, "
+                f"not on {shown}: leave those out with gpus=, or use trt_compat=none"
+            )
+        return ""
+    other = [g for g in serving if g[2] != built_on]
+    if not other:
+        return ""
+    shown = ", ".join(f"GPU {i} {n} ({cc})" for i, n, cc in other)
+    keep = ",".join(str(i) for i, _, cc in serving if cc == built_on)
+    return (
+        f"the plan is built on a GPU of compute capability {built_on} (trt_compat={compat}) "
+        f"and would not load on {shown}: serve it on gpus={keep}, or build portable plans "
+        "with trt_compat=ampere_plus"
+    )
+
+
+def check_placement(settings: Settings) -> None:
+    """Refuse, before building, a plan that some GPU of the deployment could not load."""
+    found = gpus()
+    if not found:
+        return
+    chosen = settings.serving.gpus
+    if missing := sorted(set(chosen) - {index for index, _, _ in found}):
+        raise TensorRTError(
+            f"gpus={','.join(map(str, chosen))}: no GPU {missing} here "
+            f"(nvidia-smi lists {', '.join(str(i) for i, _, _ in found)})"
+        )
+    serving = [g for g in found if not chosen or g[0] in chosen]
+    # TensorRT builds on CUDA's device 0 (the first of CUDA_VISIBLE_DEVICES)
+    if problem := placement_problem(settings.trt_compat, found[0][2], serving):
+        raise TensorRTError(problem)
 
 
 def build_engine(settings: Settings, part: str) -> None:
@@ -120,25 +133,60 @@ def build_engine(settings: Settings, part: str) -> None:
             "TensorRT is not installed; use backend=python or build in the "
             "exporter image (Dockerfile)"
         ) from err
+    check_placement(settings)
     source = paths.onnx_file(name, part)
     artifacts.load_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
-    config = make_builder_config(settings, part, io, positions, memory_pool_limits=limits)
+    compatibility = None
+    if settings.trt_compat != "none":
+        compatibility = compat_level(trt, settings.trt_compat)
+    config = make_builder_config(
+        settings, part, io, positions, memory_pool_limits=limits, compatibility=compatibility
+    )
     print(
-        f"plan: building a {settings.precision} engine of {part} (TensorRT {trt.__version__}); "
-        f"profile {profile_shapes(settings, part, io, positions)}",
+        f"plan: building a {settings.precision} engine of {part} (TensorRT {trt.__version__}, "
+        f"trt_compat={settings.trt_compat}); "
+        f"profile {profiles.profile_shapes(settings, part, io, positions)}",
         flush=True,
     )
-    engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
+    try:
+        engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
+    except Exception as err:  # Polygraphy raises its own exception, with TensorRT's log above
+        raise TensorRTError(
+            f"TensorRT could not build an engine of {part}.onnx: {str(err).strip()[:500]} "
+            "(TensorRT's log is above; a smaller batch or seq MAX, or precision=fp32, may help)"
+        ) from err
     target = paths.plan_file(name, part)
     with artifacts.atomic_target(target) as tmp:
         tmp.write_bytes(bytes(engine))
+    bindings = profiles.binding_bytes(settings, part, io, positions)
     artifacts.write_json(
         paths.plan_record(name, part),
-        {**artifacts.file_record(target), "tensorrt": trt.__version__},
+        {
+            **artifacts.file_record(target),
+            "tensorrt": trt.__version__,
+            "trt_compat": settings.trt_compat,
+            "compute_capability": gpus()[0][2] if gpus() else None,
+            "binding_bytes_per_instance": bindings,
+        },
     )
+    print(
+        f"plan: {part} holds {bindings / 2**30:.2f} GiB of bindings per instance "
+        f"(profile maxima) and {target.stat().st_size / 2**30:.2f} GiB of weights",
+        flush=True,
+    )
+
+
+def report_reservation(settings: Settings) -> None:
+    """The GPU memory the deployment's engines reserve once Triton loads them (README)."""
+    name, parts = settings.name, settings.task.onnx_parts
+    ios = {part: artifacts.read_json(paths.onnx_io(name, part)) for part in parts}
+    positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
+    plans = {part: paths.plan_file(name, part).stat().st_size for part in parts}
+    per_part = profiles.reserved_per_gpu(settings, ios, plans, positions)
+    print(f"plan: deployment '{name}' {profiles.describe_reservation(settings, per_part)}")
 
 
 def plan_task_name(settings: Settings, part: str) -> str:
@@ -152,15 +200,19 @@ def task_plan():
         return
     name = settings.name
     params = {
-        "ranges": dim_ranges(settings),
+        "ranges": profiles.dim_ranges(settings),
         "dims": catalog.PROFILE_DIMS,
         "precision": settings.precision,
         "workspace_mib": catalog.TENSORRT_WORKSPACE_MIB,
         "tensorrt": artifacts.versions("tensorrt")["tensorrt"],
         "compute_capability": gpu_compute_capability(),
+        "trt_compat": settings.trt_compat,
+        "gpus": settings.serving.gpus,
     }
+    records = []
     for part in settings.task.onnx_parts:
         targets = [paths.plan_file(name, part), paths.plan_record(name, part)]
+        records.append(targets[1])
         yield {
             "name": plan_task_name(settings, part),
             "actions": [(fails_cleanly(build_engine), [settings, part])],
@@ -169,8 +221,16 @@ def task_plan():
                 paths.onnx_io(name, part),
                 paths.source_manifest(name),  # max_positions caps a causal LM's cache
                 paths.stage_module("plan"),
+                paths.stage_module("profiles"),
             ],
             "targets": targets,
             "uptodate": [config_changed(params), artifacts.file_matches_record(*targets)],
             "clean": [(artifacts.remove_artifacts, [targets])],
         }
+    yield {
+        "name": f"{name}-memory",
+        "actions": [(fails_cleanly(report_reservation), [settings])],
+        "file_dep": records,
+        "uptodate": [config_changed({"instances": settings.serving.instances})],
+        "verbosity": 2,
+    }

@@ -33,6 +33,9 @@ VARIABLES = {
     "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
     "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
     "instances": "instances of the model step (default 1)",
+    "gpus": "GPU ids the engines' instances run on, e.g. gpus=0,1 (default: every GPU)",
+    "trt_compat": "none | same_cc | ampere_plus: which GPUs a TensorRT plan loads on "
+    "(default none: the GPU model it was built on)",
     "ort_threads": "ONNX Runtime intra-op threads per instance, 0 = its own choice (default 0)",
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
@@ -164,10 +167,16 @@ class Serving:
     instances: int = catalog.MODEL_INSTANCES
     ort_threads: int = catalog.INTRA_OP_THREADS
     pad_multiple: int = catalog.PAD_MULTIPLE
+    gpus: tuple[int, ...] = ()  # instance_group gpus of GPU models; () = every GPU
 
     @classmethod
     def parse(cls, get_var) -> Serving:
+        given = get_var("gpus", "")
+        gpus = tuple(_whole("gpus", g.strip(), 0, 63) for g in given.split(",")) if given else ()
+        if len(set(gpus)) != len(gpus):
+            raise SettingsError(f"gpus={given}: each GPU id once, e.g. gpus=0,1")
         return cls(
+            gpus=gpus,
             queue_delay_us=_whole(
                 "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6
             ),
@@ -215,6 +224,7 @@ class Settings:
     precision: str
     backend: str  # resolved: tensorrt | onnxruntime | python
     decoder: str | None = None  # generation only: inline | models
+    trt_compat: str = "none"  # catalog.TRT_COMPAT
     endpoints: Endpoints = field(default_factory=Endpoints)
     serving: Serving = field(default_factory=Serving)
     bench: Bench = field(default_factory=Bench)
@@ -372,8 +382,15 @@ def load_settings(get_var) -> Settings:
             f"name={name}: names ending in {', '.join(catalog.PART_SUFFIXES.values())} name the "
             "parts of a deployment; choose another name"
         )
+    trt_compat = _choose("trt_compat", get_var("trt_compat", "none"), catalog.TRT_COMPAT)
+    if trt_compat != "none" and backend != "tensorrt":
+        raise SettingsError(
+            f"trt_compat={trt_compat}: only TensorRT plans have a hardware compatibility; "
+            f"drop it for backend={backend}"
+        )
     settings = Settings(
         task=spec,
+        trt_compat=trt_compat,
         source=resolve_model(get_var("model", spec.default_model), get_var("revision", "main")),
         name=name,
         batch=Profile.parse("batch", get_var("batch", "1,8,32")),
@@ -394,6 +411,11 @@ def load_settings(get_var) -> Settings:
         raise SettingsError(
             f"batch={settings.batch.given}: Triton sends batches of any size from 1 to MAX, so "
             "the TensorRT profile's MIN batch must be 1"
+        )
+    if settings.serving.gpus and backend == "python":
+        raise SettingsError(
+            f"gpus={get_var('gpus', '')}: the python backend runs on CPU; gpus= places "
+            "TensorRT and ONNX Runtime models (backend=tensorrt or onnxruntime)"
         )
     check_shapes_fit_model(settings, known_config(settings))
     return settings

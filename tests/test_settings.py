@@ -113,6 +113,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "instances": 2,
         "ort_threads": 1,
         "pad_multiple": 16,
+        "gpus": (),
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
     for variables, message in [

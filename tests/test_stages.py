@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks import catalog, paths, pbtxt, plan, settings
+from tasks import catalog, paths, pbtxt, plan, profiles, settings
 from tasks.download import task_download
 from tasks.export import task_onnx
 from tasks.parity import task_parity
@@ -164,7 +164,7 @@ def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypat
 def test_tensorrt_profile_and_builder_config_come_from_the_settings():
     chosen = settings_from(batch="2,4,16", seq="8,64,256")
     io = IO["encode"]
-    shapes = plan.profile_shapes(chosen, "model", io)
+    shapes = profiles.profile_shapes(chosen, "model", io)
     assert shapes == {
         name: ((2, 8), (4, 64), (16, 256))
         for name in ("input_ids", "attention_mask", "token_type_ids")
@@ -178,8 +178,8 @@ def test_tensorrt_profile_and_builder_config_come_from_the_settings():
 
 def test_a_dim_without_a_profile_range_is_named():
     io = {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch_size", "h"]}]}
-    with pytest.raises(plan.TensorRTError, match=r"input pixel_values has dim 'h'.*PROFILE_DIMS"):
-        plan.profile_shapes(settings_from(), "model", io)
+    with pytest.raises(plan.TensorRTError, match=r"tensor pixel_values has dim 'h'.*PROFILE_DIMS"):
+        profiles.profile_shapes(settings_from(), "model", io)
 
 
 FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128}
@@ -256,6 +256,7 @@ def test_on_a_tensorrt_host_generation_builds_an_engine_per_part_served_by_bls(m
         "plan:t5-decoder_model",
         "plan:t5-decoder_with_past_model",
         "plan:t5-encoder_model",
+        "plan:t5-memory",  # prints the GPU memory the engines reserve
     ]
     parity = found["parity:t5"]
     assert {paths.plan_file("t5", p) for p in chosen.task.onnx_parts} <= set(parity["file_dep"])

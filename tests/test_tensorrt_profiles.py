@@ -3,7 +3,9 @@
 TensorRT refuses an input outside its engine's profile, so each profile must cover what the
 decoding loop sends at the extremes the deployment allows (a MAX-token prompt, MAX new
 tokens) and at the smallest. This runs the real loop on ONNX Runtime over the real exported
-files, records every feed, and checks it against `plan.profile_shapes`: no TensorRT needed.
+files, records every feed, and checks it against `profiles.profile_shapes`: no TensorRT needed.
+The worst mix of rows (a long prompt asking few tokens with a short one asking many) needs a
+longer shared cache than any row alone: the loop must split it so that the profile holds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from tasks import artifacts, paths, plan
+from tasks import artifacts, paths, profiles
 from tests.conftest import copy_project
 from tests.test_settings import settings_from
 
@@ -25,6 +27,13 @@ WIDEST = {  # batch, width, prompt lengths, new tokens: the longest prompt, the 
     # a model's positions cap the cache: 100 + 28 new tokens fill GPT-2's 128
     "causallm-positions": (4, 100, [100, 3, 1, 7], [28, 2, 28, 1]),
 }
+WORST = {  # each row fits alone; together their shared cache is the longest a batch can want
+    "causallm": (4, 12, [12, 1, 12, 1], [1, 12, 1, 12]),
+    "t5": (4, 12, [12, 1, 12, 1], [1, 12, 1, 12]),
+    # 100 + 28 and 1 + 100 each fit GPT-2's 128 positions; together 100 + 100 would not
+    "causallm-positions": (4, 100, [100, 1, 100, 1], [28, 100, 28, 100]),
+}
+SPLITS = {"causallm": 1, "t5": 1, "causallm-positions": 2}  # batches the worst mix decodes in
 SMALLEST = (1, 1, [1], [2])  # a one-token prompt (below MIN) that reaches the cached step
 
 
@@ -66,17 +75,34 @@ def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generat
         )
         for part in chosen.task.onnx_parts
     }
-    generator = decoding.Generator(chosen.task.generation, steps, eos_ids=[], pad_id=0, start_id=0)
+    limit = profiles.cache_limit(chosen, positions)
+    generator = decoding.Generator(
+        chosen.task.generation, steps, eos_ids=[], pad_id=0, start_id=0, cache_limit=limit
+    )
     rng = np.random.default_rng(0)
-    for batch, width, lengths, new in (WIDEST[case], SMALLEST):
+    for batch, width, lengths, new in (WIDEST[case], SMALLEST, WORST[case]):
         ids = rng.integers(3, 200, (batch, width)).astype(np.int64)
         mask = (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-        produced = generator.generate(ids, mask, [decoding.RowParams(n) for n in new])
+        params = [decoding.RowParams(n) for n in new]
+        produced = generator.generate(ids, mask, params)
         assert [len(p) for p in produced] == new
+    # the worst mix: split as needed, and every row's tokens are the tokens it gets alone
+    kind = chosen.task.generation
+    lengths, new = np.array(WORST[case][2]), WORST[case][3]
+    params = [decoding.RowParams(n) for n in new]
+    assert decoding.cache_need(kind, max(lengths), max(new)) > limit or SPLITS[case] == 1
+    assert len(decoding.cache_batches(kind, lengths, params, limit)) == SPLITS[case]
+    for row in range(len(new)):
+        alone = generator.generate(
+            ids[row : row + 1, : lengths[row]],
+            mask[row : row + 1, : lengths[row]],
+            params[row : row + 1],
+        )
+        assert alone[0] == produced[row], (case, row)
 
     for part in chosen.task.onnx_parts:
         io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
-        profile = plan.profile_shapes(chosen, part, io, positions)
+        profile = profiles.profile_shapes(chosen, part, io, positions)
         assert set(profile) == set(seen[part][0])
         for feed in seen[part]:
             for name, shape in feed.items():
@@ -87,6 +113,16 @@ def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generat
             shapes = [feed[name] for feed in seen[part]]
             assert tuple(np.max(shapes, axis=0)) == high, (part, name)
             assert tuple(np.min(shapes, axis=0)) == low, (part, name)
+
+
+def test_decoders_return_the_last_positions_logits_only(exported):
+    """Decoding reads one position; the first step's every position would be batch x prompt x
+    vocab floats (3.3 GB for OPT-125M at the defaults)."""
+    for task in CASES:
+        for part in ("decoder_model", "decoder_with_past_model"):
+            io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
+            logits = next(o for o in io["outputs"] if o["name"] == "logits")
+            assert logits["shape"][:2] == ["batch_size", 1], (task, part, logits)
 
 
 def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(

@@ -106,6 +106,49 @@ def onnxruntime_steps(files: dict[str, Path], threads: int = 0) -> dict:
     return {part: OnnxRuntimeStep(path, threads) for part, path in files.items()}
 
 
+def cache_need(kind: str, width: int, new_tokens: int) -> int:
+    """The longest cache decoding feeds a batch: prompts padded to `width` tokens, the longest
+    row asking `new_tokens`. Causal: the last token reads the prompt and the new tokens before
+    it (width + new - 2); seq2seq: the new tokens before it (new - 1; the prompt is in the
+    encoder's cache, of the batch's width)."""
+    return width + new_tokens - 2 if kind == "causal" else new_tokens - 1
+
+
+def cache_batches(kind: str, lengths, params: list[RowParams], limit: int) -> list[list[int]]:
+    """Rows grouped into batches whose shared cache stays within `limit` (0: no limit).
+
+    The loop grows one cache for a whole batch, max(new tokens) steps over the padded width,
+    so a long prompt asking few tokens and a short one asking many need more together than
+    either alone: a TensorRT profile holding each row would refuse the batch. A row alone
+    always fits (the server checks prompt + new tokens against the positions the profile was
+    built for), so no row is refused; rows join the first batch they fit."""
+    rows = sorted(range(len(params)), key=lambda r: (-int(lengths[r]), -params[r].max_new_tokens))
+    if not limit:
+        return [list(range(len(params)))]
+    batches: list[tuple[list[int], int, int]] = []  # rows, width, new tokens
+    for row in rows:
+        width, new = int(lengths[row]), params[row].max_new_tokens
+        for index, (members, w, n) in enumerate(batches):
+            if cache_need(kind, max(w, width), max(n, new)) <= limit:
+                batches[index] = ([*members, row], max(w, width), max(n, new))
+                break
+        else:
+            batches.append(([row], width, new))
+    return [sorted(members) for members, _, _ in batches]
+
+
+def _widened(on_step, rows: list[int], total: int, pad_id: int):
+    """`on_step` of a sub-batch, as the whole batch's: the other rows made nothing."""
+
+    def every(tokens, produced):
+        all_tokens = np.full(total, pad_id, dtype=np.int64)
+        all_made = np.zeros(total, dtype=bool)
+        all_tokens[rows], all_made[rows] = tokens, produced
+        on_step(all_tokens, all_made)
+
+    return every
+
+
 class Generator:
     """Decodes batches of prompts with the steps (parts) of one model (see module doc)."""
 
@@ -116,9 +159,10 @@ class Generator:
         eos_ids: list[int],
         pad_id: int,
         start_id: int | None = None,
+        cache_limit: int = 0,
     ) -> None:
         self.kind, self.eos, self.pad_id, self.start_id = kind, set(eos_ids), pad_id, start_id
-        self.steps = steps
+        self.steps, self.cache_limit = steps, cache_limit
 
     def generate(
         self,
@@ -129,10 +173,30 @@ class Generator:
     ) -> list[list[int]]:
         """New token ids per row (EOS included when reached). Prompts are right-padded.
 
-        `on_step(tokens, produced)`, if given, sees each step's tokens and which rows made one
-        (for streaming)."""
+        Rows whose shared cache would outgrow `cache_limit` decode in separate batches
+        (`cache_batches`). `on_step(tokens, produced)`, if given, sees each step's tokens and
+        which rows made one, over all rows (for streaming)."""
         input_ids = input_ids.astype(np.int64)
         attention_mask = attention_mask.astype(np.int64)
+        lengths = attention_mask.sum(axis=1)
+        batches = cache_batches(self.kind, lengths, params, self.cache_limit)
+        if len(batches) == 1:
+            return self._generate(input_ids, attention_mask, params, on_step)
+        produced: list[list[int]] = [[] for _ in params]
+        for rows in batches:
+            width = max(int(lengths[rows].max()), 1)
+            every = None
+            if on_step is not None:
+                every = _widened(on_step, rows, len(params), self.pad_id)
+            made = self._generate(
+                input_ids[rows, :width], attention_mask[rows, :width], [params[r] for r in rows],
+                every,
+            )  # fmt: skip
+            for row, tokens in zip(rows, made):
+                produced[row] = tokens
+        return produced
+
+    def _generate(self, input_ids, attention_mask, params, on_step) -> list[list[int]]:
         if self.kind == "causal":
             step = self._causal_steps(input_ids, attention_mask)
         else:

@@ -37,14 +37,35 @@ def _load_decoding():
 decoding = _load_decoding()
 
 
+def _has_gpu() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+_CUPY_WARNED = []
+
+
 def _cupy():
-    """CuPy when a GPU is there to read logits from (the server image has it), else None."""
+    """CuPy when a GPU is there to read logits from (the server image has it), else None.
+
+    Without it on a GPU server every step's KV cache crosses to CPU shared memory and back:
+    correct, but slow and shm-hungry, so it is logged once per process, loudly."""
     try:
         import cupy
 
-        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:  # not installed, or no usable GPU
-        return None
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+        reason = "CuPy sees no GPU"
+    except Exception as err:  # not installed, or no usable GPU
+        reason = f"CuPy is unusable ({type(err).__name__}: {err})"
+    if _has_gpu() and not _CUPY_WARNED:
+        _CUPY_WARNED.append(reason)
+        pb_utils.Logger.log_error(
+            f"llm-in-triton: {reason} on a GPU server: every decoding step now copies its KV "
+            "cache through CPU shared memory. Install cupy-cuda12x (the Dockerfile's server "
+            "stage does) to keep it on the GPU."
+        )
+    return None
 
 
 class BlsStep:
@@ -116,6 +137,7 @@ class TritonPythonModel:
             eos_ids=json.loads(params["eos_token_ids"]),
             pad_id=int(params["pad_token_id"]),
             start_id=int(start),
+            cache_limit=int(params["cache_limit"]),
         )
 
     def _optional(self, request, name, rows, default, cast):
