@@ -10,7 +10,8 @@
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
 precision, backend, host, http_port, grpc_port, metrics_port, server, queue_delay_us,
-instances, ort_threads, pad_multiple, concurrency, seconds. See README.md.
+instances, ort_threads, ort_spin, batch_waste, pad_multiple, gpus, trt_compat, concurrency,
+seconds, loadgen. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
@@ -37,5 +38,7 @@ DOIT_CONFIG = {
     "default_tasks": ["repo"],
     "verbosity": 2,
     "dep_file": str(paths.DEP_FILE),
+    # one file any Python reads (dbm's format differs between the host's and an image's)
+    "backend": "sqlite3",
     "cleanforget": True,  # `doit clean` also forgets, so the next build starts afresh
 }

@@ -247,6 +247,7 @@ def task_parity():
     }
     engine = (
         [paths.plan_file(name, part) for part in settings.task.onnx_parts]
+        + [paths.plan_memory(name)]
         if settings.backend == "tensorrt"
         else []
     )

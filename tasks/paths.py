@@ -86,6 +86,11 @@ def plan_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "plan" / f"{part}.plan"
 
 
+def plan_memory(name: str) -> Path:
+    """The GPU memory the deployment's engines reserve at load, per part (plan stage)."""
+    return zoo_dir(name) / "plan" / "memory.json"
+
+
 def plan_record(name: str, part: str = "model") -> Path:
     """Its sha256, size and mtime, and the TensorRT version that built it."""
     return zoo_dir(name) / "plan" / f"{part}.build.json"

@@ -86,6 +86,12 @@ def placement_problem(compat: str, built_on: str, serving: list[tuple[int, str, 
     """Why a plan built on a GPU of compute capability `built_on` with `trt_compat` cannot
     load on every GPU of `serving` (index, name, compute capability), or ''."""
     if compat == "ampere_plus":
+        if float(built_on) < 8.0:
+            return (
+                f"trt_compat=ampere_plus plans are built on Ampere or later GPUs; this one has "
+                f"compute capability {built_on}: build on another (CUDA_VISIBLE_DEVICES=...), "
+                "or use trt_compat=none"
+            )
         old = [g for g in serving if float(g[2]) < 8.0]
         if old:
             shown = ", ".join(f"GPU {i} {n} ({cc})" for i, n, cc in old)
@@ -99,15 +105,31 @@ def placement_problem(compat: str, built_on: str, serving: list[tuple[int, str, 
         return ""
     shown = ", ".join(f"GPU {i} {n} ({cc})" for i, n, cc in other)
     keep = ",".join(str(i) for i, _, cc in serving if cc == built_on)
+    where = (
+        f"serve it on gpus={keep}"
+        if keep
+        else f"build on one of them (CUDA_VISIBLE_DEVICES={serving[0][0]})"
+    )
     return (
         f"the plan is built on a GPU of compute capability {built_on} (trt_compat={compat}) "
-        f"and would not load on {shown}: serve it on gpus={keep}, or build portable plans "
-        "with trt_compat=ampere_plus"
+        f"and would not load on {shown}: {where}, or build portable plans with "
+        "trt_compat=ampere_plus"
     )
 
 
+def build_gpu(found: list[tuple[int, str, str]]) -> tuple[int, str, str]:
+    """The GPU TensorRT builds on: CUDA's device 0, the first of CUDA_VISIBLE_DEVICES when it
+    names GPUs by index (nvidia-smi lists them in PCI order; the compose files and this
+    build set CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA agrees)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    by_index = {gpu[0]: gpu for gpu in found}
+    return by_index.get(int(visible), found[0]) if visible.isdigit() else found[0]
+
+
 def check_placement(settings: Settings) -> None:
-    """Refuse, before building, a plan that some GPU of the deployment could not load."""
+    """Refuse a plan that some GPU of the deployment could not load."""
     found = gpus()
     if not found:
         return
@@ -118,8 +140,7 @@ def check_placement(settings: Settings) -> None:
             f"(nvidia-smi lists {', '.join(str(i) for i, _, _ in found)})"
         )
     serving = [g for g in found if not chosen or g[0] in chosen]
-    # TensorRT builds on CUDA's device 0 (the first of CUDA_VISIBLE_DEVICES)
-    if problem := placement_problem(settings.trt_compat, found[0][2], serving):
+    if problem := placement_problem(settings.trt_compat, build_gpu(found)[2], serving):
         raise TensorRTError(problem)
 
 
@@ -133,6 +154,9 @@ def build_engine(settings: Settings, part: str) -> None:
             "TensorRT is not installed; use backend=python or build in the "
             "exporter image (Dockerfile)"
         ) from err
+    import os
+
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's order = nvidia-smi's
     check_placement(settings)
     source = paths.onnx_file(name, part)
     artifacts.load_onnx(source, name)  # a clear error for a broken file
@@ -155,7 +179,8 @@ def build_engine(settings: Settings, part: str) -> None:
         engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
     except Exception as err:  # Polygraphy raises its own exception, with TensorRT's log above
         raise TensorRTError(
-            f"TensorRT could not build an engine of {part}.onnx: {str(err).strip()[:500]} "
+            f"TensorRT could not build an engine of {part}.onnx: {' '.join(str(err).split())[:500]}"
+            " "
             "(TensorRT's log is above; a smaller batch or seq MAX, or precision=fp32, may help)"
         ) from err
     target = paths.plan_file(name, part)
@@ -168,7 +193,7 @@ def build_engine(settings: Settings, part: str) -> None:
             **artifacts.file_record(target),
             "tensorrt": trt.__version__,
             "trt_compat": settings.trt_compat,
-            "compute_capability": gpus()[0][2] if gpus() else None,
+            "compute_capability": build_gpu(found)[2] if (found := gpus()) else None,
             "binding_bytes_per_instance": bindings,
         },
     )
@@ -180,13 +205,18 @@ def build_engine(settings: Settings, part: str) -> None:
 
 
 def report_reservation(settings: Settings) -> None:
-    """The GPU memory the deployment's engines reserve once Triton loads them (README)."""
+    """The GPU memory the deployment's engines reserve once Triton loads them (README); and
+    the placement check again, since `gpus` may change without the plans."""
+    check_placement(settings)
     name, parts = settings.name, settings.task.onnx_parts
     ios = {part: artifacts.read_json(paths.onnx_io(name, part)) for part in parts}
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
     plans = {part: paths.plan_file(name, part).stat().st_size for part in parts}
     per_part = profiles.reserved_per_gpu(settings, ios, plans, positions)
     print(f"plan: deployment '{name}' {profiles.describe_reservation(settings, per_part)}")
+    artifacts.write_json(
+        paths.plan_memory(name), {"bytes_per_gpu": per_part, "gpus": settings.serving.gpus}
+    )
 
 
 def plan_task_name(settings: Settings, part: str) -> str:
@@ -207,7 +237,6 @@ def task_plan():
         "tensorrt": artifacts.versions("tensorrt")["tensorrt"],
         "compute_capability": gpu_compute_capability(),
         "trt_compat": settings.trt_compat,
-        "gpus": settings.serving.gpus,
     }
     records = []
     for part in settings.task.onnx_parts:
@@ -227,10 +256,15 @@ def task_plan():
             "uptodate": [config_changed(params), artifacts.file_matches_record(*targets)],
             "clean": [(artifacts.remove_artifacts, [targets])],
         }
-    yield {
+    memory = paths.plan_memory(name)
+    yield {  # parity depends on its file, so every build prints it
         "name": f"{name}-memory",
         "actions": [(fails_cleanly(report_reservation), [settings])],
-        "file_dep": records,
-        "uptodate": [config_changed({"instances": settings.serving.instances})],
+        "file_dep": [*records, paths.stage_module("profiles")],
+        "targets": [memory],
+        "uptodate": [
+            config_changed({"instances": settings.serving.instances, "gpus": settings.serving.gpus})
+        ],
+        "clean": [(artifacts.remove_artifacts, [[memory]])],
         "verbosity": 2,
     }

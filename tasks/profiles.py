@@ -60,7 +60,9 @@ def _dim_range(part: str, tensor: str, dim, table: dict, ranges: dict) -> Range:
     if isinstance(dim, int) and dim > 0:
         return (dim, dim, dim)
     terms = [term.strip() for term in str(dim).split("+")]
-    unknown = [t for t in terms if t not in table and not t.isdigit()]
+    # a number counts as itself only beside a named dim ('past_sequence_length + 1'): a bare
+    # 0 is a dynamic dim the export left unnamed
+    unknown = [t for t in terms if t not in table and not (t.isdigit() and len(terms) > 1)]
     if unknown:
         raise TensorRTError(
             f"{part}.onnx tensor {tensor} has dim {dim!r}: no profile range for "

@@ -181,10 +181,11 @@ def test_plan_staleness_includes_placement_and_compatibility(monkeypatch):
 
     monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
     found = tasks_for(monkeypatch, task="encode", gpus="1", trt_compat="ampere_plus")
-    assert {"trt_compat": "ampere_plus", "gpus": (1,)}.items() <= params(
-        found["plan:encode"]
-    ).items()
-    assert "plan:encode-memory" in found
+    assert params(found["plan:encode"])["trt_compat"] == "ampere_plus"
+    # gpus= places instances and re-checks placement; it does not rebuild the engines
+    assert "gpus" not in params(found["plan:encode"])
+    assert params(found["plan:encode-memory"])["gpus"] == (1,)
+    assert found["plan:encode-memory"]["targets"][0] in found["parity:encode"]["file_dep"]
 
 
 def test_reserved_bytes_round_trip_through_io_dims():
@@ -194,3 +195,47 @@ def test_reserved_bytes_round_trip_through_io_dims():
     shapes = profiles.profile_shapes(chosen, "decoder_with_past_model", io)
     assert shapes["attention_mask"][2] == (32, 12 + 12 - 2 + 1)
     assert math.prod(shapes["past_key_values.0.key"][2]) == 32 * 12 * 22 * 64
+
+
+def test_a_bare_unnamed_dim_is_refused_and_a_number_beside_a_name_counts():
+    io = {"inputs": [{"name": "x", "dtype": "int64", "shape": ["batch_size", 0]}]}
+    with pytest.raises(plan.TensorRTError, match="tensor x has dim 0"):
+        profiles.profile_shapes(settings_from(), "model", io)
+
+
+def test_placement_names_a_build_gpu_when_no_chosen_gpu_matches(monkeypatch):
+    problem = plan.placement_problem("none", "8.0", [(1, "NVIDIA A10", "8.6")])
+    assert "CUDA_VISIBLE_DEVICES=1" in problem and "gpus=," not in problem
+    assert "built on Ampere or later" in plan.placement_problem("ampere_plus", "7.5", GPUS[:1])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert plan.build_gpu(GPUS) == GPUS[2]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert plan.build_gpu(GPUS) == GPUS[0]
+
+
+def test_gpt2_sized_positions_bound_every_batch_of_accepted_rows():
+    """GPT-2: 1024 positions, seq=1,128,1000. A 1000-token prompt asking 24 tokens with a
+    3-token prompt asking 1000 would need ~2000 cached tokens against a profile of 1022."""
+    from tasks.generation_parity import load_decoding
+
+    decoding = load_decoding()
+    chosen = settings_from(task="causallm", seq="1,128,1000")
+    limit = profiles.cache_limit(chosen, 1024)
+    assert limit == 1022
+    lengths, params = [1000, 3], [decoding.RowParams(24), decoding.RowParams(1000)]
+    assert decoding.cache_need("causal", 1000, 1000) > limit
+    batches = decoding.cache_batches("causal", lengths, params, limit)
+    assert batches == [[0], [1]]
+    for batch in batches:
+        width = max(lengths[r] for r in batch)
+        new = max(params[r].max_new_tokens for r in batch)
+        assert decoding.cache_need("causal", width, new) <= limit
+
+
+def test_the_readme_gpu_section_states_the_reserved_memory_and_the_variables():
+    from tasks import paths
+
+    readme = (paths.ROOT / "README.md").read_text()
+    gpu = readme.split("### GPU hosts (Docker)", 1)[1].split("\n## ", 1)[0]
+    for fact in ("GPU memory", "GiB", "instances", "`gpus`", "trt_compat=", "PYTHON_VERSION"):
+        assert fact in gpu, fact

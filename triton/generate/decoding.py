@@ -180,8 +180,9 @@ class Generator:
         attention_mask = attention_mask.astype(np.int64)
         lengths = attention_mask.sum(axis=1)
         batches = cache_batches(self.kind, lengths, params, self.cache_limit)
-        if len(batches) == 1:
-            return self._generate(input_ids, attention_mask, params, on_step)
+        if len(batches) == 1:  # the batch's own width: the cache it needs is what was checked
+            width = max(int(lengths.max()), 1)
+            return self._generate(input_ids[:, :width], attention_mask[:, :width], params, on_step)
         produced: list[list[int]] = [[] for _ in params]
         for rows in batches:
             width = max(int(lengths[rows].max()), 1)
