@@ -8,6 +8,10 @@ gRPC and HTTP) against what they would run instead, on the same texts, in one ru
   next to no CPU from the server it measures;
 - `onnxruntime`: the same tokenizer and ONNX file in-process, the same concurrency (threads
   calling one session): the limit for the CPU backend;
+- `onnxruntime_batched` (encoder tasks): the compute limit the server is measured against:
+  in-process, the same texts `concurrency` at a time, tokenized and grouped by length as the
+  served pipeline groups requests that arrive together (triton/tokenizer/encoding.py), each
+  group one ONNX Runtime call;
 - `pytorch`: the Hugging Face model in-process, one request at a time.
 
 Writes model_zoo/<name>/bench/report.json, report.md and throughput.png.
@@ -222,6 +226,82 @@ def onnxruntime_work(settings: Settings):
     return infer
 
 
+def load_encoding():
+    """The runtime's tokenizing module (triton/tokenizer/encoding.py), loaded by path."""
+    import importlib.util
+    import sys
+
+    path = paths.runtime_file("tokenizer", "encoding.py")
+    spec = importlib.util.spec_from_file_location("llm_in_triton_encoding", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def batched_sweep(settings: Settings, texts: list) -> list[dict]:
+    """`onnxruntime_batched`: each point takes the texts `concurrency` at a time (what that
+    many clients send together) and runs them as the served pipeline would: one tokenizer
+    call, groups by length, one ONNX Runtime call per group. Latency is per chunk."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tasks.pbtxt import checkpoint_facts, tokenizer_parameters
+
+    encoding = load_encoding()
+    params = {k: str(v) for k, v in tokenizer_parameters(settings, checkpoint_facts(settings.name))}
+    encoder = encoding.TextEncoder(
+        str(paths.source_tokenizer(settings.name)), params, settings.task.text_inputs,
+        settings.batch.max,
+    )  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.serving.ort_threads
+    session = ort.InferenceSession(
+        str(paths.onnx_file(settings.name)), options, providers=["CPUExecutionProvider"]
+    )
+    feeds = [(i.name, np.int64) for i in session.get_inputs()]
+    waste = settings.serving.batch_waste
+
+    def run_chunk(chunk: list) -> bool:
+        items = [encoder.items([[text] for text in request]) for request in chunk]
+        encoded = encoder.encode(items)
+        lengths, rows = [e.length for e in encoded], [len(e.rows) for e in encoded]
+        for group in encoding.length_groups(lengths, rows, waste, settings.batch.max):
+            longest = max(lengths[i] for i in group)
+            arrays = [encoder.arrays(encoded[i], feeds, longest) for i in group]
+            feed = {n: np.concatenate([a[n] for a in arrays]) for n, _ in feeds}
+            if not good_answer([value[:1] for value in session.run(None, feed)]):
+                return False
+        return True
+
+    points = []
+    for size in settings.bench.concurrency:
+        chunks = [
+            [texts[(start + k) % len(texts)] for k in range(size)] for start in range(len(texts))
+        ]
+        for chunk in chunks[:2]:  # warm up
+            run_chunk(chunk)
+        latencies, errors, began = [], 0, time.perf_counter()
+        for chunk in itertools.cycle(chunks):
+            if time.perf_counter() - began >= settings.bench.seconds:
+                break
+            start = time.perf_counter()
+            good = run_chunk(chunk)
+            latencies += [time.perf_counter() - start] if good else []
+            errors += 0 if good else size
+        elapsed = time.perf_counter() - began
+        point = summarize(latencies, elapsed, errors, size)
+        point["requests"] = len(latencies) * size  # texts answered
+        point["throughput"] = round(point["requests"] / elapsed, 2) if elapsed > 0 else 0.0
+        points.append(point)
+        print(
+            f"bench: onnxruntime_batched, {size} texts at a time: {point['throughput']:.1f} "
+            f"texts/s, p50 {point['p50_ms']} ms per chunk",
+            flush=True,
+        )
+    return points
+
+
 def pytorch_work(settings: Settings):
     """The Hugging Face model in-process, as a user would run it instead."""
     import torch
@@ -305,7 +385,7 @@ def run(settings: Settings) -> None:
             grpc_port=endpoints.grpc_port,
             metrics_port=endpoints.metrics_port,
         ).start()
-    systems = {"triton": [], "onnxruntime": [], "pytorch": []}
+    systems = {"triton": [], "onnxruntime": [], "onnxruntime_batched": [], "pytorch": []}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):
             if bench.loadgen == "perf_analyzer":
@@ -334,6 +414,8 @@ def run(settings: Settings) -> None:
         texts,
         {},
     )
+    if not settings.task.generation:
+        systems["onnxruntime_batched"] = batched_sweep(settings, texts)
     systems["pytorch"] = sweep(
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}
     )
@@ -345,7 +427,7 @@ def run(settings: Settings) -> None:
         "texts": len(texts),
         "seconds_per_point": bench.seconds,
         "systems": systems,
-        "summary": summary(systems),
+        "summary": summary(systems, new_tokens(settings) if settings.task.generation else 0),
         "errors": errors,
         "machine": machine(),
         "settings": {
@@ -378,28 +460,41 @@ def load_generator(loadgen: str) -> str:
     )
 
 
-def summary(systems: dict) -> dict:
+def summary(systems: dict, new_tokens_per_request: int = 0) -> dict:
+    """Best throughput per system, the served one against each in-process one, and p50 at
+    concurrency 1 (gRPC for the served); generation adds tokens per second."""
     best = {
         name: max((p["throughput"] for p in points), default=0.0)
         for name, points in systems.items()
     }
+
+    def ratio(other: str):
+        return round(best["triton"] / best[other], 2) if best.get(other) else None
+
     single = {
         name: next((p["p50_ms"] for p in points if p["concurrency"] == 1), None)
-        for name, points in (
-            ("triton", [p for p in systems["triton"] if p.get("protocol") == "grpc"]),
-            ("onnxruntime", systems["onnxruntime"]),
-        )
+        for name, points in systems.items()
     }
-    return {
+    single["triton"] = next(
+        (
+            p["p50_ms"]
+            for p in systems["triton"]
+            if p["concurrency"] == 1 and p.get("protocol") == "grpc"
+        ),
+        None,
+    )
+    found = {
         "best_throughput": best,
-        "triton_vs_onnxruntime": round(best["triton"] / best["onnxruntime"], 2)
-        if best["onnxruntime"]
-        else None,
-        "triton_vs_pytorch": round(best["triton"] / best["pytorch"], 2)
-        if best["pytorch"]
-        else None,
+        "triton_vs_onnxruntime": ratio("onnxruntime"),
+        "triton_vs_onnxruntime_batched": ratio("onnxruntime_batched"),
+        "triton_vs_pytorch": ratio("pytorch"),
         "p50_ms_at_concurrency_1": single,
     }
+    if new_tokens_per_request:
+        found["best_tokens_per_second"] = {
+            name: round(value * new_tokens_per_request, 1) for name, value in best.items()
+        }
+    return found
 
 
 def write_reports(name: str, report: dict) -> None:
@@ -425,6 +520,7 @@ def write_reports(name: str, report: dict) -> None:
     lines += [
         "",
         f"Best served throughput / in-process ONNX Runtime: {s['triton_vs_onnxruntime']}; "
+        f"/ ONNX Runtime batched as the server batches: {s['triton_vs_onnxruntime_batched']}; "
         f"/ PyTorch one at a time: {s['triton_vs_pytorch']}. p50 at concurrency 1 (ms): "
         f"{s['p50_ms_at_concurrency_1']}.",
         "",

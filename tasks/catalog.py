@@ -31,7 +31,8 @@ class Tensor:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """A python-backend step after the model (code in triton/<component>/model.py).
+    """The answer step after the model: triton/<component>/answer.py, run by the post model
+    (triton/postprocess/) after a native model, or inside the python backend's one hop.
 
     It reads ensemble tensors by name (its inputs are named as the tensors it reads), takes
     whole requests (no batching: its inputs may have different first dims), and adds
@@ -359,3 +360,5 @@ QUEUE_DELAY_US = 0  # dynamic batching: a lone request must not wait for company
 MODEL_INSTANCES = 1  # instances of the model step
 INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: its own choice)
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
+ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
+BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it

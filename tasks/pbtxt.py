@@ -68,17 +68,29 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "model_filename": settings.model_filename,
         "max_batch_size": settings.batch.max,
         "seq": settings.seq,
-        "stride": catalog.window_stride(settings.seq.max) if spec.windows else 0,
-        "pad_id": facts["pad_id"],
         "queue_delay_us": settings.serving.queue_delay_us,
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "gpus": settings.serving.gpus,
-        "pad_multiple": settings.serving.pad_multiple,
-        "overflow": "reject" if spec.generation else "truncate",
         "text_inputs": spec.text_inputs,
+        "tokenizer_parameters": tokenizer_parameters(settings, facts),
         **pipeline(settings, ios, facts),
     }
+
+
+def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, object]]:
+    """What triton/tokenizer/encoding.py reads (tokenizer and pipeline models alike, and the
+    bench's in-process batching)."""
+    spec = settings.task
+    return [
+        ("max_seq", settings.seq.max),  # at most MAX tokens: cut, or a prompt refused
+        ("overflow", "reject" if spec.generation else "truncate"),
+        ("min_seq", settings.seq.min),  # padding to at least MIN
+        ("pad_id", facts["pad_id"]),
+        ("pad_multiple", settings.serving.pad_multiple),
+        # > 0: a long second text is read in overlapping windows of MAX tokens
+        ("stride", catalog.window_stride(settings.seq.max) if spec.windows else 0),
+    ]
 
 
 def file_context(io: dict) -> dict:
@@ -94,7 +106,10 @@ def file_context(io: dict) -> dict:
 
 
 def template_name(settings: Settings, part: str) -> str:
-    """Exported files render with model.pbtxt.j2; every other part has a template of its own."""
+    """Exported files render with model.pbtxt.j2 (or, as the python backend's one hop,
+    pipeline.pbtxt.j2); every other part has a template of its own."""
+    if part == "model" and settings.one_hop:
+        return "pipeline"
     return "model" if part in settings.task.onnx_parts else part
 
 
@@ -111,7 +126,8 @@ def _same(names) -> list[tuple[str, str]]:
 
 
 def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
-    """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs."""
+    """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs (on the
+    python backend one step does all three: `one_hop_pipeline`)."""
     spec, names = settings.task, settings.triton_models
     io = ios["model"]
     types = _types(io)
@@ -124,6 +140,10 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     by_onnx = {t.name: t for t in model_outputs}
     for out in spec.outputs:
         tensors[out.triton_name] = replace(by_onnx[out.onnx_name], name=out.triton_name)
+    post = spec.postprocess
+    by_name = {**tensors, **{t.name: t for t in (post.outputs if post else ())}}
+    if settings.one_hop:
+        return one_hop_pipeline(settings, io, [by_name[n] for n in spec.answers])
     steps = [
         _step(
             names["tokenizer"], _same(spec.text_inputs), _same(t.name for t in tokenizer_outputs)
@@ -134,12 +154,10 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
             [(o.onnx_name, o.triton_name) for o in spec.outputs],
         ),
     ]
-    post = spec.postprocess
     if post is not None:
         steps.append(
             _step(names["postprocess"], _same(post.inputs), _same(t.name for t in post.outputs))
         )
-    by_name = {**tensors, **{t.name: t for t in (post.outputs if post else ())}}
     return {
         "tokenizer_outputs": tokenizer_outputs,
         "post_inputs": [tensors[n] for n in post.inputs] if post else [],
@@ -148,6 +166,37 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
         "steps": steps,
         "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
         "ensemble_outputs": [by_name[n] for n in spec.answers],
+    }
+
+
+def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
+    """The python backend: one model (triton/pipeline/) takes the texts and gives the answers,
+    the ensemble's one step."""
+    spec, names = settings.task, settings.triton_models
+    sequence = [d for d, kind in catalog.PROFILE_DIMS["model"].items() if kind == "tokens"]
+    post = spec.postprocess
+    parameters = {
+        "model_file": settings.model_filename,
+        "intra_op_threads": settings.serving.ort_threads,
+        "spinning": settings.serving.ort_spin,
+        "batch_waste": settings.serving.batch_waste,
+        "model_outputs": json.dumps([[o.onnx_name, o.triton_name] for o in spec.outputs]),
+        "sequence_outputs": json.dumps(
+            [t["name"] for t in io["outputs"] if len(t["shape"]) > 1 and t["shape"][1] in sequence]
+        ),
+        "window_tensors": json.dumps(
+            [t.name for t in catalog.WINDOW_TENSORS] if spec.windows else []
+        ),
+        **dict(post.parameters if post else ()),
+    }
+    return {
+        "pipeline_outputs": answers,
+        "pipeline_parameters": list(parameters.items()),
+        "steps": [_step(names["model"], _same(spec.text_inputs), _same(t.name for t in answers))],
+        "ensemble_inputs": [
+            (catalog.Tensor(n, "TYPE_STRING", (1,)), False) for n in spec.text_inputs
+        ],
+        "ensemble_outputs": answers,
     }
 
 
@@ -241,7 +290,7 @@ def parse_config(text: str, origin: str):
 def part_context(settings: Settings, part: str, ios: dict[str, dict], facts: dict) -> dict:
     """The context one part renders with."""
     context = render_context(settings, ios, facts)
-    if part in settings.task.onnx_parts:
+    if part in settings.task.onnx_parts and not settings.one_hop:
         context.update(file_context(ios[part]), onnx_part=part)
     return {**context, "model_name": settings.triton_models[part]}
 

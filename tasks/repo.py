@@ -1,12 +1,16 @@
 """Stage `repo`: assembles the Triton model repository under models/.
 
-    models/<name>_tokenizer/  config.pbtxt, 1/model.py, 1/tokenizer.json
-    models/<name>_model/      config.pbtxt, 1/model.plan | 1/model.onnx (+ 1/model.py: python)
+    models/<name>_model/      python backend, encoder tasks: the one hop: config.pbtxt,
+                              1/model.py, encoding.py, tokenizer.json, model.onnx (+ answer.py
+                              and the checkpoint files it reads: seqcls, qa)
+    models/<name>_tokenizer/  config.pbtxt, 1/model.py, encoding.py, tokenizer.json
+    models/<name>_model/      native backends: config.pbtxt, 1/model.plan | 1/model.onnx
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
     models/<name>_stream/     config.pbtxt, 1/model.py, decoding.py (reads _generate's files)
     models/<name>_encoder/, _decoder/, _decoder_past/   with decoder=models: one exported
                               file each, as _model (the generate model holds no *.onnx then)
-    models/<name>_post/       config.pbtxt, 1/model.py (+ checkpoint files it reads)
+    models/<name>_post/       native backends: config.pbtxt, 1/model.py, answer.py (+ the
+                              checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
 Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
@@ -60,7 +64,36 @@ def file_model(settings: Settings, part: str) -> Component:
     return Component(part, settings.triton_models[part], files, (paths.parity_report(name),))
 
 
+def answer_files(settings: Settings) -> tuple:
+    """The task's answer step (seqcls, qa): its answer.py and the checkpoint files it reads."""
+    post = settings.task.postprocess
+    if post is None:
+        return ()
+    return (
+        (paths.runtime_file(post.component, "answer.py"), "answer.py"),
+        *((paths.source_file(settings.name, f), f) for f in post.files),
+    )
+
+
+def one_hop(settings: Settings) -> list[Component]:
+    """The python backend's encoder deployment: one model and the ensemble."""
+    name, names = settings.name, settings.triton_models
+    files = (
+        (paths.onnx_file(name), settings.model_filename),
+        (paths.source_tokenizer(name), "tokenizer.json"),
+        (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
+        *answer_files(settings),
+        (paths.runtime_model_code("pipeline"), "model.py"),
+    )
+    return [
+        Component("model", names["model"], files, (paths.parity_report(name),)),
+        Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),
+    ]
+
+
 def components(settings: Settings) -> list[Component]:
+    if settings.one_hop:
+        return one_hop(settings)
     name, names = settings.name, settings.triton_models
     found = [
         Component(
@@ -68,6 +101,7 @@ def components(settings: Settings) -> list[Component]:
             names["tokenizer"],
             (
                 (paths.source_tokenizer(name), "tokenizer.json"),
+                (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
                 (paths.runtime_model_code("tokenizer"), "model.py"),
             ),
             (),
@@ -95,12 +129,8 @@ def components(settings: Settings) -> list[Component]:
         found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))
     else:
         found.append(file_model(settings, "model"))
-    post = settings.task.postprocess
-    if post is not None:
-        files = (
-            (paths.runtime_model_code(post.component), "model.py"),
-            *((paths.source_file(name, f), f) for f in post.files),
-        )
+    if settings.task.postprocess is not None:
+        files = (*answer_files(settings), (paths.runtime_model_code("postprocess"), "model.py"))
         found.append(Component("postprocess", names["postprocess"], files, ()))
     found.append(Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()))
     return found

@@ -36,7 +36,12 @@ VARIABLES = {
     "gpus": "GPU ids the engines' instances run on, e.g. gpus=0,1 (default: every GPU)",
     "trt_compat": "none | same_cc | ampere_plus: which GPUs a TensorRT plan loads on "
     "(default none: the GPU model it was built on)",
-    "ort_threads": "ONNX Runtime intra-op threads per instance, 0 = its own choice (default 0)",
+    "ort_threads": "ONNX Runtime intra-op threads per instance, 0 = its own choice "
+    f"(default {catalog.INTRA_OP_THREADS})",
+    "ort_spin": "1 | 0: ONNX Runtime's threads spin while waiting for work "
+    f"(default {catalog.ORT_SPINNING})",
+    "batch_waste": "python backend: requests of different lengths share an ONNX Runtime call "
+    f"while padding adds at most this factor of tokens (default {catalog.BATCH_WASTE})",
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
     "seconds": "`doit bench`: seconds per point (default 5)",
@@ -167,6 +172,8 @@ class Serving:
     instances: int = catalog.MODEL_INSTANCES
     ort_threads: int = catalog.INTRA_OP_THREADS
     pad_multiple: int = catalog.PAD_MULTIPLE
+    ort_spin: int = catalog.ORT_SPINNING
+    batch_waste: float = catalog.BATCH_WASTE
     gpus: tuple[int, ...] = ()  # instance_group gpus of GPU models; () = every GPU
 
     @classmethod
@@ -175,8 +182,20 @@ class Serving:
         gpus = tuple(_whole("gpus", g.strip(), 0, 63) for g in given.split(",")) if given else ()
         if len(set(gpus)) != len(gpus):
             raise SettingsError(f"gpus={given}: each GPU id once, e.g. gpus=0,1")
+        waste_text = get_var("batch_waste", str(cls.batch_waste))
+        try:
+            waste = float(waste_text)
+        except ValueError:
+            waste = 0.0
+        if not 1 <= waste <= 100:
+            raise SettingsError(
+                f"batch_waste={waste_text}: expected a factor from 1 (only equal lengths share "
+                "a call) to 100, e.g. batch_waste=2"
+            )
         return cls(
             gpus=gpus,
+            ort_spin=_whole("ort_spin", get_var("ort_spin", str(cls.ort_spin)), 0, 1),
+            batch_waste=waste,
             queue_delay_us=_whole(
                 "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6
             ),
@@ -235,15 +254,24 @@ class Settings:
         object.__setattr__(self, "tolerance", catalog.TOLERANCES[self.precision])
 
     @property
+    def one_hop(self) -> bool:
+        """An encoder task on the python backend: one python model tokenizes, infers and
+        answers (triton/pipeline/), the ensemble's only step. Native backends keep the
+        tokenizer, the model and the answer step as models of their own."""
+        return self.backend == "python" and not self.task.generation
+
+    @property
     def triton_models(self) -> dict[str, str]:
         """Part -> Triton model name, in ensemble step order, the ensemble itself last."""
-        if not self.task.generation:
+        if self.one_hop:
+            parts = ["model"]
+        elif not self.task.generation:
             parts = ["tokenizer", "model"]
         elif self.decoder == "models":  # each exported file is a model the loop calls (BLS)
             parts = ["tokenizer", *self.task.onnx_parts, "generate", "stream"]
         else:
             parts = ["tokenizer", "generate", "stream"]
-        if self.task.postprocess is not None:
+        if self.task.postprocess is not None and not self.one_hop:
             parts.append("postprocess")
         names = {part: f"{self.name}{catalog.PART_SUFFIXES[part]}" for part in parts}
         names["ensemble"] = self.name

@@ -69,7 +69,13 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     )
     assert "bench: triton grpc concurrency 2:" in run.output
     report = json.loads(project.path(paths.bench_report("encode")).read_text())
-    assert set(report["systems"]) == {"triton", "onnxruntime", "pytorch"}
+    assert set(report["systems"]) == {"triton", "onnxruntime", "onnxruntime_batched", "pytorch"}
+    batched = report["systems"]["onnxruntime_batched"]
+    assert [p["concurrency"] for p in batched] == [1, 2]  # texts at a time
+    summary = report["summary"]
+    assert summary["triton_vs_onnxruntime_batched"] > 0 and summary["triton_vs_onnxruntime"] > 0
+    assert set(summary["p50_ms_at_concurrency_1"]) == set(report["systems"])
+    assert all(summary["p50_ms_at_concurrency_1"].values())
     assert [(p["protocol"], p["concurrency"]) for p in report["systems"]["triton"]] == [
         ("grpc", 1),
         ("grpc", 2),
@@ -84,6 +90,7 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     assert report["settings"]["serving"]["queue_delay_us"] >= 0
     markdown = project.path(paths.bench_markdown("encode")).read_text()
     assert "| triton | grpc | 1 |" in markdown and "| pytorch | in-process | 1 |" in markdown
+    assert "| onnxruntime_batched | in-process | 2 |" in markdown
     assert project.path(paths.bench_plot("encode")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     project.doit("task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128", "clean")
     left = project.git("status", "--porcelain", "--ignored", "--untracked-files=all").splitlines()

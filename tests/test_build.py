@@ -16,10 +16,8 @@ from tests.conftest import copy_project
 SHAPE_TASKS = {
     "parity:encode",
     "pbtxt:encode",
-    "pbtxt:encode_tokenizer",
     "pbtxt:encode_model",
     "pbtxt:encode-wiring",
-    "repo:encode_tokenizer",
     "repo:encode_model",
 }
 
@@ -43,11 +41,10 @@ def test_first_build_makes_a_parity_checked_repository(built):
         "README.md",
         "encode/config.pbtxt",
         "encode/1/.keep",
-        "encode_tokenizer/config.pbtxt",
-        "encode_tokenizer/1/model.py",
-        "encode_tokenizer/1/tokenizer.json",
-        "encode_model/config.pbtxt",
+        "encode_model/config.pbtxt",  # the python backend's one hop
         "encode_model/1/model.py",
+        "encode_model/1/encoding.py",
+        "encode_model/1/tokenizer.json",
         "encode_model/1/model.onnx",
     }
     report = json.loads(built.path(paths.parity_report("encode")).read_text())
@@ -67,7 +64,7 @@ def test_a_second_run_executes_nothing(built):
 def test_new_shapes_rebuild_only_the_shape_dependent_tasks(built):
     run = built.doit("task=encode", "seq=1,64,256")
     assert set(run.executed) == SHAPE_TASKS
-    tokenizer = (built.root / "models/encode_tokenizer/config.pbtxt").read_text()
+    tokenizer = (built.root / "models/encode_model/config.pbtxt").read_text()
     assert 'key: "max_seq" value { string_value: "256" }' in tokenizer
     report = json.loads(built.path(paths.parity_report("encode")).read_text())
     assert report["shapes"] == [[1, 1], [8, 64], [32, 256]]
@@ -75,16 +72,16 @@ def test_new_shapes_rebuild_only_the_shape_dependent_tasks(built):
 
 
 def test_editing_one_template_rebuilds_only_what_it_renders(built):
-    template = built.root / "templates/tokenizer.pbtxt.j2"
+    template = built.root / "templates/pipeline.pbtxt.j2"
     template.write_text(template.read_text() + "# a comment added by a test\n")
     run = built.doit("task=encode")
     assert set(run.executed) == {
-        "pbtxt:encode_tokenizer",
+        "pbtxt:encode_model",
         "pbtxt:encode-wiring",
-        "repo:encode_tokenizer",
+        "repo:encode_model",
     }
     assert (
-        (built.root / "models/encode_tokenizer/config.pbtxt")
+        (built.root / "models/encode_model/config.pbtxt")
         .read_text()
         .endswith("# a comment added by a test\n")
     )
@@ -195,4 +192,4 @@ def test_clean_leaves_the_tree_as_cloned(built):
     built.doit("clean")
     left = built.git("status", "--porcelain", "--ignored", "--untracked-files=all").splitlines()
     leftovers = [line for line in left if ".doit.db" not in line and "__pycache__" not in line]
-    assert leftovers == [" M templates/tokenizer.pbtxt.j2"]  # the test's own edit, nothing else
+    assert leftovers == [" M templates/pipeline.pbtxt.j2"]  # the test's own edit, nothing else

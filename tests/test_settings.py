@@ -26,11 +26,8 @@ def test_defaults_build_minilm_encode_on_the_python_backend():
     assert settings.batch.points() == (1, 8, 32)
     assert settings.seq.points() == (1, 128, 512)
     assert settings.shape_points() == [(1, 1), (8, 128), (32, 512)]
-    assert settings.triton_models == {
-        "ensemble": "encode",
-        "tokenizer": "encode_tokenizer",
-        "model": "encode_model",
-    }
+    assert settings.one_hop  # the python backend: one model tokenizes, infers, answers
+    assert settings.triton_models == {"ensemble": "encode", "model": "encode_model"}
 
 
 @pytest.mark.parametrize("task", sorted(catalog.TASKS))
@@ -114,6 +111,8 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "ort_threads": 1,
         "pad_multiple": 16,
         "gpus": (),
+        "ort_spin": 1,
+        "batch_waste": 2.0,
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
     for variables, message in [
@@ -153,3 +152,14 @@ def test_generation_decodes_inline_on_python_and_through_models_elsewhere(
     assert settings.decoder == decoder
     if models is not None:
         assert list(settings.triton_models.values()) == models
+
+
+def test_python_backend_batching_knobs_are_validated_at_the_door():
+    assert settings_from(ort_spin="0", batch_waste="1.5").serving.batch_waste == 1.5
+    for variables, message in [
+        ({"ort_spin": "2"}, "ort_spin=2: expected a whole number from 0 to 1"),
+        ({"batch_waste": "0.5"}, "batch_waste=0.5: expected a factor from 1"),
+        ({"batch_waste": "lots"}, "batch_waste=lots: expected a factor from 1"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            settings_from(**variables)

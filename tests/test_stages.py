@@ -105,11 +105,9 @@ def test_the_dag_without_tensorrt_has_no_plan(monkeypatch):
         "onnx:encode",
         "parity:encode",
         "pbtxt:encode",
-        "pbtxt:encode_tokenizer",
-        "pbtxt:encode_model",
+        "pbtxt:encode_model",  # the one hop: tokenizer, ONNX Runtime (and answers) in one
         "pbtxt:encode-wiring",
         "repo:encode",
-        "repo:encode_tokenizer",
         "repo:encode_model",
     }
 
@@ -129,8 +127,10 @@ def test_every_task_has_file_targets_under_the_artifact_folders(monkeypatch):
 @pytest.mark.parametrize("task", sorted(catalog.TASKS))
 def test_each_template_is_a_dependency_of_exactly_the_task_that_renders_it(monkeypatch, task):
     found = tasks_for(monkeypatch, task=task)
-    for part in settings.current().triton_models:
-        users = [n for n, t in found.items() if paths.template(part) in t["file_dep"]]
+    chosen = settings.current()
+    for part in chosen.triton_models:
+        template = paths.template(pbtxt.template_name(chosen, part))
+        users = [n for n, t in found.items() if template in t["file_dep"]]
         assert users == [f"pbtxt:{settings.current().triton_models[part]}"]
 
 
@@ -143,7 +143,6 @@ def test_shapes_reach_only_the_shape_dependent_tasks(monkeypatch):
     assert changed == {
         "parity:encode",
         "pbtxt:encode",
-        "pbtxt:encode_tokenizer",
         "pbtxt:encode_model",
     }
 
@@ -152,13 +151,20 @@ def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypat
     found = tasks_for(monkeypatch)
     model = found["repo:encode_model"]
     assert paths.parity_report("encode") in model["file_dep"]
-    assert paths.runtime_model_code("onnx_model") in model["file_dep"]
+    assert paths.runtime_model_code("pipeline") in model["file_dep"]
     names = [t.relative_to(paths.MODELS).as_posix() for t in model["targets"]]
     assert names == [
         "encode_model/1/model.onnx",
+        "encode_model/1/tokenizer.json",
+        "encode_model/1/encoding.py",
         "encode_model/1/model.py",
         "encode_model/config.pbtxt",
     ]  # config last
+    post = tasks_for(monkeypatch, task="seqcls")["repo:seqcls_model"]
+    assert paths.runtime_file("label", "answer.py") in post["file_dep"]
+    native = tasks_for(monkeypatch, backend="onnxruntime")
+    assert {"repo:encode_tokenizer", "repo:encode_model"} <= set(native)
+    assert paths.runtime_model_code("onnx_model") not in native["repo:encode_model"]["file_dep"]
 
 
 def test_tensorrt_profile_and_builder_config_come_from_the_settings():
@@ -201,7 +207,9 @@ def render_all(chosen) -> dict:
 
 @pytest.mark.parametrize("task", sorted(catalog.TASKS))
 def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
-    chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128")
+    """Native backends: tokenizer -> model -> answers; generation: tokenizer -> generate."""
+    backend = "python" if catalog.TASKS[task].generation else "onnxruntime"
+    chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128", backend=backend)
     configs = render_all(chosen)
     parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
     assert pbtxt.check_wiring(configs["ensemble"], parts) == []
@@ -297,8 +305,25 @@ def test_encode_dims_come_from_the_onnx_graph():
     assert dims == {"HIDDEN_STATE": [-1, 384], "EMBEDDING": [384]}
 
 
+@pytest.mark.parametrize("task", ["encode", "seqcls", "qa"])
+def test_on_the_python_backend_one_model_answers_the_ensemble(task):
+    chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128")
+    configs = render_all(chosen)
+    assert set(configs) == {"model", "ensemble"}
+    model, ensemble = configs["model"], configs["ensemble"]
+    assert pbtxt.check_wiring(ensemble, {model.name: model}) == []
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [f"{task}_model"]
+    assert [i.name for i in model.input] == list(chosen.task.text_inputs)
+    assert [o.name for o in model.output] == list(chosen.task.answers)
+    params = {k: v.string_value for k, v in model.parameters.items()}
+    assert params["max_seq"] == "128" and params["min_seq"] == "2"
+    assert params["batch_waste"] == str(catalog.BATCH_WASTE)
+    outputs = json.loads(params["model_outputs"])
+    assert outputs == [[o.onnx_name, o.triton_name] for o in chosen.task.outputs]
+
+
 def test_wiring_check_names_what_is_broken():
-    configs = render_all(settings_from(task="seqcls"))
+    configs = render_all(settings_from(task="seqcls", backend="onnxruntime"))
     configs["tokenizer"].output[0].name = "input_idz"
     configs["model"].output[0].dims[:] = [3]
     parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
@@ -328,9 +353,10 @@ def test_a_template_typo_fails_against_the_schema():
 def test_a_missing_template_value_fails_the_render():
     from tasks.errors import ConfigError
 
-    context = pbtxt.render_context(settings_from(), {"model": IO["encode"]}, FACTS)
-    del context["pad_id"]
-    with pytest.raises(ConfigError, match="'pad_id' is undefined"):
+    native = settings_from(backend="onnxruntime")
+    context = pbtxt.render_context(native, {"model": IO["encode"]}, FACTS)
+    del context["tokenizer_parameters"]
+    with pytest.raises(ConfigError, match="'tokenizer_parameters' is undefined"):
         pbtxt.render("tokenizer", {**context, "model_name": "x"})
 
 

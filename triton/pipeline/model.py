@@ -1,0 +1,150 @@
+"""Triton python-backend model: text in, the task's answers out, in one process (one hop).
+
+On the python backend the model step is a python model anyway, so tokenizing, inference
+(ONNX Runtime) and the task's answer step (`answer.py`, seqcls and qa) run here together,
+and `<name>` (the ensemble) has this one step: no tensor crosses between processes but the
+texts in and the answers out.
+
+Requests that arrive together run as padded batches although their lengths differ: each
+request is tokenized as it would be alone (`encoding.py`; its own padded length), requests of
+similar lengths are grouped (sorted by length; a group grows while its padded tokens stay
+within `batch_waste` times its real ones) and each group runs as one ONNX Runtime call, its
+inputs padded to the group's longest. Each request's outputs are then cut back to its own
+length, so a text's answer does not depend on the company it keeps (to fp32 rounding), and
+HIDDEN_STATE has the request's own length, as alone.
+
+Files next to this file: model.onnx, tokenizer.json, encoding.py, and for tasks with an
+answer step answer.py (+ the checkpoint files it reads). Parameters: the tokenizer's (see
+encoding.py), `model_file`, `intra_op_threads`, `spinning`, `batch_waste`, `model_outputs`
+(ONNX output -> ensemble tensor), `sequence_outputs` (ONNX outputs whose second dim is the
+sequence), `window_tensors` (extra tokenizer tensors the answer step reads).
+Imports only numpy, onnxruntime, tokenizers and Triton's utilities.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+encoding = _load("encoding")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.text_inputs = [tensor["name"] for tensor in config["input"]]
+        self.max_rows = int(config["max_batch_size"])
+        self.encoder = encoding.TextEncoder(
+            str(version_dir / "tokenizer.json"), params, self.text_inputs, self.max_rows
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params["intra_op_threads"])
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", params["spinning"])
+        self.session = ort.InferenceSession(
+            str(version_dir / params["model_file"]), options, providers=["CPUExecutionProvider"]
+        )
+        self.feeds = [(i.name, np.int64) for i in self.session.get_inputs()]
+        windows = json.loads(params["window_tensors"])
+        self.window_tensors = [(name, np.int64) for name in windows]
+        self.model_outputs = dict(json.loads(params["model_outputs"]))  # onnx -> ensemble
+        self.sequence_outputs = set(json.loads(params["sequence_outputs"]))
+        self.waste = float(params["batch_waste"])
+        answer = version_dir / "answer.py"
+        self.answer = _load("answer").make(version_dir, params) if answer.is_file() else None
+        self.outputs = [
+            (t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]
+        ]
+
+    def _columns(self, request) -> list:
+        columns = []
+        for name in self.text_inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise encoding.RequestError(f"missing input '{name}'")
+            columns.append(tensor.as_numpy().reshape(-1))
+        return columns
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good = []  # (request index, its text columns, its Encoded)
+        items = []
+        for index, request in enumerate(requests):
+            try:
+                columns = self._columns(request)
+                items.append(self.encoder.items([encoding.texts_of(c) for c in columns]))
+                good.append((index, columns))
+            except encoding.RequestError as err:  # a bad request: its own error
+                responses[index] = _error(str(err))
+        ready = []
+        for (index, columns), encoded in zip(good, self.encoder.encode(items)):
+            if isinstance(encoded, encoding.RequestError):
+                responses[index] = _error(str(encoded))
+            else:
+                ready.append((index, columns, encoded))
+        lengths = [encoded.length for _, _, encoded in ready]
+        rows = [len(encoded.rows) for _, _, encoded in ready]
+        for group in encoding.length_groups(lengths, rows, self.waste, self.max_rows):
+            self._run([ready[i] for i in group], responses)
+        return responses
+
+    def _run(self, members, responses):
+        """One ONNX Runtime call for requests padded to the longest of them."""
+        longest = max(encoded.length for _, _, encoded in members)
+        feeds = [self.encoder.arrays(encoded, self.feeds, longest) for _, _, encoded in members]
+        feed = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.feeds}
+        try:
+            results = dict(
+                zip(self.model_outputs, self.session.run(list(self.model_outputs), feed))
+            )
+        except Exception as err:  # ONNX Runtime raises its own exception types
+            for index, _, _ in members:
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"ONNX Runtime failed: {err}")
+                )
+            return
+        start = 0
+        for index, columns, encoded in members:
+            stop = start + len(encoded.rows)
+            tensors = dict(zip(self.text_inputs, (c.reshape(-1, 1) for c in columns)))
+            tensors.update(self.encoder.arrays(encoded, self.window_tensors))
+            for onnx_name, value in results.items():
+                mine = value[start:stop]
+                if onnx_name in self.sequence_outputs:
+                    mine = mine[:, : encoded.length]
+                tensors[self.model_outputs[onnx_name]] = mine
+            start = stop
+            if self.answer is not None:
+                tensors.update(self.answer(tensors))
+            responses[index] = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(tensors[name], dtype=dtype))
+                    for name, dtype in self.outputs
+                ]
+            )
+
+
+def _error(message: str):
+    """A bad request (HTTP 400), not a server failure."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = (
+        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    )
+    return pb_utils.InferenceResponse(error=error)

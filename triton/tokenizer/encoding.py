@@ -1,0 +1,170 @@
+"""Texts to the token tensors a transformer takes: the tokenizing that both the tokenizer
+model (triton/tokenizer/model.py, before a native model) and the one-hop pipeline model
+(triton/pipeline/model.py, on the python backend) run, so both answer alike.
+
+Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (truncation),
+`min_seq` (minimum padded length), `pad_id`, `stride`, `pad_multiple` (lengths padded up to a
+multiple) and `overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
+cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long second text
+(a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
+window, with `offsets` (character span in the second text of each of its tokens, -1
+elsewhere) and `window_item` (the batch item of each row) to map answers back to text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# output name -> attribute of a `tokenizers.Encoding`
+ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "type_ids",
+}
+WINDOW_FIELDS = ("offsets", "window_item")
+
+
+class RequestError(ValueError):
+    """A bad request (HTTP 400); the message names the fix."""
+
+
+class Encoded:
+    """One request's rows (an encoding and its batch item per row) and its padded length:
+    the length the request gets alone, whatever company it keeps."""
+
+    def __init__(self, rows: list, length: int) -> None:
+        self.rows, self.length = rows, length
+
+
+class TextEncoder:
+    def __init__(self, tokenizer_file: str, params: dict, text_inputs: list, max_rows: int) -> None:
+        self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        self.measure = Tokenizer.from_file(tokenizer_file)  # no truncation, no padding
+        self.measure.no_truncation()
+        self.measure.no_padding()
+        self.max_seq = int(params["max_seq"])
+        self.min_seq = int(params["min_seq"])
+        self.pad_id = int(params["pad_id"])
+        self.stride = int(params["stride"])
+        self.pad_multiple = int(params["pad_multiple"])
+        self.reject_long = params["overflow"] == "reject"
+        self.text_inputs, self.max_rows = list(text_inputs), max_rows
+        self.tokenizer.no_padding()  # padded per request, to its own longest text
+        if self.reject_long:
+            self.tokenizer.no_truncation()
+        elif self.stride:
+            self.tokenizer.enable_truncation(
+                max_length=self.max_seq, stride=self.stride, strategy="only_second"
+            )
+        else:
+            self.tokenizer.enable_truncation(max_length=self.max_seq)
+
+    def items(self, columns: list[list[str]]) -> list:
+        """A request's batch items from its text columns: str, or (str, str) pairs."""
+        if len({len(c) for c in columns}) > 1:
+            raise RequestError(f"inputs {self.text_inputs} must have the same batch size")
+        if len(columns) == 1:
+            return columns[0]
+        if self.stride:  # windows need room for the context beyond the overlap
+            room = self.max_seq - self.tokenizer.num_special_tokens_to_add(True) - 2 * self.stride
+            for first in columns[0]:
+                length = len(self.measure.encode(first, add_special_tokens=False).ids)
+                if length > room:
+                    raise RequestError(
+                        f"{self.text_inputs[0]} has {length} tokens; with windows of "
+                        f"{self.max_seq} tokens overlapping by {self.stride} it may have at "
+                        f"most {room}: shorten it, or build with a larger max seq"
+                    )
+        return list(zip(*columns))
+
+    def encode(self, requests: list[list]) -> list:
+        """Encoded (or the RequestError) per request; one tokenizer call for all of them."""
+        try:
+            everything = self.tokenizer.encode_batch([i for items in requests for i in items])
+        except BaseException:  # tokenizers panics are BaseExceptions: find the bad request
+            everything = None
+        found, start = [], 0
+        for items in requests:
+            if everything is not None:
+                encodings = everything[start : start + len(items)]
+                start += len(items)
+            else:
+                try:
+                    encodings = self.tokenizer.encode_batch(items)
+                except BaseException as err:
+                    found.append(RequestError(f"cannot tokenize this request: {err}"))
+                    continue
+            try:
+                found.append(self._encoded(encodings))
+            except RequestError as err:
+                found.append(err)
+        return found
+
+    def _encoded(self, encodings) -> Encoded:
+        rows = []
+        for item, encoding in enumerate(encodings):
+            rows.append((encoding, item))
+            if self.stride:
+                rows += [(window, item) for window in encoding.overflowing]
+        longest = max(len(e.ids) for e, _ in rows)
+        if self.reject_long and longest > self.max_seq:
+            raise RequestError(
+                f"a {self.text_inputs[0]} has {longest} tokens; this deployment takes at most "
+                f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
+            )
+        if len(rows) > self.max_rows:
+            raise RequestError(
+                f"the texts of this request need {len(rows)} windows of {self.max_seq} tokens; "
+                f"at most {self.max_rows} fit in one request: send fewer or shorter texts"
+            )
+        rounded = -(-longest // self.pad_multiple) * self.pad_multiple  # up to a multiple
+        return Encoded(rows, max(self.min_seq, min(rounded, max(self.max_seq, longest))))
+
+    def arrays(self, encoded: Encoded, outputs: list, length: int = 0) -> dict:
+        """The named tensors of one request, padded to `length` (default: its own)."""
+        rows, length = encoded.rows, length or encoded.length
+        found = {}
+        for name, dtype in outputs:
+            if name == "window_item":
+                array = np.array([[item] for _, item in rows], dtype=dtype)
+            elif name == "offsets":
+                array = np.full((len(rows), length, 2), -1, dtype=dtype)
+                for row, (encoding, _) in enumerate(rows):
+                    for position, (sequence, span) in enumerate(
+                        zip(encoding.sequence_ids, encoding.offsets)
+                    ):
+                        if sequence == 1:
+                            array[row, position] = span
+            else:
+                field = ENCODING_FIELDS[name]
+                array = np.full((len(rows), length), self.pad_id if field == "ids" else 0, dtype)
+                for row, (encoding, _) in enumerate(rows):
+                    values = getattr(encoding, field)
+                    array[row, : len(values)] = values
+            found[name] = array
+        return found
+
+
+def length_groups(lengths: list, rows: list, waste: float, max_rows: int) -> list:
+    """Request indices in groups that run as one call: sorted by padded length, a group grows
+    while its padded tokens stay within `waste` x its real ones and its rows within
+    `max_rows`."""
+    groups, current, tokens, count = [], [], 0, 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        length, size = lengths[index], rows[index]
+        padded = (count + size) * length  # this request is the longest so far
+        if current and (padded > waste * (tokens + size * length) or count + size > max_rows):
+            groups.append(current)
+            current, tokens, count = [], 0, 0
+        current.append(index)
+        tokens += size * length
+        count += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def texts_of(values) -> list[str]:
+    """A BYTES tensor's values as text."""
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
