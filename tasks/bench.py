@@ -525,6 +525,8 @@ def write_reports(name: str, report: dict) -> None:
         f"{s['p50_ms_at_concurrency_1']}.",
         "",
     ]
+    if "best_tokens_per_second" in s:  # generation: requests/s x the new tokens each asks
+        lines[-1:-1] = [f"Best new tokens per second: {s['best_tokens_per_second']}.", ""]
     artifacts.write_text(paths.bench_markdown(name), "\n".join(lines))
     plot(report, paths.bench_plot(name))
     print(

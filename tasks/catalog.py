@@ -349,16 +349,26 @@ TRITON_DTYPES = {
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 
 # Serving defaults written into the generated configs (variables override them), chosen by
-# `doit bench seconds=3` on MiniLM encode, 2 cores (README, "Benchmark"): p50 at concurrency 1
-# and best throughput over concurrency 1-16, gRPC:
-#   queue_delay_us=500                         5.7 ms, 216 req/s
-#   queue_delay_us=0                           4.5 ms, 215 req/s   <- chosen
-#   queue_delay_us=0 pad_multiple=16           5.3 ms, 202 req/s
-#   queue_delay_us=2000 pad_multiple=16       10.4 ms, 202 req/s
-#   queue_delay_us=0 instances=2 ort_threads=1 8.4 ms, 223 req/s
+# measurement on MiniLM encode, 2 cores (README, "Benchmark").
+# The python backend's one hop (triton/pipeline/), AMD EPYC (AVX2), one session, the same
+# server and texts (16 of 6-65 tokens, one per request), gRPC; req/s at concurrency 1 / 4 / 16
+# and p50 at 1 (the machine is noisy: about 10% between repeats):
+#   defaults below                              239 / 294 / 330 req/s, 3.8 ms
+#   ort_spin=0                                  191 / 175 / 182 req/s, 4.8 ms
+#   batch_waste=1.3                             223 / 290 / 324 req/s, 4.0 ms
+#   batch_waste=4                               207 / 257 / 236 req/s, 4.4 ms
+#   instances=2 ort_threads=1                   137 / 278 / 305 req/s, 6.7 ms
+# In-process ONNX Runtime on the same texts, sorted into calls of 1 / 2 / 4 / 8 / 16 texts:
+# 325 / 390 / 432 / 375 / 264 texts/s: batching gains at most 1.3x on this processor, and
+# large calls lose, so a group's padding is bounded rather than its size fixed.
+# Before the one hop (tokenizer and model as two python models; Intel Xeon, AMX):
+#   queue_delay_us=500 5.7 ms, 216 req/s; queue_delay_us=0 4.5 ms, 215 req/s (chosen);
+#   pad_multiple=16 5.3 ms, 202 req/s; instances=2 ort_threads=1 8.4 ms, 223 req/s.
+# ONNX Runtime's 0 threads means one per physical core, so the thread count scales with the
+# machine by itself; the one instance keeps that whole pool (two instances halve it, above).
 QUEUE_DELAY_US = 0  # dynamic batching: a lone request must not wait for company
 MODEL_INSTANCES = 1  # instances of the model step
-INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: its own choice)
+INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: one per core)
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
 ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
 BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it
