@@ -371,4 +371,5 @@ MODEL_INSTANCES = 1  # instances of the model step
 INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: one per core)
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
 ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
+MAX_QUEUE = 0  # requests a model queues before it rejects more (0: no bound); see README
 BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it

@@ -69,6 +69,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "max_batch_size": settings.batch.max,
         "seq": settings.seq,
         "queue_delay_us": settings.serving.queue_delay_us,
+        "max_queue": settings.serving.max_queue,
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "gpus": settings.serving.gpus,
@@ -445,6 +446,7 @@ def task_pbtxt():
             "actions": [(fails_cleanly(render_part), [settings, part])],
             "file_dep": [
                 paths.template(template_name(settings, part)),
+                paths.template("dynamic_batching"),  # included by the models that queue
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),

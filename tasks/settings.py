@@ -33,6 +33,8 @@ VARIABLES = {
     "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
     "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
     "instances": "instances of the model step (default 1)",
+    "max_queue": "requests each model queues before it rejects more at once (UNAVAILABLE, "
+    f"HTTP 503); 0 = no bound (default {catalog.MAX_QUEUE})",
     "gpus": "GPU ids the engines' instances run on, e.g. gpus=0,1 (default: every GPU)",
     "trt_compat": "none | same_cc | ampere_plus: which GPUs a TensorRT plan loads on "
     "(default none: the GPU model it was built on)",
@@ -172,6 +174,7 @@ class Serving:
     instances: int = catalog.MODEL_INSTANCES
     ort_threads: int = catalog.INTRA_OP_THREADS
     pad_multiple: int = catalog.PAD_MULTIPLE
+    max_queue: int = catalog.MAX_QUEUE
     ort_spin: int = catalog.ORT_SPINNING
     batch_waste: float = catalog.BATCH_WASTE
     gpus: tuple[int, ...] = ()  # instance_group gpus of GPU models; () = every GPU
@@ -195,6 +198,7 @@ class Serving:
         return cls(
             gpus=gpus,
             ort_spin=_whole("ort_spin", get_var("ort_spin", str(cls.ort_spin)), 0, 1),
+            max_queue=_whole("max_queue", get_var("max_queue", str(cls.max_queue)), 0, 10**6),
             batch_waste=waste,
             queue_delay_us=_whole(
                 "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6

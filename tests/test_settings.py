@@ -113,6 +113,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "gpus": (),
         "ort_spin": 1,
         "batch_waste": 2.0,
+        "max_queue": 0,
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
     for variables, message in [
@@ -158,6 +159,7 @@ def test_python_backend_batching_knobs_are_validated_at_the_door():
     assert settings_from(ort_spin="0", batch_waste="1.5").serving.batch_waste == 1.5
     for variables, message in [
         ({"ort_spin": "2"}, "ort_spin=2: expected a whole number from 0 to 1"),
+        ({"max_queue": "-1"}, "max_queue=-1: expected a whole number from 0"),
         ({"batch_waste": "0.5"}, "batch_waste=0.5: expected a factor from 1"),
         ({"batch_waste": "lots"}, "batch_waste=lots: expected a factor from 1"),
     ]:

@@ -373,3 +373,15 @@ def test_a_broken_onnx_file_is_an_error_that_says_how_to_rebuild(tmp_path, monke
     assert message.startswith("model.onnx is not a valid ONNX model (")
     assert "run doit again to re-export it, or `doit forget onnx:encode` first" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("task", ["encode", "causallm"])
+def test_max_queue_bounds_every_model_that_queues(task):
+    configs = render_all(settings_from(task=task, max_queue="16", backend="python"))
+    queued = [c for c in configs.values() if c.HasField("dynamic_batching")]
+    assert queued
+    for config in queued:
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 16, config.name
+    unbounded = render_all(settings_from(task=task))
+    for config in unbounded.values():
+        assert not config.dynamic_batching.HasField("default_queue_policy"), config.name

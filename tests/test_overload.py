@@ -1,0 +1,82 @@
+"""Bounded queues against a real tritonserver: a burst beyond capacity is rejected at once
+(UNAVAILABLE, HTTP 503) instead of queueing without limit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import copy_project
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    from tasks.serve import EmbeddedTritonServer
+
+    project = copy_project(tmp_path_factory.mktemp("overload") / "project")
+    project.doit("task=encode", "batch=1,2,4", "seq=1,16,64", "max_queue=1")
+    config = (project.root / "models/encode_model/config.pbtxt").read_text()
+    assert "default_queue_policy { max_queue_size: 1 }" in config
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield server
+
+
+def burst(server, clients: int, protocol: str) -> tuple[list, list]:
+    """`clients` requests at once; (latencies of answers, (status, message, latency) of
+    failures)."""
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        url = server.grpc_url
+    else:
+        import tritonclient.http as module
+
+        url = server.http_url
+    from tritonclient.utils import InferenceServerException
+
+    answered, failed, lock = [], [], threading.Lock()
+    start = threading.Barrier(clients)
+
+    def one() -> None:
+        client = module.InferenceServerClient(url)
+        text = module.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"a sentence of some length " * 8]], dtype=object))
+        start.wait()
+        began = time.perf_counter()
+        try:
+            client.infer("encode", [text])
+            with lock:
+                answered.append(time.perf_counter() - began)
+        except InferenceServerException as err:
+            with lock:
+                failed.append((str(err.status()), err.message(), time.perf_counter() - began))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answered, failed
+
+
+@pytest.mark.parametrize(("protocol", "status"), [("grpc", "UNAVAILABLE"), ("http", "503")])
+def test_a_burst_beyond_the_queue_is_rejected_at_once_and_the_rest_answered(
+    bounded, protocol, status
+):
+    answered, failed = burst(bounded, 24, protocol)
+    assert answered, "the accepted requests must be answered"
+    assert failed, "a queue of 1 cannot hold a burst of 24"
+    assert all(
+        status in code and "Exceeds maximum queue size" in message for code, message, _ in failed
+    )
+    # a rejection is answered faster than the slowest accepted request waits
+    assert np.median([seconds for _, _, seconds in failed]) < max(answered)
+    again, none = burst(bounded, 1, protocol)  # and the server keeps serving
+    assert len(again) == 1 and not none
