@@ -8,7 +8,8 @@ gRPC and HTTP) against what they would run instead, on the same texts, in one ru
   next to no CPU from the server it measures;
 - `onnxruntime`: the same tokenizer and ONNX file in-process, the same concurrency (threads
   calling one session): the limit for the CPU backend;
-- `onnxruntime_batched` (encoder tasks): the compute limit the server is measured against:
+- `onnxruntime_batched` (encoder tasks on the python backend): the compute limit the server is
+  measured against:
   in-process, the same texts `concurrency` at a time, tokenized and grouped by length as the
   served pipeline groups requests that arrive together (triton/tokenizer/encoding.py), each
   group one ONNX Runtime call;
@@ -254,17 +255,22 @@ def batched_sweep(settings: Settings, texts: list) -> list[dict]:
         str(paths.source_tokenizer(settings.name)), params, settings.task.text_inputs,
         settings.batch.max,
     )  # fmt: skip
-    options = ort.SessionOptions()
+    options = ort.SessionOptions()  # as triton/pipeline/model.py makes its session
     options.intra_op_num_threads = settings.serving.ort_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spinning = str(settings.serving.ort_spin)
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     session = ort.InferenceSession(
         str(paths.onnx_file(settings.name)), options, providers=["CPUExecutionProvider"]
     )
-    feeds = [(i.name, np.int64) for i in session.get_inputs()]
+    feeds = [(i.name, encoding.numpy_type(i.type)) for i in session.get_inputs()]
     waste = settings.serving.batch_waste
 
     def run_chunk(chunk: list) -> bool:
         items = [encoder.items([[text] for text in request]) for request in chunk]
         encoded = encoder.encode(items)
+        if any(isinstance(e, encoding.RequestError) for e in encoded):
+            return False  # the server refuses such a text too: an error, never a crash
         lengths, rows = [e.length for e in encoded], [len(e.rows) for e in encoded]
         for group in encoding.length_groups(lengths, rows, waste, settings.batch.max):
             longest = max(lengths[i] for i in group)
@@ -414,7 +420,7 @@ def run(settings: Settings) -> None:
         texts,
         {},
     )
-    if not settings.task.generation:
+    if settings.one_hop:  # the grouping it mirrors is the python backend's one hop
         systems["onnxruntime_batched"] = batched_sweep(settings, texts)
     systems["pytorch"] = sweep(
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}

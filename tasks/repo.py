@@ -182,7 +182,7 @@ def install(component: Component, config_source: Path) -> None:
 
 
 def task_repo():
-    """Assemble models/: the ensemble <name> and <name>_tokenizer, _model, _post (default)."""
+    """Assemble models/: the ensemble <name> and its parts (_model; _tokenizer, _post...)."""
     settings = current()
     for component in components(settings):
         config_source = paths.rendered_config(settings.name, component.part)

@@ -407,3 +407,24 @@ def test_serve_fails_within_seconds_with_the_reason_when_a_model_does_not_load(s
     assert proc.returncode == 1
     assert "failed to load 'encode_model'" in out and "a model that cannot load" in out
     assert time.monotonic() - started < 60
+
+
+def test_a_bad_request_among_good_ones_fails_alone(served):
+    """One dynamic batch: the request the pipeline refuses gets its own error, the others
+    their answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, server = served
+    good = {"QUESTION": QUESTIONS[:1], "CONTEXT": CONTEXTS[:1]}
+    bad = [
+        ("QUESTION", [1, 1], "BYTES", np.array([[b"why " * 200]], dtype=object)),
+        ("CONTEXT", [1, 1], "BYTES", text_array(1)),
+    ]
+    with ThreadPoolExecutor(12) as pool:
+        answers = [pool.submit(infer, server, "grpc", "qa", good) for _ in range(8)]
+        errors = [pool.submit(raw_request, server, "qa", bad) for _ in range(4)]
+        assert all(
+            a.result()["ANSWER"].tolist() == [[f"{MARKERS[0]} and the {MARKERS[1]}".encode()]]
+            for a in answers
+        )
+        assert all("QUESTION has" in e.result() for e in errors)

@@ -61,7 +61,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(
             str(version_dir / params["model_file"]), options, providers=["CPUExecutionProvider"]
         )
-        self.feeds = [(i.name, np.int64) for i in self.session.get_inputs()]
+        self.feeds = [(i.name, encoding.numpy_type(i.type)) for i in self.session.get_inputs()]
         windows = json.loads(params["window_tensors"])
         self.window_tensors = [(name, np.int64) for name in windows]
         self.model_outputs = dict(json.loads(params["model_outputs"]))  # onnx -> ensemble
@@ -108,9 +108,9 @@ class TritonPythonModel:
     def _run(self, members, responses):
         """One ONNX Runtime call for requests padded to the longest of them."""
         longest = max(encoded.length for _, _, encoded in members)
-        feeds = [self.encoder.arrays(encoded, self.feeds, longest) for _, _, encoded in members]
-        feed = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.feeds}
         try:
+            feeds = [self.encoder.arrays(e, self.feeds, longest) for _, _, e in members]
+            feed = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.feeds}
             results = dict(
                 zip(self.model_outputs, self.session.run(list(self.model_outputs), feed))
             )
@@ -123,22 +123,31 @@ class TritonPythonModel:
         start = 0
         for index, columns, encoded in members:
             stop = start + len(encoded.rows)
-            tensors = dict(zip(self.text_inputs, (c.reshape(-1, 1) for c in columns)))
-            tensors.update(self.encoder.arrays(encoded, self.window_tensors))
-            for onnx_name, value in results.items():
-                mine = value[start:stop]
-                if onnx_name in self.sequence_outputs:
-                    mine = mine[:, : encoded.length]
-                tensors[self.model_outputs[onnx_name]] = mine
+            try:
+                responses[index] = self._answer(columns, encoded, results, start, stop)
+            except Exception as err:  # this request's error; the others of the call go on
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"answering failed: {type(err).__name__}: {err}")
+                )
             start = stop
-            if self.answer is not None:
-                tensors.update(self.answer(tensors))
-            responses[index] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(name, np.ascontiguousarray(tensors[name], dtype=dtype))
-                    for name, dtype in self.outputs
-                ]
-            )
+
+    def _answer(self, columns, encoded, results: dict, start: int, stop: int):
+        """One request's response from its rows of the call's outputs."""
+        tensors = dict(zip(self.text_inputs, (c.reshape(-1, 1) for c in columns)))
+        tensors.update(self.encoder.arrays(encoded, self.window_tensors))
+        for onnx_name, value in results.items():
+            mine = value[start:stop]
+            if onnx_name in self.sequence_outputs:
+                mine = mine[:, : encoded.length]
+            tensors[self.model_outputs[onnx_name]] = mine
+        if self.answer is not None:
+            tensors.update(self.answer(tensors))
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(name, np.ascontiguousarray(tensors[name], dtype=dtype))
+                for name, dtype in self.outputs
+            ]
+        )
 
 
 def _error(message: str):

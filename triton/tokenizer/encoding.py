@@ -64,12 +64,17 @@ class TextEncoder:
         """A request's batch items from its text columns: str, or (str, str) pairs."""
         if len({len(c) for c in columns}) > 1:
             raise RequestError(f"inputs {self.text_inputs} must have the same batch size")
+        if not columns or not columns[0]:
+            raise RequestError(f"the request has no texts: send at least one {self.text_inputs[0]}")
         if len(columns) == 1:
             return columns[0]
         if self.stride:  # windows need room for the context beyond the overlap
             room = self.max_seq - self.tokenizer.num_special_tokens_to_add(True) - 2 * self.stride
             for first in columns[0]:
-                length = len(self.measure.encode(first, add_special_tokens=False).ids)
+                try:
+                    length = len(self.measure.encode(first, add_special_tokens=False).ids)
+                except BaseException as err:  # a tokenizers panic: this request's error only
+                    raise RequestError(f"cannot tokenize {self.text_inputs[0]}: {err}") from None
                 if length > room:
                     raise RequestError(
                         f"{self.text_inputs[0]} has {length} tokens; with windows of "
@@ -163,6 +168,12 @@ def length_groups(lengths: list, rows: list, waste: float, max_rows: int) -> lis
     if current:
         groups.append(current)
     return groups
+
+
+def numpy_type(onnx_type: str):
+    """The numpy dtype of an ONNX Runtime input type such as 'tensor(int64)'."""
+    name = onnx_type[len("tensor(") : -1] if onnx_type.startswith("tensor(") else onnx_type
+    return np.dtype({"float": "float32", "double": "float64"}.get(name, name))
 
 
 def texts_of(values) -> list[str]:
