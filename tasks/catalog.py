@@ -312,6 +312,7 @@ PROFILE_DIMS: dict[str, dict[str, str]] = {
 #   none          the GPU model it was built on (TensorRT's default: the fastest engine)
 #   same_cc       any GPU of the same compute capability (TensorRT 10.8 and later)
 #   ampere_plus   any GPU from Ampere (compute capability 8.0) on; fewer tactics, slower
+PLAN_RECORD_NAME = "plan.json"  # beside model.plan in the repository: where it was built
 TRT_COMPAT = {"none": "NONE", "same_cc": "SAME_COMPUTE_CAPABILITY", "ampere_plus": "AMPERE_PLUS"}
 
 # Sample texts for parity: real tokens of mixed lengths and scripts, never all-ones tensors.

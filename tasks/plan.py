@@ -144,6 +144,33 @@ def check_placement(settings: Settings) -> None:
         raise TensorRTError(problem)
 
 
+def served_plan_problems(models_dir, found: list[tuple[int, str, str]]) -> list[str]:
+    """Why plans in a model repository could not load on these GPUs: each plan's record
+    (`plan.json` beside it, copied by the repo stage) says where it was built and for what."""
+    problems = []
+    for record_file in sorted(models_dir.glob(f"*/*/{catalog.PLAN_RECORD_NAME}")):
+        record = artifacts.read_json(record_file)
+        built_on, compat = record.get("compute_capability"), record.get("trt_compat", "none")
+        if not built_on or not found:
+            continue
+        chosen = record.get("gpus") or []
+        serving = [g for g in found if not chosen or g[0] in chosen]
+        if problem := placement_problem(compat, built_on, serving):
+            model = record_file.parent.parent.name
+            problems.append(
+                f"{model}: {problem}; or rebuild its plan on this host (backend=tensorrt)"
+            )
+    return problems
+
+
+def check_served_plans(models_dir) -> None:
+    """Before serving: refuse plans that some GPU here could not load, naming the fix,
+    rather than leave Triton to fail with TensorRT's own message."""
+    found = gpus()
+    if problems := served_plan_problems(models_dir, found):
+        raise TensorRTError("plans built for other GPUs: " + " | ".join(problems))
+
+
 def build_engine(settings: Settings, part: str) -> None:
     name = settings.name
     try:
@@ -195,6 +222,7 @@ def build_engine(settings: Settings, part: str) -> None:
             "trt_compat": settings.trt_compat,
             "compute_capability": build_gpu(found)[2] if (found := gpus()) else None,
             "binding_bytes_per_instance": bindings,
+            "gpus": list(settings.serving.gpus),
         },
     )
     print(

@@ -52,8 +52,11 @@ def file_model(settings: Settings, part: str) -> Component:
     """A Triton model serving one exported file: its engine, its ONNX file, or the ONNX file
     and the python-backend code that runs it."""
     name = settings.name
-    if settings.backend == "tensorrt":
-        files = ((paths.plan_file(name, part), settings.model_filename),)
+    if settings.backend == "tensorrt":  # with the record of where it was built, for serve
+        files = (
+            (paths.plan_record(name, part), catalog.PLAN_RECORD_NAME),
+            (paths.plan_file(name, part), settings.model_filename),
+        )
     elif settings.backend == "onnxruntime":
         files = ((paths.onnx_file(name, part), settings.model_filename),)
     else:

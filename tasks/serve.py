@@ -699,6 +699,9 @@ def serve_foreground(settings: Settings) -> None:
     """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
     import threading
 
+    from tasks.plan import check_served_plans
+
+    check_served_plans(paths.MODELS)  # a plan built for another GPU: our error, not TensorRT's
     server = make_server(settings.endpoints)
     stop, ready = threading.Event(), threading.Event()
 

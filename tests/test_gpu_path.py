@@ -239,3 +239,33 @@ def test_the_readme_gpu_section_states_the_reserved_memory_and_the_variables():
     gpu = readme.split("### GPU hosts (Docker)", 1)[1].split("\n## ", 1)[0]
     for fact in ("GPU memory", "GiB", "instances", "`gpus`", "trt_compat=", "PYTHON_VERSION"):
         assert fact in gpu, fact
+
+
+def test_serve_refuses_plans_built_for_other_gpus_naming_the_fix(tmp_path):
+    """The repo stage puts each plan's record beside it; serve reads it before starting."""
+    import json
+
+    version = tmp_path / "encode_model" / "1"
+    version.mkdir(parents=True)
+    (version / "model.plan").write_bytes(b"engine")
+    record = {"compute_capability": "8.0", "trt_compat": "none", "gpus": []}
+    (version / catalog.PLAN_RECORD_NAME).write_text(json.dumps(record))
+    assert plan.served_plan_problems(tmp_path, GPUS[:1]) == []
+    problems = plan.served_plan_problems(tmp_path, GPUS)
+    assert len(problems) == 1 and problems[0].startswith("encode_model: the plan is built")
+    assert "gpus=0" in problems[0] and "rebuild its plan on this host" in problems[0]
+    record["gpus"] = [0]  # built to run on GPU 0 only
+    (version / catalog.PLAN_RECORD_NAME).write_text(json.dumps(record))
+    assert plan.served_plan_problems(tmp_path, GPUS) == []
+    assert plan.served_plan_problems(tmp_path, []) == []  # no GPU to judge by: Triton says
+
+
+def test_the_repository_ships_each_plan_with_its_record(monkeypatch):
+    from tasks import paths
+    from tests.test_stages import tasks_for
+
+    monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
+    found = tasks_for(monkeypatch, task="encode")
+    model = found["repo:encode_model"]
+    assert paths.plan_record("encode") in model["file_dep"]
+    assert paths.repo_version_file("encode_model", catalog.PLAN_RECORD_NAME) in model["targets"]
