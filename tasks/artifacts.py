@@ -171,3 +171,17 @@ def load_onnx(path: Path, name: str):
             f"re-export it, or `doit forget onnx:{name}` first if it was replaced by hand"
         ) from err
     return model
+
+
+def load_runtime(component: str, filename: str):
+    """A module of the code that runs inside Triton (triton/<component>/<filename>), loaded by
+    path: runtime code is not a build package, yet parity and bench run the same code."""
+    import importlib.util
+    import sys
+
+    path = paths.runtime_file(component, filename)
+    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -227,19 +227,6 @@ def onnxruntime_work(settings: Settings):
     return infer
 
 
-def load_encoding():
-    """The runtime's tokenizing module (triton/tokenizer/encoding.py), loaded by path."""
-    import importlib.util
-    import sys
-
-    path = paths.runtime_file("tokenizer", "encoding.py")
-    spec = importlib.util.spec_from_file_location("llm_in_triton_encoding", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def batched_sweep(settings: Settings, texts: list) -> list[dict]:
     """`onnxruntime_batched`: each point takes the texts `concurrency` at a time (what that
     many clients send together) and runs them as the served pipeline would: one tokenizer
@@ -249,7 +236,7 @@ def batched_sweep(settings: Settings, texts: list) -> list[dict]:
 
     from tasks.pbtxt import checkpoint_facts, tokenizer_parameters
 
-    encoding = load_encoding()
+    encoding = artifacts.load_runtime("tokenizer", "encoding.py")
     params = {k: str(v) for k, v in tokenizer_parameters(settings, checkpoint_facts(settings.name))}
     encoder = encoding.TextEncoder(
         str(paths.source_tokenizer(settings.name)), params, settings.task.text_inputs,

@@ -10,9 +10,6 @@ Two proofs, both against the Hugging Face model in fp32 on CPU:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import ParityError
 from tasks.parity import compare, print_passes
@@ -21,13 +18,8 @@ from tasks.settings import Settings
 
 
 def load_decoding():
-    """The runtime's decoding module, loaded by path (runtime code is not a build package)."""
-    path = paths.runtime_file("generate", "decoding.py")
-    spec = importlib.util.spec_from_file_location("llm_in_triton_decoding", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The runtime's decoding loop (triton/generate/decoding.py), the one that serves."""
+    return artifacts.load_runtime("generate", "decoding.py")
 
 
 class TensorRTStep:

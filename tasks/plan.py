@@ -128,9 +128,8 @@ def build_gpu(found: list[tuple[int, str, str]]) -> tuple[int, str, str]:
     return by_index.get(int(visible), found[0]) if visible.isdigit() else found[0]
 
 
-def check_placement(settings: Settings) -> None:
-    """Refuse a plan that some GPU of the deployment could not load."""
-    found = gpus()
+def check_placement(settings: Settings, found: list[tuple[int, str, str]]) -> None:
+    """Refuse a plan that some GPU of the deployment (of `found`, nvidia-smi's) could not load."""
     if not found:
         return
     chosen = settings.serving.gpus
@@ -184,7 +183,8 @@ def build_engine(settings: Settings, part: str) -> None:
     import os
 
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's order = nvidia-smi's
-    check_placement(settings)
+    found = gpus()
+    check_placement(settings, found)
     source = paths.onnx_file(name, part)
     artifacts.load_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
@@ -220,7 +220,7 @@ def build_engine(settings: Settings, part: str) -> None:
             **artifacts.file_record(target),
             "tensorrt": trt.__version__,
             "trt_compat": settings.trt_compat,
-            "compute_capability": build_gpu(found)[2] if (found := gpus()) else None,
+            "compute_capability": build_gpu(found)[2] if found else None,
             "binding_bytes_per_instance": bindings,
             "gpus": list(settings.serving.gpus),
         },
@@ -235,7 +235,7 @@ def build_engine(settings: Settings, part: str) -> None:
 def report_reservation(settings: Settings) -> None:
     """The GPU memory the deployment's engines reserve once Triton loads them (README); and
     the placement check again, since `gpus` may change without the plans."""
-    check_placement(settings)
+    check_placement(settings, gpus())
     name, parts = settings.name, settings.task.onnx_parts
     ios = {part: artifacts.read_json(paths.onnx_io(name, part)) for part in parts}
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0

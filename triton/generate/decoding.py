@@ -122,9 +122,9 @@ def cache_batches(kind: str, lengths, params: list[RowParams], limit: int) -> li
     either alone: a TensorRT profile holding each row would refuse the batch. A row alone
     always fits (the server checks prompt + new tokens against the positions the profile was
     built for), so no row is refused; rows join the first batch they fit."""
-    rows = sorted(range(len(params)), key=lambda r: (-int(lengths[r]), -params[r].max_new_tokens))
     if not limit:
         return [list(range(len(params)))]
+    rows = sorted(range(len(params)), key=lambda r: (-int(lengths[r]), -params[r].max_new_tokens))
     batches: list[tuple[list[int], int, int]] = []  # rows, width, new tokens
     for row in rows:
         width, new = int(lengths[row]), params[row].max_new_tokens
