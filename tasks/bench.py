@@ -407,7 +407,7 @@ def run(settings: Settings) -> None:
         texts,
         {},
     )
-    if settings.one_hop:  # the grouping it mirrors is the python backend's one hop
+    if not settings.task.generation:  # the grouping both the tokenizer and one hop do
         systems["onnxruntime_batched"] = batched_sweep(settings, texts)
     systems["pytorch"] = sweep(
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}

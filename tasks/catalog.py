@@ -43,6 +43,10 @@ class PostProcess:
     outputs: tuple[Tensor, ...]
     files: tuple[str, ...] = ()
     parameters: tuple[tuple[str, str], ...] = ()
+    # (padded model tensor, output): cut back to the request's own length (`seq_length`),
+    # with the padded tensor's type and dims. Requests of different lengths share a padded
+    # batch in the model; their answers are still the ones they get alone.
+    trims: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,11 @@ class TaskSpec:
         """The ensemble's outputs, by name, in order (pbtxt gives them their types and dims)."""
         if self.generation:
             return tuple(t.name for t in GENERATION_OUTPUTS)
-        post = self.postprocess.outputs if self.postprocess else ()
+        post = self.postprocess
         exposed = tuple(o.triton_name for o in self.outputs if o.exposed)
-        return exposed + tuple(t.name for t in post)
+        if post is None:
+            return exposed
+        return exposed + tuple(t.name for t in post.outputs) + tuple(o for _, o in post.trims)
 
     @property
     def optimum_tasks(self) -> tuple[str, ...]:
@@ -138,6 +144,9 @@ WINDOW_TENSORS = (
     Tensor("window_item", "TYPE_INT64", (1,)),  # which batch item a window belongs to
 )
 MAX_ANSWER_TOKENS = 30
+# Each row's request's own padded length: the tokenizer pads the requests of one call to a
+# shared length so that they batch in the model; the answer step cuts outputs back to this.
+SEQ_LENGTH = Tensor("seq_length", "TYPE_INT64", (1,))
 
 
 def window_stride(max_seq: int) -> int:
@@ -185,6 +194,7 @@ TASKS: dict[str, TaskSpec] = {
                     "offsets",
                     "window_item",
                     "CONTEXT",
+                    "seq_length",
                 ),
                 outputs=(
                     Tensor("ANSWER", "TYPE_STRING", (1,)),
@@ -233,10 +243,16 @@ TASKS: dict[str, TaskSpec] = {
             default_model="sentence-transformers/all-MiniLM-L6-v2",
             text_inputs=("TEXT",),
             outputs=(
-                Output("last_hidden_state", "HIDDEN_STATE"),
+                Output("last_hidden_state", "padded_hidden_state", exposed=False),
                 Output("embedding", "EMBEDDING"),
             ),
             mean_pooling=True,
+            postprocess=PostProcess(
+                component="trim",
+                inputs=("padded_hidden_state", "seq_length"),
+                outputs=(),
+                trims=(("padded_hidden_state", "HIDDEN_STATE"),),
+            ),
         ),
     )
 }

@@ -91,6 +91,9 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
         ("pad_multiple", settings.serving.pad_multiple),
         # > 0: a long second text is read in overlapping windows of MAX tokens
         ("stride", catalog.window_stride(settings.seq.max) if spec.windows else 0),
+        # requests of different lengths share a padded batch (a prompt is never padded
+        # further: the decoding loop batches its own way)
+        ("batch_waste", 1.0 if spec.generation else settings.serving.batch_waste),
     ]
 
 
@@ -126,6 +129,13 @@ def _same(names) -> list[tuple[str, str]]:
     return [(n, n) for n in names]
 
 
+def token_tensors(spec: catalog.TaskSpec) -> list[catalog.Tensor]:
+    """The tokenizer's tensors beyond the model's inputs that the answer step reads."""
+    reads = spec.postprocess.inputs if spec.postprocess else ()
+    extra = list(catalog.WINDOW_TENSORS) if spec.windows else []
+    return extra + ([catalog.SEQ_LENGTH] if catalog.SEQ_LENGTH.name in reads else [])
+
+
 def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
     """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs (on the
     python backend one step does all three: `one_hop_pipeline`)."""
@@ -133,7 +143,7 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     io = ios["model"]
     types = _types(io)
     token = [catalog.Tensor(t["name"], types[t["name"]], (-1,)) for t in io["inputs"]]
-    tokenizer_outputs = token + (list(catalog.WINDOW_TENSORS) if spec.windows else [])
+    tokenizer_outputs = token + token_tensors(spec)
     model_outputs = file_context(io)["model_outputs"]
     # Every tensor flowing through the ensemble, by its name there.
     tensors = {n: catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs}
@@ -142,7 +152,10 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     for out in spec.outputs:
         tensors[out.triton_name] = replace(by_onnx[out.onnx_name], name=out.triton_name)
     post = spec.postprocess
-    by_name = {**tensors, **{t.name: t for t in (post.outputs if post else ())}}
+    post_outputs = []
+    if post is not None:  # a trimmed tensor has its padded tensor's type and dims
+        post_outputs = [*post.outputs, *(replace(tensors[s], name=o) for s, o in post.trims)]
+    by_name = {**tensors, **{t.name: t for t in post_outputs}}
     if settings.one_hop:
         return one_hop_pipeline(settings, io, [by_name[n] for n in spec.answers])
     steps = [
@@ -157,17 +170,24 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     ]
     if post is not None:
         steps.append(
-            _step(names["postprocess"], _same(post.inputs), _same(t.name for t in post.outputs))
+            _step(names["postprocess"], _same(post.inputs), _same(t.name for t in post_outputs))
         )
     return {
         "tokenizer_outputs": tokenizer_outputs,
         "post_inputs": [tensors[n] for n in post.inputs] if post else [],
-        "post_outputs": list(post.outputs) if post else [],
-        "post_parameters": list(post.parameters) if post else [],
+        "post_outputs": post_outputs,
+        "post_parameters": post_parameters(post),
         "steps": steps,
         "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
         "ensemble_outputs": [by_name[n] for n in spec.answers],
     }
+
+
+def post_parameters(post: catalog.PostProcess | None) -> list[tuple[str, str]]:
+    """What the task's answer.py reads (triton/trim/ reads `trims`)."""
+    if post is None:
+        return []
+    return [*post.parameters, ("trims", json.dumps([list(t) for t in post.trims]))]
 
 
 def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
@@ -175,20 +195,16 @@ def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
     the ensemble's one step."""
     spec, names = settings.task, settings.triton_models
     sequence = [d for d, kind in catalog.PROFILE_DIMS["model"].items() if kind == "tokens"]
-    post = spec.postprocess
     parameters = {
         "model_file": settings.model_filename,
         "intra_op_threads": settings.serving.ort_threads,
         "spinning": settings.serving.ort_spin,
-        "batch_waste": settings.serving.batch_waste,
         "model_outputs": json.dumps([[o.onnx_name, o.triton_name] for o in spec.outputs]),
         "sequence_outputs": json.dumps(
             [t["name"] for t in io["outputs"] if len(t["shape"]) > 1 and t["shape"][1] in sequence]
         ),
-        "window_tensors": json.dumps(
-            [t.name for t in catalog.WINDOW_TENSORS] if spec.windows else []
-        ),
-        **dict(post.parameters if post else ()),
+        "token_tensors": json.dumps([t.name for t in token_tensors(spec)]),
+        **dict(post_parameters(spec.postprocess)),
     }
     return {
         "pipeline_outputs": answers,
@@ -432,6 +448,7 @@ def task_pbtxt():
         "facts": [
             catalog.window_stride(settings.seq.max),
             repr(catalog.WINDOW_TENSORS),
+            repr(catalog.SEQ_LENGTH),
             catalog.PLATFORMS,
             catalog.TRITON_DTYPES,
             catalog.MODEL_FILES,

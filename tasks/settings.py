@@ -42,8 +42,10 @@ VARIABLES = {
     f"(default {catalog.INTRA_OP_THREADS})",
     "ort_spin": "1 | 0: ONNX Runtime's threads spin while waiting for work "
     f"(default {catalog.ORT_SPINNING})",
-    "batch_waste": "python backend: requests of different lengths share an ONNX Runtime call "
-    f"while padding adds at most this factor of tokens (default {catalog.BATCH_WASTE})",
+    "batch_waste": "encoder tasks: requests of different lengths share a padded batch while "
+    f"padding adds at most this factor of tokens (default {catalog.BATCH_WASTE})",
+    "one_hop": "1 | 0: on the python backend one model tokenizes, infers and answers; 0 keeps "
+    "the tokenizer, model and answer steps of the native backends (default 1)",
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
     "seconds": "`doit bench`: seconds per point (default 5)",
@@ -177,6 +179,7 @@ class Serving:
     max_queue: int = catalog.MAX_QUEUE
     ort_spin: int = catalog.ORT_SPINNING
     batch_waste: float = catalog.BATCH_WASTE
+    one_hop: int = 1  # python backend, encoder tasks: see Settings.one_hop
     gpus: tuple[int, ...] = ()  # instance_group gpus of GPU models; () = every GPU
 
     @classmethod
@@ -198,6 +201,7 @@ class Serving:
         return cls(
             gpus=gpus,
             ort_spin=_whole("ort_spin", get_var("ort_spin", str(cls.ort_spin)), 0, 1),
+            one_hop=_whole("one_hop", get_var("one_hop", str(cls.one_hop)), 0, 1),
             max_queue=_whole("max_queue", get_var("max_queue", str(cls.max_queue)), 0, 10**6),
             batch_waste=waste,
             queue_delay_us=_whole(
@@ -261,8 +265,9 @@ class Settings:
     def one_hop(self) -> bool:
         """An encoder task on the python backend: one python model tokenizes, infers and
         answers (triton/pipeline/), the ensemble's only step. Native backends keep the
-        tokenizer, the model and the answer step as models of their own."""
-        return self.backend == "python" and not self.task.generation
+        tokenizer, the model and the answer step as models of their own (and so does the
+        python backend with one_hop=0)."""
+        return self.backend == "python" and not self.task.generation and bool(self.serving.one_hop)
 
     @property
     def triton_models(self) -> dict[str, str]:

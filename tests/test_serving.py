@@ -36,6 +36,12 @@ def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
     project.doit("task=encode", *SHAPES)
     project.doit("task=seqcls", f"model={labelled_minilm_dir}", *SHAPES)
     project.doit("task=qa", f"model={crafted_qa_dir}", *SHAPES)
+    # the native backends' steps (tokenizer -> model -> answer), on the python backend
+    project.doit("task=encode", "name=encode_steps", "one_hop=0", *SHAPES)
+    project.doit(
+        "task=seqcls", "name=seqcls_steps", "one_hop=0", f"model={labelled_minilm_dir}", *SHAPES
+    )
+    project.doit("task=qa", "name=qa_steps", "one_hop=0", f"model={crafted_qa_dir}", *SHAPES)
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
         yield project, server
 
@@ -170,6 +176,9 @@ def test_every_deployment_in_the_repository_is_served(served):
             for model in (name, f"{name}_model"):  # the python backend's one hop
                 assert client.is_model_ready(model), model
             assert not client.is_model_ready(f"{name}_tokenizer")
+            steps = f"{name}_steps"  # one_hop=0: the steps native backends run
+            for model in (steps, f"{steps}_tokenizer", f"{steps}_model", f"{steps}_post"):
+                assert client.is_model_ready(model), model
     finally:
         client.close()
 
@@ -185,16 +194,24 @@ MIXED = {  # one word to over the max seq, sent together
 
 
 @pytest.mark.parametrize("task", sorted(MIXED))
-def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(served, task):
+@pytest.mark.parametrize("steps", ["", "_steps"], ids=["one_hop", "tokenizer_model_post"])
+def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(served, task, steps):
     """Requests that arrive together run as padded batches: each answer, HIDDEN_STATE's shape
-    included, is the one the request gets alone."""
+    included, is the one the request gets alone. In one hop the pipeline pads; in the steps
+    of the native backends the tokenizer pads a call's requests to one length (so the model
+    batches them) and the answer step cuts them back."""
     from concurrent.futures import ThreadPoolExecutor
 
     _, server = served
+    deployment = task + steps
     requests = MIXED[task] * 3
-    alone = [infer(server, "grpc", task, r) for r in MIXED[task]]
+    alone = [infer(server, "grpc", deployment, r) for r in MIXED[task]]
+    before = model_counts(server, f"{deployment}_model")
     with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(lambda r: infer(server, "grpc", task, r), requests))
+        together = list(pool.map(lambda r: infer(server, "grpc", deployment, r), requests))
+    inferences, executions = np.subtract(model_counts(server, f"{deployment}_model"), before)
+    # rows (a QA context's windows each count) run in fewer calls: requests shared them
+    assert inferences >= len(requests) and executions < len(requests)
     for index, answer in enumerate(together):
         expected = alone[index % len(alone)]
         assert set(answer) == set(expected)
@@ -204,6 +221,18 @@ def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(s
                 assert answer[name].tolist() == value.tolist(), (index, name)
             else:
                 np.testing.assert_allclose(answer[name], value, atol=1e-4, rtol=1e-3)
+
+
+def model_counts(server, model: str) -> tuple[int, int]:
+    """(requests answered, calls that answered them) by a model so far."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 def raw_request(server, model: str, inputs: list[tuple[str, list, str, np.ndarray]]) -> str:

@@ -114,6 +114,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "ort_spin": 1,
         "batch_waste": 2.0,
         "max_queue": 0,
+        "one_hop": 1,
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
     for variables, message in [
@@ -121,6 +122,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         ({"concurrency": "1,x"}, "concurrency=x: expected a whole number from 1 to 256"),
         ({"seconds": "-2"}, "seconds=-2: expected seconds per point"),
         ({"pad_multiple": "0"}, "pad_multiple=0: expected a whole number from 1 to 512"),
+        ({"one_hop": "2"}, "one_hop=2: expected a whole number from 0 to 1"),
     ]:
         with pytest.raises(SettingsError, match=message):
             settings_from(**variables)

@@ -157,6 +157,7 @@ def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypat
         "encode_model/1/model.onnx",
         "encode_model/1/tokenizer.json",
         "encode_model/1/encoding.py",
+        "encode_model/1/answer.py",  # triton/trim/: HIDDEN_STATE at the request's length
         "encode_model/1/model.py",
         "encode_model/config.pbtxt",
     ]  # config last
@@ -223,6 +224,7 @@ def test_rendered_configs_parse_as_triton_model_configs_and_wire_up(task):
     else:
         expected = [o.triton_name for o in chosen.task.outputs if o.exposed]
         expected += [t.name for t in (post.outputs if post else ())]
+        expected += [out for _, out in (post.trims if post else ())]
         optional = []
     assert [o.name for o in ensemble.output] == expected
     assert [i.name for i in ensemble.input if i.optional] == optional

@@ -17,7 +17,8 @@ Files next to this file: model.onnx, tokenizer.json, encoding.py, and for tasks 
 answer step answer.py (+ the checkpoint files it reads). Parameters: the tokenizer's (see
 encoding.py), `model_file`, `intra_op_threads`, `spinning`, `batch_waste`, `model_outputs`
 (ONNX output -> ensemble tensor), `sequence_outputs` (ONNX outputs whose second dim is the
-sequence), `window_tensors` (extra tokenizer tensors the answer step reads).
+sequence), `token_tensors` (the tokenizer's tensors the answer step reads: windows,
+`seq_length`).
 Imports only numpy, onnxruntime, tokenizers and Triton's utilities.
 """
 
@@ -62,8 +63,7 @@ class TritonPythonModel:
             str(version_dir / params["model_file"]), options, providers=["CPUExecutionProvider"]
         )
         self.feeds = [(i.name, encoding.numpy_type(i.type)) for i in self.session.get_inputs()]
-        windows = json.loads(params["window_tensors"])
-        self.window_tensors = [(name, np.int64) for name in windows]
+        self.token_tensors = [(name, np.int64) for name in json.loads(params["token_tensors"])]
         self.model_outputs = dict(json.loads(params["model_outputs"]))  # onnx -> ensemble
         self.sequence_outputs = set(json.loads(params["sequence_outputs"]))
         self.waste = float(params["batch_waste"])
@@ -134,7 +134,7 @@ class TritonPythonModel:
     def _answer(self, columns, encoded, results: dict, start: int, stop: int):
         """One request's response from its rows of the call's outputs."""
         tensors = dict(zip(self.text_inputs, (c.reshape(-1, 1) for c in columns)))
-        tensors.update(self.encoder.arrays(encoded, self.window_tensors))
+        tensors.update(self.encoder.arrays(encoded, self.token_tensors))
         for onnx_name, value in results.items():
             mine = value[start:stop]
             if onnx_name in self.sequence_outputs:

@@ -3,7 +3,8 @@
 In (one row per window of a context, see triton/tokenizer/encoding.py):
 `window_start_logits`, `window_end_logits` [windows, seq], `offsets` [windows, seq, 2]
 (character span in the context of each context token, -1 elsewhere), `window_item`
-[windows, 1], and the texts `CONTEXT` [batch, 1].
+[windows, 1], the texts `CONTEXT` [batch, 1], and `seq_length` [windows, 1] (the request's
+own padded length: windows padded further to share a batch are cut back to it).
 Out per batch item: `ANSWER` (the best span's text over all its windows), `SCORE` (its
 probability: softmax of start times softmax of end, over the context tokens of its window),
 and `START_LOGITS` / `END_LOGITS` of the window the answer came from (of the item's first
@@ -40,8 +41,10 @@ def make(version_dir: Path, params: dict):
     max_tokens = int(params["max_answer_tokens"])
 
     def answer(tensors: dict) -> dict:
-        start, end = tensors["window_start_logits"], tensors["window_end_logits"]
-        offsets, items = tensors["offsets"], tensors["window_item"].reshape(-1)
+        length = int(tensors["seq_length"].reshape(-1)[0])
+        start = tensors["window_start_logits"][:, :length]
+        end = tensors["window_end_logits"][:, :length]
+        offsets, items = tensors["offsets"][:, :length], tensors["window_item"].reshape(-1)
         contexts = [
             c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
             for c in tensors["CONTEXT"].reshape(-1)

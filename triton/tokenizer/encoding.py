@@ -9,6 +9,8 @@ cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long s
 (a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
 window, with `offsets` (character span in the second text of each of its tokens, -1
 elsewhere) and `window_item` (the batch item of each row) to map answers back to text.
+Requests that arrive together are padded to a shared length (`length_groups`, bounded by
+`batch_waste`), and `seq_length` tells the answer step each one's own length.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ENCODING_FIELDS = {
     "token_type_ids": "type_ids",
 }
 WINDOW_FIELDS = ("offsets", "window_item")
+LENGTH_FIELD = "seq_length"  # each row's request's own padded length (see `arrays`)
 
 
 class RequestError(ValueError):
@@ -127,11 +130,14 @@ class TextEncoder:
         return Encoded(rows, max(self.min_seq, min(rounded, max(self.max_seq, longest))))
 
     def arrays(self, encoded: Encoded, outputs: list, length: int = 0) -> dict:
-        """The named tensors of one request, padded to `length` (default: its own)."""
+        """The named tensors of one request, padded to `length` (default: its own). Its own
+        length is `seq_length`, whatever the padding."""
         rows, length = encoded.rows, length or encoded.length
         found = {}
         for name, dtype in outputs:
-            if name == "window_item":
+            if name == LENGTH_FIELD:
+                array = np.full((len(rows), 1), encoded.length, dtype=dtype)
+            elif name == "window_item":
                 array = np.array([[item] for _, item in rows], dtype=dtype)
             elif name == "offsets":
                 array = np.full((len(rows), length, 2), -1, dtype=dtype)

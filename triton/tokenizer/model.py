@@ -4,6 +4,12 @@ native backend (TensorRT, ONNX Runtime's own backend) or a generation loop.
 Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utilities (no
 `transformers`, nothing from the build). The tokenizing is `encoding.py` next to this file
 (see there for the parameters); the config names the text inputs and the outputs.
+
+The requests of one call that have similar lengths (`length_groups`: padded tokens within
+`batch_waste` times the real ones) are padded to the longest of them, so they leave with
+equal shapes and the model's dynamic batcher runs them as one batch, on any backend. The
+`seq_length` output carries each request's own length, to which the answer step cuts the
+model's sequence outputs back.
 """
 
 import importlib.util
@@ -37,7 +43,9 @@ class TritonPythonModel:
             str(version_dir / "tokenizer.json"), params, text_inputs, int(config["max_batch_size"])
         )
         self.outputs = []
-        known = [*encoding.ENCODING_FIELDS, *encoding.WINDOW_FIELDS]
+        self.waste = float(params["batch_waste"])
+        self.max_rows = int(config["max_batch_size"])
+        known = [*encoding.ENCODING_FIELDS, *encoding.WINDOW_FIELDS, encoding.LENGTH_FIELD]
         for tensor in config["output"]:
             if tensor["name"] not in known:
                 raise pb_utils.TritonModelException(
@@ -63,14 +71,21 @@ class TritonPythonModel:
                 good.append((index, self._items(request)))
             except encoding.RequestError as err:  # a bad request: its own error
                 responses[index] = _error(str(err))
+        ready = []
         for (index, _), encoded in zip(good, self.encoder.encode([i for _, i in good])):
             if isinstance(encoded, encoding.RequestError):
                 responses[index] = _error(str(encoded))
-                continue
-            arrays = self.encoder.arrays(encoded, self.outputs)
-            responses[index] = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]
-            )
+            else:
+                ready.append((index, encoded))
+        lengths = [encoded.length for _, encoded in ready]
+        rows = [len(encoded.rows) for _, encoded in ready]
+        for group in encoding.length_groups(lengths, rows, self.waste, self.max_rows):
+            longest = max(lengths[i] for i in group)
+            for index, encoded in (ready[i] for i in group):
+                arrays = self.encoder.arrays(encoded, self.outputs, longest)
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]
+                )
         return responses
 
 
