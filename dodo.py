@@ -10,16 +10,16 @@
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
 precision, backend, host, http_port, grpc_port, metrics_port, server, queue_delay_us,
-instances, ort_threads, ort_spin, batch_waste, pad_multiple, gpus, trt_compat, concurrency,
+instances, ort_threads, ort_spin, batch_waste, one_hop, pad_multiple, gpus, trt_compat, concurrency,
 seconds, loadgen. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
 
-from tasks import paths
+from tasks import artifacts, paths
 from tasks.bench import task_bench  # noqa: F401
 from tasks.download import task_download  # noqa: F401
-from tasks.errors import SettingsError
+from tasks.errors import BuildError
 from tasks.export import task_onnx  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
@@ -31,9 +31,11 @@ from tasks.test import task_test  # noqa: F401
 
 try:
     current()  # validate the command line before any task is even generated
-except SettingsError as err:
+    artifacts.hold_lock(paths.TREE_LOCK)  # a second doit here is refused, the first intact
+except BuildError as err:
     raise InvalidCommand(str(err)) from None
 
+paths.DEP_FILE.parent.mkdir(parents=True, exist_ok=True)  # doit's state, even after rm -rf
 DOIT_CONFIG = {
     "default_tasks": ["repo"],
     "verbosity": 2,

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tasks import paths
-from tasks.errors import ExportError
+from tasks.errors import BuildError, ExportError
 
 TMP_MARK = ".tmp-"
 
@@ -185,3 +185,33 @@ def load_runtime(component: str, filename: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+_HELD: dict[Path, object] = {}  # lock file -> its open handle, for this process's life
+
+
+def hold_lock(path: Path) -> None:
+    """Hold an exclusive lock on `path` until this process ends (the kernel drops it even
+    after kill -9), or fail at once naming the process that holds it."""
+    import fcntl
+    import sys
+
+    if path in _HELD:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - kept open: the lock lives as long as it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise BuildError(
+            f"another doit is running in this tree ({holder}); wait for it to end or stop "
+            "it (one doit at a time per clone: they share models/ and model_zoo/)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: doit {' '.join(sys.argv[1:])}".strip())
+    handle.flush()
+    _HELD[path] = handle

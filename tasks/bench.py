@@ -8,7 +8,7 @@ gRPC and HTTP) against what they would run instead, on the same texts, in one ru
   next to no CPU from the server it measures;
 - `onnxruntime`: the same tokenizer and ONNX file in-process, the same concurrency (threads
   calling one session): the limit for the CPU backend;
-- `onnxruntime_batched` (encoder tasks on the python backend): the compute limit the server is
+- `onnxruntime_batched` (encoder tasks, every backend): the compute limit the server is
   measured against:
   in-process, the same texts `concurrency` at a time, tokenized and grouped by length as the
   served pipeline groups requests that arrive together (triton/tokenizer/encoding.py), each
@@ -485,7 +485,9 @@ def summary(systems: dict, new_tokens_per_request: int = 0) -> dict:
     }
     if new_tokens_per_request:
         found["best_tokens_per_second"] = {
-            name: round(value * new_tokens_per_request, 1) for name, value in best.items()
+            name: round(value * new_tokens_per_request, 1)
+            for name, value in best.items()
+            if systems[name]  # a system this task does not run has no figure, not a zero
         }
     return found
 

@@ -6,6 +6,7 @@ Every message names what is wrong and how to fix it. Stage actions are wrapped b
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 
@@ -42,8 +43,27 @@ class ServerError(BuildError):
     """The embedded tritonserver is missing, cannot start, or a model fails to load."""
 
 
+DISK_FULL = "No space left on device"
+
+
+def disk_full_message(err: BaseException) -> str | None:
+    """Our one line for a write that ran out of disk (or quota), wherever it was raised."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+    elif DISK_FULL in str(err):  # raised by a library as its own exception type
+        where = ""
+    else:
+        return None
+    return (
+        f"DiskFull: no space left on the device{where}. Nothing half-written was kept "
+        "(each target is written aside and renamed into place only when complete): free "
+        "space (df -h models model_zoo) and run doit again"
+    )
+
+
 def fails_cleanly(action: Callable) -> Callable:
-    """Wrap a doit python-action so a BuildError ends the task with its message only."""
+    """Wrap a doit python-action so a BuildError, or a full disk, ends the task with its
+    message only."""
 
     @functools.wraps(action)
     def run(*args, **kwargs):
@@ -53,6 +73,11 @@ def fails_cleanly(action: Callable) -> Callable:
             result = action(*args, **kwargs)
         except BuildError as err:
             return TaskFailed(f"{type(err).__name__}: {err}")
+        except Exception as err:
+            message = disk_full_message(err)
+            if message is None:
+                raise
+            return TaskFailed(message)
         return result if result is not None else True
 
     return run

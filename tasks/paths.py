@@ -20,6 +20,7 @@ MODELS = ROOT / "models"
 # doit's record of what was built lives beside what it built: a mounted model_zoo/ (the
 # exporter image's volume) carries it from one `docker compose run --rm` to the next.
 DEP_FILE = MODEL_ZOO / ".doit.db"
+TREE_LOCK = MODEL_ZOO / ".doit.db.lock"  # held by the one doit running in this tree
 # `doit serve`'s server log: outside the tree (not a build artifact), printed at start.
 SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"

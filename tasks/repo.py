@@ -27,6 +27,7 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
+from tasks.errors import fails_cleanly
 from tasks.settings import Settings, current
 
 ENSEMBLE_MARKER = ".keep"  # Triton needs an ensemble's version folder, even empty
@@ -194,7 +195,7 @@ def task_repo():
             "name": component.triton_model,
             "actions": [
                 *([(remove_other_parts, [settings])] if component.part == "ensemble" else []),
-                (install, [component, config_source]),
+                (fails_cleanly(install), [component, config_source]),
             ],
             "file_dep": [
                 *(s for s, _ in component.files if s is not None),

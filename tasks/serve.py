@@ -15,6 +15,7 @@ no stub process and no `/dev/shm` region behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -26,11 +27,11 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import paths
+from tasks import artifacts, paths
 from tasks.errors import ServerError, fails_cleanly
 from tasks.settings import Endpoints, Settings, current
 
@@ -268,40 +269,24 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _proc_cmdlines() -> dict[int, list[str]]:
-    """Command lines of the live (not zombie) processes on this machine."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
-            continue
-        found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
-    return found
+@functools.cache
+def supervision():
+    """triton/supervisor/supervisor.py: finds the stubs, reloads a model that lost one."""
+    return artifacts.load_runtime("supervisor", "supervisor.py")
 
 
 def stub_pids(shm_prefix: str) -> list[int]:
     """Live python backend stubs of the server whose shm regions start with `shm_prefix`."""
-    return [
-        pid
-        for pid, argv in _proc_cmdlines().items()
-        if argv
-        and argv[0].endswith(STUB_NAME)
-        and any(arg.startswith(shm_prefix) for arg in argv[1:])
-    ]
+    return list(supervision().stubs(shm_prefix))
 
 
 class EmbeddedTritonServer:
     """A tritonserver process on a model repository, as a context manager.
 
     Ports left as None are picked free at construction, so the URLs are known before
-    `start()`. The log goes to `log_file` (default: a kept temporary file). `extra_args` go on
-    the command line as they are, e.g. `("--model-control-mode=explicit", "--load-model=*")`.
+    `start()`. The log goes to `log_file` (default: a kept temporary file). With `supervise`
+    (the default) the server runs with explicit model control and strict readiness, and a
+    supervisor thread reloads a model whose stub process dies (triton/supervisor/).
     `exit_timeout` is Triton's `--exit-timeout-secs`; `stop()` sends SIGKILL only after that
     plus a margin (30 s in all by default).
     """
@@ -317,7 +302,7 @@ class EmbeddedTritonServer:
         log_file: Path | None = None,
         load_timeout: float = 120.0,
         exit_timeout: int = EXIT_TIMEOUT,
-        extra_args: Sequence[str] = (),
+        supervise: bool = True,
         quiet: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
@@ -334,7 +319,8 @@ class EmbeddedTritonServer:
         self.log_path = Path(log_file)
         self.load_timeout = load_timeout
         self.exit_timeout = exit_timeout
-        self.extra_args = tuple(extra_args)
+        self.supervise = supervise
+        self.supervisor = None  # the running Supervisor, once the server is ready
         self.quiet = quiet
         # Names this instance's python backend shm regions, so stop() removes exactly those.
         self.shm_prefix = f"llm_in_triton_{os.getpid()}_{os.urandom(4).hex()}_"
@@ -393,6 +379,10 @@ class EmbeddedTritonServer:
             backend_dir = prepare_backend_dir(self._workdir / "backends", install)
             process = self._launch(install.server, backend_dir, env)
             self._wait_until_ready(process)
+            if self.supervise:
+                self.supervisor = (
+                    supervision().Supervisor(self.http_url, self.shm_prefix, log=self._echo).start()
+                )
         except BaseException:
             self.stop()
             raise
@@ -405,6 +395,9 @@ class EmbeddedTritonServer:
     def stop(self) -> None:
         """Stop the server and clean up after it. Idempotent and safe from a signal handler:
         it takes no lock, and a nested call simply finishes the job."""
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:  # first: the stubs that leave now leave on purpose
+            supervisor.stop()
         process = self._process
         if process is not None:
             if process.poll() is None:
@@ -428,7 +421,8 @@ class EmbeddedTritonServer:
         ]
         for kind, port in self.ports.items():
             command += [f"--{kind}-address={self.host}", f"--{kind}-port={port}"]
-        command += self.extra_args
+        if self.supervise:
+            command += supervision().SERVER_ARGS
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self._terminated = False

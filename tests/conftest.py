@@ -320,3 +320,54 @@ def generation_models(tmp_path_factory) -> dict[str, Path]:
         family: save_generation_model(tmp_path_factory.mktemp(family), family)
         for family in ("gpt2", "opt", "t5")
     }
+
+
+def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> float:
+    """SIGKILL every python-backend stub of `model` (this server's only), then wait until
+    `answer()` succeeds again with nobody's help. Readiness must say not-ready in between.
+    Returns the seconds until the answer came back."""
+    import signal
+    import time
+
+    from tasks.serve import http_ready, supervision
+
+    found = supervision().stubs(server.shm_prefix)
+    pids = [pid for pid, name in found.items() if re.sub(r"_\d+_\d+$", "", name) == model]
+    assert pids, f"no stub of {model} among {sorted(found.values())}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    started, was_not_ready = time.monotonic(), False
+    while time.monotonic() - started < timeout:
+        if not http_ready(server.http_url):
+            was_not_ready = True
+        elif was_not_ready:
+            try:
+                answer()
+                return time.monotonic() - started
+            except Exception:  # not back yet
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"{model} did not answer again within {timeout:.0f} s of its stub kill")
+
+
+SERVED_SHAPES = ("batch=1,4,8", "seq=1,64,128")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
+    """encode, seqcls and qa (one hop) and the same as native backends' steps
+    (<task>_steps, one_hop=0), built and served by one real tritonserver."""
+    from tasks.serve import EmbeddedTritonServer
+
+    project = copy_project(tmp_path_factory.mktemp("serving") / "project")
+    models = {
+        "encode": [],
+        "seqcls": [f"model={labelled_minilm_dir}"],
+        "qa": [f"model={crafted_qa_dir}"],
+    }
+    for task, model in models.items():
+        project.doit(f"task={task}", *model, *SERVED_SHAPES)
+        # the native backends' steps (tokenizer -> model -> answer), on the python backend
+        project.doit(f"task={task}", f"name={task}_steps", "one_hop=0", *model, *SERVED_SHAPES)
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield project, server

@@ -101,12 +101,12 @@ def wait_for(proc, marker: str, lines: list[str], timeout: float = 300) -> None:
     raise AssertionError(f"no {marker!r} within {timeout}s")
 
 
-@pytest.mark.parametrize("stage", ["download", "onnx", "parity"])
+@pytest.mark.parametrize("stage", ["download", "onnx", "parity", "pbtxt", "repo"])
 def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage):
     proc = subprocess.Popen(
         [sys.executable, "-m", "doit", "task=encode"],
         cwd=project.root,
-        env={**os.environ, **OFFLINE_ENV},
+        env={**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -119,9 +119,13 @@ def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage
             "download": ".  download:encode",
             "onnx": "onnx: exporting",
             "parity": "parity: PyTorch fp32 vs",
+            # these take milliseconds: killed as soon as they start
+            "pbtxt": ".  pbtxt:encode",
+            "repo": ".  repo:encode",
         }[stage]
         wait_for(proc, marker, lines)
-        time.sleep(0.5)
+        if stage not in ("pbtxt", "repo"):
+            time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -129,10 +133,12 @@ def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage
         "download": paths.source_manifest,
         "onnx": paths.onnx_io,
         "parity": paths.parity_report,
+        "pbtxt": paths.wiring_report,
+        "repo": paths.repo_config,  # the ensemble's config: installed last
     }[stage]
     assert not project.path(later("encode")).exists(), "".join(lines)  # killed before its end
-    run = project.doit("task=encode")
-    assert f"{stage}:encode" in run.executed
+    run = project.doit("task=encode")  # the kill dropped the tree lock with the process
+    assert any(t.startswith(f"{stage}:encode") for t in run.executed)
     assert not [p for p in built_files(project) if ".tmp-" in p]
     record = json.loads(project.path(paths.onnx_io("encode")).read_text())
     import hashlib
@@ -141,3 +147,56 @@ def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage
     assert hashlib.sha256(served).hexdigest() == record["sha256"]
     assert json.loads(project.path(paths.parity_report("encode")).read_text())["results"]
     assert project.doit("task=encode").executed == []
+
+
+def test_a_second_doit_in_the_same_tree_is_refused_at_once_and_the_first_goes_on(project):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "doit", "task=encode"],
+        cwd=project.root,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    wait_for(first, ".  download:encode", lines)
+    started = time.monotonic()
+    second = project.doit("task=encode", check=False)
+    assert time.monotonic() - started < 30  # at once: it never waits for the first
+    assert second.returncode != 0 and "another doit is running in this tree (pid" in second.output
+    assert f"pid {first.pid}" in second.output
+    lines += first.stdout.readlines()
+    assert first.wait() == 0, "".join(lines)
+    assert project.doit("task=encode").executed == []  # the first one built it all, intact
+
+
+def mount_tmpfs(where, megabytes: int) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
+        capture_output=True,
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("stage", ["onnx", "repo"])
+def test_a_full_disk_fails_with_one_line_and_leaves_no_half_written_target(project, stage):
+    """The target folder on a 20 MiB tmpfs: MiniLM's 86 MiB ONNX file cannot fit."""
+    where = {
+        "onnx": project.path(paths.onnx_file("encode")).parent,
+        "repo": project.root / "models" / "encode_model",
+    }[stage]
+    if not mount_tmpfs(where, 20):
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        run = project.doit("task=encode", check=False)
+        assert run.returncode != 0
+        assert "DiskFull: no space left on the device" in run.output, run.output
+        assert "free space (df -h models model_zoo) and run doit again" in run.output
+        assert "Traceback" not in run.output
+        assert [p.name for p in where.rglob("*") if p.is_file()] == []  # nothing half-written
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+    run = project.doit("task=encode")  # with room again, it ends correct
+    assert any(t.startswith(f"{stage}:encode") for t in run.executed)
+    assert not [p for p in built_files(project) if ".tmp-" in p]

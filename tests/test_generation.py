@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks import catalog, paths
-from tests.conftest import copy_project
+from tests.conftest import copy_project, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 
@@ -331,3 +331,22 @@ def test_streaming_responses_arrive_one_per_token(generating):
     assert all(t != -1 for t in (s[0] for s in steps[:3])) and [s[0] for s in steps[3:]] == [-1, -1]
     _, whole = generate(server, "gpt", PROMPTS[:2], MAX_NEW_TOKENS=5)
     assert [s[1] for s in steps] == whole[1]
+
+
+@pytest.mark.parametrize("model", ["gpt_tokenizer", "gpt_generate", "gpt_stream"])
+def test_a_killed_generation_stub_is_replaced_and_generates_again(generating, model):
+    """SIGKILL of a generation deployment's python process: not-ready, then reloaded, and the
+    same tokens again, whole and streamed."""
+    _, server, _, _ = generating
+    before = generate(server, "gpt", PROMPTS[:1], MAX_NEW_TOKENS=4)
+
+    def answers_as_before() -> None:
+        assert generate(server, "gpt", PROMPTS[:1], MAX_NEW_TOKENS=4) == before
+        streamed = client(
+            "--protocol", "grpc", "-u", server.grpc_url, "-m", "gpt", "--stream",
+            "-t", PROMPTS[0], "--max_new_tokens", "4",
+        )  # fmt: skip
+        assert streamed.splitlines()[-1].endswith(f" {before[1][0]}")
+
+    answers_as_before()
+    kill_stubs_and_wait(server, model, answers_as_before)

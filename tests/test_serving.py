@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from tasks import paths
-from tests.conftest import MARKERS, OFFLINE_ENV, copy_project
+from tests.conftest import MARKERS, OFFLINE_ENV, SERVED_SHAPES, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 
-SHAPES = ("batch=1,4,8", "seq=1,64,128")
 TEXTS = [
     "Triton serves the model.",
     "",
@@ -26,24 +25,6 @@ TEXTS = [
 ]
 QUESTIONS = ["Who met whom?", "Was ist das?", ""]
 CONTEXTS = [f"Ann met the {MARKERS[0]} and the {MARKERS[1]}.", "Das ist ein Haus.", ""]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
-    from tasks.serve import EmbeddedTritonServer
-
-    project = copy_project(tmp_path_factory.mktemp("serving") / "project")
-    project.doit("task=encode", *SHAPES)
-    project.doit("task=seqcls", f"model={labelled_minilm_dir}", *SHAPES)
-    project.doit("task=qa", f"model={crafted_qa_dir}", *SHAPES)
-    # the native backends' steps (tokenizer -> model -> answer), on the python backend
-    project.doit("task=encode", "name=encode_steps", "one_hop=0", *SHAPES)
-    project.doit(
-        "task=seqcls", "name=seqcls_steps", "one_hop=0", f"model={labelled_minilm_dir}", *SHAPES
-    )
-    project.doit("task=qa", "name=qa_steps", "one_hop=0", f"model={crafted_qa_dir}", *SHAPES)
-    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
-        yield project, server
 
 
 def infer(server, protocol: str, model: str, texts: dict[str, list[str]]):
@@ -350,7 +331,7 @@ def start_serve(project, ports: list[int]) -> subprocess.Popen:
             f"grpc_port={grpc}",
             f"metrics_port={metrics}",
             "task=encode",
-            *SHAPES,
+            *SERVED_SHAPES,
         ],
         cwd=project.root,
         env={**os.environ, **OFFLINE_ENV},
@@ -457,3 +438,21 @@ def test_a_bad_request_among_good_ones_fails_alone(served):
             for a in answers
         )
         assert all("QUESTION has" in e.result() for e in errors)
+
+
+@pytest.mark.parametrize(
+    "model", ["encode_model", "encode_steps_tokenizer", "encode_steps_model", "encode_steps_post"]
+)
+def test_a_killed_stub_is_replaced_and_its_deployment_answers_again(served, model):
+    """SIGKILL of a python model's process (the OOM killer, a segfault): readiness says
+    not-ready, the supervisor reloads the model, and the same answers come back."""
+    _, server = served
+    deployment = model.rsplit("_", 1)[0]
+    before = infer(server, "grpc", deployment, {"TEXT": TEXTS[:2]})
+    seconds = kill_stubs_and_wait(
+        server, model, lambda: infer(server, "grpc", deployment, {"TEXT": TEXTS[:2]})
+    )
+    after = infer(server, "grpc", deployment, {"TEXT": TEXTS[:2]})
+    np.testing.assert_allclose(after["EMBEDDING"], before["EMBEDDING"], atol=1e-5)
+    assert seconds < 30
+    assert [r["model"] for r in server.supervisor.recoveries if r["ok"]][-1] == model

@@ -1,0 +1,182 @@
+"""Self-healing for a tritonserver's python-backend models: a watcher that reloads a model
+whose stub process died, and keeps readiness truthful meanwhile.
+
+Triton 2.51 does not notice a dead stub (the kernel's OOM killer, a segfault in ONNX Runtime
+or `tokenizers`): the model and /v2/health/ready keep answering ready while every request
+fails with "Stub process ... is not healthy", and nothing restarts it. This watcher polls the
+stubs of one server (processes named triton_python_backend_stub in /proc, told apart by the
+server's shm-region prefix when several servers share the machine). When a ready model has
+fewer live stubs than it had, the model is unloaded at once, so that the server answers
+not-ready (with --strict-readiness), then loaded again through the repository API, which
+starts new stubs; models unloaded with it (an ensemble that calls it) are loaded again too.
+Each recovery is logged with its cause and its duration.
+
+The server must run with --model-control-mode=explicit --load-model=* --strict-readiness=true.
+Imports only the standard library: it runs as a thread beside `doit serve`, and in a
+Kubernetes pod as a sidecar that shares the server's process namespace:
+
+    python3 supervisor.py --url http://127.0.0.1:8000 [--shm-prefix PREFIX] [--interval 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STUB_NAME = "triton_python_backend_stub"
+SERVER_ARGS = ("--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true")
+INTERVAL = 0.5  # seconds between looks at the stubs: the longest readiness may be stale
+LOAD_TIMEOUT = 300.0
+RETRY_AFTER = 5.0  # seconds before a failed reload is tried again
+# argv of a stub: model.py path, shm region, sizes, parent pid, library dir, ipc handle, name
+_NAME_ARG = 8
+_INSTANCE_SUFFIX = re.compile(r"_\d+_\d+$")  # <model>_<group>_<instance>, in some releases
+
+
+def live_processes() -> dict[int, list[str]]:
+    """Command lines of the live (not zombie) processes on this machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+            continue
+        found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
+def stubs(shm_prefix: str = "") -> dict[int, str]:
+    """pid -> name (model, or model instance) of each live stub of the server whose python
+    backend shm regions start with `shm_prefix` ("" for every server's)."""
+    return {
+        pid: argv[_NAME_ARG] if len(argv) > _NAME_ARG else ""
+        for pid, argv in live_processes().items()
+        if argv
+        and argv[0].endswith(STUB_NAME)
+        and any(arg.startswith(shm_prefix) for arg in argv[1:])
+    }
+
+
+class Supervisor:
+    """Watches one server's stubs and reloads the models that lost one (see the module)."""
+
+    def __init__(self, url: str, shm_prefix: str = "", log=print, interval: float = INTERVAL):
+        self.url = url if "://" in url else f"http://{url}"
+        self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
+        self.expected: dict[str, int] = {}  # ready model -> stubs it had when first seen
+        self.retry_at: dict[str, float] = {}  # model whose reload failed -> when to try again
+        self.recoveries: list[dict] = []  # what was done: model, cause, seconds, ok
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # No proxy: an http_proxy in the environment must not answer for localhost.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    # -- the server's repository API
+    def _post(self, route: str, timeout: float = 5.0) -> bytes:
+        request = urllib.request.Request(f"{self.url}{route}", data=b"{}", method="POST")
+        with self._opener.open(request, timeout=timeout) as reply:
+            return reply.read()
+
+    def ready_models(self) -> set[str]:
+        index = json.loads(self._post("/v2/repository/index") or b"[]")
+        return {m["name"] for m in index if m.get("state") == "READY"}
+
+    # -- one look
+    def poll(self) -> None:
+        """Look at the stubs once; reload each ready model that lost one."""
+        try:
+            ready = self.ready_models()
+        except (urllib.error.URLError, OSError, ValueError):
+            return  # the server is starting or stopping: nothing to judge
+        counts: dict[str, int] = {}
+        for name in stubs(self.shm_prefix).values():
+            if name not in ready:
+                name = _INSTANCE_SUFFIX.sub("", name)
+            counts[name] = counts.get(name, 0) + 1
+        for model in list(self.expected):
+            if model not in ready and model not in self.retry_at:
+                del self.expected[model]  # unloaded on purpose (or by a poll): not ours
+        for model in sorted(ready | set(self.retry_at)):
+            have, want = counts.get(model, 0), self.expected.get(model)
+            if want is None:
+                if have:
+                    self.expected[model] = have
+            elif have < want and time.monotonic() >= self.retry_at.get(model, 0.0):
+                self.recover(model, f"{want - have} of its {want} stub process(es) died", ready)
+
+    def recover(self, model: str, cause: str, ready: set[str]) -> bool:
+        started = time.monotonic()
+        self.log(f"supervisor: '{model}': {cause}; unloading it (not ready) and loading it again")
+        try:
+            with contextlib.suppress(urllib.error.HTTPError):  # unloaded already: load it
+                self._post(f"/v2/repository/models/{model}/unload", timeout=LOAD_TIMEOUT)
+            self._post(f"/v2/repository/models/{model}/load", timeout=LOAD_TIMEOUT)
+            for other in sorted(ready - self.ready_models() - {model}):  # unloaded with it
+                self._post(f"/v2/repository/models/{other}/load", timeout=LOAD_TIMEOUT)
+        except (urllib.error.URLError, OSError) as err:
+            detail = err.read().decode(errors="replace") if hasattr(err, "read") else str(err)
+            self.retry_at[model] = time.monotonic() + RETRY_AFTER
+            self.log(
+                f"supervisor: '{model}' did not load again ({detail.strip()}); "
+                f"trying again in {RETRY_AFTER:.0f} s"
+            )
+            self.recoveries.append({"model": model, "cause": cause, "ok": False})
+            return False
+        seconds = time.monotonic() - started
+        self.retry_at.pop(model, None)
+        self.expected.pop(model, None)  # counted afresh at the next look
+        self.log(f"supervisor: '{model}' is back in {seconds:.1f} s")
+        self.recoveries.append({"model": model, "cause": cause, "ok": True, "seconds": seconds})
+        return True
+
+    # -- as a thread
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def start(self) -> Supervisor:
+        self.poll()  # the stubs of the models as loaded
+        self._thread = threading.Thread(target=self.run, name="triton-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._thread = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP URL")
+    parser.add_argument("--shm-prefix", default="", help="the server's shm-region-prefix-name")
+    parser.add_argument("--interval", type=float, default=INTERVAL, help="seconds between looks")
+    args = parser.parse_args(argv)
+    supervisor = Supervisor(args.url, args.shm_prefix, interval=args.interval)
+
+    def log(message: str) -> None:
+        print(time.strftime("%Y-%m-%dT%H:%M:%S ") + message, flush=True)
+
+    supervisor.log = log
+    log(f"supervisor: watching the python-backend stubs of {supervisor.url}")
+    with contextlib.suppress(KeyboardInterrupt):
+        supervisor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
