@@ -4,6 +4,7 @@
     doit task=seqcls model=DIR name=sst2 build another deployment beside it
     doit serve                           build what is stale, then serve models/
     doit bench                           measure the served deployment against in-process
+    doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
@@ -11,7 +12,7 @@
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
 precision, backend, host, http_port, grpc_port, metrics_port, server, queue_delay_us,
 instances, ort_threads, ort_spin, batch_waste, one_hop, pad_multiple, gpus, trt_compat, concurrency,
-seconds, loadgen. See README.md.
+seconds, loadgen, soak_minutes. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
@@ -27,6 +28,7 @@ from tasks.plan import task_plan  # noqa: F401
 from tasks.repo import task_repo  # noqa: F401
 from tasks.serve import task_serve  # noqa: F401
 from tasks.settings import current
+from tasks.soak import task_soak  # noqa: F401
 from tasks.test import task_test  # noqa: F401
 
 try:

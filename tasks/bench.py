@@ -33,6 +33,9 @@ from tasks.settings import Settings, current
 WARMUP_SECONDS = 1.0
 
 
+QUEUE_FULL = "Exceeds maximum queue size"  # Triton's words for a max_queue rejection
+
+
 def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
     """Realistic inputs of mixed lengths: one text per ensemble input, per request.
 
@@ -72,14 +75,19 @@ def new_tokens(settings: Settings) -> int:
     return min(catalog.BENCH_NEW_TOKENS, settings.max_new_tokens)
 
 
+def percentile_ms(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+
 def summarize(latencies: list[float], elapsed: float, errors: int, concurrency: int) -> dict:
     """A point of the report; no answer at all gives null statistics, never NaN."""
     ordered = sorted(latencies)
 
     def pct(q: float) -> float | None:
-        if not ordered:
-            return None
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+        return percentile_ms(ordered, q)
 
     return {
         "concurrency": concurrency,
@@ -98,9 +106,10 @@ def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None)
     `seconds`; throughput divides by the time until the last of them finished.
 
     `setup(state)` runs before the clock starts (clients connect there, unmeasured). `work`
-    returns True for a good answer; anything else, or an exception, is an error."""
+    returns True for a good answer; anything else, or an exception, is an error, except a
+    rejection by a full queue (max_queue), which is counted apart with how fast it came."""
     order, lock = itertools.count(), threading.Lock()
-    latencies, errors, failures = [], [0], []
+    latencies, errors, failures, rejections = [], [0], [], []
     start_line = threading.Barrier(concurrency + 1)
     clock = {"start": 0.0, "deadline": 0.0, "last": 0.0}
 
@@ -116,16 +125,21 @@ def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None)
             began = time.perf_counter()
             if began >= clock["deadline"]:
                 break
+            rejected = False
             try:
                 good = work(state, text)
             except Exception as err:  # every failure counts, and the first few are shown
                 good = False
-                failures.append(f"{type(err).__name__}: {err}"[:200])
+                rejected = QUEUE_FULL in str(err)
+                if not rejected:
+                    failures.append(f"{type(err).__name__}: {err}"[:200])
             ended = time.perf_counter()
             with lock:
                 clock["last"] = max(clock["last"], ended)
                 if good:
                     latencies.append(ended - began)
+                elif rejected:
+                    rejections.append(ended - began)
                 else:
                     errors[0] += 1
         state.get("close", lambda: None)()
@@ -140,6 +154,11 @@ def closed_loop(work, concurrency: int, seconds: float, texts: list, setup=None)
     for thread in threads:
         thread.join()
     point = summarize(latencies, clock["last"] - clock["start"], errors[0], concurrency)
+    if rejections:
+        point["rejected"] = len(rejections)
+        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
+        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
+        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
     if failures:
         point["first_errors"] = sorted(set(failures))[:3]
     return point
@@ -321,6 +340,34 @@ def pytorch_work(settings: Settings):
     return infer
 
 
+def overload_point(settings: Settings, served: list[dict], url: str, texts: list) -> dict:
+    """gRPC at 4x the concurrency of the best served throughput: what accepted requests wait
+    (p99) against the p99 at that capacity, how many are rejected (max_queue) and how fast."""
+    grpc = [p for p in served if p.get("protocol") == "grpc" and p.get("throughput")]
+    if not grpc:
+        return {}
+    capacity = max(grpc, key=lambda p: p["throughput"])
+    concurrency = 4 * capacity["concurrency"]
+    setup, work = triton_work(settings, "grpc", url)
+    point = closed_loop(work, concurrency, settings.bench.seconds, texts, setup)
+    found = {
+        "max_queue": settings.serving.max_queue,
+        "capacity_concurrency": capacity["concurrency"],
+        "capacity_p99_ms": capacity.get("p99_ms"),
+        **point,
+    }
+    if point["p99_ms"] and capacity.get("p99_ms"):
+        found["accepted_p99_vs_capacity"] = round(point["p99_ms"] / capacity["p99_ms"], 2)
+    print(
+        f"bench: overload, gRPC concurrency {concurrency} (4x {capacity['concurrency']}): "
+        f"{point['throughput']:.1f} answers/s, accepted p99 {point['p99_ms']} ms (at capacity "
+        f"{capacity.get('p99_ms')} ms), rejected {point.get('rejected_share', 0):.0%} in "
+        f"{point.get('reject_p50_ms')} ms (p50)",
+        flush=True,
+    )
+    return found
+
+
 def sweep(
     name: str, work, levels, seconds: float, texts: list, extra: dict, setup=None
 ) -> list[dict]:
@@ -344,9 +391,16 @@ def machine() -> dict:
     if os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as handle:
             memory = handle.readline().split()[1] + " kB"
+    processor = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):  # the model name: measurements differ between them
+        with open("/proc/cpuinfo") as handle:
+            names = [
+                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
+            ]
+        processor = names[0] if names else processor
     return {
         "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor,
         "memory": memory,
         "python": platform.python_version(),
         "system": platform.platform(),
@@ -396,6 +450,7 @@ def run(settings: Settings) -> None:
                 {"protocol": protocol},
                 setup,
             )
+        overload = overload_point(settings, systems["triton"], grpc_url, texts)
     finally:
         if server is not None:
             server.stop()
@@ -413,6 +468,7 @@ def run(settings: Settings) -> None:
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}
     )
     errors = sum(p["errors"] for points in systems.values() for p in points)
+    errors += overload.get("errors", 0)
     report = {
         "deployment": settings.name,
         "task": settings.task.name,
@@ -421,6 +477,7 @@ def run(settings: Settings) -> None:
         "seconds_per_point": bench.seconds,
         "systems": systems,
         "summary": summary(systems, new_tokens(settings) if settings.task.generation else 0),
+        "overload": overload,
         "errors": errors,
         "machine": machine(),
         "settings": {

@@ -144,6 +144,7 @@ WINDOW_TENSORS = (
     Tensor("window_item", "TYPE_INT64", (1,)),  # which batch item a window belongs to
 )
 MAX_ANSWER_TOKENS = 30
+MAX_TEXT_BYTES = 1 << 20  # a longer text is a bad request (1 MiB: far beyond any max seq)
 # Each row's request's own padded length: the tokenizer pads the requests of one call to a
 # shared length so that they batch in the model; the answer step cuts outputs back to this.
 SEQ_LENGTH = Tensor("seq_length", "TYPE_INT64", (1,))

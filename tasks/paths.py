@@ -122,6 +122,19 @@ def bench_plot(name: str) -> Path:
     return bench_dir(name) / "throughput.png"
 
 
+def soak_dir() -> Path:
+    """`doit soak` covers every deployment in models/: its report is the repository's."""
+    return MODEL_ZOO / "soak"
+
+
+def soak_report() -> Path:
+    return soak_dir() / "report.json"
+
+
+def soak_markdown() -> Path:
+    return soak_dir() / "report.md"
+
+
 def rendered_config(name: str, part: str) -> Path:
     """A rendered `config.pbtxt` before it is copied into the repository."""
     return zoo_dir(name) / "pbtxt" / f"{part}.pbtxt"

@@ -49,6 +49,7 @@ def checkpoint_facts(name: str) -> dict:
         # HF's default for encoder-decoders without one is the pad token (T5 does this)
         "decoder_start_id": pad if start is None else start,
         "max_positions": config.get("n_positions") or config.get("max_position_embeddings") or 0,
+        "vocab_size": config.get("vocab_size") or 0,  # 0: unknown, ids go unchecked
     }
 
 
@@ -94,6 +95,7 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
         # requests of different lengths share a padded batch (a prompt is never padded
         # further: the decoding loop batches its own way)
         ("batch_waste", 1.0 if spec.generation else settings.serving.batch_waste),
+        ("max_text_bytes", catalog.MAX_TEXT_BYTES),
     ]
 
 
@@ -308,7 +310,13 @@ def part_context(settings: Settings, part: str, ios: dict[str, dict], facts: dic
     """The context one part renders with."""
     context = render_context(settings, ios, facts)
     if part in settings.task.onnx_parts and not settings.one_hop:
-        context.update(file_context(ios[part]), onnx_part=part)
+        context.update(
+            file_context(ios[part]),
+            onnx_part=part,
+            vocab_size=facts["vocab_size"],
+            # an encoder's tokens (a decoding loop checks its own lengths); 0 = unchecked
+            max_tokens=0 if settings.task.generation else settings.seq.max,
+        )
     return {**context, "model_name": settings.triton_models[part]}
 
 
@@ -453,6 +461,7 @@ def task_pbtxt():
             catalog.TRITON_DTYPES,
             catalog.MODEL_FILES,
             catalog.TOKEN_INPUTS,
+            catalog.MAX_TEXT_BYTES,
             repr(catalog.GENERATION_OUTPUTS),
         ],
     }

@@ -49,6 +49,7 @@ VARIABLES = {
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
     "seconds": "`doit bench`: seconds per point (default 5)",
+    "soak_minutes": "`doit soak`: minutes of mixed traffic, a stub killed halfway (default 10)",
     "loadgen": "`doit bench`: python (ours, every answer checked) | perf_analyzer (NVIDIA's, "
     "C++, fetched once) (default python)",
     "host": "address `doit serve` binds (default 127.0.0.1)",
@@ -225,6 +226,7 @@ class Bench:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     seconds: float = 5.0
     loadgen: str = "python"  # or perf_analyzer
+    soak_minutes: float = 10.0  # `doit soak`
 
     @classmethod
     def parse(cls, get_var) -> Bench:
@@ -238,7 +240,16 @@ class Bench:
         if not 0 < seconds <= 3600:
             raise SettingsError(f"seconds={text}: expected seconds per point, e.g. seconds=2")
         loadgen = _choose("loadgen", get_var("loadgen", cls.loadgen), LOADGENS)
-        return cls(concurrency=concurrency, seconds=seconds, loadgen=loadgen)
+        text = get_var("soak_minutes", str(cls.soak_minutes))
+        try:
+            minutes = float(text)
+        except ValueError:
+            minutes = -1.0
+        if not 0.1 <= minutes <= 24 * 60:
+            raise SettingsError(
+                f"soak_minutes={text}: expected minutes from 0.1 to 1440, e.g. soak_minutes=10"
+            )
+        return cls(concurrency=concurrency, seconds=seconds, loadgen=loadgen, soak_minutes=minutes)
 
 
 @dataclass(frozen=True)

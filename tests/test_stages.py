@@ -189,7 +189,7 @@ def test_a_dim_without_a_profile_range_is_named():
         profiles.profile_shapes(settings_from(), "model", io)
 
 
-FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128}
+FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128, "vocab_size": 99}
 
 
 def ios_of(chosen) -> dict:
@@ -282,7 +282,10 @@ def test_on_a_tensorrt_host_generation_builds_an_engine_per_part_served_by_bls(m
 
 
 def test_the_model_config_runs_onnx_runtime_in_the_python_backend():
-    model = render_all(settings_from(batch="1,4,16", queue_delay_us="700", instances="2"))["model"]
+    chosen = settings_from(batch="1,4,16", queue_delay_us="700", instances="2", one_hop="0")
+    model = render_all(chosen)["model"]
+    limits = {k: model.parameters[k].string_value for k in ("vocab_size", "max_tokens")}
+    assert limits == {"vocab_size": "99", "max_tokens": str(chosen.seq.max)}  # direct requests
     assert model.backend == "python" and model.parameters["model_file"].string_value == "model.onnx"
     assert model.max_batch_size == 16 and model.dynamic_batching.max_queue_delay_microseconds == 700
     assert model.instance_group[0].count == 2

@@ -2,8 +2,10 @@
 onnxruntime backend (such as the one bundled with nvidia-pytriton).
 
 Imports only numpy, onnxruntime and Triton's own utilities. Its config.pbtxt names the
-inputs and outputs; parameters: `model_file` (in the version folder) and `intra_op_threads`
-(0 lets ONNX Runtime choose). Requests whose inputs have the same shape run in one call.
+inputs and outputs; parameters: `model_file` (in the version folder), `intra_op_threads`
+(0 lets ONNX Runtime choose), and the limits a request sent straight here is held to (a bad
+request, not an ONNX Runtime trace): `vocab_size` (input_ids from 0 to vocab_size - 1) and
+`max_tokens` (0 = unchecked). Requests whose inputs have the same shape run in one call.
 """
 
 import json
@@ -33,6 +35,27 @@ class TritonPythonModel:
         )
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
+        self.vocab_size = int(_parameter(config, "vocab_size", "0"))
+        self.max_tokens = int(_parameter(config, "max_tokens", "0"))
+
+    def _problem(self, feed: dict) -> str | None:
+        """Why a request's token ids cannot be run, in words, or None."""
+        ids = feed.get("input_ids")
+        if ids is None or ids.size == 0:
+            return None
+        if self.max_tokens and ids.ndim > 1 and ids.shape[1] > self.max_tokens:
+            return (
+                f"input_ids has {ids.shape[1]} tokens; this model takes at most "
+                f"{self.max_tokens} tokens (seq=MIN,OPT,MAX): send fewer, or rebuild with a "
+                "larger MAX"
+            )
+        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            return (
+                f"input_ids holds {bad}, outside the vocabulary of {self.vocab_size} tokens "
+                f"(0 to {self.vocab_size - 1}): send ids from this model's tokenizer"
+            )
+        return None
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -47,6 +70,10 @@ class TritonPythonModel:
                     break
                 feed[name] = tensor.as_numpy()
             else:
+                problem = self._problem(feed)
+                if problem is not None:
+                    responses[index] = _error(problem)
+                    continue
                 key = tuple(feed[name].shape for name in self.inputs)
                 groups[key].append((index, feed))
         for members in groups.values():
@@ -77,3 +104,12 @@ class TritonPythonModel:
             ]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += rows
+
+
+def _error(message: str):
+    """A bad request (HTTP 400), not a server failure."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = (
+        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    )
+    return pb_utils.InferenceResponse(error=error)

@@ -89,7 +89,9 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             try:
                 columns = self._columns(request)
-                items.append(self.encoder.items([encoding.texts_of(c) for c in columns]))
+                limit = self.encoder.max_text_bytes
+                texts = [encoding.texts_of(c, n, limit) for c, n in zip(columns, self.text_inputs)]
+                items.append(self.encoder.items(texts))
                 good.append((index, columns))
             except encoding.RequestError as err:  # a bad request: its own error
                 responses[index] = _error(str(err))

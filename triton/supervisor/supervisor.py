@@ -58,6 +58,11 @@ def live_processes() -> dict[int, list[str]]:
     return found
 
 
+def strip_instance(name: str) -> str:
+    """The model a stub serves, from its name (`<model>_<group>_<instance>` in 2.51)."""
+    return _INSTANCE_SUFFIX.sub("", name)
+
+
 def stubs(shm_prefix: str = "") -> dict[int, str]:
     """pid -> name (model, or model instance) of each live stub of the server whose python
     backend shm regions start with `shm_prefix` ("" for every server's)."""
@@ -104,7 +109,7 @@ class Supervisor:
         counts: dict[str, int] = {}
         for name in stubs(self.shm_prefix).values():
             if name not in ready:
-                name = _INSTANCE_SUFFIX.sub("", name)
+                name = strip_instance(name)
             counts[name] = counts.get(name, 0) + 1
         for model in list(self.expected):
             if model not in ready and model not in self.retry_at:

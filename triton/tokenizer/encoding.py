@@ -4,7 +4,8 @@ model (triton/tokenizer/model.py, before a native model) and the one-hop pipelin
 
 Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (truncation),
 `min_seq` (minimum padded length), `pad_id`, `stride`, `pad_multiple` (lengths padded up to a
-multiple) and `overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
+multiple), `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and
+`overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
 cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long second text
 (a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
 window, with `offsets` (character span in the second text of each of its tokens, -1
@@ -52,6 +53,7 @@ class TextEncoder:
         self.stride = int(params["stride"])
         self.pad_multiple = int(params["pad_multiple"])
         self.reject_long = params["overflow"] == "reject"
+        self.max_text_bytes = int(params["max_text_bytes"])
         self.text_inputs, self.max_rows = list(text_inputs), max_rows
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:
@@ -182,6 +184,28 @@ def numpy_type(onnx_type: str):
     return np.dtype({"float": "float32", "double": "float64"}.get(name, name))
 
 
-def texts_of(values) -> list[str]:
-    """A BYTES tensor's values as text."""
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+def texts_of(values, name: str, max_bytes: int) -> list[str]:
+    """A BYTES tensor's values as text, or the RequestError that names the item and the fix:
+    a text must be UTF-8, hold no NUL, hold more than whitespace, and fit in `max_bytes`."""
+    found = []
+    for index, value in enumerate(values):
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        where = f"{name}[{index}]"
+        if len(raw) > max_bytes:
+            raise RequestError(
+                f"{where} has {len(raw)} bytes; at most {max_bytes} bytes per text: send less"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(
+                f"{where} is not UTF-8 text (byte {err.start} does not decode): send UTF-8"
+            ) from None
+        if "\x00" in text:
+            raise RequestError(
+                f"{where} holds a NUL character at {text.index(chr(0))}: send text without NUL"
+            )
+        if not text.strip():
+            raise RequestError(f"{where} is empty (or only whitespace): send some text")
+        found.append(text)
+    return found

@@ -60,7 +60,8 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise encoding.RequestError(f"missing input '{name}'")
-            columns.append(encoding.texts_of(tensor.as_numpy().reshape(-1)))
+            values = tensor.as_numpy().reshape(-1)
+            columns.append(encoding.texts_of(values, name, self.encoder.max_text_bytes))
         return self.encoder.items(columns)
 
     def execute(self, requests):
