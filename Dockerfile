@@ -17,6 +17,9 @@ COPY requirements/server.txt /tmp/requirements/server.txt
 # CuPy (GPU only, so not in server.txt) reads generation's logits on the GPU, so the KV
 # cache stays there between engine calls.
 RUN pip install --no-cache-dir -r /tmp/requirements/server.txt cupy-cuda12x==13.3.0
+# The server's entrypoint: it starts tritonserver and reloads a model whose python stub dies
+# (Triton 2.51 keeps answering ready while such a model fails every request).
+COPY triton/supervisor/supervisor.py /opt/llm-in-triton/supervisor.py
 
 # The exporter: everything `doit` needs; TensorRT comes with the base image.
 FROM nvcr.io/nvidia/tensorrt:24.10-py3 AS exporter

@@ -53,6 +53,11 @@ def compose_config(**env: str) -> dict:
 def test_the_triton_service_serves_the_repository_the_build_writes():
     triton = compose_config()["services"]["triton"]
     assert volumes(triton)[str(paths.MODELS)] == "/models"
+    # started by the supervisor the server image carries, which reloads a dead stub's model
+    supervisor = "/opt/llm-in-triton/supervisor.py"
+    assert triton["command"][:4] == ["python3", supervisor, "--", "tritonserver"]
+    dockerfile = (paths.ROOT / "Dockerfile").read_text()
+    assert f"COPY triton/supervisor/supervisor.py {supervisor}" in dockerfile
     assert "--model-repository=/models" in triton["command"]
     assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 

@@ -257,3 +257,56 @@ def test_stop_leaves_nothing_behind_and_frees_the_ports(identity_repo, tmp_path)
         assert client.is_model_ready("identity")
         client.close()
     assert stubs_of(second) == []
+
+
+def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
+    identity_repo, tmp_path
+):
+    """`supervisor.py -- tritonserver ...` (the server image's command): it adds the flags a
+    reload needs, reloads a model whose stub was killed, passes SIGTERM on, exits as the
+    server does."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tasks import paths
+    from tasks.serve import http_ready, supervision
+
+    install = find_tritonserver()
+    env = server_environment()
+    backend_dir = prepare_backend_dir(tmp_path / "backends", install)
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    prefix = f"llm_in_triton_entry_{os.getpid()}_"
+    command = [
+        sys.executable,
+        str(paths.runtime_file("supervisor", "supervisor.py")),
+        "--url", f"127.0.0.1:{http}", "--shm-prefix", prefix, "--",
+        str(install.server), f"--model-repository={identity_repo}",
+        f"--backend-directory={backend_dir}",
+        f"--backend-config=python,shm-region-prefix-name={prefix}",
+        f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+    ]  # fmt: skip
+    log = tmp_path / "entry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not http_ready(f"127.0.0.1:{http}", "identity"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        pids = list(supervision().stubs(prefix))
+        assert pids
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "'identity' is back in" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert http_ready(f"127.0.0.1:{http}", "identity")
+        text = log.read_text()
+        assert "adding --model-control-mode=explicit --load-model=* --strict-readiness=true" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0 and "tritonserver exited with 0" in log.read_text()
+    assert not supervision().stubs(prefix)

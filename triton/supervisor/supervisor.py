@@ -12,10 +12,14 @@ starts new stubs; models unloaded with it (an ensemble that calls it) are loaded
 Each recovery is logged with its cause and its duration.
 
 The server must run with --model-control-mode=explicit --load-model=* --strict-readiness=true.
-Imports only the standard library: it runs as a thread beside `doit serve`, and in a
-Kubernetes pod as a sidecar that shares the server's process namespace:
+Imports only the standard library. It runs as a thread beside `doit serve`; in a container it
+starts the server itself and watches it (signals are passed on, its exit code is the server's):
 
-    python3 supervisor.py --url http://127.0.0.1:8000 [--shm-prefix PREFIX] [--interval 0.5]
+    python3 supervisor.py [--url http://127.0.0.1:8000] [--interval 0.5] -- tritonserver ...
+
+or watches a server started otherwise (a sidecar sharing the pod's process namespace):
+
+    python3 supervisor.py --url http://127.0.0.1:8000 [--shm-prefix PREFIX]
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class Supervisor:
     def __init__(self, url: str, shm_prefix: str = "", log=print, interval: float = INTERVAL):
         self.url = url if "://" in url else f"http://{url}"
         self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
-        self.expected: dict[str, int] = {}  # ready model -> stubs it had when first seen
+        self.expected: dict[str, int] = {}  # ready model -> stubs it runs (0: not python)
         self.retry_at: dict[str, float] = {}  # model whose reload failed -> when to try again
         self.recoveries: list[dict] = []  # what was done: model, cause, seconds, ok
         self._stop = threading.Event()
@@ -100,10 +104,21 @@ class Supervisor:
         return {m["name"] for m in index if m.get("state") == "READY"}
 
     # -- one look
+    def stub_count(self, model: str) -> int:
+        """How many stubs a ready model runs: its instances on the python backend, else 0."""
+        request = urllib.request.Request(f"{self.url}/v2/models/{model}/config")
+        with self._opener.open(request, timeout=5.0) as reply:
+            config = json.loads(reply.read())
+        if config.get("backend") != "python":
+            return 0
+        return sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+
     def poll(self) -> None:
         """Look at the stubs once; reload each ready model that lost one."""
         try:
             ready = self.ready_models()
+            for model in sorted(ready - set(self.expected)):  # newly ready: how many it runs
+                self.expected[model] = self.stub_count(model)
         except (urllib.error.URLError, OSError, ValueError):
             return  # the server is starting or stopping: nothing to judge
         counts: dict[str, int] = {}
@@ -115,11 +130,8 @@ class Supervisor:
             if model not in ready and model not in self.retry_at:
                 del self.expected[model]  # unloaded on purpose (or by a poll): not ours
         for model in sorted(ready | set(self.retry_at)):
-            have, want = counts.get(model, 0), self.expected.get(model)
-            if want is None:
-                if have:
-                    self.expected[model] = have
-            elif have < want and time.monotonic() >= self.retry_at.get(model, 0.0):
+            have, want = counts.get(model, 0), self.expected.get(model, 0)
+            if have < want and time.monotonic() >= self.retry_at.get(model, 0.0):
                 self.recover(model, f"{want - have} of its {want} stub process(es) died", ready)
 
     def recover(self, model: str, cause: str, ready: set[str]) -> bool:
@@ -166,21 +178,49 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP URL")
     parser.add_argument("--shm-prefix", default="", help="the server's shm-region-prefix-name")
     parser.add_argument("--interval", type=float, default=INTERVAL, help="seconds between looks")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     supervisor = Supervisor(args.url, args.shm_prefix, interval=args.interval)
 
     def log(message: str) -> None:
         print(time.strftime("%Y-%m-%dT%H:%M:%S ") + message, flush=True)
 
     supervisor.log = log
-    log(f"supervisor: watching the python-backend stubs of {supervisor.url}")
-    with contextlib.suppress(KeyboardInterrupt):
-        supervisor.run()
-    return 0
+    if not command:
+        log(f"supervisor: watching the python-backend stubs of {supervisor.url}")
+        with contextlib.suppress(KeyboardInterrupt):
+            supervisor.run()
+        return 0
+    return run_server(supervisor, command, log)
+
+
+def run_server(supervisor: Supervisor, command: list[str], log) -> int:
+    """Start the server, watch its stubs until it exits, pass SIGTERM and SIGINT on."""
+    import signal
+    import subprocess
+
+    missing = [a for a in SERVER_ARGS if a.split("=")[0] not in " ".join(command)]
+    if missing:
+        log(f"supervisor: adding {' '.join(missing)} (needed to reload a model)")
+    server = subprocess.Popen([*command, *missing])
+
+    def forward(signum, _frame) -> None:
+        server.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    log(f"supervisor: started {command[0]} (pid {server.pid}); watching {supervisor.url}")
+    while server.poll() is None:
+        supervisor.poll()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(supervisor.interval)
+    log(f"supervisor: {command[0]} exited with {server.returncode}")
+    return server.returncode
 
 
 if __name__ == "__main__":
