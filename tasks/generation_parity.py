@@ -61,9 +61,7 @@ def make_generator(settings: Settings, facts: dict, engines: bool = False):
             close_steps(steps)
             raise
     else:
-        steps = decoding.onnxruntime_steps(
-            {part: paths.onnx_file(settings.name, part) for part in parts}
-        )
+        steps = decoding.onnxruntime_steps({part: settings.model_file(part) for part in parts})
     generator = decoding.Generator(
         settings.task.generation,
         steps,
@@ -294,3 +292,76 @@ def check(settings: Settings) -> dict:
                 settings, model, ids, mask, facts, engines=True
             )
     return report
+
+
+def check_gated(settings: Settings) -> dict:
+    """A quantized decoder: greedy tokens of the serving loop on the quantized files against
+    fp32 generate() over the first GATE_NEW_TOKENS, and (causal LMs) how far the first
+    next-token log-probability of generate()'s token moves; judged by the task's gates."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from tasks import gates
+
+    name, spec = settings.name, settings.task
+    source, facts = paths.source_dir(name), checkpoint_facts(name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token_id = facts["pad_id"]
+    tokenizer.padding_side = "right"  # as the Triton tokenizer pads
+    held = [t for t in paths.HELD_TEXTS.read_text().splitlines() if t.strip()]
+    prompts = [*catalog.GENERATION_PROMPTS, *held[:8]]
+    new = min(catalog.GATE_NEW_TOKENS, settings.max_new_tokens)
+    longest = settings.seq.max
+    if spec.generation == "causal" and facts["max_positions"]:
+        longest = min(longest, facts["max_positions"] - new)
+    encoded = tokenizer(
+        prompts, padding=True, truncation=True, max_length=longest, return_tensors="np"
+    )
+    ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+    model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    decoding, generator = make_generator(settings, facts)
+    served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    agreement, changes = [], []
+    first = None
+    if spec.generation == "causal":
+        first = ort.InferenceSession(
+            str(settings.model_file("decoder_model")), providers=["CPUExecutionProvider"]
+        )
+        takes = [i.name for i in first.get_inputs()]
+    with torch.inference_mode():
+        for row in range(len(ids)):
+            length = int(mask[row].sum())
+            prompt = torch.from_numpy(ids[row : row + 1, :length])
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=facts["pad_id"],
+                eos_token_id=facts["eos_ids"] or None,
+            )
+            expected = (out[0, length:] if spec.generation == "causal" else out[0, 1:]).tolist()
+            equal = sum(a == b for a, b in zip(served[row], expected))
+            agreement.append(equal / max(len(expected), 1))
+            if first is not None:
+                feed = {
+                    "input_ids": prompt.numpy(),
+                    "attention_mask": np.ones((1, length), np.int64),
+                    "position_ids": np.arange(length, dtype=np.int64)[None],
+                }
+                logits = first.run(["logits"], {k: feed[k] for k in takes})[0][0, -1]
+                mine = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+                theirs = torch.log_softmax(model(prompt).logits[0, -1].double(), -1)
+                token = int(theirs.argmax())
+                changes.append(abs(float(mine[token] - theirs[token])))
+    metrics = {"token_agreement": float(np.mean(agreement))}
+    if changes:
+        metrics["logprob_change_mean"] = float(np.mean(changes))
+    report = gates.judge(settings, metrics, {}, len(prompts))
+    report["new_tokens"] = new
+    return {"generation": report}

@@ -87,7 +87,7 @@ def engine_runners(settings: Settings, part: str = "model") -> list:
     made a plan."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    onnx_file = paths.onnx_file(settings.name, part)
+    onnx_file = settings.model_file(part)
     runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_file)), name="onnxruntime")]
     if settings.backend == "tensorrt":
         from polygraphy.backend.common import BytesFromPath
@@ -171,12 +171,26 @@ def check(settings: Settings) -> None:
     for part in settings.task.onnx_parts:
         artifacts.load_onnx(paths.onnx_file(name, part), name)
     tol = settings.tolerance
-    print(
-        f"parity: PyTorch fp32 vs {settings.backend} {settings.precision}, atol {tol.atol} "
-        f"rtol {tol.rtol}",
-        flush=True,
-    )
-    if settings.task.generation:
+    if settings.quantized:
+        print(
+            f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} "
+            f"({settings.recipe.name}), gated on {settings.task.name}'s task-level agreement",
+            flush=True,
+        )
+    else:
+        print(
+            f"parity: PyTorch fp32 vs {settings.backend} {settings.precision}, atol {tol.atol} "
+            f"rtol {tol.rtol}",
+            flush=True,
+        )
+    if settings.quantized:
+        from tasks import gates, generation_parity
+
+        if settings.task.generation:
+            results = generation_parity.check_gated(settings)
+        else:
+            results = {"results": gates.check_encoder(settings)}
+    elif settings.task.generation:
         from tasks import generation_parity
 
         results = generation_parity.check(settings)
@@ -244,6 +258,9 @@ def task_parity():
         ),
         "new_tokens": catalog.GENERATION_PARITY_NEW_TOKENS,
         "versions": tool_versions(),
+        "gates": repr(catalog.GATES.get(settings.task.name)) if settings.quantized else None,
+        "gate_new_tokens": catalog.GATE_NEW_TOKENS,
+        "recipe": repr(settings.recipe),
     }
     engine = (
         [paths.plan_file(name, part) for part in settings.task.onnx_parts]
@@ -273,6 +290,15 @@ def task_parity():
             ),
             *engine,
             *generation,
+            *(  # a quantized copy is what is compared, on the held texts, by the gates
+                [
+                    *(paths.quant_file(name, part) for part in settings.task.onnx_parts),
+                    paths.HELD_TEXTS,
+                    paths.stage_module("gates"),
+                ]
+                if settings.quantized
+                else []
+            ),
             paths.stage_module("parity"),
         ],
         "targets": [target],

@@ -72,6 +72,20 @@ def onnx_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
+def quant_file(name: str, part: str = "model") -> Path:
+    """A part's quantized ONNX file (int8, int4, nf4, fp4), made from `onnx_file`."""
+    return zoo_dir(name) / "quant" / f"{part}.onnx"
+
+
+def quant_record(name: str, part: str = "model") -> Path:
+    """What the quantize stage did: recipe, sizes, quantized operators."""
+    return zoo_dir(name) / "quant" / f"{part}.quant.json"
+
+
+QUANT_CALIBRATION = ROOT / "tasks" / "data" / "calibration.txt"  # static int8's texts
+HELD_TEXTS = ROOT / "tasks" / "data" / "held.txt"  # gates: texts no recipe was tuned on
+
+
 def onnx_staging(name: str) -> Path:
     """Where optimum writes before each file is checked and moved into place."""
     return zoo_dir(name) / "onnx" / "export"

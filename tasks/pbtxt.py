@@ -71,6 +71,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "seq": settings.seq,
         "queue_delay_us": settings.serving.queue_delay_us,
         "max_queue": settings.serving.max_queue,
+        "queue_timeout_ms": settings.serving.queue_timeout_ms,
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "gpus": settings.serving.gpus,

@@ -59,10 +59,10 @@ def file_model(settings: Settings, part: str) -> Component:
             (paths.plan_file(name, part), settings.model_filename),
         )
     elif settings.backend == "onnxruntime":
-        files = ((paths.onnx_file(name, part), settings.model_filename),)
+        files = ((settings.model_file(part), settings.model_filename),)
     else:
         files = (
-            (paths.onnx_file(name, part), settings.model_filename),
+            (settings.model_file(part), settings.model_filename),
             (paths.runtime_model_code("onnx_model"), "model.py"),
         )
     return Component(part, settings.triton_models[part], files, (paths.parity_report(name),))
@@ -83,7 +83,7 @@ def one_hop(settings: Settings) -> list[Component]:
     """The python backend's encoder deployment: one model and the ensemble."""
     name, names = settings.name, settings.triton_models
     files = (
-        (paths.onnx_file(name), settings.model_filename),
+        (settings.model_file(), settings.model_filename),
         (paths.source_tokenizer(name), "tokenizer.json"),
         (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
         *answer_files(settings),
@@ -117,7 +117,7 @@ def components(settings: Settings) -> list[Component]:
             found += [file_model(settings, part) for part in settings.task.onnx_parts]
         files = (
             *(
-                (paths.onnx_file(name, part), f"{part}.onnx")
+                (settings.model_file(part), f"{part}.onnx")
                 for part in settings.task.onnx_parts
                 if inline
             ),

@@ -25,7 +25,16 @@ VARIABLES = {
     "revision": "Hub revision to download (default main)",
     "batch": "MIN,OPT,MAX batch sizes (default 1,8,32)",
     "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
-    "precision": "fp32 | fp16 (default fp16 on TensorRT for encoder tasks, else fp32)",
+    "precision": "fp32 | fp16 | int8 | int4 | nf4 | fp4 (default fp16 on TensorRT for encoder "
+    "tasks, else fp32); int8 and the 4-bit ones are made from the fp32 file by the quantize "
+    "stage and gated on task-level agreement",
+    "recipe": "quantize: "
+    + " | ".join(catalog.QUANT_RECIPES)
+    + " (default: "
+    + ", ".join(f"{p}: {r}" for p, r in catalog.DEFAULT_RECIPES.items())
+    + ")",
+    "block_size": f"4-bit weights: values per scale (default {catalog.BLOCK_SIZE}; nf4/fp4 "
+    f"{catalog.BNB4_BLOCK_SIZE})",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
     "decoder": "generation: inline (ONNX Runtime inside the generate model; backend=python) | "
     "models (each exported file a Triton model, called through BLS; the only choice on "
@@ -33,6 +42,8 @@ VARIABLES = {
     "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
     "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
     "instances": "instances of the model step (default 1)",
+    "queue_timeout_ms": "a request that waited this long in a model's queue is rejected "
+    f"(UNAVAILABLE, HTTP 503); 0 = never (default {catalog.QUEUE_TIMEOUT_MS})",
     "max_queue": "requests each model queues before it rejects more at once (UNAVAILABLE, "
     f"HTTP 503); 0 = no bound (default {catalog.MAX_QUEUE})",
     "gpus": "GPU ids the engines' instances run on, e.g. gpus=0,1 (default: every GPU)",
@@ -178,6 +189,7 @@ class Serving:
     ort_threads: int = catalog.INTRA_OP_THREADS
     pad_multiple: int = catalog.PAD_MULTIPLE
     max_queue: int = catalog.MAX_QUEUE
+    queue_timeout_ms: int = catalog.QUEUE_TIMEOUT_MS
     ort_spin: int = catalog.ORT_SPINNING
     batch_waste: float = catalog.BATCH_WASTE
     one_hop: int = 1  # python backend, encoder tasks: see Settings.one_hop
@@ -204,6 +216,9 @@ class Serving:
             ort_spin=_whole("ort_spin", get_var("ort_spin", str(cls.ort_spin)), 0, 1),
             one_hop=_whole("one_hop", get_var("one_hop", str(cls.one_hop)), 0, 1),
             max_queue=_whole("max_queue", get_var("max_queue", str(cls.max_queue)), 0, 10**6),
+            queue_timeout_ms=_whole(
+                "queue_timeout_ms", get_var("queue_timeout_ms", str(cls.queue_timeout_ms)), 0, 10**6
+            ),
             batch_waste=waste,
             queue_delay_us=_whole(
                 "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6
@@ -267,10 +282,26 @@ class Settings:
     serving: Serving = field(default_factory=Serving)
     bench: Bench = field(default_factory=Bench)
     opset: int = catalog.ONNX_OPSET
+    recipe: catalog.QuantRecipe | None = None  # quantized precisions only
+    block_size: int = 0  # 4-bit recipes only
     tolerance: catalog.Tolerance = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tolerance", catalog.TOLERANCES[self.precision])
+        # a quantized model's element-wise differences are recorded against fp32's tolerance,
+        # and judged by its task-level gates (catalog.GATES)
+        object.__setattr__(
+            self, "tolerance", catalog.TOLERANCES.get(self.precision, catalog.TOLERANCES["fp32"])
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in catalog.QUANTIZED
+
+    def model_file(self, part: str = "model") -> Path:
+        """The ONNX file a part is served from: the exported one, or its quantized copy."""
+        if self.quantized:
+            return paths.quant_file(self.name, part)
+        return paths.onnx_file(self.name, part)
 
     @property
     def one_hop(self) -> bool:
@@ -309,6 +340,51 @@ class Settings:
     def shape_points(self) -> list[tuple[int, int]]:
         """(batch, seq) at the min, opt and max of the profile: where parity is checked."""
         return list(zip(self.batch.points(), self.seq.points()))
+
+
+def quantization(precision: str, backend: str, get_var):
+    """The quantize recipe and 4-bit block size of a precision, checked at the door."""
+    given, block = get_var("recipe", ""), get_var("block_size", "")
+    if precision not in catalog.QUANTIZED:
+        for var, value in (("recipe", given), ("block_size", block)):
+            if value:
+                raise SettingsError(
+                    f"{var}={value}: only quantized precisions ({', '.join(catalog.QUANTIZED)}) "
+                    f"take a {var}; drop it for precision={precision}"
+                )
+        return None, 0
+    if backend == "tensorrt":
+        if precision in ("nf4", "fp4"):
+            raise SettingsError(
+                f"precision={precision}: NF4 and FP4 are ONNX Runtime's MatMulBnb4, which "
+                "TensorRT cannot run; use backend=onnxruntime or backend=python, or "
+                "precision=int8 on TensorRT"
+            )
+        raise SettingsError(
+            f"precision={precision} on TensorRT needs NVIDIA ModelOpt's QDQ file, which this "
+            "build does not make yet; use precision=fp16 on TensorRT, or backend=onnxruntime"
+        )
+    name = given or catalog.DEFAULT_RECIPES[precision]
+    recipe = catalog.QUANT_RECIPES.get(name)
+    if recipe is None:
+        raise SettingsError(
+            f"recipe={name}: unknown; choose one of {', '.join(catalog.QUANT_RECIPES)}"
+        )
+    if recipe.precision != precision:
+        fits = [r for r, q in catalog.QUANT_RECIPES.items() if q.precision == precision]
+        raise SettingsError(
+            f"recipe={name} makes {recipe.precision}, not precision={precision}; choose one "
+            f"of {', '.join(fits)}"
+        )
+    if recipe.method not in ("nbits", "bnb4"):
+        if block:
+            raise SettingsError(f"block_size={block}: only 4-bit recipes take a block size")
+        return recipe, 0
+    default = catalog.BNB4_BLOCK_SIZE if recipe.method == "bnb4" else catalog.BLOCK_SIZE
+    size = _whole("block_size", block or str(default), 16, 4096)
+    if size & (size - 1):
+        raise SettingsError(f"block_size={size}: a power of two from 16, e.g. block_size=32")
+    return recipe, size
 
 
 def docker_engine_problem() -> str | None:
@@ -420,6 +496,7 @@ def load_settings(get_var) -> Settings:
             f"precision=fp16: fp16 engines need TensorRT, and backend={backend}; "
             "use precision=fp32, or backend=tensorrt on a host with TensorRT and a GPU"
         )
+    recipe, block_size = quantization(precision, backend, get_var)
     name = get_var("name", task_name)
     if not _NAME.match(name):
         raise SettingsError(
@@ -444,6 +521,8 @@ def load_settings(get_var) -> Settings:
         batch=Profile.parse("batch", get_var("batch", "1,8,32")),
         seq=Profile.parse("seq", get_var("seq", "1,128,512")),
         precision=precision,
+        recipe=recipe,
+        block_size=block_size,
         backend=backend,
         decoder=decoder,
         endpoints=Endpoints.parse(get_var),

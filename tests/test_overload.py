@@ -21,7 +21,7 @@ def bounded(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("overload") / "project")
     project.doit("task=encode", "batch=1,2,4", "seq=1,16,64", "max_queue=1")
     config = (project.root / "models/encode_model/config.pbtxt").read_text()
-    assert "default_queue_policy { max_queue_size: 1 }" in config
+    assert "max_queue_size: 1\n" in config and "default_queue_policy {" in config
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
         yield server
 
@@ -80,3 +80,31 @@ def test_a_burst_beyond_the_queue_is_rejected_at_once_and_the_rest_answered(
     assert np.median([seconds for _, _, seconds in failed]) < max(answered)
     again, none = burst(bounded, 1, protocol)  # and the server keeps serving
     assert len(again) == 1 and not none
+
+
+def test_at_four_times_capacity_accepted_requests_keep_their_latency_and_the_rest_fail_fast(
+    bounded,
+):
+    """Closed loop, as `doit bench` measures: at 4x the concurrency of capacity, the accepted
+    requests wait within 2x the p99 at capacity, and rejections come faster than answers."""
+    import tritonclient.grpc as grpcclient
+
+    from tasks.bench import closed_loop
+
+    text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"a sentence of some length " * 8]], dtype=object))
+
+    def setup(state: dict) -> None:
+        state["client"] = grpcclient.InferenceServerClient(bounded.grpc_url)
+        state["close"] = state["client"].close
+
+    def work(state: dict, _text) -> bool:
+        return state["client"].infer("encode", [text]).as_numpy("EMBEDDING") is not None
+
+    closed_loop(work, 2, 1.0, [()], setup)  # warm up
+    capacity = closed_loop(work, 2, 3.0, [()], setup)  # the batch max is 4: 2 clients fill it
+    overload = closed_loop(work, 8, 3.0, [()], setup)
+    assert capacity["errors"] == 0 and overload["errors"] == 0  # rejections are counted apart
+    assert overload["rejected"] > 0 and overload["requests"] > 0
+    assert overload["p99_ms"] <= 2 * capacity["p99_ms"], (capacity, overload)
+    assert overload["reject_p50_ms"] < overload["p50_ms"], overload

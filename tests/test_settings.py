@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -114,6 +115,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "ort_spin": 1,
         "batch_waste": 2.0,
         "max_queue": 0,
+        "queue_timeout_ms": 0,
         "one_hop": 1,
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
@@ -167,3 +169,42 @@ def test_python_backend_batching_knobs_are_validated_at_the_door():
     ]:
         with pytest.raises(SettingsError, match=message):
             settings_from(**variables)
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "variables", "message"),
+    [
+        (
+            "tensorrt",
+            "nf4",
+            {},
+            "NF4 and FP4 are ONNX Runtime's MatMulBnb4",
+        ),
+        ("tensorrt", "int8", {}, "needs NVIDIA ModelOpt's QDQ file"),
+        ("python", "int8", {"recipe": "nf4"}, "recipe=nf4 makes nf4, not precision=int8"),
+        ("python", "int8", {"recipe": "best"}, "recipe=best: unknown; choose one of"),
+        ("python", "int4", {"block_size": "20"}, "block_size=20: a power of two"),
+        ("python", "fp32", {"recipe": "int8-dynamic"}, "only quantized precisions"),
+        ("python", "int8", {"block_size": "32"}, "only 4-bit recipes take a block size"),
+    ],
+)
+def test_quantization_settings_fail_at_the_door_naming_the_fix(
+    backend, precision, variables, message
+):
+    from tasks.settings import quantization
+
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        quantization(precision, backend, lambda var, default: variables.get(var, default))
+
+
+def test_an_unknown_precision_names_the_choices():
+    with pytest.raises(SettingsError, match=r"precision=int2: .*fp32, fp16, int8, int4, nf4, fp4"):
+        settings_from(precision="int2")
+
+
+def test_quantized_precisions_choose_their_recipe_and_block():
+    chosen = settings_from(precision="int4", task="causallm")
+    assert chosen.recipe.name == "int4" and chosen.block_size == 32 and chosen.quantized
+    assert chosen.model_file("decoder_model").parent.name == "quant"
+    assert settings_from(precision="nf4", task="causallm").block_size == 64
+    assert settings_from(precision="int8").recipe.method == "dynamic"

@@ -1,0 +1,202 @@
+"""Stage `quantize`: int8 and 4-bit copies of the exported fp32 files (precision=int8, int4,
+nf4, fp4), between `onnx` and `parity`.
+
+Recipes are data (catalog.QUANT_RECIPES), with ONNX Runtime's quantization tools:
+- `dynamic`: int8 weights (per channel by default), activations quantized at run time;
+- `static`: QDQ, activations calibrated on tasks/data/calibration.txt;
+- `nbits`: 4-bit weights of every MatMul with constant weights (MatMulNBits, `block_size`);
+- `bnb4`: NF4 or FP4 weights, the bitsandbytes formats (MatMulBnb4).
+
+The fp32 file stays the reference: parity compares the quantized copy with fp32 PyTorch on
+task-level gates. Changing the precision or the recipe re-quantizes and never re-exports.
+"""
+
+from __future__ import annotations
+
+from doit.tools import config_changed
+
+from tasks import artifacts, paths
+from tasks.errors import ExportError, fails_cleanly
+from tasks.settings import Settings, current
+
+# Operators that only a quantized graph holds.
+QUANTIZED_OPS = (
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "MatMulNBits",
+    "MatMulBnb4",
+    "DynamicQuantizeMatMul",
+)
+
+
+def matmul_weight_bytes(model, op_types: tuple[str, ...]) -> int:
+    """Bytes of the constant inputs (weights, scales, zero points) of these operators."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
+    found = 0
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            found += sum(sizes.get(name, 0) for name in node.input[1:])
+    return int(np.int64(found))
+
+
+def quantized_ops(model) -> dict[str, int]:
+    """How many quantized operators a graph holds, by type."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
+
+
+class CalibrationTexts:
+    """ONNX Runtime's CalibrationDataReader over the calibration texts, one text per feed."""
+
+    def __init__(self, settings: Settings, part: str) -> None:
+        import numpy as np
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+        tokenizer.enable_truncation(max_length=settings.seq.max)
+        names = [
+            t["name"] for t in artifacts.read_json(paths.onnx_io(settings.name, part))["inputs"]
+        ]
+        texts = [t for t in paths.QUANT_CALIBRATION.read_text().splitlines() if t.strip()]
+        self.feeds = []
+        for text in texts:
+            encoding = tokenizer.encode(text)
+            ids = np.array([encoding.ids], np.int64)
+            values = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            self.feeds.append({n: values.get(n, np.zeros_like(ids)) for n in names})
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+
+def quantize_into(settings: Settings, part: str, source, target) -> None:
+    """Write the recipe's quantized copy of `source` to `target`."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    recipe = settings.recipe
+    op_types = list(recipe.op_types) or None
+    if recipe.method == "dynamic":
+        quantize_dynamic(
+            str(source),
+            str(target),
+            per_channel=recipe.per_channel,
+            weight_type=QuantType.QInt8,  # uint8 activations, int8 weights: U8S8
+            op_types_to_quantize=op_types,
+        )
+    elif recipe.method == "static":
+        quantize_static(
+            str(source),
+            str(target),
+            CalibrationTexts(settings, part),
+            quant_format=QuantFormat.QDQ,
+            per_channel=recipe.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=op_types,
+        )
+    elif recipe.method == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(source)), block_size=settings.block_size, is_symmetric=True
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target))
+    else:  # bnb4
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        kind = MatMulBnb4Quantizer.NF4 if recipe.bnb_type == "nf4" else MatMulBnb4Quantizer.FP4
+        quantizer = MatMulBnb4Quantizer(onnx.load(str(source)), kind, settings.block_size)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target))
+
+
+def quantize(settings: Settings, part: str) -> None:
+    import logging
+
+    import onnx
+
+    name, recipe = settings.name, settings.recipe
+    source, target = paths.onnx_file(name, part), paths.quant_file(name, part)
+    what = recipe.name + (f", block {settings.block_size}" if settings.block_size else "")
+    print(f"quantize: {part} ({what}) from {source.relative_to(paths.ROOT)}", flush=True)
+    logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's advice on every weight
+    with artifacts.atomic_target(target) as tmp:
+        try:
+            quantize_into(settings, part, source, tmp)
+        except Exception as err:
+            raise ExportError(
+                f"quantizing {part} with recipe={recipe.name} failed: {type(err).__name__}: "
+                f"{err}; try {recipe.next_try}"
+            ) from None
+        quantized = onnx.load(str(tmp))
+        ops = quantized_ops(quantized)
+        if not ops:
+            raise ExportError(
+                f"recipe={recipe.name} left {part} without a quantized operator (it has no "
+                f"weights this recipe quantizes); try {recipe.next_try}"
+            )
+    record = {
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "per_channel": recipe.per_channel,
+        "block_size": settings.block_size,
+        "quantized_ops": ops,
+        "fp32_bytes": source.stat().st_size,
+        **artifacts.file_record(target),
+    }
+    record["size_ratio"] = round(target.stat().st_size / source.stat().st_size, 3)
+    if recipe.method in ("nbits", "bnb4"):  # what 4 bits buy: the MatMuls' weights
+        before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul",))
+        after = matmul_weight_bytes(quantized, ("MatMulNBits", "MatMulBnb4", "MatMul"))
+        record["matmul_weight_ratio"] = round(after / before, 3) if before else None
+    artifacts.write_json(paths.quant_record(name, part), record)
+    print(
+        f"quantize: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB, "
+        f"{record['size_ratio']}x the fp32 file; {ops})",
+        flush=True,
+    )
+
+
+def task_quantize():
+    """Quantized copies of the exported files (precision=int8, int4, nf4, fp4)."""
+    settings = current()
+    if not settings.quantized:
+        return
+    name = settings.name
+    for part in settings.task.onnx_parts:
+        targets = [paths.quant_file(name, part), paths.quant_record(name, part)]
+        yield {
+            "name": f"{name}-{part}" if part != "model" else name,
+            "actions": [(fails_cleanly(quantize), [settings, part])],
+            "file_dep": [
+                paths.onnx_file(name, part),
+                paths.onnx_io(name, part),
+                paths.QUANT_CALIBRATION,  # the texts static recipes calibrate on
+                paths.stage_module("quantize"),
+            ],
+            "targets": targets,
+            "uptodate": [
+                config_changed(
+                    {
+                        "recipe": repr(settings.recipe),
+                        "block_size": settings.block_size,
+                        "versions": artifacts.versions("onnxruntime", "onnx"),
+                    }
+                )
+            ],
+            "clean": [(artifacts.remove_artifacts, [targets])],
+        }
