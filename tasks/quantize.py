@@ -4,7 +4,8 @@ nf4, fp4), between `onnx` and `parity`.
 Recipes are data (catalog.QUANT_RECIPES), with ONNX Runtime's quantization tools:
 - `dynamic`: int8 weights (per channel by default), activations quantized at run time;
 - `static`: QDQ, activations calibrated on tasks/data/calibration.txt;
-- `nbits`: 4-bit weights of every MatMul with constant weights (MatMulNBits, `block_size`);
+- `nbits`: 4-bit weights of every MatMul with constant weights (MatMulNBits, `block_size`),
+  Gemm layers first rewritten as MatMul + Add;
 - `bnb4`: NF4 or FP4 weights, the bitsandbytes formats (MatMulBnb4).
 
 The fp32 file stays the reference: parity compares the quantized copy with fp32 PyTorch on
@@ -42,6 +43,45 @@ def matmul_weight_bytes(model, op_types: tuple[str, ...]) -> int:
         if node.op_type in op_types:
             found += sum(sizes.get(name, 0) for name in node.input[1:])
     return int(np.int64(found))
+
+
+def gemm_to_matmul(model) -> int:
+    """Gemm nodes with a constant weight (alpha = beta = 1, A not transposed) become MatMul +
+    Add, the same numbers, so that the 4-bit quantizers, which take MatMuls, reach them (GPT-2's
+    Conv1D layers export as Gemm). Returns how many were rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        constant = node.op_type == "Gemm" and node.input[1] in weights
+        if not (constant and plain and not attrs.get("transA", 0)):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        weight = np.ascontiguousarray(weight.T if attrs.get("transB", 0) else weight)
+        name = f"{node.input[1]}.as_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(weight, name))
+        biased = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}.product" if biased else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], node.name))
+        if biased:
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], f"{node.name}.add"
+                )
+            )
+        changed += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return changed
 
 
 def quantized_ops(model) -> dict[str, int]:
@@ -110,16 +150,18 @@ def quantize_into(settings: Settings, part: str, source, target) -> None:
     elif recipe.method == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(source)), block_size=settings.block_size, is_symmetric=True
-        )
+        model = onnx.load(str(source))
+        gemm_to_matmul(model)
+        quantizer = MatMulNBitsQuantizer(model, block_size=settings.block_size, is_symmetric=True)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target))
     else:  # bnb4
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
         kind = MatMulBnb4Quantizer.NF4 if recipe.bnb_type == "nf4" else MatMulBnb4Quantizer.FP4
-        quantizer = MatMulBnb4Quantizer(onnx.load(str(source)), kind, settings.block_size)
+        model = onnx.load(str(source))
+        gemm_to_matmul(model)
+        quantizer = MatMulBnb4Quantizer(model, kind, settings.block_size)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target))
 
@@ -160,8 +202,8 @@ def quantize(settings: Settings, part: str) -> None:
     }
     record["size_ratio"] = round(target.stat().st_size / source.stat().st_size, 3)
     if recipe.method in ("nbits", "bnb4"):  # what 4 bits buy: the MatMuls' weights
-        before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul",))
-        after = matmul_weight_bytes(quantized, ("MatMulNBits", "MatMulBnb4", "MatMul"))
+        before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul", "Gemm"))
+        after = matmul_weight_bytes(quantized, ("MatMulNBits", "MatMulBnb4", "MatMul", "Gemm"))
         record["matmul_weight_ratio"] = round(after / before, 3) if before else None
     artifacts.write_json(paths.quant_record(name, part), record)
     print(

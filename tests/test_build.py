@@ -44,6 +44,7 @@ def test_first_build_makes_a_parity_checked_repository(built):
         "encode_model/config.pbtxt",  # the python backend's one hop
         "encode_model/1/model.py",
         "encode_model/1/encoding.py",
+        "encode_model/1/answer.py",  # triton/trim/: HIDDEN_STATE at each request's length
         "encode_model/1/tokenizer.json",
         "encode_model/1/model.onnx",
     }
@@ -89,7 +90,7 @@ def test_editing_one_template_rebuilds_only_what_it_renders(built):
 
 TEXTS = [
     "Triton serves the model.",
-    "",
+    "Hi.",
     "Ce modèle encode des phrases; ça marche.",
     "東京は日本の首都です。",
     "long text " * 400,
