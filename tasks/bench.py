@@ -344,6 +344,66 @@ def pytorch_work(settings: Settings):
     return infer
 
 
+def accuracy(name: str) -> dict:
+    """What a deployment's parity proved: its precision, and its gates if it is quantized."""
+    report = artifacts.read_json(paths.parity_report(name))
+    found = report.get("results") if isinstance(report.get("results"), dict) else {}
+    gates = found.get("gates") or report.get("generation", {}).get("gates")
+    return {"precision": report.get("precision"), "gates": gates or "element-wise (atol)"}
+
+
+def compare_against(settings: Settings, served: list[dict], grpc_url: str, url: str, texts):
+    """`against=NAME`: the same texts, concurrency and protocol (gRPC) through another
+    deployment of the same task in the same server (say fp32 beside int8): the speedup of this
+    one over it, and each one's accuracy, side by side."""
+    from dataclasses import replace
+
+    from tasks.serve import http_ready
+
+    other = settings.bench.against
+    if not other:
+        return {}
+    wiring = {n: paths.wiring_report(n) for n in (settings.name, other)}
+    if not http_ready(url, other) or not wiring[other].is_file():
+        raise BuildError(
+            f"against={other}: no such deployment is served from models/; build it first "
+            f"(doit task={settings.task.name} name={other} ...)"
+        )
+    ours, theirs = (artifacts.read_json(wiring[n])["inputs"] for n in (settings.name, other))
+    if ours != theirs:
+        raise BuildError(
+            f"against={other}: it takes {theirs}, {settings.name} takes {ours}; compare two "
+            "deployments of the same task"
+        )
+    setup, work = triton_work(replace(settings, name=other), "grpc", grpc_url)
+    points = sweep(
+        f"triton {other} grpc", work, settings.bench.concurrency, settings.bench.seconds,
+        texts, {"protocol": "grpc"}, setup,
+    )  # fmt: skip
+    mine = [p for p in served if p.get("protocol") == "grpc"]
+
+    def best(found: list[dict]) -> float:
+        return max((p["throughput"] for p in found), default=0.0)
+
+    def single(found: list[dict]):
+        return next((p["p50_ms"] for p in found if p["concurrency"] == 1), None)
+
+    result = {
+        "deployment": other,
+        "points": points,
+        "best_throughput": {settings.name: best(mine), other: best(points)},
+        "p50_ms_at_concurrency_1": {settings.name: single(mine), other: single(points)},
+        "speedup": round(best(mine) / best(points), 2) if best(points) else None,
+        "accuracy": {settings.name: accuracy(settings.name), other: accuracy(other)},
+    }
+    print(
+        f"bench: {settings.name} against {other} (gRPC): {result['best_throughput']} req/s "
+        f"best, speedup {result['speedup']}x",
+        flush=True,
+    )
+    return result
+
+
 def overload_point(settings: Settings, served: list[dict], url: str, texts: list) -> dict:
     """gRPC at 4x the concurrency of the best served throughput: what accepted requests wait
     (p99) against the p99 at that capacity, how many are rejected (max_queue) and how fast."""
@@ -460,6 +520,7 @@ def run(settings: Settings) -> None:
                 setup,
             )
         overload = overload_point(settings, systems["triton"], grpc_url, texts)
+        comparison = compare_against(settings, systems["triton"], grpc_url, url, texts)
     finally:
         if server is not None:
             server.stop()
@@ -487,6 +548,7 @@ def run(settings: Settings) -> None:
         "systems": systems,
         "summary": summary(systems, new_tokens(settings) if settings.task.generation else 0),
         "overload": overload,
+        "comparison": comparison,
         "errors": errors,
         "machine": machine(),
         "settings": {
@@ -588,6 +650,22 @@ def write_reports(name: str, report: dict) -> None:
     ]
     if "best_tokens_per_second" in s:  # generation: requests/s x the new tokens each asks
         lines[-1:-1] = [f"Best new tokens per second: {s['best_tokens_per_second']}.", ""]
+    if report.get("comparison"):
+        c = report["comparison"]
+        lines += ["| deployment | best req/s (gRPC) | p50 at 1 (ms) | precision | accuracy |"]
+        lines.append("|---|---|---|---|---|")
+        for deployment, found in c["accuracy"].items():
+            gates = found["gates"]
+            shown = (
+                gates
+                if isinstance(gates, str)
+                else "; ".join(f"{g['metric']} {g['value']} ({g['gate']})" for g in gates)
+            )
+            lines.append(
+                f"| {deployment} | {c['best_throughput'][deployment]} | "
+                f"{c['p50_ms_at_concurrency_1'][deployment]} | {found['precision']} | {shown} |"
+            )
+        lines += ["", f"Speedup of {name} over {c['deployment']}: {c['speedup']}x.", ""]
     artifacts.write_text(paths.bench_markdown(name), "\n".join(lines))
     plot(report, paths.bench_plot(name))
     print(

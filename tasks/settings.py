@@ -60,6 +60,8 @@ VARIABLES = {
     "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
     "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
     "seconds": "`doit bench`: seconds per point (default 5)",
+    "against": "`doit bench`: another deployment of the same task to measure beside this one "
+    "(e.g. name=encode8 against=encode: int8 beside fp32), speedup and accuracy side by side",
     "soak_minutes": "`doit soak`: minutes of mixed traffic, a stub killed halfway (default 10)",
     "loadgen": "`doit bench`: python (ours, every answer checked) | perf_analyzer (NVIDIA's, "
     "C++, fetched once) (default python)",
@@ -242,6 +244,7 @@ class Bench:
     seconds: float = 5.0
     loadgen: str = "python"  # or perf_analyzer
     soak_minutes: float = 10.0  # `doit soak`
+    against: str = ""  # `doit bench`: another deployment measured beside this one
 
     @classmethod
     def parse(cls, get_var) -> Bench:
@@ -264,7 +267,16 @@ class Bench:
             raise SettingsError(
                 f"soak_minutes={text}: expected minutes from 0.1 to 1440, e.g. soak_minutes=10"
             )
-        return cls(concurrency=concurrency, seconds=seconds, loadgen=loadgen, soak_minutes=minutes)
+        against = get_var("against", "")
+        if against and not _NAME.match(against):
+            raise SettingsError(f"against={against}: a deployment name, e.g. against=encode")
+        return cls(
+            concurrency=concurrency,
+            seconds=seconds,
+            loadgen=loadgen,
+            soak_minutes=minutes,
+            against=against,
+        )
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,28 @@ def test_nf4_holds_bitsandbytes_four_bit_weights(four_bit):
     for part in ("decoder_model", "decoder_with_past_model"):
         assert "MatMulBnb4" in ops(four_bit, "gptnf4", part)
         assert record(four_bit, "gptnf4", part)["block_size"] == 64
+
+
+def test_one_bench_measures_int8_beside_fp32_with_speedup_and_accuracy(int8_project):
+    project = int8_project
+    shapes = ("batch=1,4,8", "seq=1,32,64")
+    project.doit("task=encode", "name=encode32", *shapes)  # the fp32 deployment beside it
+    project.doit(
+        "bench", "task=encode", *shapes, "precision=int8", "against=encode32",
+        "seconds=0.3", "concurrency=1,2",
+    )  # fmt: skip
+    report = json.loads(project.path(paths.bench_report("encode")).read_text())
+    comparison = report["comparison"]
+    assert comparison["deployment"] == "encode32" and comparison["speedup"] > 0
+    assert set(comparison["best_throughput"]) == {"encode", "encode32"}
+    accuracy = comparison["accuracy"]
+    assert accuracy["encode"]["precision"] == "int8" and accuracy["encode32"]["precision"] == "fp32"
+    assert [g["metric"] for g in accuracy["encode"]["gates"]] == [
+        "embedding_cosine_min",
+        "embedding_cosine_mean",
+    ]
+    markdown = project.path(paths.bench_markdown("encode")).read_text()
+    assert "Speedup of encode over encode32" in markdown and "embedding_cosine_min" in markdown
+    missing = project.doit("bench", "task=encode", *shapes, "precision=int8", "against=nope",
+                           "seconds=0.3", "concurrency=1", check=False)  # fmt: skip
+    assert "against=nope: no such deployment is served from models/" in missing.output
