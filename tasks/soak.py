@@ -316,7 +316,7 @@ def kill_one_stub(server, found, recovering, module) -> dict:
 
     stubs = module.stubs(server.shm_prefix)
     names = {module.strip_instance(n) for n in stubs.values()}
-    mine = sorted(n for n in names if n.startswith(found[0].name))
+    mine = sorted(n for n in names if n.startswith(f"{found[0].name}_"))
     preferred = [f"{found[0].name}{suffix}" for suffix in ("_model", "_generate")]
     model = next((n for n in preferred if n in mine), mine[0] if mine else None)
     if model is None:

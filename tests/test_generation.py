@@ -350,3 +350,74 @@ def test_a_killed_generation_stub_is_replaced_and_generates_again(generating, mo
 
     answers_as_before()
     kill_stubs_and_wait(server, model, answers_as_before)
+
+
+BAD_PROMPTS = {  # a prompt the tokenizer step (and the stream model) must refuse, in words
+    b"": "is empty",
+    b" \t ": "is empty (or only whitespace)",
+    b"caf\xe9 \xff": "is not UTF-8 text",
+    b"a\x00b": "NUL character",
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_prompts_and_parameters_are_refused_over_both_protocols(generating, protocol):
+    """The ensemble over HTTP and gRPC: bad texts and out-of-range parameters each get a client
+    error naming the problem; the server serves on."""
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        url, wanted = generating[1].grpc_url, "StatusCode.INVALID_ARGUMENT"
+    else:
+        import tritonclient.http as module
+
+        url, wanted = generating[1].http_url, "400"
+    from tritonclient.utils import InferenceServerException
+
+    client_ = module.InferenceServerClient(url)
+    requests = [({"TEXT": (value, "BYTES")}, words) for value, words in BAD_PROMPTS.items()]
+    requests += [
+        ({"TEXT": (PROMPTS[0].encode(), "BYTES"), "MAX_NEW_TOKENS": (0, "INT32")}, "MAX_NEW"),
+        ({"TEXT": (PROMPTS[0].encode(), "BYTES"), "TOP_P": (1.5, "FP32")}, "TOP_P=1.5"),
+    ]
+    problems = []
+    try:
+        for inputs, words in requests:
+            tensors = []
+            for name, (value, datatype) in inputs.items():
+                dtype = {"BYTES": object, "INT32": np.int32, "FP32": np.float32}[datatype]
+                tensor = module.InferInput(name, [1, 1], datatype)
+                tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
+                tensors.append(tensor)
+            try:
+                client_.infer("gpt", tensors)
+                problems.append(f"{inputs}: answered")
+            except InferenceServerException as err:
+                if str(err.status()) != wanted or words not in err.message():
+                    problems.append(f"{inputs}: {err.status()} {err.message()[:200]}")
+    finally:
+        client_.close()
+    assert problems == []
+    assert isinstance(generate(generating[1], "gpt", PROMPTS[:1], MAX_NEW_TOKENS=2), tuple)
+
+
+def test_the_stream_model_refuses_bad_prompts_in_words(generating):
+    """<name>_stream tokenizes TEXT itself: it holds texts to the same rules."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    _, server, _, _ = generating
+    for value, words in BAD_PROMPTS.items():
+        arrived: queue.Queue = queue.Queue()
+        stream = grpcclient.InferenceServerClient(server.grpc_url)
+        text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[value]], dtype=object))
+        stream.start_stream(callback=lambda result, error, box=arrived: box.put((result, error)))
+        try:
+            stream.async_stream_infer("gpt_stream", [text])
+            _, error = arrived.get(timeout=30)
+        finally:
+            stream.stop_stream()
+            stream.close()
+        assert error is not None and words in str(error), (value, error)

@@ -169,9 +169,7 @@ class TritonPythonModel:
     def _texts_as_prompts(self, request):
         """TEXT tokenized here (the streaming model has no tokenizer step before it)."""
         texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-        encodings = self.tokenizer.encode_batch(
-            [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts]
-        )
+        encodings = self.tokenizer.encode_batch(decoding.prompt_texts(texts))
         prompts = [np.array(e.ids, dtype=np.int64) for e in encodings]
         for prompt in prompts:
             if len(prompt) > self.max_seq:

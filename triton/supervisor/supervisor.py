@@ -87,6 +87,7 @@ class Supervisor:
         self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
         self.expected: dict[str, int] = {}  # ready model -> stubs it runs (0: not python)
         self.retry_at: dict[str, float] = {}  # model whose reload failed -> when to try again
+        self.with_it: dict[str, set[str]] = {}  # that model -> what was unloaded with it
         self.recoveries: list[dict] = []  # what was done: model, cause, seconds, ok
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,7 +112,9 @@ class Supervisor:
             config = json.loads(reply.read())
         if config.get("backend") != "python":
             return 0
-        return sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        groups = config.get("instance_group", [])
+        # `count` instances per GPU listed (an unlisted GPU group: at least `count`)
+        return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups) or 1
 
     def poll(self) -> None:
         """Look at the stubs once; reload each ready model that lost one."""
@@ -126,8 +129,9 @@ class Supervisor:
             if name not in ready:
                 name = strip_instance(name)
             counts[name] = counts.get(name, 0) + 1
+        waiting = set(self.retry_at) | {m for found in self.with_it.values() for m in found}
         for model in list(self.expected):
-            if model not in ready and model not in self.retry_at:
+            if model not in ready and model not in waiting:
                 del self.expected[model]  # unloaded on purpose (or by a poll): not ours
         for model in sorted(ready | set(self.retry_at)):
             have, want = counts.get(model, 0), self.expected.get(model, 0)
@@ -137,15 +141,19 @@ class Supervisor:
     def recover(self, model: str, cause: str, ready: set[str]) -> bool:
         started = time.monotonic()
         self.log(f"supervisor: '{model}': {cause}; unloading it (not ready) and loading it again")
+        # what must be ready again: what was ready (its ensemble is unloaded with it), and
+        # what an earlier, failed attempt left unloaded
+        wanted = (ready | self.with_it.get(model, set())) - {model}
         try:
             with contextlib.suppress(urllib.error.HTTPError):  # unloaded already: load it
                 self._post(f"/v2/repository/models/{model}/unload", timeout=LOAD_TIMEOUT)
             self._post(f"/v2/repository/models/{model}/load", timeout=LOAD_TIMEOUT)
-            for other in sorted(ready - self.ready_models() - {model}):  # unloaded with it
+            for other in sorted(wanted - self.ready_models()):  # unloaded with it
                 self._post(f"/v2/repository/models/{other}/load", timeout=LOAD_TIMEOUT)
         except (urllib.error.URLError, OSError) as err:
             detail = err.read().decode(errors="replace") if hasattr(err, "read") else str(err)
             self.retry_at[model] = time.monotonic() + RETRY_AFTER
+            self.with_it[model] = wanted
             self.log(
                 f"supervisor: '{model}' did not load again ({detail.strip()}); "
                 f"trying again in {RETRY_AFTER:.0f} s"
@@ -154,6 +162,7 @@ class Supervisor:
             return False
         seconds = time.monotonic() - started
         self.retry_at.pop(model, None)
+        self.with_it.pop(model, None)
         self.expected.pop(model, None)  # counted afresh at the next look
         self.log(f"supervisor: '{model}' is back in {seconds:.1f} s")
         self.recoveries.append({"model": model, "cause": cause, "ok": True, "seconds": seconds})
@@ -209,14 +218,18 @@ def run_server(supervisor: Supervisor, command: list[str], log) -> int:
         log(f"supervisor: adding {' '.join(missing)} (needed to reload a model)")
     server = subprocess.Popen([*command, *missing])
 
+    stopping = threading.Event()
+
     def forward(signum, _frame) -> None:
+        stopping.set()  # models leave now on purpose: no more reloads
         server.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     log(f"supervisor: started {command[0]} (pid {server.pid}); watching {supervisor.url}")
     while server.poll() is None:
-        supervisor.poll()
+        if not stopping.is_set():
+            supervisor.poll()
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(supervisor.interval)
     log(f"supervisor: {command[0]} exited with {server.returncode}")
