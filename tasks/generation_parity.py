@@ -215,10 +215,27 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
     return report
 
 
+def reference_tokens(model, kind: str, ids, mask, row: int, new: int, facts: dict) -> list:
+    """generate()'s greedy new token ids for one row of the batch, alone (fp32 PyTorch)."""
+    import torch
+
+    length = int(mask[row].sum())
+    prompt = torch.from_numpy(ids[row : row + 1, :length])
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=facts["pad_id"],
+        eos_token_id=facts["eos_ids"] or None,
+    )
+    return (out[0, length:] if kind == "causal" else out[0, 1:]).tolist()
+
+
 def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bool) -> dict:
     """The serving loop, greedy, against generate(): the same new token ids, prompt by prompt
     (on the ONNX files, or with `engines` on the TensorRT plans)."""
-    import torch
 
     decoding, generator = make_generator(settings, facts, engines)
     new = min(catalog.GENERATION_PARITY_NEW_TOKENS, settings.max_new_tokens)
@@ -229,22 +246,9 @@ def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bo
     runtime = "tensorrt" if engines else "onnxruntime"
     mismatches = []
     for row, prompt in zip(range(len(ids)), catalog.GENERATION_PROMPTS):
-        length = int(mask[row].sum())
-        prompt_ids = torch.from_numpy(ids[row : row + 1, :length])
-        out = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=new,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=facts["pad_id"],
-            eos_token_id=facts["eos_ids"] or None,
-        )
-        expected = out[0, length:] if settings.task.generation == "causal" else out[0, 1:]
-        if served[row] != expected.tolist():
-            mismatches.append(
-                f"prompt {prompt!r}: served {served[row]}, generate() {expected.tolist()}"
-            )
+        expected = reference_tokens(model, settings.task.generation, ids, mask, row, new, facts)
+        if served[row] != expected:
+            mismatches.append(f"prompt {prompt!r}: served {served[row]}, generate() {expected}")
     if mismatches:
         hint = (
             " (fp16 can flip near-ties: try precision=fp32)" if settings.precision == "fp16" else ""
@@ -334,21 +338,12 @@ def check_gated(settings: Settings) -> dict:
         takes = [i.name for i in first.get_inputs()]
     with torch.inference_mode():
         for row in range(len(ids)):
-            length = int(mask[row].sum())
-            prompt = torch.from_numpy(ids[row : row + 1, :length])
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=facts["pad_id"],
-                eos_token_id=facts["eos_ids"] or None,
-            )
-            expected = (out[0, length:] if spec.generation == "causal" else out[0, 1:]).tolist()
+            expected = reference_tokens(model, spec.generation, ids, mask, row, new, facts)
             equal = sum(a == b for a, b in zip(served[row], expected))
             agreement.append(equal / max(len(expected), 1))
             if first is not None:
+                length = int(mask[row].sum())
+                prompt = torch.from_numpy(ids[row : row + 1, :length])
                 feed = {
                     "input_ids": prompt.numpy(),
                     "attention_mask": np.ones((1, length), np.int64),

@@ -123,11 +123,13 @@ def components(settings: Settings) -> list[Component]:
             ),
             (paths.source_tokenizer(name), "tokenizer.json"),
             (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
+            (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
             (paths.runtime_model_code("generate"), "model.py"),
         )
         found.append(Component("generate", names["generate"], files, (paths.parity_report(name),)))
         code = (
             (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
+            (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
             (paths.runtime_model_code("generate"), "model.py"),
         )
         found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))

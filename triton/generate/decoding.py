@@ -26,30 +26,6 @@ PAST, PRESENT = "past_key_values.", "present."
 LOGITS = "logits"  # the one output the loop reads; the others it only passes on
 
 
-def prompt_texts(values, max_bytes: int = 1 << 20) -> list[str]:
-    """TEXT values as prompts, held to the rules the tokenizer model holds texts to
-    (triton/tokenizer/encoding.py `texts_of`): UTF-8, no NUL, more than whitespace, at most
-    `max_bytes`; else a ParameterError naming the item."""
-    found = []
-    for index, value in enumerate(values):
-        raw = value if isinstance(value, bytes) else str(value).encode()
-        where = f"TEXT[{index}]"
-        if len(raw) > max_bytes:
-            raise ParameterError(f"{where} has {len(raw)} bytes; at most {max_bytes} per text")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ParameterError(
-                f"{where} is not UTF-8 text (byte {err.start} does not decode): send UTF-8"
-            ) from None
-        if "\x00" in text:
-            raise ParameterError(f"{where} holds a NUL character: send text without NUL")
-        if not text.strip():
-            raise ParameterError(f"{where} is empty (or only whitespace): send some text")
-        found.append(text)
-    return found
-
-
 class ParameterError(ValueError):
     """A request's generation parameters are invalid; the message names the fix."""
 

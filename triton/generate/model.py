@@ -26,15 +26,16 @@ from tokenizers import Tokenizer
 HERE = Path(__file__).resolve().parent
 
 
-def _load_decoding():
-    spec = importlib.util.spec_from_file_location("llm_in_triton_decoding", HERE / "decoding.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-decoding = _load_decoding()
+decoding = _load("decoding")
+encoding = _load("encoding")  # the tokenizer model's text rules, for the stream's own TEXT
 
 
 def _has_gpu() -> bool:
@@ -119,6 +120,7 @@ class TritonPythonModel:
         if params.get("weights_from"):
             version_dir = Path(args["model_repository"]).parent / params["weights_from"] / "1"
         self.max_seq = int(params["max_seq"])
+        self.max_text_bytes = int(params["max_text_bytes"])
         self.default_max_new = int(params["default_max_new_tokens"])
         self.limit = int(params["max_new_tokens_limit"])
         self.max_positions = int(params["max_positions"])  # 0: no limit (relative positions)
@@ -169,7 +171,11 @@ class TritonPythonModel:
     def _texts_as_prompts(self, request):
         """TEXT tokenized here (the streaming model has no tokenizer step before it)."""
         texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-        encodings = self.tokenizer.encode_batch(decoding.prompt_texts(texts))
+        try:
+            prompts = encoding.texts_of(texts, "TEXT", self.max_text_bytes)
+        except encoding.RequestError as err:
+            raise decoding.ParameterError(str(err)) from None
+        encodings = self.tokenizer.encode_batch(prompts)
         prompts = [np.array(e.ids, dtype=np.int64) for e in encodings]
         for prompt in prompts:
             if len(prompt) > self.max_seq:
