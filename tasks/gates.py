@@ -36,10 +36,36 @@ def gate_texts(spec: catalog.TaskSpec) -> tuple[list[str], list[str] | None]:
     return questions, texts
 
 
+def served_outputs(settings: Settings, names: list[str], feed: dict) -> dict:
+    """What the build serves on a feed: its TensorRT engine on backend=tensorrt, else ONNX
+    Runtime on the quantized file; in batches the profile takes."""
+    import numpy as np
+
+    if settings.backend == "tensorrt":
+        from tasks.generation_parity import TensorRTStep
+
+        step = TensorRTStep(paths.plan_file(settings.name, "model"))
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            str(settings.model_file()), providers=["CPUExecutionProvider"]
+        )
+        step = lambda part: dict(zip(names, session.run(names, part)))  # noqa: E731
+    rows, size = len(next(iter(feed.values()))), settings.batch.max
+    try:
+        chunks = [
+            step({k: v[start : start + size] for k, v in feed.items()})
+            for start in range(0, rows, size)
+        ]
+    finally:
+        getattr(step, "close", lambda: None)()
+    return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+
+
 def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
     """(gate metrics, element-wise max abs diffs) of the quantized model file."""
     import numpy as np
-    import onnxruntime as ort
     import torch
     import transformers
 
@@ -59,9 +85,8 @@ def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
     )
     io = artifacts.read_json(paths.onnx_io(settings.name))
     feed = {t["name"]: encoded[t["name"]].astype(np.int64) for t in io["inputs"]}
-    session = ort.InferenceSession(str(settings.model_file()), providers=["CPUExecutionProvider"])
     names = [o.onnx_name for o in spec.outputs]
-    served = dict(zip(names, session.run(names, feed)))
+    served = served_outputs(settings, names, feed)
     model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
     model.eval()
     with torch.inference_mode():

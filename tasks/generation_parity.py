@@ -303,7 +303,6 @@ def check_gated(settings: Settings) -> dict:
     fp32 generate() over the first GATE_NEW_TOKENS, and (causal LMs) how far the first
     next-token log-probability of generate()'s token moves; judged by the task's gates."""
     import numpy as np
-    import onnxruntime as ort
     import torch
     import transformers
 
@@ -327,15 +326,20 @@ def check_gated(settings: Settings) -> dict:
     ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
     model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
     model.eval()
-    decoding, generator = make_generator(settings, facts)
-    served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    engines = settings.backend == "tensorrt"  # what is served: the engines, or the files
+    decoding, generator = make_generator(settings, facts, engines)
+    try:
+        served = generator.generate(ids, mask, [decoding.RowParams(new)] * len(ids))
+    finally:
+        close_steps(generator.steps)
     agreement, changes = [], []
     first = None
     if spec.generation == "causal":
-        first = ort.InferenceSession(
-            str(settings.model_file("decoder_model")), providers=["CPUExecutionProvider"]
-        )
-        takes = [i.name for i in first.get_inputs()]
+        if engines:
+            first = TensorRTStep(paths.plan_file(name, "decoder_model"))
+        else:
+            first = decoding.OnnxRuntimeStep(settings.model_file("decoder_model"))
+        takes = first.inputs
     with torch.inference_mode():
         for row in range(len(ids)):
             expected = reference_tokens(model, spec.generation, ids, mask, row, new, facts)
@@ -349,11 +353,13 @@ def check_gated(settings: Settings) -> dict:
                     "attention_mask": np.ones((1, length), np.int64),
                     "position_ids": np.arange(length, dtype=np.int64)[None],
                 }
-                logits = first.run(["logits"], {k: feed[k] for k in takes})[0][0, -1]
+                logits = first({k: feed[k] for k in takes})["logits"][0, -1]
                 mine = torch.log_softmax(torch.from_numpy(logits).double(), -1)
                 theirs = torch.log_softmax(model(prompt).logits[0, -1].double(), -1)
                 token = int(theirs.argmax())
                 changes.append(abs(float(mine[token] - theirs[token])))
+    if first is not None:
+        close_steps({"decoder_model": first})
     metrics = {"token_agreement": float(np.mean(agreement))}
     if changes:
         metrics["logprob_change_mean"] = float(np.mean(changes))

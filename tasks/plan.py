@@ -42,6 +42,17 @@ def compat_level(trt, compat: str):
     return level
 
 
+def builder_precision(settings: Settings) -> tuple[dict, bool]:
+    """(CreateConfig's precision flags, strongly typed network?) of a build. fp16 sets fp16;
+    a ModelOpt Q/DQ file sets its recipe's flags (int8 with fp16: explicit quantization, the
+    Q/DQ nodes decide where int8 runs), or none and a strongly typed network, where the
+    file's own types decide (int4 weights)."""
+    recipe = settings.recipe
+    if recipe is not None:
+        return {flag: True for flag in recipe.trt_flags}, not recipe.trt_flags
+    return ({"fp16": True} if settings.precision == "fp16" else {}), False
+
+
 def make_builder_config(
     settings: Settings,
     part: str,
@@ -50,12 +61,12 @@ def make_builder_config(
     memory_pool_limits=None,
     compatibility=None,
 ):
-    """Polygraphy's CreateConfig: one profile, fp16 when asked, the workspace limit, and the
-    hardware compatibility level (None: TensorRT's default, this GPU model only)."""
+    """Polygraphy's CreateConfig: one profile, the precision's flags, the workspace limit, and
+    the hardware compatibility level (None: TensorRT's default, this GPU model only)."""
     from polygraphy.backend.trt import CreateConfig
 
     return CreateConfig(
-        fp16=settings.precision == "fp16",
+        **builder_precision(settings)[0],
         profiles=[make_profile(settings, part, io, max_positions)],
         memory_pool_limits=memory_pool_limits,
         hardware_compatibility_level=compatibility,
@@ -185,7 +196,7 @@ def build_engine(settings: Settings, part: str) -> None:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's order = nvidia-smi's
     found = gpus()
     check_placement(settings, found)
-    source = paths.onnx_file(name, part)
+    source = settings.model_file(part)  # the exported file, or its Q/DQ copy (ModelOpt)
     artifacts.load_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
@@ -203,7 +214,9 @@ def build_engine(settings: Settings, part: str) -> None:
         flush=True,
     )
     try:
-        engine = EngineBytesFromNetwork(NetworkFromOnnxPath(str(source)), config)()
+        typed = builder_precision(settings)[1]
+        network = NetworkFromOnnxPath(str(source), strongly_typed=typed or None)
+        engine = EngineBytesFromNetwork(network, config)()
     except Exception as err:  # Polygraphy raises its own exception, with TensorRT's log above
         raise TensorRTError(
             f"TensorRT could not build an engine of {part}.onnx: {' '.join(str(err).split())[:500]}"
@@ -261,6 +274,7 @@ def task_plan():
         "ranges": profiles.dim_ranges(settings),
         "dims": catalog.PROFILE_DIMS,
         "precision": settings.precision,
+        "builder": repr(builder_precision(settings)),
         "workspace_mib": catalog.TENSORRT_WORKSPACE_MIB,
         "tensorrt": artifacts.versions("tensorrt")["tensorrt"],
         "compute_capability": gpu_compute_capability(),
@@ -274,7 +288,7 @@ def task_plan():
             "name": plan_task_name(settings, part),
             "actions": [(fails_cleanly(build_engine), [settings, part])],
             "file_dep": [
-                paths.onnx_file(name, part),
+                settings.model_file(part),
                 paths.onnx_io(name, part),
                 paths.source_manifest(name),  # max_positions caps a causal LM's cache
                 paths.stage_module("plan"),

@@ -6,13 +6,19 @@ Recipes are data (catalog.QUANT_RECIPES), with ONNX Runtime's quantization tools
 - `static`: QDQ, activations calibrated on tasks/data/calibration.txt;
 - `nbits`: 4-bit weights of every MatMul with constant weights (MatMulNBits, `block_size`),
   Gemm layers first rewritten as MatMul + Add;
-- `bnb4`: NF4 or FP4 weights, the bitsandbytes formats (MatMulBnb4).
+- `bnb4`: NF4 or FP4 weights, the bitsandbytes formats (MatMulBnb4);
+and with NVIDIA ModelOpt's ONNX quantization, for TensorRT's explicit quantization:
+- `modelopt`: Q/DQ int8 (calibrated on the same texts) or int4 weights (blocked
+  DequantizeLinear, AWQ). ONNX Runtime runs these files too, which is how parity checks them
+  on a host without TensorRT.
 
 The fp32 file stays the reference: parity compares the quantized copy with fp32 PyTorch on
 task-level gates. Changing the precision or the recipe re-quantizes and never re-exports.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from doit.tools import config_changed
 
@@ -30,18 +36,25 @@ QUANTIZED_OPS = (
     "MatMulBnb4",
     "DynamicQuantizeMatMul",
 )
+# a part's inputs the calibration texts can feed (AWQ's clip search needs every input)
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def matmul_weight_bytes(model, op_types: tuple[str, ...]) -> int:
     """Bytes of the constant inputs (weights, scales, zero points) of these operators."""
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
-    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
+    def stored(tensor) -> int:  # 4-bit tensors are packed two to a byte (unpacked by numpy)
+        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            return (int(np.prod(tensor.dims)) + 1) // 2
+        return numpy_helper.to_array(tensor).nbytes
+
+    sizes = {i.name: stored(i) for i in model.graph.initializer}
     found = 0
     for node in model.graph.node:
         if node.op_type in op_types:
-            found += sum(sizes.get(name, 0) for name in node.input[1:])
+            found += sum(sizes.get(name, 0) for name in node.input)
     return int(np.int64(found))
 
 
@@ -110,7 +123,11 @@ class CalibrationTexts:
         for text in texts:
             encoding = tokenizer.encode(text)
             ids = np.array([encoding.ids], np.int64)
-            values = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            values = {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
+            }
             self.feeds.append({n: values.get(n, np.zeros_like(ids)) for n in names})
         self.position = 0
 
@@ -119,6 +136,77 @@ class CalibrationTexts:
             return None
         self.position += 1
         return self.feeds[self.position - 1]
+
+    def get_first(self):  # ModelOpt's reader protocol: a test run before calibrating
+        return self.feeds[0]
+
+    def __iter__(self):  # ModelOpt's AWQ takes the feeds as a list
+        return iter(self.feeds)
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def modelopt_calibration(settings: Settings, part: str) -> str:
+    """The calibration a ModelOpt recipe runs on a part: AWQ's clip search needs every input
+    fed, so a part that also takes a cache or encoder states is rounded to nearest."""
+    recipe = settings.recipe
+    if recipe.precision != "int4":
+        return recipe.calibration
+    inputs = artifacts.read_json(paths.onnx_io(settings.name, part))["inputs"]
+    fed = all(t["name"] in TEXT_INPUTS for t in inputs)
+    return recipe.calibration if fed else "rtn_dq"
+
+
+def modelopt_quantize(settings: Settings, part: str, source, target) -> None:
+    """NVIDIA ModelOpt's ONNX post-training quantization, calibrated on CPU (ONNX Runtime)."""
+    import logging
+
+    try:
+        from modelopt.onnx.quantization import quantize as modelopt
+    except ImportError as err:
+        raise ExportError(
+            f"recipe={settings.recipe.name} needs NVIDIA ModelOpt ({err}); install "
+            "requirements.txt (nvidia-modelopt and its ONNX packages)"
+        ) from None
+    import os
+    import shutil
+
+    recipe = settings.recipe
+    options = {"block_size": settings.block_size} if recipe.precision == "int4" else {}
+    # ModelOpt writes intermediate files beside its output (an opset-upgraded copy, a renamed
+    # one) and keeps them when it fails: it works in a folder of its own, removed after
+    # (and before: a killed run leaves it)
+    work = Path(target).parent / f".{Path(target).name}.modelopt"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    here = Path.cwd()
+    try:
+        # int4 compiles a C++ helper with setuptools, which would scan the working folder
+        os.chdir(work)
+        run_modelopt(modelopt, settings, part, source, work / "model.onnx", options)
+        os.replace(work / "model.onnx", target)
+    finally:
+        os.chdir(here)
+        shutil.rmtree(work, ignore_errors=True)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def run_modelopt(modelopt, settings: Settings, part: str, source, output, options: dict) -> None:
+    recipe = settings.recipe
+    modelopt(
+        str(source),
+        quantize_mode=recipe.precision,
+        calibration_data_reader=CalibrationTexts(settings, part),
+        calibration_method=modelopt_calibration(settings, part),
+        calibration_eps=["cpu"],
+        op_types_to_quantize=list(recipe.op_types) or None,
+        nodes_to_exclude=list(recipe.exclude) or None,
+        high_precision_dtype="fp32",  # TensorRT's fp16 flag, not the file, lowers the rest
+        output_path=str(output),
+        log_level="CRITICAL",  # it reports a missing GPU (NVML) as an error, and calibrates
+        **options,
+    )
 
 
 def quantize_into(settings: Settings, part: str, source, target) -> None:
@@ -155,6 +243,8 @@ def quantize_into(settings: Settings, part: str, source, target) -> None:
         quantizer = MatMulNBitsQuantizer(model, block_size=settings.block_size, is_symmetric=True)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target))
+    elif recipe.method == "modelopt":
+        modelopt_quantize(settings, part, source, target)
     else:  # bnb4
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
@@ -196,14 +286,16 @@ def quantize(settings: Settings, part: str) -> None:
         "method": recipe.method,
         "per_channel": recipe.per_channel,
         "block_size": settings.block_size,
+        "calibration": modelopt_calibration(settings, part) if recipe.method == "modelopt" else "",
         "quantized_ops": ops,
         "fp32_bytes": source.stat().st_size,
         **artifacts.file_record(target),
     }
     record["size_ratio"] = round(target.stat().st_size / source.stat().st_size, 3)
-    if recipe.method in ("nbits", "bnb4"):  # what 4 bits buy: the MatMuls' weights
+    if recipe.precision != "int8":  # what 4 bits buy: the MatMuls' weights
         before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul", "Gemm"))
-        after = matmul_weight_bytes(quantized, ("MatMulNBits", "MatMulBnb4", "MatMul", "Gemm"))
+        four_bit = ("MatMulNBits", "MatMulBnb4", "DequantizeLinear", "MatMul", "Gemm")
+        after = matmul_weight_bytes(quantized, four_bit)
         record["matmul_weight_ratio"] = round(after / before, 3) if before else None
     artifacts.write_json(paths.quant_record(name, part), record)
     print(
@@ -236,7 +328,7 @@ def task_quantize():
                     {
                         "recipe": repr(settings.recipe),
                         "block_size": settings.block_size,
-                        "versions": artifacts.versions("onnxruntime", "onnx"),
+                        "versions": artifacts.versions("onnxruntime", "onnx", "nvidia-modelopt"),
                     }
                 )
             ],

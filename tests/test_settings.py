@@ -180,7 +180,16 @@ def test_python_backend_batching_knobs_are_validated_at_the_door():
             {},
             "NF4 and FP4 are ONNX Runtime's MatMulBnb4",
         ),
-        ("tensorrt", "int8", {}, "needs NVIDIA ModelOpt's QDQ file"),
+        ("tensorrt", "fp4", {}, "use backend=onnxruntime or backend=python, or precision=int8"),
+        (
+            "tensorrt",
+            "int8",
+            {"recipe": "int8-dynamic"},
+            "recipe=int8-dynamic makes ONNX Runtime's own quantized operators, which TensorRT "
+            "cannot build; use recipe=int8-modelopt",
+        ),
+        ("tensorrt", "int4", {"recipe": "int4"}, "use recipe=int4-awq (ModelOpt's Q/DQ)"),
+        ("tensorrt", "int8", {"block_size": "64"}, "only 4-bit recipes take a block size"),
         ("python", "int8", {"recipe": "nf4"}, "recipe=nf4 makes nf4, not precision=int8"),
         ("python", "int8", {"recipe": "best"}, "recipe=best: unknown; choose one of"),
         ("python", "int4", {"block_size": "20"}, "block_size=20: a power of two"),
@@ -208,3 +217,19 @@ def test_quantized_precisions_choose_their_recipe_and_block():
     assert chosen.model_file("decoder_model").parent.name == "quant"
     assert settings_from(precision="nf4", task="causallm").block_size == 64
     assert settings_from(precision="int8").recipe.method == "dynamic"
+
+
+def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
+    from tasks.settings import quantization
+
+    def on_tensorrt(precision, **variables):
+        return quantization(precision, "tensorrt", lambda var, default: variables.get(var, default))
+
+    recipe, block = on_tensorrt("int8")
+    assert (recipe.name, recipe.method, block) == ("int8-modelopt", "modelopt", 0)
+    assert recipe.trt_flags == ("int8", "fp16")
+    recipe, block = on_tensorrt("int4")
+    assert (recipe.name, block) == ("int4-awq", 128)
+    assert on_tensorrt("int4", block_size="64")[1] == 64
+    # ModelOpt's Q/DQ files also run on ONNX Runtime: how they are checked on a CPU host
+    assert quantization("int8", "python", {"recipe": "int8-modelopt"}.get)[0].method == "modelopt"
