@@ -27,6 +27,7 @@ ARG PYTHON_VERSION=3.10
 WORKDIR /workspace/llm-in-triton
 COPY requirements/ requirements/
 RUN pip install --no-cache-dir -r requirements/exporter.txt
+RUN pip install --no-cache-dir --no-binary=:all: --no-deps -r requirements/sdist.txt
 # The project itself (.dockerignore keeps the host's venv and build outputs out).
 COPY . .
 ENTRYPOINT ["doit"]

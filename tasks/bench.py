@@ -358,7 +358,7 @@ def compare_against(settings: Settings, served: list[dict], grpc_url: str, url: 
     one over it, and each one's accuracy, side by side."""
     from dataclasses import replace
 
-    from tasks.serve import http_ready
+    from tasks.server import http_ready
 
     other = settings.bench.against
     if not other:
@@ -477,7 +477,7 @@ def machine() -> dict:
 
 
 def run(settings: Settings) -> None:
-    from tasks.serve import EmbeddedTritonServer, http_ready
+    from tasks.server import http_ready, make_server
 
     bench, endpoints = settings.bench, settings.endpoints
     texts = bench_texts(settings)
@@ -494,13 +494,7 @@ def run(settings: Settings) -> None:
             f"bench: reusing the Triton server at {url}, which serves '{settings.name}'", flush=True
         )
     else:
-        server = EmbeddedTritonServer(
-            paths.MODELS,
-            host=endpoints.host,
-            http_port=endpoints.http_port,
-            grpc_port=endpoints.grpc_port,
-            metrics_port=endpoints.metrics_port,
-        ).start()
+        server = make_server(endpoints).start()  # server=docker too
     systems = {"triton": [], "onnxruntime": [], "onnxruntime_batched": [], "pytorch": []}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):

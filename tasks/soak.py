@@ -164,7 +164,7 @@ def worker(number: int, server, found: list[Deployment], plan, record: Record, s
 
 def resident(server) -> dict[str, int]:
     """Resident memory in KiB: the server's, and each model's stubs' together."""
-    from tasks.serve import supervision
+    from tasks.server import supervision
 
     def rss(pid: int) -> int:
         try:
@@ -225,8 +225,13 @@ def growth(before: dict, after: dict, keys) -> dict:
 
 def soak(settings: Settings) -> None:
     from tasks.bench import machine
-    from tasks.serve import EmbeddedTritonServer, supervision
+    from tasks.server import EmbeddedTritonServer, supervision
 
+    if settings.endpoints.server != "embedded":
+        raise BuildError(
+            f"doit soak kills a model's stub process and reads the server's memory in /proc, "
+            f"which needs the server it starts itself; drop server={settings.endpoints.server}"
+        )
     seconds = settings.bench.soak_minutes * 60
     levels = settings.bench.concurrency
     found = deployments(paths.MODELS)

@@ -329,7 +329,7 @@ def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> fl
     import signal
     import time
 
-    from tasks.serve import http_ready, supervision
+    from tasks.server import http_ready, supervision
 
     found = supervision().stubs(server.shm_prefix)
     pids = [pid for pid, name in found.items() if re.sub(r"_\d+_\d+$", "", name) == model]
@@ -357,7 +357,7 @@ SERVED_SHAPES = ("batch=1,4,8", "seq=1,64,128")
 def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
     """encode, seqcls and qa (one hop) and the same as native backends' steps
     (<task>_steps, one_hop=0), built and served by one real tritonserver."""
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("serving") / "project")
     models = {

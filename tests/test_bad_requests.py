@@ -146,7 +146,7 @@ def client_error(protocol: str, status: str | None) -> bool:
 
 def resident_kib(server) -> int:
     """The server's and its stubs' resident memory."""
-    from tasks.serve import stub_pids
+    from tasks.server import stub_pids
 
     total = 0
     for pid in [server.pid, *stub_pids(server.shm_prefix)]:
@@ -196,7 +196,7 @@ def test_direct_model_requests_with_ids_no_tokenizer_makes_are_refused_naming_th
 def test_the_matrix_leaves_the_server_ready_and_its_memory_flat(served):
     """The whole matrix, over and over: no model falls over, and resident memory (server and
     stubs) grows by less than 10% once warm."""
-    from tasks.serve import http_ready
+    from tasks.server import http_ready
 
     _, server = served
 

@@ -52,7 +52,7 @@ def test_an_answer_is_good_only_when_complete_and_finite():
 
 def doit_bench(project, *variables: str, environment=None):
     """A short `doit bench` on free ports."""
-    from tasks.serve import free_port
+    from tasks.server import free_port
 
     http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
     ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")

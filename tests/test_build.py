@@ -121,7 +121,7 @@ def test_the_served_ensemble_answers_as_pytorch_does(built, minilm_dir):
     import numpy as np
     import tritonclient.http as httpclient
 
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     with EmbeddedTritonServer(built.root / "models") as server:
         client = httpclient.InferenceServerClient(server.http_url)

@@ -8,13 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tasks import paths
-from tasks.serve import DockerTritonServer
+from tasks.server import DockerTritonServer
 from tasks.settings import Endpoints
 
 needs_compose = pytest.mark.skipif(
@@ -122,6 +122,7 @@ class Stage:
     python: str
     requirement_files: list[Path]
     pins: list[str]
+    sdist_files: list[Path] = field(default_factory=list)  # built from source, on purpose
 
 
 def dockerfile_stages() -> dict[str, Stage]:
@@ -141,6 +142,8 @@ def dockerfile_stages() -> dict[str, Stage]:
             workdir = workdir / words[1]
         elif words[0] == "COPY":
             copies[workdir / words[2]] = paths.ROOT / words[1]
+        elif words[:3] == ["RUN", "pip", "install"] and "--no-binary=:all:" in words:
+            stage.sdist_files += [_copied(workdir / w, copies) for w in words if w.endswith(".txt")]
         elif words[:3] == ["RUN", "pip", "install"]:
             args = iter(words[3:])
             for arg in args:
@@ -158,6 +161,11 @@ def _copied(inside: Path, copies: dict[Path, Path]) -> Path:
     raise AssertionError(f"{inside} is installed but no COPY puts it in the image")
 
 
+def normalized(name: str) -> str:
+    """A name as PyPI compares them (PEP 503): onnx_graphsurgeon is onnx-graphsurgeon."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def pinned(requirement_file: Path) -> dict[str, str]:
     """name -> version of every pin in a requirements file and the files it includes."""
     pins = {}
@@ -167,7 +175,7 @@ def pinned(requirement_file: Path) -> dict[str, str]:
             pins |= pinned(requirement_file.parent / line[3:].strip())
         elif line:
             name, version = line.split("==")
-            pins[re.sub(r"\[.*\]", "", name).lower()] = version
+            pins[normalized(re.sub(r"\[.*\]", "", name))] = version
     return pins
 
 
@@ -199,12 +207,31 @@ def test_pip_resolves_each_stage_for_its_python_and_platform_from_wheels(tmp_pat
         pytest.skip(f"the package registry cannot be reached: {run.stderr.strip()[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
     resolved = {
-        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        normalized(item["metadata"]["name"]): item["metadata"]["version"]
         for item in json.loads(report.read_text())["install"]
     }
     for requirement_file in stage.requirement_files:
         for name, version in pinned(requirement_file).items():
             assert resolved[name] == version, (name, version, resolved.get(name))
+
+
+def test_the_packages_built_from_source_are_declared_pure_python_sdists(tmp_path):
+    """The one RUN line with --no-binary: each pin has an sdist, and it builds a wheel for any
+    Python (py3-none-any: no compiler in the image), with no dependency left unpinned."""
+    exporter = dockerfile_stages()["exporter"]
+    assert exporter.sdist_files == [paths.ROOT / "requirements" / "sdist.txt"]
+    assert "-r requirements/sdist.txt" in (paths.ROOT / "requirements.txt").read_text()
+    for name, version in pinned(exporter.sdist_files[0]).items():
+        run = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary=:all:", "-q",
+             "-w", str(tmp_path), f"{name}=={version}"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if run.returncode != 0 and any(e in run.stderr for e in NETWORK_ERRORS):
+            pytest.skip(f"the package registry cannot be reached: {run.stderr.strip()[-300:]}")
+        assert run.returncode == 0, run.stderr[-2000:]
+        wheels = [w.name for w in tmp_path.glob(f"{name}-{version}-*.whl")]
+        assert len(wheels) == 1 and wheels[0].endswith("-py3-none-any.whl"), wheels
 
 
 def test_the_server_image_installs_what_the_embedded_server_runs_with():
@@ -241,3 +268,17 @@ def test_docker_context_leaves_out_the_hosts_venv_and_build_outputs():
     ignored = (paths.ROOT / ".dockerignore").read_text().split()
     for entry in (".venv", "models/*", "model_zoo/*", ".git"):
         assert entry in ignored
+
+
+def test_serve_bench_and_soak_get_their_server_from_one_place():
+    """server=docker reaches every stage that starts a server: they all call make_server (soak
+    refuses docker at the door: it kills a stub and reads /proc)."""
+    from tasks.server import EmbeddedTritonServer, make_server
+
+    docker = make_server(Endpoints(server="docker", http_port=18000, grpc_port=18001))
+    assert isinstance(docker, DockerTritonServer) and docker.http_url == "127.0.0.1:18000"
+    embedded = make_server(Endpoints(http_port=18010, grpc_port=18011, metrics_port=18012))
+    assert isinstance(embedded, EmbeddedTritonServer) and embedded.grpc_url == "127.0.0.1:18011"
+    for stage in ("serve", "bench"):
+        source = (paths.TASKS_DIR / f"{stage}.py").read_text()
+        assert "make_server(" in source and "EmbeddedTritonServer(" not in source, stage

@@ -75,7 +75,7 @@ def eos_variant(source, target) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def generating(tmp_path_factory, generation_models):
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("generation") / "project")
     for name, (task, family, more) in DEPLOYMENTS.items():

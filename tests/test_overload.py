@@ -16,7 +16,7 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory):
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("overload") / "project")
     project.doit("task=encode", "batch=1,2,4", "seq=1,16,64", "max_queue=1")

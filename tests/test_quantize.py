@@ -38,7 +38,7 @@ def int8_project(tmp_path_factory):
 
 
 def test_encode_int8_builds_passes_its_cosine_gate_and_serves(int8_project):
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     project = int8_project
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops(project, "encode")
@@ -134,7 +134,7 @@ def four_bit(tmp_path_factory):
 
 
 def test_causallm_int4_serves_four_bit_weights_and_records_token_agreement(four_bit):
-    from tasks.serve import EmbeddedTritonServer
+    from tasks.server import EmbeddedTritonServer
 
     project = four_bit
     for part in ("decoder_model", "decoder_with_past_model"):

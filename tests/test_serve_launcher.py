@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import ServerError
-from tasks.serve import (
+from tasks.server import (
     STUB_NAME,
     EmbeddedTritonServer,
     find_tritonserver,
@@ -76,7 +76,7 @@ def add_model(repo: Path, name: str, code: str) -> None:
 
 
 def live_processes() -> dict[int, list[str]]:
-    """argv of every live (not zombie) process, read from /proc independently of tasks.serve."""
+    """argv of every live (not zombie) process, read from /proc independently of tasks.server."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
@@ -271,7 +271,7 @@ def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
     import time
 
     from tasks import paths
-    from tasks.serve import http_ready, supervision
+    from tasks.server import http_ready, supervision
 
     install = find_tritonserver()
     env = server_environment()

@@ -311,7 +311,7 @@ def test_the_client_prints_labels_answers_and_statistics(served):
 
 
 def free_ports() -> list[int]:
-    from tasks.serve import free_port
+    from tasks.server import free_port
 
     ports: set[int] = set()
     while len(ports) < 3:
@@ -354,7 +354,7 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str
 
 
 def test_serve_stops_cleanly_on_sigterm_and_starts_again(served):
-    from tasks.serve import port_is_free
+    from tasks.server import port_is_free
 
     project, _ = served
     ports = free_ports()
