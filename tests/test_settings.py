@@ -13,7 +13,7 @@ from tasks.settings import Profile, load_settings
 
 
 def settings_from(**variables):
-    return load_settings(lambda name, default=None: variables.get(name, default))
+    return load_settings(variables)
 
 
 def test_defaults_build_minilm_encode_on_the_python_backend():
@@ -203,7 +203,7 @@ def test_quantization_settings_fail_at_the_door_naming_the_fix(
     from tasks.settings import quantization
 
     with pytest.raises(SettingsError, match=re.escape(message)):
-        quantization(precision, backend, lambda var, default: variables.get(var, default))
+        quantization(precision, backend, variables)
 
 
 def test_an_unknown_precision_names_the_choices():
@@ -223,7 +223,7 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
     from tasks.settings import quantization
 
     def on_tensorrt(precision, **variables):
-        return quantization(precision, "tensorrt", lambda var, default: variables.get(var, default))
+        return quantization(precision, "tensorrt", variables)
 
     recipe, block = on_tensorrt("int8")
     assert (recipe.name, recipe.method, block) == ("int8-modelopt", "modelopt", 0)
@@ -232,4 +232,4 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
     assert (recipe.name, block) == ("int4-awq", 128)
     assert on_tensorrt("int4", block_size="64")[1] == 64
     # ModelOpt's Q/DQ files also run on ONNX Runtime: how they are checked on a CPU host
-    assert quantization("int8", "python", {"recipe": "int8-modelopt"}.get)[0].method == "modelopt"
+    assert quantization("int8", "python", {"recipe": "int8-modelopt"})[0].method == "modelopt"
