@@ -162,7 +162,7 @@ class Variable:
 
     @property
     def shown_default(self) -> str:
-        return self.chosen if self.default is None else f"`{self.default}`"
+        return self.chosen or f"`{self.default}`"
 
 
 def _listed(names) -> str:
@@ -330,7 +330,8 @@ VARIABLES: dict[str, Variable] = {
             "ort_spin",
             str(catalog.ORT_SPINNING),
             _whole_in(0, 1),
-            f"`1` | `0`: ONNX Runtime's threads spin while waiting for work; {_BENCHMARK}",
+            "`1` = ONNX Runtime's threads spin while waiting for work, `0` = they sleep; "
+            + _BENCHMARK,
         ),
         Variable(
             "batch_waste",
@@ -411,6 +412,19 @@ def variables_table() -> str:
     """The README's table of variables, made from VARIABLES."""
     rows = [f"| `{v.name}` | {v.shown_default} | {v.help} |" for v in VARIABLES.values()]
     return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows]) + "\n"
+
+
+README_MARKS = (
+    "<!-- variables: made from tasks/settings.py VARIABLES by `python -m tasks.settings` -->\n",
+    "<!-- /variables -->\n",
+)
+
+
+def with_variables_table(readme: str) -> str:
+    """The README's text with its table of variables made afresh from VARIABLES."""
+    begin, end = README_MARKS
+    head, rest = readme.split(begin, 1)
+    return head + begin + variables_table() + end + rest.split(end, 1)[1]
 
 
 @dataclass(frozen=True)
@@ -811,3 +825,7 @@ def check_known(given: Mapping[str, str]) -> None:
             raise SettingsError(
                 f"{var}={value}: unknown variable; use one of {', '.join(VARIABLES)}"
             )
+
+
+if __name__ == "__main__":  # python -m tasks.settings: the README's table of variables afresh
+    paths.README.write_text(with_variables_table(paths.README.read_text()))
