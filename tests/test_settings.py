@@ -9,15 +9,8 @@ import pytest
 
 from tasks import catalog, paths
 from tasks.errors import SettingsError
-from tasks.settings import (
-    VARIABLES,
-    Bench,
-    Endpoints,
-    Profile,
-    Serving,
-    load_settings,
-    with_variables_table,
-)
+from tasks.settings import Bench, Endpoints, Profile, Serving, load_settings
+from tasks.variables import VARIABLES, with_variables_table
 
 
 def settings_from(**variables):
@@ -245,7 +238,7 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
 
 def test_the_readme_table_of_variables_is_made_from_the_table():
     readme = paths.README.read_text()
-    assert readme == with_variables_table(readme), "run: python -m tasks.settings"
+    assert readme == with_variables_table(readme), "run: python -m tasks.variables"
     for var in VARIABLES.values():
         assert f"| `{var.name}` | {var.shown_default} | {var.help} |" in readme
         assert "|" not in var.help + var.shown_default, var.name  # one cell each
