@@ -9,10 +9,11 @@
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
-Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
-precision, backend, host, http_port, grpc_port, metrics_port, server, queue_delay_us,
-instances, ort_threads, ort_spin, batch_waste, one_hop, pad_multiple, gpus, trt_compat, concurrency,
-seconds, loadgen, soak_minutes. See README.md.
+Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX, precision,
+recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port, server, gpus,
+trt_compat, max_queue, queue_timeout_ms, queue_delay_us, instances, ort_threads, ort_spin,
+batch_waste, pad_multiple, one_hop, against, soak_minutes, concurrency, seconds, loadgen. See
+README.md.
 """
 
 from doit.exceptions import InvalidCommand

@@ -25,6 +25,7 @@ TREE_LOCK = MODEL_ZOO / ".doit.db.lock"  # held by the one doit running in this 
 SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+README = ROOT / "README.md"  # its table of variables is made from tasks/variables.py
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"

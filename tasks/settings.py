@@ -12,104 +12,21 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tasks import catalog, paths
 from tasks.errors import SettingsError
+from tasks.variables import DECODERS, VARIABLES, Profile, choose, default, whole
 
-VARIABLES = {
-    "task": f"one of {', '.join(catalog.TASKS)} (default {catalog.DEFAULT_TASK})",
-    "model": "a Hugging Face Hub id or a local model directory (default: per task)",
-    "name": "deployment name in models/ (default: the task)",
-    "revision": "Hub revision to download (default main)",
-    "batch": "MIN,OPT,MAX batch sizes (default 1,8,32)",
-    "seq": "MIN,OPT,MAX sequence lengths in tokens (default 1,128,512)",
-    "precision": "fp32 | fp16 | int8 | int4 | nf4 | fp4 (default fp16 on TensorRT for encoder "
-    "tasks, else fp32); int8 and the 4-bit ones are made from the fp32 file by the quantize "
-    "stage and gated on task-level agreement",
-    "recipe": "quantize: "
-    + " | ".join(catalog.QUANT_RECIPES)
-    + " (default: "
-    + ", ".join(f"{p}: {r}" for p, r in catalog.DEFAULT_RECIPES.items())
-    + "; on tensorrt "
-    + ", ".join(f"{p}: {r}" for p, r in catalog.TENSORRT_RECIPES.items())
-    + ")",
-    "block_size": f"4-bit weights: values per scale (default {catalog.BLOCK_SIZE}; nf4/fp4 "
-    f"{catalog.BNB4_BLOCK_SIZE}, int4-awq {catalog.MODELOPT_BLOCK_SIZE})",
-    "backend": "auto | tensorrt | onnxruntime | python (default auto)",
-    "decoder": "generation: inline (ONNX Runtime inside the generate model; backend=python) | "
-    "models (each exported file a Triton model, called through BLS; the only choice on "
-    "tensorrt and onnxruntime) (default: inline on python)",
-    "server": "embedded (tritonserver from the nvidia-pytriton wheel) | docker (default embedded)",
-    "queue_delay_us": f"dynamic batching delay in microseconds (default {catalog.QUEUE_DELAY_US})",
-    "instances": "instances of the model step (default 1)",
-    "queue_timeout_ms": "a request that waited this long in a model's queue is rejected "
-    f"(UNAVAILABLE, HTTP 503); 0 = never (default {catalog.QUEUE_TIMEOUT_MS})",
-    "max_queue": "requests each model queues before it rejects more at once (UNAVAILABLE, "
-    f"HTTP 503); 0 = no bound (default {catalog.MAX_QUEUE})",
-    "gpus": "GPU ids the engines' instances run on, e.g. gpus=0,1 (default: every GPU)",
-    "trt_compat": "none | same_cc | ampere_plus: which GPUs a TensorRT plan loads on "
-    "(default none: the GPU model it was built on)",
-    "ort_threads": "ONNX Runtime intra-op threads per instance, 0 = its own choice "
-    f"(default {catalog.INTRA_OP_THREADS})",
-    "ort_spin": "1 | 0: ONNX Runtime's threads spin while waiting for work "
-    f"(default {catalog.ORT_SPINNING})",
-    "batch_waste": "encoder tasks: requests of different lengths share a padded batch while "
-    f"padding adds at most this factor of tokens (default {catalog.BATCH_WASTE})",
-    "one_hop": "1 | 0: on the python backend one model tokenizes, infers and answers; 0 keeps "
-    "the tokenizer, model and answer steps of the native backends (default 1)",
-    "pad_multiple": "pad token lengths up to a multiple, so requests batch (default 1: off)",
-    "concurrency": "`doit bench`: concurrency levels (default 1,2,4,8,16)",
-    "seconds": "`doit bench`: seconds per point (default 5)",
-    "against": "`doit bench`: another deployment of the same task to measure beside this one "
-    "(e.g. name=encode8 against=encode: int8 beside fp32), speedup and accuracy side by side",
-    "soak_minutes": "`doit soak`: minutes of mixed traffic, a stub killed halfway (default 10)",
-    "loadgen": "`doit bench`: python (ours, every answer checked) | perf_analyzer (NVIDIA's, "
-    "C++, fetched once) (default python)",
-    "host": "address `doit serve` binds (default 127.0.0.1)",
-    "http_port": "HTTP port of `doit serve` (default 8000)",
-    "grpc_port": "gRPC port of `doit serve` (default 8001)",
-    "metrics_port": "metrics port of `doit serve` (default 8002)",
-}
-
-SERVERS = ("embedded", "docker")
-DECODERS = ("inline", "models")
-LOADGENS = ("python", "perf_analyzer")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-@dataclass(frozen=True)
-class Profile:
-    """A MIN,OPT,MAX triple: one dimension of the shape profile."""
-
-    var: str
-    min: int
-    opt: int
-    max: int
-    given: str = field(default="", compare=False)  # as typed, for error messages
-
-    def __post_init__(self) -> None:
-        text = f"{self.var}={self.given or f'{self.min},{self.opt},{self.max}'}"
-        if self.min < 1:
-            raise SettingsError(f"{text}: sizes must be at least 1, e.g. {self.var}=1,8,32")
-        if not self.min <= self.opt <= self.max:
-            raise SettingsError(f"{text}: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX")
-
-    @classmethod
-    def parse(cls, var: str, text: str) -> Profile:
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) == 1:
-            parts = parts * 3  # batch=8 means a fixed size
-        if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-            raise SettingsError(
-                f"{var}={text}: expected MIN,OPT,MAX as three whole numbers, e.g. {var}=1,8,32"
-            )
-        return cls(var, *(int(p) for p in parts), given=text)
-
-    def points(self) -> tuple[int, int, int]:
-        return (self.min, self.opt, self.max)
+def _check_fields(values) -> None:
+    """Validate a settings dataclass's fields as their variables would be on the command line."""
+    for f in fields(values):
+        VARIABLES[f.name].check(getattr(values, f.name))
 
 
 @dataclass(frozen=True)
@@ -147,92 +64,41 @@ def tensorrt_available() -> bool:
 class Endpoints:
     """Which server `doit serve` runs and where it listens."""
 
-    server: str = "embedded"
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    server: str = default("server")
+    host: str = default("host")
+    http_port: int = default("http_port")
+    grpc_port: int = default("grpc_port")
+    metrics_port: int = default("metrics_port")
 
     def __post_init__(self) -> None:
-        _choose("server", self.server, SERVERS)
+        _check_fields(self)
         ports = {
             "http_port": self.http_port,
             "grpc_port": self.grpc_port,
             "metrics_port": self.metrics_port,
         }
-        for var, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise SettingsError(f"{var}={port}: a port is a number from 1 to 65535")
         if len(set(ports.values())) < 3:
             given = " ".join(f"{var}={port}" for var, port in ports.items())
             raise SettingsError(f"{given}: the three ports must differ")
-
-    @classmethod
-    def parse(cls, get_var) -> Endpoints:
-        values = {}
-        for field_ in ("http_port", "grpc_port", "metrics_port"):
-            text = get_var(field_, str(getattr(cls, field_)))
-            if not re.fullmatch(r"\d+", text):
-                raise SettingsError(f"{field_}={text}: a port is a number from 1 to 65535")
-            values[field_] = int(text)
-        return cls(server=get_var("server", cls.server), host=get_var("host", cls.host), **values)
-
-
-def _whole(var: str, text: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"\d+", text) or not low <= int(text) <= high:
-        raise SettingsError(f"{var}={text}: expected a whole number from {low} to {high}")
-    return int(text)
 
 
 @dataclass(frozen=True)
 class Serving:
     """Knobs of the generated configs, chosen by `doit bench` measurements (see README)."""
 
-    queue_delay_us: int = catalog.QUEUE_DELAY_US
-    instances: int = catalog.MODEL_INSTANCES
-    ort_threads: int = catalog.INTRA_OP_THREADS
-    pad_multiple: int = catalog.PAD_MULTIPLE
-    max_queue: int = catalog.MAX_QUEUE
-    queue_timeout_ms: int = catalog.QUEUE_TIMEOUT_MS
-    ort_spin: int = catalog.ORT_SPINNING
-    batch_waste: float = catalog.BATCH_WASTE
-    one_hop: int = 1  # python backend, encoder tasks: see Settings.one_hop
-    gpus: tuple[int, ...] = ()  # instance_group gpus of GPU models; () = every GPU
+    queue_delay_us: int = default("queue_delay_us")
+    instances: int = default("instances")
+    ort_threads: int = default("ort_threads")
+    pad_multiple: int = default("pad_multiple")
+    max_queue: int = default("max_queue")
+    queue_timeout_ms: int = default("queue_timeout_ms")
+    ort_spin: int = default("ort_spin")
+    batch_waste: float = default("batch_waste")
+    one_hop: int = default("one_hop")  # python backend, encoder tasks: see Settings.one_hop
+    gpus: tuple[int, ...] = default("gpus")  # instance_group gpus of GPU models; () = every GPU
 
-    @classmethod
-    def parse(cls, get_var) -> Serving:
-        given = get_var("gpus", "")
-        gpus = tuple(_whole("gpus", g.strip(), 0, 63) for g in given.split(",")) if given else ()
-        if len(set(gpus)) != len(gpus):
-            raise SettingsError(f"gpus={given}: each GPU id once, e.g. gpus=0,1")
-        waste_text = get_var("batch_waste", str(cls.batch_waste))
-        try:
-            waste = float(waste_text)
-        except ValueError:
-            waste = 0.0
-        if not 1 <= waste <= 100:
-            raise SettingsError(
-                f"batch_waste={waste_text}: expected a factor from 1 (only equal lengths share "
-                "a call) to 100, e.g. batch_waste=2"
-            )
-        return cls(
-            gpus=gpus,
-            ort_spin=_whole("ort_spin", get_var("ort_spin", str(cls.ort_spin)), 0, 1),
-            one_hop=_whole("one_hop", get_var("one_hop", str(cls.one_hop)), 0, 1),
-            max_queue=_whole("max_queue", get_var("max_queue", str(cls.max_queue)), 0, 10**6),
-            queue_timeout_ms=_whole(
-                "queue_timeout_ms", get_var("queue_timeout_ms", str(cls.queue_timeout_ms)), 0, 10**6
-            ),
-            batch_waste=waste,
-            queue_delay_us=_whole(
-                "queue_delay_us", get_var("queue_delay_us", str(cls.queue_delay_us)), 0, 10**6
-            ),
-            instances=_whole("instances", get_var("instances", str(cls.instances)), 1, 64),
-            ort_threads=_whole("ort_threads", get_var("ort_threads", str(cls.ort_threads)), 0, 256),
-            pad_multiple=_whole(
-                "pad_multiple", get_var("pad_multiple", str(cls.pad_multiple)), 1, 512
-            ),
-        )
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -242,43 +108,19 @@ class Serving:
 class Bench:
     """How `doit bench` drives the server: a concurrency sweep, a fixed time per point."""
 
-    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seconds: float = 5.0
-    loadgen: str = "python"  # or perf_analyzer
-    soak_minutes: float = 10.0  # `doit soak`
-    against: str = ""  # `doit bench`: another deployment measured beside this one
+    concurrency: tuple[int, ...] = default("concurrency")
+    seconds: float = default("seconds")
+    loadgen: str = default("loadgen")
+    soak_minutes: float = default("soak_minutes")  # `doit soak`
+    against: str = default("against")  # `doit bench`: another deployment measured beside this
 
-    @classmethod
-    def parse(cls, get_var) -> Bench:
-        levels = get_var("concurrency", ",".join(map(str, cls.concurrency)))
-        concurrency = tuple(_whole("concurrency", p.strip(), 1, 256) for p in levels.split(","))
-        text = get_var("seconds", str(cls.seconds))
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds <= 3600:
-            raise SettingsError(f"seconds={text}: expected seconds per point, e.g. seconds=2")
-        loadgen = _choose("loadgen", get_var("loadgen", cls.loadgen), LOADGENS)
-        text = get_var("soak_minutes", str(cls.soak_minutes))
-        try:
-            minutes = float(text)
-        except ValueError:
-            minutes = -1.0
-        if not 0.1 <= minutes <= 24 * 60:
-            raise SettingsError(
-                f"soak_minutes={text}: expected minutes from 0.1 to 1440, e.g. soak_minutes=10"
-            )
-        against = get_var("against", "")
-        if against and not _NAME.match(against):
-            raise SettingsError(f"against={against}: a deployment name, e.g. against=encode")
-        return cls(
-            concurrency=concurrency,
-            seconds=seconds,
-            loadgen=loadgen,
-            soak_minutes=minutes,
-            against=against,
-        )
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+def _read(cls, given: Mapping[str, str]):
+    """One of the dataclasses above, each field read from its variable."""
+    return cls(**{f.name: VARIABLES[f.name].read(given) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -301,11 +143,39 @@ class Settings:
     tolerance: catalog.Tolerance = field(init=False)
 
     def __post_init__(self) -> None:
+        for var in ("precision", "trt_compat"):
+            VARIABLES[var].check(getattr(self, var))
+        self._check_combination()
         # a quantized model's element-wise differences are recorded against fp32's tolerance,
         # and judged by its task-level gates (catalog.GATES)
         object.__setattr__(
             self, "tolerance", catalog.TOLERANCES.get(self.precision, catalog.TOLERANCES["fp32"])
         )
+
+    def _check_combination(self) -> None:
+        """Values each valid alone that do not go together."""
+        backend = self.backend
+        if self.precision == "fp16" and backend != "tensorrt":
+            raise SettingsError(
+                f"precision=fp16: fp16 engines need TensorRT, and backend={backend}; "
+                "use precision=fp32, or backend=tensorrt on a host with TensorRT and a GPU"
+            )
+        if self.trt_compat != "none" and backend != "tensorrt":
+            raise SettingsError(
+                f"trt_compat={self.trt_compat}: only TensorRT plans have a hardware "
+                f"compatibility; drop it for backend={backend}"
+            )
+        if backend == "tensorrt" and self.batch.min != 1:
+            raise SettingsError(
+                f"batch={self.batch.given or ','.join(map(str, self.batch.points()))}: Triton "
+                "sends batches of any size from 1 to MAX, so the TensorRT profile's MIN batch "
+                "must be 1"
+            )
+        if self.serving.gpus and backend == "python":
+            raise SettingsError(
+                f"gpus={','.join(map(str, self.serving.gpus))}: the python backend runs on CPU; "
+                "gpus= places TensorRT and ONNX Runtime models (backend=tensorrt or onnxruntime)"
+            )
 
     @property
     def quantized(self) -> bool:
@@ -356,9 +226,9 @@ class Settings:
         return list(zip(self.batch.points(), self.seq.points()))
 
 
-def quantization(precision: str, backend: str, get_var):
+def quantization(precision: str, backend: str, variables: Mapping[str, str]):
     """The quantize recipe and 4-bit block size of a precision, checked at the door."""
-    given, block = get_var("recipe", ""), get_var("block_size", "")
+    given, block = variables.get("recipe", ""), variables.get("block_size", "")
     if precision not in catalog.QUANTIZED:
         for var, value in (("recipe", given), ("block_size", block)):
             if value:
@@ -398,7 +268,7 @@ def quantization(precision: str, backend: str, get_var):
     default = {"bnb4": catalog.BNB4_BLOCK_SIZE, "modelopt": catalog.MODELOPT_BLOCK_SIZE}.get(
         recipe.method, catalog.BLOCK_SIZE
     )
-    size = _whole("block_size", block or str(default), 16, 4096)
+    size = whole("block_size", block or str(default), 16, 4096)
     if size & (size - 1):
         raise SettingsError(f"block_size={size}: a power of two from 16, e.g. block_size=32")
     return recipe, size
@@ -416,12 +286,6 @@ def docker_engine_problem() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return "`docker info` could not run"
     return None if info.returncode == 0 else "no Docker engine answers (`docker info` failed)"
-
-
-def _choose(var: str, value: str, choices) -> str:
-    if value not in choices:
-        raise SettingsError(f"{var}={value}: unknown {var}; choose one of {', '.join(choices)}")
-    return value
 
 
 def resolve_model(ref: str, revision: str) -> ModelSource:
@@ -478,7 +342,7 @@ def choose_decoder(task_name: str, spec: catalog.TaskSpec, backend: str, given: 
                 f"drop it for task={task_name}"
             )
         return None
-    decoder = _choose("decoder", given or ("inline" if backend == "python" else "models"), DECODERS)
+    decoder = choose("decoder", given or ("inline" if backend == "python" else "models"), DECODERS)
     if decoder == "inline" and backend != "python":
         raise SettingsError(
             f"decoder=inline: ONNX Runtime inside the generate model is backend=python; "
@@ -487,82 +351,62 @@ def choose_decoder(task_name: str, spec: catalog.TaskSpec, backend: str, given: 
     return decoder
 
 
-def load_settings(get_var) -> Settings:
-    """Read every variable once through doit's `get_var` and validate it."""
-    task_name = _choose("task", get_var("task", catalog.DEFAULT_TASK), catalog.TASKS)
+def load_settings(given: Mapping[str, str]) -> Settings:
+    """Validate the command line's NAME=VALUE pairs, every one read through VARIABLES."""
+    check_known(given)
+    task_name = VARIABLES["task"].read(given)
     spec = catalog.TASKS[task_name]
-    backend = _choose("backend", get_var("backend", "auto"), catalog.BACKENDS)
+    backend = VARIABLES["backend"].read(given)
     trt = tensorrt_available()
     if backend == "auto":
         backend = "tensorrt" if trt else "python"
-    decoder = choose_decoder(task_name, spec, backend, get_var("decoder", ""))
+    decoder = choose_decoder(task_name, spec, backend, given.get("decoder", ""))
     if backend == "tensorrt" and not trt:
         raise SettingsError(
             "backend=tensorrt: TensorRT and an NVIDIA GPU are needed and were not found; "
             "use backend=python (ONNX Runtime inside Triton) or build on a GPU host "
             "(see the Dockerfile)"
         )
-    # fp16 engines by default, but not for generation: greedy parity is token for token, and
-    # fp16 flips near-ties (and overflows in T5); ask for precision=fp16 to try it
-    precision = get_var(
-        "precision", "fp16" if backend == "tensorrt" and not spec.generation else "fp32"
-    )
-    _choose("precision", precision, catalog.PRECISIONS)
-    if precision == "fp16" and backend != "tensorrt":
-        raise SettingsError(
-            f"precision=fp16: fp16 engines need TensorRT, and backend={backend}; "
-            "use precision=fp32, or backend=tensorrt on a host with TensorRT and a GPU"
-        )
-    recipe, block_size = quantization(precision, backend, get_var)
-    name = get_var("name", task_name)
-    if not _NAME.match(name):
-        raise SettingsError(
-            f"name={name}: use letters, digits, '_' and '-', starting with a letter"
-        )
-    if name.endswith(tuple(catalog.PART_SUFFIXES.values())):
-        raise SettingsError(
-            f"name={name}: names ending in {', '.join(catalog.PART_SUFFIXES.values())} name the "
-            "parts of a deployment; choose another name"
-        )
-    trt_compat = _choose("trt_compat", get_var("trt_compat", "none"), catalog.TRT_COMPAT)
-    if trt_compat != "none" and backend != "tensorrt":
-        raise SettingsError(
-            f"trt_compat={trt_compat}: only TensorRT plans have a hardware compatibility; "
-            f"drop it for backend={backend}"
-        )
+    precision = VARIABLES["precision"].read(given)
+    if precision is None:
+        # fp16 engines by default, but not for generation: greedy parity is token for token,
+        # and fp16 flips near-ties (and overflows in T5); ask for precision=fp16 to try it
+        precision = "fp16" if backend == "tensorrt" and not spec.generation else "fp32"
+    recipe, block_size = quantization(precision, backend, given)
+    name, model = VARIABLES["name"].read(given), VARIABLES["model"].read(given)
     settings = Settings(
         task=spec,
-        trt_compat=trt_compat,
-        source=resolve_model(get_var("model", spec.default_model), get_var("revision", "main")),
-        name=name,
-        batch=Profile.parse("batch", get_var("batch", "1,8,32")),
-        seq=Profile.parse("seq", get_var("seq", "1,128,512")),
+        name=task_name if name is None else name,
+        trt_compat=VARIABLES["trt_compat"].read(given),
+        source=resolve_model(
+            spec.default_model if model is None else model, VARIABLES["revision"].read(given)
+        ),
+        batch=VARIABLES["batch"].read(given),
+        seq=VARIABLES["seq"].read(given),
         precision=precision,
         recipe=recipe,
         block_size=block_size,
         backend=backend,
         decoder=decoder,
-        endpoints=Endpoints.parse(get_var),
-        serving=Serving.parse(get_var),
-        bench=Bench.parse(get_var),
+        endpoints=_read(Endpoints, given),
+        serving=_read(Serving, given),
+        bench=_read(Bench, given),
     )
     if settings.endpoints.server == "docker" and (problem := docker_engine_problem()):
         raise SettingsError(
             f"server=docker: {problem}; start Docker with the NVIDIA container "
             "toolkit, or use server=embedded"
         )
-    if backend == "tensorrt" and settings.batch.min != 1:
-        raise SettingsError(
-            f"batch={settings.batch.given}: Triton sends batches of any size from 1 to MAX, so "
-            "the TensorRT profile's MIN batch must be 1"
-        )
-    if settings.serving.gpus and backend == "python":
-        raise SettingsError(
-            f"gpus={get_var('gpus', '')}: the python backend runs on CPU; gpus= places "
-            "TensorRT and ONNX Runtime models (backend=tensorrt or onnxruntime)"
-        )
     check_shapes_fit_model(settings, known_config(settings))
     return settings
+
+
+def command_line() -> dict[str, str]:
+    """This doit run's NAME=VALUE pairs. doit's public `get_var` reads one name at a time, and a
+    misspelt name must be refused, not ignored: so the whole record is read, only here."""
+    from doit import doit_cmd
+
+    return dict(doit_cmd._CMDLINE_VARS or {})
 
 
 _CURRENT: Settings | None = None
@@ -572,14 +416,11 @@ def current() -> Settings:
     """The settings of this doit run, read from the command line once."""
     global _CURRENT
     if _CURRENT is None:
-        from doit import doit_cmd, get_var
-
-        check_known(doit_cmd._CMDLINE_VARS or {})
-        _CURRENT = load_settings(get_var)
+        _CURRENT = load_settings(command_line())
     return _CURRENT
 
 
-def check_known(given: dict) -> None:
+def check_known(given: Mapping[str, str]) -> None:
     """A misspelt variable must not be silently ignored."""
     for var, value in given.items():
         if var not in VARIABLES:

@@ -7,13 +7,14 @@ import re
 
 import pytest
 
-from tasks import catalog
+from tasks import catalog, paths
 from tasks.errors import SettingsError
-from tasks.settings import Profile, load_settings
+from tasks.settings import Bench, Endpoints, Profile, Serving, load_settings
+from tasks.variables import VARIABLES, with_variables_table
 
 
 def settings_from(**variables):
-    return load_settings(lambda name, default=None: variables.get(name, default))
+    return load_settings(variables)
 
 
 def test_defaults_build_minilm_encode_on_the_python_backend():
@@ -203,7 +204,7 @@ def test_quantization_settings_fail_at_the_door_naming_the_fix(
     from tasks.settings import quantization
 
     with pytest.raises(SettingsError, match=re.escape(message)):
-        quantization(precision, backend, lambda var, default: variables.get(var, default))
+        quantization(precision, backend, variables)
 
 
 def test_an_unknown_precision_names_the_choices():
@@ -223,7 +224,7 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
     from tasks.settings import quantization
 
     def on_tensorrt(precision, **variables):
-        return quantization(precision, "tensorrt", lambda var, default: variables.get(var, default))
+        return quantization(precision, "tensorrt", variables)
 
     recipe, block = on_tensorrt("int8")
     assert (recipe.name, recipe.method, block) == ("int8-modelopt", "modelopt", 0)
@@ -232,4 +233,62 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
     assert (recipe.name, block) == ("int4-awq", 128)
     assert on_tensorrt("int4", block_size="64")[1] == 64
     # ModelOpt's Q/DQ files also run on ONNX Runtime: how they are checked on a CPU host
-    assert quantization("int8", "python", {"recipe": "int8-modelopt"}.get)[0].method == "modelopt"
+    assert quantization("int8", "python", {"recipe": "int8-modelopt"})[0].method == "modelopt"
+
+
+def test_the_readme_table_of_variables_is_made_from_the_table():
+    readme = paths.README.read_text()
+    assert readme == with_variables_table(readme), "run: python -m tasks.variables"
+    for var in VARIABLES.values():
+        assert f"| `{var.name}` | {var.shown_default} | {var.help} |" in readme
+        assert "|" not in var.help + var.shown_default, var.name  # one cell each
+
+
+def test_dodo_lists_every_variable_in_the_tables_order():
+    import ast
+
+    doc = ast.get_docstring(ast.parse((paths.ROOT / "dodo.py").read_text()))
+    listed = re.search(r"Variables \(NAME=VALUE\): (.*?)\.\s+See\s+README", doc, re.S).group(1)
+    assert [n.split("=")[0] for n in re.split(r",\s+", listed)] == list(VARIABLES)
+
+
+def test_every_default_parses_and_a_field_default_is_its_variables():
+    for var in VARIABLES.values():
+        if var.default is not None:
+            var.parse(var.name, var.default)
+    for cls in (Endpoints, Serving, Bench):
+        for name, value in cls().__dict__.items():
+            assert value == VARIABLES[name].read({}), name
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Serving(instances=0), "instances=0: expected a whole number from 1 to 64"),
+        (lambda: Serving(batch_waste=0.5), "batch_waste=0.5: expected a factor from 1"),
+        (lambda: Serving(gpus=(1, 1)), "gpus=1,1: each GPU id once"),
+        (lambda: Bench(seconds=-2.0), "seconds=-2: expected seconds per point"),
+        (lambda: Bench(concurrency=(1, 0)), "concurrency=0: expected a whole number from 1"),
+        (lambda: Bench(loadgen="locust"), "loadgen=locust: unknown loadgen"),
+        (lambda: Endpoints(http_port=0), "http_port=0: a port is a number from 1 to 65535"),
+        (lambda: Endpoints(grpc_port=8000), "http_port=8000 grpc_port=8000 metrics_port=8002"),
+    ],
+)
+def test_a_dataclass_built_in_code_fails_as_the_command_line_does(build, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        build()
+
+
+def test_values_that_do_not_go_together_fail_when_built_in_code():
+    from dataclasses import replace
+
+    chosen = settings_from()
+    with pytest.raises(SettingsError, match="precision=fp16: fp16 engines need TensorRT"):
+        replace(chosen, precision="fp16")
+    with pytest.raises(SettingsError, match="gpus=0: the python backend runs on CPU"):
+        replace(chosen, serving=Serving(gpus=(0,)))
+
+
+def test_a_misspelt_variable_is_refused_naming_the_known_ones():
+    with pytest.raises(SettingsError, match="tsk=qa: unknown variable; use one of task, model"):
+        settings_from(tsk="qa")
