@@ -6,6 +6,8 @@
     doit bench                           measure the served deployment against in-process
     doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite
+    doit graph task=X precision=int8     the build's DAG for these variables, drawn to
+                                         model_zoo/<name>/graph.svg
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
@@ -23,6 +25,7 @@ from tasks.bench import task_bench  # noqa: F401
 from tasks.download import task_download  # noqa: F401
 from tasks.errors import BuildError
 from tasks.export import task_onnx  # noqa: F401
+from tasks.graph import task_graph  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
 from tasks.plan import task_plan  # noqa: F401

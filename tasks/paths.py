@@ -150,6 +150,11 @@ def soak_markdown() -> Path:
     return soak_dir() / "report.md"
 
 
+def graph_file(name: str) -> Path:
+    """`doit graph`: the picture of the build's DAG for this deployment's variables."""
+    return zoo_dir(name) / "graph.svg"
+
+
 def rendered_config(name: str, part: str) -> Path:
     """A rendered `config.pbtxt` before it is copied into the repository."""
     return zoo_dir(name) / "pbtxt" / f"{part}.pbtxt"

@@ -6,35 +6,14 @@ import json
 
 import pytest
 
-from tasks import catalog, paths, pbtxt, plan, profiles, settings
-from tasks.download import task_download
-from tasks.export import task_onnx
-from tasks.parity import task_parity
-from tasks.pbtxt import task_pbtxt
-from tasks.plan import task_plan
-from tasks.quantize import task_quantize
-from tasks.repo import task_repo
+from tasks import catalog, graph, paths, pbtxt, plan, profiles, settings
 from tests.test_settings import settings_from
-
-GENERATORS = {
-    "download": task_download,
-    "onnx": task_onnx,
-    "quantize": task_quantize,
-    "plan": task_plan,
-    "parity": task_parity,
-    "pbtxt": task_pbtxt,
-    "repo": task_repo,
-}
 
 
 def tasks_for(monkeypatch, **variables) -> dict[str, dict]:
-    """Every task dict the stages yield for these variables, by 'stage:name'."""
+    """Every task dict the build stages yield for these variables, by 'stage:name'."""
     monkeypatch.setattr(settings, "_CURRENT", settings_from(**variables))
-    found = {}
-    for stage, generator in GENERATORS.items():
-        for task in generator() or ():
-            found[f"{stage}:{task['name']}"] = task
-    return found
+    return graph.build_tasks()
 
 
 def params(task: dict) -> dict:
