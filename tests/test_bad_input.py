@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tasks import paths
-from tests.conftest import OFFLINE_ENV
+from tests.helpers.project import OFFLINE_ENV
 
 
 def built_files(project) -> list[str]:

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tasks import paths
-from tests.conftest import copy_project
+from tests.helpers.project import copy_project
 
 SHAPE_TASKS = {
     "parity:encode",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tasks import catalog, paths
-from tests.conftest import copy_project, kill_stubs_and_wait
+from tests.helpers.project import copy_project
+from tests.helpers.serving import kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 

@@ -10,8 +10,7 @@ import pytest
 
 from tasks import catalog, plan, profiles, settings
 from tasks.errors import SettingsError
-from tests.test_settings import settings_from
-from tests.test_stages import render_all
+from tests.helpers.stages import render_all, settings_from
 
 
 def opt_125m_io(part: str) -> dict:
@@ -156,7 +155,7 @@ def test_gpus_place_the_engines_instances_and_reach_the_config(monkeypatch):
 
 
 def pbtxt_facts_positions() -> int:
-    from tests.test_stages import FACTS
+    from tests.helpers.stages import FACTS
 
     return FACTS["max_positions"]
 
@@ -177,7 +176,7 @@ def test_gpu_variables_are_validated_at_the_door(variables, message):
 
 
 def test_plan_staleness_includes_placement_and_compatibility(monkeypatch):
-    from tests.test_stages import params, tasks_for
+    from tests.helpers.stages import params, tasks_for
 
     monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
     found = tasks_for(monkeypatch, task="encode", gpus="1", trt_compat="ampere_plus")
@@ -262,7 +261,7 @@ def test_serve_refuses_plans_built_for_other_gpus_naming_the_fix(tmp_path):
 
 def test_the_repository_ships_each_plan_with_its_record(monkeypatch):
     from tasks import paths
-    from tests.test_stages import tasks_for
+    from tests.helpers.stages import tasks_for
 
     monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
     found = tasks_for(monkeypatch, task="encode")

@@ -6,7 +6,7 @@ import itertools
 import xml.etree.ElementTree as ET
 
 from tasks import graph, paths, settings
-from tests.test_settings import settings_from
+from tests.helpers.stages import settings_from
 
 
 def dag_for(monkeypatch, **variables) -> graph.Dag:

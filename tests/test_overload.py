@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import copy_project
+from tests.helpers.project import copy_project
 
 pytestmark = pytest.mark.server
 

@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from tasks import paths
-from tests.conftest import copy_project, generation_tokenizer
+from tests.helpers.models import generation_tokenizer
+from tests.helpers.project import copy_project
 
 pytestmark = pytest.mark.server
 
@@ -224,7 +225,7 @@ def weightless_model(path) -> None:
 def test_int8_on_a_model_whose_quantization_fails_names_the_fix(tmp_path, monkeypatch, recipe):
     from tasks import quantize
     from tasks.errors import fails_cleanly
-    from tests.test_settings import settings_from
+    from tests.helpers.stages import settings_from
 
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     monkeypatch.setattr(paths, "MODEL_ZOO", tmp_path / "model_zoo")

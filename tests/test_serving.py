@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from tasks import paths
-from tests.conftest import MARKERS, OFFLINE_ENV, SERVED_SHAPES, kill_stubs_and_wait
+from tests.helpers.models import MARKERS
+from tests.helpers.project import OFFLINE_ENV
+from tests.helpers.serving import SERVED_SHAPES, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 

@@ -9,12 +9,9 @@ import pytest
 
 from tasks import catalog, paths
 from tasks.errors import SettingsError
-from tasks.settings import Bench, Endpoints, Profile, Serving, load_settings
+from tasks.settings import Bench, Endpoints, Profile, Serving
 from tasks.variables import VARIABLES, with_variables_table
-
-
-def settings_from(**variables):
-    return load_settings(variables)
+from tests.helpers.stages import settings_from
 
 
 def test_defaults_build_minilm_encode_on_the_python_backend():

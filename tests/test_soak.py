@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks import paths
-from tests.conftest import copy_project
+from tests.helpers.project import copy_project
 
 pytestmark = pytest.mark.server
 

@@ -6,76 +6,8 @@ import json
 
 import pytest
 
-from tasks import catalog, graph, paths, pbtxt, plan, profiles, settings
-from tests.test_settings import settings_from
-
-
-def tasks_for(monkeypatch, **variables) -> dict[str, dict]:
-    """Every task dict the build stages yield for these variables, by 'stage:name'."""
-    monkeypatch.setattr(settings, "_CURRENT", settings_from(**variables))
-    return graph.build_tasks()
-
-
-def params(task: dict) -> dict:
-    """The config_changed parameters of a task (its first uptodate check)."""
-    return task["uptodate"][0].config
-
-
-# Synthetic description of an exported BERT, as the onnx stage writes it to io.json.
-def fake_io(outputs: list[tuple[str, list]]) -> dict:
-    inputs = [
-        {"name": n, "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
-        for n in ("input_ids", "attention_mask", "token_type_ids")
-    ]
-    return {
-        "inputs": inputs,
-        "outputs": [{"name": n, "dtype": "float32", "shape": s} for n, s in outputs],
-    }
-
-
-IO = {
-    "encode": fake_io(
-        [
-            ("last_hidden_state", ["batch_size", "sequence_length", 384]),
-            ("embedding", ["batch_size", 384]),
-        ]
-    ),
-    "seqcls": fake_io([("logits", ["batch_size", 2])]),
-    "causallm": {
-        "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total"]},
-            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            {
-                "name": "past_key_values.0.key",
-                "dtype": "float32",
-                "shape": ["batch_size", 2, "past_sequence_length", 16],
-            },
-        ],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", 300]}
-        ],
-    },
-    "t5": {  # the encoder part
-        "inputs": [
-            {"name": n, "dtype": "int64", "shape": ["batch_size", "encoder_sequence_length"]}
-            for n in ("input_ids", "attention_mask")
-        ],
-        "outputs": [
-            {
-                "name": "last_hidden_state",
-                "dtype": "float32",
-                "shape": ["batch_size", "encoder_sequence_length", 32],
-            }
-        ],
-    },
-    "qa": fake_io(
-        [
-            ("start_logits", ["batch_size", "sequence_length"]),
-            ("end_logits", ["batch_size", "sequence_length"]),
-        ]
-    ),
-}
+from tasks import catalog, paths, pbtxt, plan, profiles, settings
+from tests.helpers.stages import FACTS, IO, params, render_all, settings_from, tasks_for
 
 
 def test_the_dag_without_tensorrt_has_no_plan(monkeypatch):
@@ -168,23 +100,6 @@ def test_a_dim_without_a_profile_range_is_named():
     io = {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch_size", "h"]}]}
     with pytest.raises(plan.TensorRTError, match=r"tensor pixel_values has dim 'h'.*PROFILE_DIMS"):
         profiles.profile_shapes(settings_from(), "model", io)
-
-
-FACTS = {"pad_id": 0, "eos_ids": [1], "decoder_start_id": 0, "max_positions": 128, "vocab_size": 99}
-
-
-def ios_of(chosen) -> dict:
-    """Every exported part described alike (the render only needs names, types and dims)."""
-    return {part: IO[chosen.task.name] for part in chosen.task.onnx_parts}
-
-
-def render_all(chosen) -> dict:
-    configs = {}
-    for part in chosen.triton_models:
-        context = pbtxt.part_context(chosen, part, ios_of(chosen), FACTS)
-        text = pbtxt.render(pbtxt.template_name(chosen, part), context)
-        configs[part] = pbtxt.parse_config(text, part)
-    return configs
 
 
 @pytest.mark.parametrize("task", sorted(catalog.TASKS))

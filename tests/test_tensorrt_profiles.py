@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from tasks import artifacts, paths, profiles
-from tests.conftest import copy_project
-from tests.test_settings import settings_from
+from tests.helpers.project import copy_project
+from tests.helpers.stages import settings_from
 
 SEQ = "4,6,12"  # MIN 4: prompts may still be shorter; MAX prompt = MAX new tokens = 12
 CASES = {"causallm": "gpt2", "t5": "t5"}

@@ -1,0 +1,144 @@
+"""Small real models and tokenizers the fixtures save: trained here, weights chosen or
+seeded, loadable offline like any Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MARKERS = ("zebra", "giraffe")  # the crafted QA model answers from the first to the second
+
+
+def train_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained here, wrapped as a RoBERTa fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts * 4, trainer)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+
+
+def tiny_roberta_config(vocab_size: int, **sizes):
+    """A RoBERTa config small enough to build in a second; takes 128 tokens."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=vocab_size,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        **sizes,
+    )
+
+
+def generation_tokenizer(kind: str):
+    """A tokenizer trained here: byte-level BPE for causal LMs, T5-style (</s> appended)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks import catalog
+
+    texts = list(catalog.SAMPLE_TEXTS + catalog.GENERATION_PROMPTS) * 4
+    if kind == "causal":
+        special = ["<|endoftext|>"]
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        from tokenizers import decoders
+
+        tokenizer.decoder = decoders.ByteLevel()
+        tokens = {"bos_token": special[0], "eos_token": special[0], "pad_token": special[0]}
+    else:
+        special = ["<pad>", "</s>", "<unk>"]
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=300, special_tokens=special)
+        )
+        from tokenizers import decoders
+
+        tokenizer.decoder = decoders.Metaspace()
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+        )
+        tokens = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_input_names=["input_ids", "attention_mask"], **tokens
+    )
+
+
+def save_generation_model(target: Path, family: str) -> Path:
+    """A tiny random model of a family, with weights spread enough to vary its greedy output."""
+    import torch
+    import transformers
+
+    tokenizer = generation_tokenizer("seq2seq" if family == "t5" else "causal")
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    common = {"vocab_size": vocab, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    config, model_class = {
+        "gpt2": (
+            transformers.GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=128,
+                bos_token_id=eos,
+                initializer_range=0.3,
+                **common,
+            ),
+            transformers.GPT2LMHeadModel,
+        ),
+        "opt": (
+            transformers.OPTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=64,
+                word_embed_proj_dim=32,
+                max_position_embeddings=128,
+                bos_token_id=eos,
+                init_std=0.3,
+                **common,
+            ),
+            transformers.OPTForCausalLM,
+        ),
+        "t5": (
+            transformers.T5Config(
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                decoder_start_token_id=tokenizer.pad_token_id,
+                initializer_factor=3.0,
+                **common,
+            ),
+            transformers.T5ForConditionalGeneration,
+        ),
+    }[family]
+    torch.manual_seed(3)
+    model_class(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

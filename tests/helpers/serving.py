@@ -1,0 +1,37 @@
+"""What tests of a running server share."""
+
+from __future__ import annotations
+
+import os
+import re
+
+# The shapes every deployment of the session's `served` fixture is built with.
+SERVED_SHAPES = ("batch=1,4,8", "seq=1,64,128")
+
+
+def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> float:
+    """SIGKILL every python-backend stub of `model` (this server's only), then wait until
+    `answer()` succeeds again with nobody's help. Readiness must say not-ready in between.
+    Returns the seconds until the answer came back."""
+    import signal
+    import time
+
+    from tasks.server import http_ready, supervision
+
+    found = supervision().stubs(server.shm_prefix)
+    pids = [pid for pid, name in found.items() if re.sub(r"_\d+_\d+$", "", name) == model]
+    assert pids, f"no stub of {model} among {sorted(found.values())}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    started, was_not_ready = time.monotonic(), False
+    while time.monotonic() - started < timeout:
+        if not http_ready(server.http_url):
+            was_not_ready = True
+        elif was_not_ready:
+            try:
+                answer()
+                return time.monotonic() - started
+            except Exception:  # not back yet
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"{model} did not answer again within {timeout:.0f} s of its stub kill")
