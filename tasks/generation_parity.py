@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import ParityError
+from tasks.facts import checkpoint_facts
 from tasks.parity import compare, print_passes
-from tasks.pbtxt import checkpoint_facts
 from tasks.settings import Settings
 
 

@@ -272,8 +272,8 @@ def task_parity():
         [
             paths.stage_module("generation_parity"),
             paths.runtime_file("generate", "decoding.py"),
-            paths.stage_module("pbtxt"),
-        ]  # checkpoint_facts: pad, EOS and start ids
+            paths.stage_module("facts"),  # pad, EOS and start ids
+        ]
         if settings.task.generation
         else []
     )
