@@ -505,7 +505,9 @@ def run(settings: Settings) -> None:
             if bench.loadgen == "perf_analyzer":
                 from tasks import perf_analyzer
 
-                systems["triton"] += perf_analyzer.sweep(settings, protocol, address, texts)
+                systems["triton"] += perf_analyzer.sweep(
+                    settings, protocol, address, texts, new_tokens(settings)
+                )
                 continue
             setup, work = triton_work(settings, protocol, address)
             systems["triton"] += sweep(
