@@ -28,6 +28,7 @@ import time
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import BuildError, fails_cleanly
+from tasks.facts import checkpoint_facts
 from tasks.settings import Settings, current
 
 WARMUP_SECONDS = 1.0
@@ -50,8 +51,6 @@ def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
     if not spec.generation:
         return [(t,) for t in texts]
     from tokenizers import Tokenizer
-
-    from tasks.pbtxt import checkpoint_facts
 
     tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
     tokenizer.no_truncation()  # count as the served tokenizer does
@@ -226,7 +225,6 @@ def onnxruntime_work(settings: Settings):
     tokenizer.enable_truncation(max_length=settings.seq.max)
     if settings.task.generation:
         from tasks.generation_parity import make_generator
-        from tasks.pbtxt import checkpoint_facts
 
         decoding, generator = make_generator(settings, checkpoint_facts(settings.name))
 
@@ -257,7 +255,7 @@ def batched_sweep(settings: Settings, texts: list) -> list[dict]:
     import numpy as np
     import onnxruntime as ort
 
-    from tasks.pbtxt import checkpoint_facts, tokenizer_parameters
+    from tasks.pbtxt import tokenizer_parameters
 
     encoding = artifacts.load_runtime("tokenizer", "encoding.py")
     params = {k: str(v) for k, v in tokenizer_parameters(settings, checkpoint_facts(settings.name))}
@@ -501,7 +499,9 @@ def run(settings: Settings) -> None:
             if bench.loadgen == "perf_analyzer":
                 from tasks import perf_analyzer
 
-                systems["triton"] += perf_analyzer.sweep(settings, protocol, address, texts)
+                systems["triton"] += perf_analyzer.sweep(
+                    settings, protocol, address, texts, new_tokens(settings)
+                )
                 continue
             setup, work = triton_work(settings, protocol, address)
             systems["triton"] += sweep(
@@ -707,9 +707,17 @@ def task_bench():
         paths.bench_markdown(settings.name),
         paths.bench_plot(settings.name),
     ]
+    modules = [  # the code that decides the report (it is rewritten on every run anyway)
+        "bench",
+        "facts",  # max_positions, pad id
+        "pbtxt",  # the tokenizer parameters of the in-process batching
+        *(["generation_parity"] if settings.task.generation else []),  # in-process decoding
+        *(["perf_analyzer"] if settings.bench.loadgen == "perf_analyzer" else []),
+    ]
     return {
         "actions": [(fails_cleanly(run), [settings])],
         "task_dep": ["repo"],
+        "file_dep": [paths.stage_module(m) for m in modules],
         "targets": targets,
         "uptodate": [False],
         "clean": [(artifacts.remove_artifacts, [targets])],

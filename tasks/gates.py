@@ -8,6 +8,7 @@ Called by tasks/parity.py for precision=int8, int4, nf4 and fp4.
 from __future__ import annotations
 
 from tasks import artifacts, catalog, paths
+from tasks.compare import TensorRTStep, mean_pooled
 from tasks.errors import ParityError
 from tasks.settings import Settings
 
@@ -42,8 +43,6 @@ def served_outputs(settings: Settings, names: list[str], feed: dict) -> dict:
     import numpy as np
 
     if settings.backend == "tensorrt":
-        from tasks.generation_parity import TensorRTStep
-
         step = TensorRTStep(paths.plan_file(settings.name, "model"))
     else:
         import onnxruntime as ort
@@ -68,8 +67,6 @@ def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
     import numpy as np
     import torch
     import transformers
-
-    from tasks.parity import mean_pooled
 
     spec, source = settings.task, paths.source_dir(settings.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)

@@ -11,34 +11,15 @@ Two proofs, both against the Hugging Face model in fp32 on CPU:
 from __future__ import annotations
 
 from tasks import artifacts, catalog, paths, profiles
+from tasks.compare import TensorRTStep, compare, engine_runners, print_passes
 from tasks.errors import ParityError
-from tasks.parity import compare, print_passes
-from tasks.pbtxt import checkpoint_facts
+from tasks.facts import checkpoint_facts
 from tasks.settings import Settings
 
 
 def load_decoding():
     """The runtime's decoding loop (triton/generate/decoding.py), the one that serves."""
     return artifacts.load_runtime("generate", "decoding.py")
-
-
-class TensorRTStep:
-    """One engine of the build as a decoding step (Polygraphy's TrtRunner, outputs on host)."""
-
-    def __init__(self, plan) -> None:
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))
-        self.runner.activate()
-        self.inputs = list(self.runner.get_input_metadata().keys())
-
-    def __call__(self, feed: dict) -> dict:
-        # copies: the runner reuses its output buffers on the next call
-        return {name: array.copy() for name, array in self.runner.infer(feed).items()}
-
-    def close(self) -> None:
-        self.runner.deactivate()
 
 
 def close_steps(steps: dict) -> None:
@@ -193,8 +174,6 @@ def seq2seq_steps(model, ids, mask, start_id: int) -> dict:
 def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
     """Each exported file (and its engine, on TensorRT) against PyTorch on the same inputs:
     {part: {runner: {output: ...}}}."""
-    from tasks.parity import engine_runners
-
     name, spec = settings.name, settings.task
     takes = {  # the inputs each file takes, as the export recorded them
         part: {t["name"] for t in artifacts.read_json(paths.onnx_io(name, part))["inputs"]}
@@ -209,8 +188,10 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         feeds = [{k: v for k, v in feed.items() if k in takes[part]} for feed, _ in pairs]
         reference = [ref for _, ref in pairs]
         labels = [{"step": step, "batch": len(ids)} for step in range(len(pairs))]
-        runners = engine_runners(settings, part)
-        report[part] = compare(settings, runners, feeds, reference, labels, set(reference[0]))
+        runners = engine_runners(settings.model_file(part), settings.plan_file(part))
+        report[part] = compare(
+            settings.tolerance, runners, feeds, reference, labels, set(reference[0])
+        )
         print_passes(report[part], prefix=f"{part} ")
     return report
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
-from tasks.errors import ParityError, fails_cleanly
+from tasks.compare import REFERENCE, compare, engine_runners, mean_pooled, print_passes
+from tasks.errors import fails_cleanly
 from tasks.settings import Settings, current
-
-REFERENCE = "pytorch"
 
 
 def sample_texts(spec: catalog.TaskSpec) -> tuple[list, list | None]:
@@ -52,15 +51,6 @@ def tokenized_feeds(settings: Settings, tokenizer, input_names: list[str]) -> li
     return feeds
 
 
-def mean_pooled(hidden, mask):
-    """sentence-transformers' mean pooling and L2 normalisation, as the graph computes it."""
-    import torch
-
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    mean = (hidden * weights).sum(1) / torch.clamp(weights.sum(1), min=1e-9)
-    return torch.nn.functional.normalize(mean, p=2, dim=1)
-
-
 def reference_outputs(settings: Settings, source: Path, feeds: list[dict]) -> list[dict]:
     import torch
     import transformers
@@ -80,85 +70,6 @@ def reference_outputs(settings: Settings, source: Path, feeds: list[dict]) -> li
                 )
             results.append({k: v.float().numpy() for k, v in named.items()})
     return results
-
-
-def engine_runners(settings: Settings, part: str = "model") -> list:
-    """Polygraphy runners of one exported part: ONNX Runtime always; TensorRT when the build
-    made a plan."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-    onnx_file = settings.model_file(part)
-    runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_file)), name="onnxruntime")]
-    if settings.backend == "tensorrt":
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        engine = EngineFromBytes(BytesFromPath(str(paths.plan_file(settings.name, part))))
-        runners.append(TrtRunner(engine, name="tensorrt"))
-    return runners
-
-
-def compare(
-    settings: Settings,
-    runners: list,
-    feeds: list[dict],
-    reference: list[dict],
-    labels: list[dict],
-    expected: set[str],
-) -> dict:
-    """Run the engines on the feeds and compare each output to the reference.
-
-    `labels` name each feed in the report (e.g. its batch and seq). Returns
-    {runner: {output: [entry per feed]}}; raises ParityError naming every failing output."""
-    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    tol = settings.tolerance
-    engines = Comparator.run(runners, data_loader=feeds)
-    ref_iterations = [IterationResult(outputs=out, runner_name=REFERENCE) for out in reference]
-    results = RunResults([(REFERENCE, ref_iterations), *engines.items()])
-    accuracy = Comparator.compare_accuracy(  # one AccuracyResult per compare function
-        results,
-        comparisons=[(0, i) for i in range(1, len(results))],
-        compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol),
-    )[0]
-    report = {}
-    for (_, runner), iterations in accuracy.items():
-        for label, per_output in zip(labels, iterations):
-            for output, result in per_output.items():
-                report.setdefault(runner, {}).setdefault(output, []).append(
-                    {
-                        **label,
-                        "max_abs_diff": float(result.max_absdiff),
-                        "max_rel_diff": float(result.max_reldiff),
-                        "pass": bool(result),
-                    }
-                )
-    failures = describe_failures(report, tol, labels[0].keys())
-    for runner, outputs in report.items():
-        if set(outputs) != expected:
-            failures.append(f"{runner} compared {sorted(outputs)}, expected {sorted(expected)}")
-    if failures:
-        raise ParityError("outputs differ from the PyTorch reference: " + "; ".join(failures))
-    return report
-
-
-def describe_failures(report: dict, tol: catalog.Tolerance, keys) -> list[str]:
-    """One line per failing output and runner: where it fails worst, and how often."""
-    lines = []
-    for runner, outputs in report.items():
-        for output, entries in outputs.items():
-            failed = [e for e in entries if not e["pass"]]
-            if failed:
-                worst = max(failed, key=lambda e: e["max_abs_diff"])
-                where = " x ".join(f"{key} {worst[key]}" for key in keys)
-                lines.append(
-                    f"{output} ({runner}): max abs diff {worst['max_abs_diff']:.3g}, rel "
-                    f"{worst['max_rel_diff']:.3g} at {where} (atol {tol.atol}, rtol {tol.rtol}; "
-                    f"fails at {len(failed)} of {len(entries)} shapes)"
-                )
-    return lines
 
 
 def check(settings: Settings) -> None:
@@ -209,13 +120,6 @@ def check(settings: Settings) -> None:
     )
 
 
-def print_passes(report: dict, prefix: str = "") -> None:
-    for runner, outputs in report.items():
-        for output, entries in outputs.items():
-            worst = max(e["max_abs_diff"] for e in entries)
-            print(f"parity: {prefix}{runner} {output}: max abs diff {worst:.3g} (pass)", flush=True)
-
-
 def check_encoder(settings: Settings) -> dict:
     """Encoder tasks: the model file at the min, opt and max (batch, seq) of the profile."""
     from transformers import AutoTokenizer
@@ -227,8 +131,8 @@ def check_encoder(settings: Settings) -> dict:
     )
     labels = [{"batch": b, "seq": s} for b, s in settings.shape_points()]
     report = compare(
-        settings,
-        engine_runners(settings),
+        settings.tolerance,
+        engine_runners(settings.model_file(), settings.plan_file()),
         feeds,
         reference_outputs(settings, source, feeds),
         labels,
@@ -272,8 +176,8 @@ def task_parity():
         [
             paths.stage_module("generation_parity"),
             paths.runtime_file("generate", "decoding.py"),
-            paths.stage_module("pbtxt"),
-        ]  # checkpoint_facts: pad, EOS and start ids
+            paths.stage_module("facts"),  # pad, EOS and start ids
+        ]
         if settings.task.generation
         else []
     )
@@ -300,6 +204,7 @@ def task_parity():
                 else []
             ),
             paths.stage_module("parity"),
+            paths.stage_module("compare"),  # the runners and the comparison
         ],
         "targets": [target],
         "uptodate": [config_changed(params)],

@@ -15,42 +15,13 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import ConfigError, fails_cleanly
+from tasks.facts import checkpoint_facts
 from tasks.settings import Settings, current
 
 
 def triton_dims(shape: list) -> list[int]:
     """ONNX dims after the batch axis; symbolic ones become -1."""
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
-
-
-def checkpoint_facts(name: str) -> dict:
-    """Token ids and limits from the checkpoint's config files (no transformers import)."""
-    from tokenizers import Tokenizer
-
-    def read(filename: str) -> dict:
-        path = paths.source_file(name, filename)
-        return artifacts.read_json(path) if path.is_file() else {}
-
-    config, generation = read("config.json"), read("generation_config.json")
-    token = read("tokenizer_config.json").get("pad_token")
-    if isinstance(token, dict):
-        token = token.get("content")
-    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(name)))
-    eos = generation.get("eos_token_id", config.get("eos_token_id"))
-    eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    pad = tokenizer.token_to_id(token) if token else None
-    for fallback in (config.get("pad_token_id"), generation.get("pad_token_id"), *eos_ids, 0):
-        if pad is None:
-            pad = fallback
-    start = generation.get("decoder_start_token_id", config.get("decoder_start_token_id"))
-    return {
-        "pad_id": pad,
-        "eos_ids": eos_ids,
-        # HF's default for encoder-decoders without one is the pad token (T5 does this)
-        "decoder_start_id": pad if start is None else start,
-        "max_positions": config.get("n_positions") or config.get("max_position_embeddings") or 0,
-        "vocab_size": config.get("vocab_size") or 0,  # 0: unknown, ids go unchecked
-    }
 
 
 def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
@@ -477,6 +448,7 @@ def task_pbtxt():
                 paths.template("dynamic_batching"),  # included by the models that queue
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
+                paths.stage_module("facts"),  # which reads them
                 paths.stage_module("pbtxt"),
                 paths.stage_module("profiles"),  # the cache a decoding batch may grow
             ],

@@ -110,10 +110,11 @@ def link_libraries(lib: Path) -> None:
         os.replace(staged, link)  # also replaces a dangling link from an earlier install
 
 
-def input_data(settings: Settings, texts: list[tuple[str, ...]], target: Path) -> None:
-    """perf_analyzer's --input-data: one entry per text, as the ensemble takes it."""
-    from tasks.bench import new_tokens
-
+def input_data(
+    settings: Settings, texts: list[tuple[str, ...]], new_tokens: int, target: Path
+) -> None:
+    """perf_analyzer's --input-data: one entry per text, as the ensemble takes it (with
+    `new_tokens` per request on a generation task)."""
     entries = []
     for text in texts:
         entry = {
@@ -121,7 +122,7 @@ def input_data(settings: Settings, texts: list[tuple[str, ...]], target: Path) -
             for name, value in zip(settings.task.text_inputs, text)
         }
         if settings.task.generation:
-            entry["MAX_NEW_TOKENS"] = {"content": [new_tokens(settings)], "shape": [1]}
+            entry["MAX_NEW_TOKENS"] = {"content": [new_tokens], "shape": [1]}
         entries.append(entry)
     target.write_text(json.dumps({"data": entries}))
 
@@ -153,8 +154,9 @@ def failed_point(concurrency: int, protocol: str, message: str) -> dict:
     }
 
 
-def sweep(settings: Settings, protocol: str, url: str, texts: list) -> list[dict]:
-    """perf_analyzer at each concurrency of the settings, on the served ensemble.
+def sweep(settings: Settings, protocol: str, url: str, texts: list, new_tokens: int) -> list[dict]:
+    """perf_analyzer at each concurrency of the settings, on the served ensemble (`new_tokens`
+    per request on a generation task, as bench's other systems generate).
 
     Each point is three windows of a third of `seconds`; the stability check is off (a busy
     machine would fail it), so a point takes about `seconds`, as our load generator's do."""
@@ -164,7 +166,7 @@ def sweep(settings: Settings, protocol: str, url: str, texts: list) -> list[dict
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "input.json", Path(tmp) / "point.csv"
-        input_data(settings, texts, data)
+        input_data(settings, texts, new_tokens, data)
         for concurrency in settings.bench.concurrency:
             command = [
                 str(binary),

@@ -17,7 +17,7 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths, profiles
 from tasks.errors import TensorRTError, fails_cleanly
-from tasks.pbtxt import checkpoint_facts
+from tasks.facts import checkpoint_facts
 from tasks.settings import Settings, current
 
 
@@ -291,6 +291,7 @@ def task_plan():
                 settings.model_file(part),
                 paths.onnx_io(name, part),
                 paths.source_manifest(name),  # max_positions caps a causal LM's cache
+                paths.stage_module("facts"),  # which reads it
                 paths.stage_module("plan"),
                 paths.stage_module("profiles"),
             ],
@@ -302,7 +303,12 @@ def task_plan():
     yield {  # parity depends on its file, so every build prints it
         "name": f"{name}-memory",
         "actions": [(fails_cleanly(report_reservation), [settings])],
-        "file_dep": [*records, paths.stage_module("profiles")],
+        "file_dep": [
+            *records,
+            paths.stage_module("plan"),
+            paths.stage_module("facts"),  # max_positions: the cache the engines reserve
+            paths.stage_module("profiles"),
+        ],
         "targets": [memory],
         "uptodate": [
             config_changed({"instances": settings.serving.instances, "gpus": settings.serving.gpus})

@@ -187,6 +187,10 @@ class Settings:
             return paths.quant_file(self.name, part)
         return paths.onnx_file(self.name, part)
 
+    def plan_file(self, part: str = "model") -> Path | None:
+        """The TensorRT engine a part is served from on backend=tensorrt; else None."""
+        return paths.plan_file(self.name, part) if self.backend == "tensorrt" else None
+
     @property
     def one_hop(self) -> bool:
         """An encoder task on the python backend: one python model tokenizes, infers and

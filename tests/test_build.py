@@ -102,7 +102,7 @@ def pytorch_encode(model_dir, texts: list[str], max_seq: int):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tasks.parity import mean_pooled
+    from tasks.compare import mean_pooled
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()

@@ -83,7 +83,7 @@ def close(served_array, reference_array, mask=None):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_encode_answers_as_pytorch_does(served, protocol):
-    from tasks.parity import mean_pooled
+    from tasks.compare import mean_pooled
 
     project, server = served
     out = infer(server, protocol, "encode", {"TEXT": TEXTS})

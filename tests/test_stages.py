@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tasks import catalog, paths, pbtxt, plan, profiles, settings
+from tasks.bench import task_bench
 from tests.helpers.stages import FACTS, IO, params, render_all, settings_from, tasks_for
 
 
@@ -151,6 +152,24 @@ def test_with_decoder_models_the_loop_calls_each_exported_file_through_bls(task)
     first.input[0].name = "renamed"
     problems = pbtxt.check_step_models(configs["generate"], parts)
     assert len(problems) == 1 and f"calls {first.name}" in problems[0]
+
+
+def test_every_stage_that_reads_the_checkpoint_facts_lists_their_module(monkeypatch):
+    monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
+    facts = paths.stage_module("facts")
+    found = tasks_for(monkeypatch, task="t5", seq="1,32,64")
+    readers = [n for n in found if n.split(":")[0] in ("plan", "pbtxt", "parity")]
+    readers = [n for n in readers if not n.endswith("-wiring")]  # reads rendered configs only
+    assert {n.split(":")[0] for n in readers} == {"plan", "pbtxt", "parity"}
+    for name in readers:
+        assert facts in found[name]["file_dep"], name
+    assert paths.stage_module("pbtxt") not in found["parity:t5"]["file_dep"]
+    assert facts in task_bench()["file_dep"]
+    # an encoder's parity reads no checkpoint facts: editing them does not rerun it
+    encoder = tasks_for(monkeypatch)
+    assert facts not in encoder["parity:encode"]["file_dep"]
+    assert facts in encoder["pbtxt:encode"]["file_dep"]  # the tokenizer's pad id
+    assert paths.stage_module("compare") in encoder["parity:encode"]["file_dep"]
 
 
 def test_on_a_tensorrt_host_generation_builds_an_engine_per_part_served_by_bls(monkeypatch):
