@@ -59,7 +59,9 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
 
     Tensors and ensemble steps are built from the task's facts and the exported graphs
     (`ios`: part -> its io.json), so the configs agree with the model and with each other by
-    construction."""
+    construction. Inputs are (tensor, optional) pairs and outputs tensors, as
+    templates/_tensors.j2 declares them. What the configs are rendered from is exactly this
+    context: its digest is what makes them stale (`ContextChanged`)."""
     spec = settings.task
     pipeline = generation_pipeline if spec.generation else encoder_pipeline
     return {
@@ -75,7 +77,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "gpus": settings.serving.gpus,
-        "text_inputs": spec.text_inputs,
+        "text_inputs": text_tensors(spec),
         "tokenizer_parameters": tokenizer_parameters(settings, facts),
         **pipeline(settings, ios, facts),
     }
@@ -100,16 +102,19 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
     ]
 
 
+def text_tensors(spec: catalog.TaskSpec) -> list[tuple[catalog.Tensor, bool]]:
+    """The texts a deployment takes (BYTES, one per batch item), none optional."""
+    return [(catalog.Tensor(n, "TYPE_STRING", (1,)), False) for n in spec.text_inputs]
+
+
 def file_context(io: dict) -> dict:
     """A model serving one exported file (model.pbtxt.j2): its tensors, from its io.json."""
     types = _types(io)
-    return {
-        kind: [
-            catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"])))
-            for t in io[f"{direction}s"]
-        ]
-        for kind, direction in (("model_inputs", "input"), ("model_outputs", "output"))
-    }
+    inputs, outputs = (
+        [catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"]))) for t in ts]
+        for ts in (io["inputs"], io["outputs"])
+    )
+    return {"model_inputs": [(t, False) for t in inputs], "model_outputs": outputs}
 
 
 def template_name(settings: Settings, part: str) -> str:
@@ -149,7 +154,8 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     tokenizer_outputs = token + token_tensors(spec)
     model_outputs = file_context(io)["model_outputs"]
     # Every tensor flowing through the ensemble, by its name there.
-    tensors = {n: catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs}
+    texts = text_tensors(spec)
+    tensors = {t.name: t for t, _ in texts}
     tensors.update({t.name: t for t in tokenizer_outputs})
     by_onnx = {t.name: t for t in model_outputs}
     for out in spec.outputs:
@@ -177,11 +183,11 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
         )
     return {
         "tokenizer_outputs": tokenizer_outputs,
-        "post_inputs": [tensors[n] for n in post.inputs] if post else [],
+        "post_inputs": [(tensors[n], False) for n in post.inputs] if post else [],
         "post_outputs": post_outputs,
         "post_parameters": post_parameters(post),
         "steps": steps,
-        "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
+        "ensemble_inputs": texts,
         "ensemble_outputs": [by_name[n] for n in spec.answers],
     }
 
@@ -213,9 +219,7 @@ def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
         "pipeline_outputs": answers,
         "pipeline_parameters": list(parameters.items()),
         "steps": [_step(names["model"], _same(spec.text_inputs), _same(t.name for t in answers))],
-        "ensemble_inputs": [
-            (catalog.Tensor(n, "TYPE_STRING", (1,)), False) for n in spec.text_inputs
-        ],
+        "ensemble_inputs": text_tensors(spec),
         "ensemble_outputs": answers,
     }
 
@@ -234,7 +238,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         if t["name"] in catalog.TOKEN_INPUTS
     ]
     options = list(catalog.GENERATION_INPUTS)
-    text = [catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs]
+    texts = text_tensors(spec)
     step_models = {
         part: {
             "model": names[part],
@@ -273,10 +277,12 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
                 _same(t.name for t in catalog.GENERATION_OUTPUTS),
             ),
         ],
-        "ensemble_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "ensemble_inputs": texts + [(t, True) for t in options],
         "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),  # spec.answers, with types
         # <name>_stream: the same decoding, decoupled, on <name>_generate's files
-        "stream_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "stream_inputs": texts + [(t, True) for t in options],
+        # each response carries one decoding step: a row's new text piece and token id
+        "stream_outputs": [replace(t, dims=(1,)) for t in catalog.GENERATION_OUTPUTS],
         "stream_parameters": [*parameters.items(), ("weights_from", names["generate"])],
     }
 
@@ -475,6 +481,7 @@ def task_pbtxt():
             "file_dep": [
                 paths.template(template_name(settings, part)),
                 paths.template("dynamic_batching"),  # included by the models that queue
+                paths.TENSOR_MACROS,  # imported by every template
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),
