@@ -4,12 +4,16 @@ Templates are strict (StrictUndefined): a missing value fails the render. Each r
 is parsed back into Triton's own protobuf (tritonclient's `model_config_pb2.ModelConfig`)
 before it counts as built. A separate check proves the ensemble's wiring: each step's model
 and tensors exist, and data types and dims agree from producer to consumer.
+
+A config is stale when the context it renders from changes: the task's config_changed is a
+digest of that context (`ContextChanged`), so no fact has to be listed by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 
 from doit.tools import config_changed
 
@@ -328,11 +332,63 @@ def part_context(settings: Settings, part: str, ios: dict[str, dict], facts: dic
     return {**context, "model_name": settings.triton_models[part]}
 
 
-def render_part(settings: Settings, part: str) -> None:
+def context_inputs(settings: Settings) -> tuple[dict[str, dict], dict]:
+    """What a context reads from files: each exported part's io.json, the checkpoint's facts."""
     name = settings.name
     ios = {p: artifacts.read_json(paths.onnx_io(name, p)) for p in settings.task.onnx_parts}
+    return ios, checkpoint_facts(name)
+
+
+def context_digest(context: dict) -> str:
+    """sha256 of a render context as canonical JSON: sorted keys, tuples as lists, dataclasses
+    as the fields they compare by (a Profile's `given` text is not a fact)."""
+    text = json.dumps(context, sort_keys=True, separators=(",", ":"), default=_canonical)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: object) -> dict:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in fields(value) if f.compare}
+    raise TypeError(
+        f"a render context holds {type(value).__name__} {value!r}, which has no canonical JSON "
+        "form: put plain values or dataclasses in the context, or teach pbtxt._canonical it"
+    )
+
+
+class ContextChanged(config_changed):
+    """doit's config_changed on the digest of the whole context a part renders from, so that
+    every fact the context reads (settings, catalog, exported graphs, checkpoint) makes the
+    config stale when it changes, and none has to be listed by hand.
+
+    The digest is computed when doit checks the task, not when it lists tasks: by then the
+    stages this one depends on (its file_dep) have written the io.json and checkpoint files
+    the context reads, so the digest is that of the render about to run, and `doit list`
+    reads nothing."""
+
+    def __init__(self, settings: Settings, part: str):
+        super().__init__({})
+        self.settings, self.part = settings, part
+
+    def digest(self, ios: dict[str, dict], facts: dict) -> str:
+        return context_digest(part_context(self.settings, self.part, ios, facts))
+
+    def _calc_digest(self) -> str:
+        try:
+            inputs = context_inputs(self.settings)
+        # not built yet (`doit list --status`, or an upstream stage failed): stale; the render
+        # names what is missing. tokenizers raises a bare Exception for a missing file.
+        except Exception as err:
+            return f"unknown: {err}"
+        return self.digest(*inputs)
+
+    def __repr__(self) -> str:
+        return f"ContextChanged({self.settings.triton_models[self.part]!r})"
+
+
+def render_part(settings: Settings, part: str) -> None:
+    name = settings.name
     template = template_name(settings, part)
-    text = render(template, part_context(settings, part, ios, checkpoint_facts(name)))
+    text = render(template, part_context(settings, part, *context_inputs(settings)))
     where = f"templates/{paths.template(template).name}"
     config = parse_config(text, f"the config rendered from {where}")
     if config.name != settings.triton_models[part]:
@@ -452,27 +508,6 @@ def task_pbtxt():
     """config.pbtxt of ensemble, tokenizer, model from templates/, checked by Triton's schema."""
     settings = current()
     name = settings.name
-    params = {
-        "batch": settings.batch.points(),
-        "seq": settings.seq.points(),
-        "backend": settings.backend,
-        "decoder": settings.decoder,
-        "task": repr(settings.task),  # its tensors, steps and parameters are facts
-        "serving": settings.serving.as_dict(),
-        "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
-        # every other catalog fact render_context reads
-        "facts": [
-            catalog.window_stride(settings.seq.max),
-            repr(catalog.WINDOW_TENSORS),
-            repr(catalog.SEQ_LENGTH),
-            catalog.PLATFORMS,
-            catalog.TRITON_DTYPES,
-            catalog.MODEL_FILES,
-            catalog.TOKEN_INPUTS,
-            catalog.MAX_TEXT_BYTES,
-            repr(catalog.GENERATION_OUTPUTS),
-        ],
-    }
     for part in settings.triton_models:
         target = paths.rendered_config(name, part)
         yield {
@@ -485,10 +520,10 @@ def task_pbtxt():
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("pbtxt"),
-                paths.stage_module("profiles"),  # the cache a decoding batch may grow
             ],
             "targets": [target],
-            "uptodate": [config_changed(params)],
+            # the io.json and checkpoint files above are read when doit checks this
+            "uptodate": [ContextChanged(settings, part)],
             "clean": [(artifacts.remove_artifacts, [[target]])],
         }
     report = paths.wiring_report(name)
