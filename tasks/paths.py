@@ -172,6 +172,10 @@ def template(part: str) -> Path:
     return TEMPLATES_DIR / f"{part}.pbtxt.j2"
 
 
+# The Jinja macros every template imports: the input and output entries.
+TENSOR_MACROS = TEMPLATES_DIR / "_tensors.j2"
+
+
 def runtime_file(component: str, filename: str) -> Path:
     """Code that runs inside Triton (imports nothing from `tasks/`)."""
     return TRITON_DIR / component / filename

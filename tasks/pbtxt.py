@@ -4,12 +4,16 @@ Templates are strict (StrictUndefined): a missing value fails the render. Each r
 is parsed back into Triton's own protobuf (tritonclient's `model_config_pb2.ModelConfig`)
 before it counts as built. A separate check proves the ensemble's wiring: each step's model
 and tensors exist, and data types and dims agree from producer to consumer.
+
+A config is stale when the context it renders from changes: the task's config_changed is a
+digest of that context (`ContextChanged`), so no fact has to be listed by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 
 from doit.tools import config_changed
 
@@ -30,7 +34,9 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
 
     Tensors and ensemble steps are built from the task's facts and the exported graphs
     (`ios`: part -> its io.json), so the configs agree with the model and with each other by
-    construction."""
+    construction. Inputs are (tensor, optional) pairs and outputs tensors, as
+    templates/_tensors.j2 declares them. What the configs are rendered from is exactly this
+    context: its digest is what makes them stale (`ContextChanged`)."""
     spec = settings.task
     pipeline = generation_pipeline if spec.generation else encoder_pipeline
     return {
@@ -46,7 +52,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
         "intra_op_threads": settings.serving.ort_threads,
         "instances": settings.serving.instances,
         "gpus": settings.serving.gpus,
-        "text_inputs": spec.text_inputs,
+        "text_inputs": text_tensors(spec),
         "tokenizer_parameters": tokenizer_parameters(settings, facts),
         **pipeline(settings, ios, facts),
     }
@@ -71,16 +77,19 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
     ]
 
 
+def text_tensors(spec: catalog.TaskSpec) -> list[tuple[catalog.Tensor, bool]]:
+    """The texts a deployment takes (BYTES, one per batch item), none optional."""
+    return [(catalog.Tensor(n, "TYPE_STRING", (1,)), False) for n in spec.text_inputs]
+
+
 def file_context(io: dict) -> dict:
     """A model serving one exported file (model.pbtxt.j2): its tensors, from its io.json."""
     types = _types(io)
-    return {
-        kind: [
-            catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"])))
-            for t in io[f"{direction}s"]
-        ]
-        for kind, direction in (("model_inputs", "input"), ("model_outputs", "output"))
-    }
+    inputs, outputs = (
+        [catalog.Tensor(t["name"], types[t["name"]], tuple(triton_dims(t["shape"]))) for t in ts]
+        for ts in (io["inputs"], io["outputs"])
+    )
+    return {"model_inputs": [(t, False) for t in inputs], "model_outputs": outputs}
 
 
 def template_name(settings: Settings, part: str) -> str:
@@ -120,7 +129,8 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
     tokenizer_outputs = token + token_tensors(spec)
     model_outputs = file_context(io)["model_outputs"]
     # Every tensor flowing through the ensemble, by its name there.
-    tensors = {n: catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs}
+    texts = text_tensors(spec)
+    tensors = {t.name: t for t, _ in texts}
     tensors.update({t.name: t for t in tokenizer_outputs})
     by_onnx = {t.name: t for t in model_outputs}
     for out in spec.outputs:
@@ -148,11 +158,11 @@ def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> d
         )
     return {
         "tokenizer_outputs": tokenizer_outputs,
-        "post_inputs": [tensors[n] for n in post.inputs] if post else [],
+        "post_inputs": [(tensors[n], False) for n in post.inputs] if post else [],
         "post_outputs": post_outputs,
         "post_parameters": post_parameters(post),
         "steps": steps,
-        "ensemble_inputs": [(tensors[n], False) for n in spec.text_inputs],
+        "ensemble_inputs": texts,
         "ensemble_outputs": [by_name[n] for n in spec.answers],
     }
 
@@ -184,9 +194,7 @@ def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
         "pipeline_outputs": answers,
         "pipeline_parameters": list(parameters.items()),
         "steps": [_step(names["model"], _same(spec.text_inputs), _same(t.name for t in answers))],
-        "ensemble_inputs": [
-            (catalog.Tensor(n, "TYPE_STRING", (1,)), False) for n in spec.text_inputs
-        ],
+        "ensemble_inputs": text_tensors(spec),
         "ensemble_outputs": answers,
     }
 
@@ -205,7 +213,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         if t["name"] in catalog.TOKEN_INPUTS
     ]
     options = list(catalog.GENERATION_INPUTS)
-    text = [catalog.Tensor(n, "TYPE_STRING", (1,)) for n in spec.text_inputs]
+    texts = text_tensors(spec)
     step_models = {
         part: {
             "model": names[part],
@@ -244,10 +252,12 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
                 _same(t.name for t in catalog.GENERATION_OUTPUTS),
             ),
         ],
-        "ensemble_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "ensemble_inputs": texts + [(t, True) for t in options],
         "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),  # spec.answers, with types
         # <name>_stream: the same decoding, decoupled, on <name>_generate's files
-        "stream_inputs": [(t, False) for t in text] + [(t, True) for t in options],
+        "stream_inputs": texts + [(t, True) for t in options],
+        # each response carries one decoding step: a row's new text piece and token id
+        "stream_outputs": [replace(t, dims=(1,)) for t in catalog.GENERATION_OUTPUTS],
         "stream_parameters": [*parameters.items(), ("weights_from", names["generate"])],
     }
 
@@ -293,11 +303,63 @@ def part_context(settings: Settings, part: str, ios: dict[str, dict], facts: dic
     return {**context, "model_name": settings.triton_models[part]}
 
 
-def render_part(settings: Settings, part: str) -> None:
+def context_inputs(settings: Settings) -> tuple[dict[str, dict], dict]:
+    """What a context reads from files: each exported part's io.json, the checkpoint's facts."""
     name = settings.name
     ios = {p: artifacts.read_json(paths.onnx_io(name, p)) for p in settings.task.onnx_parts}
+    return ios, checkpoint_facts(name)
+
+
+def context_digest(context: dict) -> str:
+    """sha256 of a render context as canonical JSON: sorted keys, tuples as lists, dataclasses
+    as the fields they compare by (a Profile's `given` text is not a fact)."""
+    text = json.dumps(context, sort_keys=True, separators=(",", ":"), default=_canonical)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(value: object) -> dict:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in fields(value) if f.compare}
+    raise TypeError(
+        f"a render context holds {type(value).__name__} {value!r}, which has no canonical JSON "
+        "form: put plain values or dataclasses in the context, or teach pbtxt._canonical it"
+    )
+
+
+class ContextChanged(config_changed):
+    """doit's config_changed on the digest of the whole context a part renders from, so that
+    every fact the context reads (settings, catalog, exported graphs, checkpoint) makes the
+    config stale when it changes, and none has to be listed by hand.
+
+    The digest is computed when doit checks the task, not when it lists tasks: by then the
+    stages this one depends on (its file_dep) have written the io.json and checkpoint files
+    the context reads, so the digest is that of the render about to run, and `doit list`
+    reads nothing."""
+
+    def __init__(self, settings: Settings, part: str):
+        super().__init__({})
+        self.settings, self.part = settings, part
+
+    def digest(self, ios: dict[str, dict], facts: dict) -> str:
+        return context_digest(part_context(self.settings, self.part, ios, facts))
+
+    def _calc_digest(self) -> str:
+        try:
+            inputs = context_inputs(self.settings)
+        # not built yet (`doit list --status`, or an upstream stage failed): stale; the render
+        # names what is missing. tokenizers raises a bare Exception for a missing file.
+        except Exception as err:
+            return f"unknown: {err}"
+        return self.digest(*inputs)
+
+    def __repr__(self) -> str:
+        return f"ContextChanged({self.settings.triton_models[self.part]!r})"
+
+
+def render_part(settings: Settings, part: str) -> None:
+    name = settings.name
     template = template_name(settings, part)
-    text = render(template, part_context(settings, part, ios, checkpoint_facts(name)))
+    text = render(template, part_context(settings, part, *context_inputs(settings)))
     where = f"templates/{paths.template(template).name}"
     config = parse_config(text, f"the config rendered from {where}")
     if config.name != settings.triton_models[part]:
@@ -417,27 +479,6 @@ def task_pbtxt():
     """config.pbtxt of ensemble, tokenizer, model from templates/, checked by Triton's schema."""
     settings = current()
     name = settings.name
-    params = {
-        "batch": settings.batch.points(),
-        "seq": settings.seq.points(),
-        "backend": settings.backend,
-        "decoder": settings.decoder,
-        "task": repr(settings.task),  # its tensors, steps and parameters are facts
-        "serving": settings.serving.as_dict(),
-        "generation": [repr(catalog.GENERATION_INPUTS), catalog.DEFAULT_MAX_NEW_TOKENS],
-        # every other catalog fact render_context reads
-        "facts": [
-            catalog.window_stride(settings.seq.max),
-            repr(catalog.WINDOW_TENSORS),
-            repr(catalog.SEQ_LENGTH),
-            catalog.PLATFORMS,
-            catalog.TRITON_DTYPES,
-            catalog.MODEL_FILES,
-            catalog.TOKEN_INPUTS,
-            catalog.MAX_TEXT_BYTES,
-            repr(catalog.GENERATION_OUTPUTS),
-        ],
-    }
     for part in settings.triton_models:
         target = paths.rendered_config(name, part)
         yield {
@@ -446,14 +487,15 @@ def task_pbtxt():
             "file_dep": [
                 paths.template(template_name(settings, part)),
                 paths.template("dynamic_batching"),  # included by the models that queue
+                paths.TENSOR_MACROS,  # imported by every template
                 *(paths.onnx_io(name, p) for p in settings.task.onnx_parts),
                 paths.source_manifest(name),  # token ids and limits of the checkpoint
                 paths.stage_module("facts"),  # which reads them
                 paths.stage_module("pbtxt"),
-                paths.stage_module("profiles"),  # the cache a decoding batch may grow
             ],
             "targets": [target],
-            "uptodate": [config_changed(params)],
+            # the io.json and checkpoint files above are read when doit checks this
+            "uptodate": [ContextChanged(settings, part)],
             "clean": [(artifacts.remove_artifacts, [[target]])],
         }
     report = paths.wiring_report(name)

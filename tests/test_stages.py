@@ -8,7 +8,7 @@ import pytest
 
 from tasks import catalog, paths, pbtxt, plan, profiles, settings
 from tasks.bench import task_bench
-from tests.helpers.stages import FACTS, IO, params, render_all, settings_from, tasks_for
+from tests.helpers.stages import FACTS, IO, ios_of, params, render_all, settings_from, tasks_for
 
 
 def test_the_dag_without_tensorrt_has_no_plan(monkeypatch):
@@ -217,6 +217,67 @@ def test_the_generate_config_carries_the_checkpoint_facts():
     assert stream.model_transaction_policy.decoupled
     assert [i.name for i in stream.input if not i.optional] == ["TEXT"]
     assert stream.parameters["weights_from"].string_value == "t5_generate"
+
+
+def test_the_stream_config_declares_the_catalogs_generation_outputs(monkeypatch):
+    from tritonclient.grpc import model_config_pb2
+
+    def declared(config) -> list[tuple[str, str, list[int]]]:
+        return [
+            (o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims))
+            for o in config.output
+        ]
+
+    # one decoding step per response: each output's piece of it has dims [1]
+    expected = [(t.name, t.data_type, [1]) for t in catalog.GENERATION_OUTPUTS]
+    for task in ("t5", "causallm"):
+        assert declared(render_all(settings_from(task=task))["stream"]) == expected
+    more = (*catalog.GENERATION_OUTPUTS, catalog.Tensor("OUTPUT_LOGPROBS", "TYPE_FP32", (-1,)))
+    monkeypatch.setattr(catalog, "GENERATION_OUTPUTS", more)
+    stream = render_all(settings_from(task="t5"))["stream"]
+    assert declared(stream)[-1] == ("OUTPUT_LOGPROBS", "TYPE_FP32", [1])
+
+
+def test_a_catalog_fact_the_context_reads_makes_the_configs_stale(monkeypatch):
+    """No hand list: PROFILE_DIMS, read by the one hop's context, was missing from it."""
+    monkeypatch.setattr(pbtxt, "context_inputs", lambda chosen: (ios_of(chosen), FACTS))
+    found = tasks_for(monkeypatch)
+    checks = [found[n]["uptodate"][0] for n in ("pbtxt:encode", "pbtxt:encode_model")]
+    saved = {}
+    for check in checks:  # as doit runs it: stale at first, then up to date with its digest
+        assert check(None, {}) is False
+        saved[check] = {"_config_changed": check.config_digest}
+        assert check(None, saved[check]) is True
+    monkeypatch.setattr(catalog, "PROFILE_DIMS", {**catalog.PROFILE_DIMS, "model": {}})
+    assert [check(None, saved[check]) for check in checks] == [False, False]
+    monkeypatch.undo()
+    monkeypatch.setattr(pbtxt, "context_inputs", lambda chosen: (ios_of(chosen), FACTS))
+    assert [check(None, saved[check]) for check in checks] == [True, True]
+    monkeypatch.setattr(catalog, "MAX_TEXT_BYTES", catalog.MAX_TEXT_BYTES // 2)
+    assert [check(None, saved[check]) for check in checks] == [False, False]
+
+
+def test_the_files_a_context_reads_come_from_the_stages_before(monkeypatch):
+    """The digest reads io.json and the checkpoint when doit checks the task; they are file_dep
+    so that those stages run first, and their absence means stale, not a crash."""
+    found = tasks_for(monkeypatch, task="qa", backend="onnxruntime", name="never_built")
+    models = settings.current().triton_models
+    assert len(models) == 4  # ensemble, tokenizer, model, post
+    for model in models.values():
+        task = found[f"pbtxt:{model}"]
+        assert paths.onnx_io("never_built", "model") in task["file_dep"]
+        assert paths.source_manifest("never_built") in task["file_dep"]
+        check = task["uptodate"][0]
+        assert check(None, {"_config_changed": "a digest"}) is False
+        assert check.config_digest.startswith("unknown: ")
+
+
+def test_every_template_declares_its_tensors_with_the_shared_macros():
+    for template in paths.TEMPLATES_DIR.glob("*.pbtxt.j2"):
+        text = template.read_text()
+        assert "data_type:" not in text, template.name  # a copied tensor block
+        if "input" in text or "output" in text:
+            assert '{% import "_tensors.j2" as tensors %}' in text, template.name
 
 
 def test_encode_dims_come_from_the_onnx_graph():

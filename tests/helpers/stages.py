@@ -18,9 +18,13 @@ def tasks_for(monkeypatch, **variables) -> dict[str, dict]:
     return graph.build_tasks()
 
 
-def params(task: dict) -> dict:
-    """The config_changed parameters of a task (its first uptodate check)."""
-    return task["uptodate"][0].config
+def params(task: dict) -> dict | str:
+    """The config_changed parameters of a task (its first uptodate check); for a pbtxt task,
+    the digest of the context it renders from (here from the fake graphs and facts below)."""
+    check = task["uptodate"][0]
+    if isinstance(check, pbtxt.ContextChanged):
+        return check.digest(ios_of(check.settings), FACTS)
+    return check.config
 
 
 # Synthetic description of an exported BERT, as the onnx stage writes it to io.json.
