@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tasks import catalog
+from tests.helpers.client import Client, Raw
 
 pytestmark = pytest.mark.server
 
@@ -103,41 +104,14 @@ GOOD_IDS = [1, 5, 2]
 
 
 def input_names(server, model: str) -> list[str]:
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(server.http_url)
-    try:
-        return [i["name"] for i in client.get_model_metadata(model)["inputs"]]
-    finally:
-        client.close()
+    with Client(server) as client:
+        return client.input_names(model)
 
 
 def send(server, protocol: str, model: str, inputs: list) -> tuple[str | None, str]:
     """(None, '') on success, else (the status, the message)."""
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-
-        client = module.InferenceServerClient(server.grpc_url)
-    else:
-        import tritonclient.http as module
-
-        client = module.InferenceServerClient(server.http_url)
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        tensors = []
-        for name, datatype, array, shape in inputs:
-            tensor = module.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            if shape is not None:
-                tensor.set_shape(shape)  # what the request claims, not what it holds
-            tensors.append(tensor)
-        client.infer(model, tensors)
-        return None, ""
-    except InferenceServerException as err:
-        return str(err.status()), err.message()
-    finally:
-        client.close()
+    with Client(server, protocol) as client:
+        return client.refusal(model, [(n, Raw(t, a, shape)) for n, t, a, shape in inputs])
 
 
 def client_error(protocol: str, status: str | None) -> bool:

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from tasks import paths
+from tests.helpers.client import infer
 from tests.helpers.project import copy_project
 
 SHAPE_TASKS = {
@@ -119,20 +120,13 @@ def pytorch_encode(model_dir, texts: list[str], max_seq: int):
 @pytest.mark.server
 def test_the_served_ensemble_answers_as_pytorch_does(built, minilm_dir):
     import numpy as np
-    import tritonclient.http as httpclient
 
     from tasks.server import EmbeddedTritonServer
 
     with EmbeddedTritonServer(built.root / "models") as server:
-        client = httpclient.InferenceServerClient(server.http_url)
-        try:
-            text = httpclient.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
-            text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=object))
-            result = client.infer("encode", [text])
-        finally:
-            client.close()
+        result = infer(server, "http", "encode", {"TEXT": TEXTS})
     mask, hidden, embedding = pytorch_encode(minilm_dir, TEXTS, max_seq=512)
-    served_hidden, served_embedding = result.as_numpy("HIDDEN_STATE"), result.as_numpy("EMBEDDING")
+    served_hidden, served_embedding = result["HIDDEN_STATE"], result["EMBEDDING"]
     assert served_embedding.shape == (len(TEXTS), 384)
     assert served_hidden.shape == hidden.shape  # padded to the longest text, truncated at 512
     assert hidden.shape[1] == 512

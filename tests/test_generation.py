@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tasks import catalog, paths
+from tests.helpers.client import Client, infer
 from tests.helpers.project import copy_project
 from tests.helpers.serving import kill_stubs_and_wait
 
@@ -91,26 +92,17 @@ def generating(tmp_path_factory, generation_models):
 
 def generate(server, model: str, prompts: list[str], **options):
     """OUTPUT_TEXT and OUTPUT_IDS (without the -1 padding) per prompt, or the error text."""
-    import tritonclient.http as httpclient
+    inputs = {"TEXT": prompts}
+    for name, value in options.items():
+        inputs[name] = np.full((len(prompts), 1), value, dtype=OPTION_TYPES[name][1])
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(server.http_url)
     try:
-        text = httpclient.InferInput("TEXT", [len(prompts), 1], "BYTES")
-        text.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=object))
-        inputs = [text]
-        for name, value in options.items():
-            datatype, numpy_type = OPTION_TYPES[name]
-            tensor = httpclient.InferInput(name, [len(prompts), 1], datatype)
-            tensor.set_data_from_numpy(np.full((len(prompts), 1), value, dtype=numpy_type))
-            inputs.append(tensor)
-        result = client.infer(model, inputs)
+        result = infer(server, "http", model, inputs)
     except InferenceServerException as err:
         return str(err)
-    finally:
-        client.close()
-    ids = [[int(t) for t in row if t != -1] for row in result.as_numpy("OUTPUT_IDS")]
-    return [t[0].decode() for t in result.as_numpy("OUTPUT_TEXT")], ids
+    ids = [[int(t) for t in row if t != -1] for row in result["OUTPUT_IDS"]]
+    return [t[0].decode() for t in result["OUTPUT_TEXT"]], ids
 
 
 def hf_generate(model_dir, task: str, prompt: str, new_tokens: int) -> list[int]:
@@ -303,19 +295,15 @@ def test_streaming_sends_each_token_as_it_comes_and_adds_up(generating, name):
 def test_streaming_responses_arrive_one_per_token(generating):
     import queue
 
-    import tritonclient.grpc as grpcclient
-
     _, server, _, _ = generating
     arrived: queue.Queue = queue.Queue()
-    stream_client = grpcclient.InferenceServerClient(server.grpc_url)
-    text = grpcclient.InferInput("TEXT", [2, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[p.encode()] for p in PROMPTS[:2]], dtype=object))
-    limit = grpcclient.InferInput("MAX_NEW_TOKENS", [2, 1], "INT32")
-    limit.set_data_from_numpy(np.array([[3], [5]], dtype=np.int32))
+    grpc = Client(server, "grpc")
+    stream_client = grpc.client
+    inputs = {"TEXT": PROMPTS[:2], "MAX_NEW_TOKENS": np.array([[3], [5]], dtype=np.int32)}
     stream_client.start_stream(callback=lambda result, error: arrived.put((result, error)))
     try:
         stream_client.async_stream_infer(
-            "gpt_stream", [text, limit], enable_empty_final_response=True
+            "gpt_stream", grpc.tensors(inputs), enable_empty_final_response=True
         )
         steps = []
         while True:
@@ -365,39 +353,20 @@ BAD_PROMPTS = {  # a prompt the tokenizer step (and the stream model) must refus
 def test_bad_prompts_and_parameters_are_refused_over_both_protocols(generating, protocol):
     """The ensemble over HTTP and gRPC: bad texts and out-of-range parameters each get a client
     error naming the problem; the server serves on."""
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-
-        url, wanted = generating[1].grpc_url, "StatusCode.INVALID_ARGUMENT"
-    else:
-        import tritonclient.http as module
-
-        url, wanted = generating[1].http_url, "400"
-    from tritonclient.utils import InferenceServerException
-
-    client_ = module.InferenceServerClient(url)
-    requests = [({"TEXT": (value, "BYTES")}, words) for value, words in BAD_PROMPTS.items()]
+    wanted = "StatusCode.INVALID_ARGUMENT" if protocol == "grpc" else "400"
+    requests = [({"TEXT": [value]}, words) for value, words in BAD_PROMPTS.items()]
     requests += [
-        ({"TEXT": (PROMPTS[0].encode(), "BYTES"), "MAX_NEW_TOKENS": (0, "INT32")}, "MAX_NEW"),
-        ({"TEXT": (PROMPTS[0].encode(), "BYTES"), "TOP_P": (1.5, "FP32")}, "TOP_P=1.5"),
+        ({"TEXT": PROMPTS[:1], "MAX_NEW_TOKENS": np.array([[0]], np.int32)}, "MAX_NEW"),
+        ({"TEXT": PROMPTS[:1], "TOP_P": np.array([[1.5]], np.float32)}, "TOP_P=1.5"),
     ]
     problems = []
-    try:
+    with Client(generating[1], protocol) as client:
         for inputs, words in requests:
-            tensors = []
-            for name, (value, datatype) in inputs.items():
-                dtype = {"BYTES": object, "INT32": np.int32, "FP32": np.float32}[datatype]
-                tensor = module.InferInput(name, [1, 1], datatype)
-                tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
-                tensors.append(tensor)
-            try:
-                client_.infer("gpt", tensors)
+            status, message = client.refusal("gpt", inputs)
+            if status is None:
                 problems.append(f"{inputs}: answered")
-            except InferenceServerException as err:
-                if str(err.status()) != wanted or words not in err.message():
-                    problems.append(f"{inputs}: {err.status()} {err.message()[:200]}")
-    finally:
-        client_.close()
+            elif status != wanted or words not in message:
+                problems.append(f"{inputs}: {status} {message[:200]}")
     assert problems == []
     assert isinstance(generate(generating[1], "gpt", PROMPTS[:1], MAX_NEW_TOKENS=2), tuple)
 
@@ -406,17 +375,14 @@ def test_the_stream_model_refuses_bad_prompts_in_words(generating):
     """<name>_stream tokenizes TEXT itself: it holds texts to the same rules."""
     import queue
 
-    import tritonclient.grpc as grpcclient
-
     _, server, _, _ = generating
     for value, words in BAD_PROMPTS.items():
         arrived: queue.Queue = queue.Queue()
-        stream = grpcclient.InferenceServerClient(server.grpc_url)
-        text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[value]], dtype=object))
+        grpc = Client(server, "grpc")
+        stream = grpc.client
         stream.start_stream(callback=lambda result, error, box=arrived: box.put((result, error)))
         try:
-            stream.async_stream_infer("gpt_stream", [text])
+            stream.async_stream_infer("gpt_stream", grpc.tensors({"TEXT": [value]}))
             _, error = arrived.get(timeout=30)
         finally:
             stream.stop_stream()

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers.client import Client
 from tests.helpers.project import copy_project
 
 pytestmark = pytest.mark.server
@@ -29,34 +30,22 @@ def bounded(tmp_path_factory):
 def burst(server, clients: int, protocol: str) -> tuple[list, list]:
     """`clients` requests at once; (latencies of answers, (status, message, latency) of
     failures)."""
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-
-        url = server.grpc_url
-    else:
-        import tritonclient.http as module
-
-        url = server.http_url
     from tritonclient.utils import InferenceServerException
 
     answered, failed, lock = [], [], threading.Lock()
     start = threading.Barrier(clients)
 
     def one() -> None:
-        client = module.InferenceServerClient(url)
-        text = module.InferInput("TEXT", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[b"a sentence of some length " * 8]], dtype=object))
-        start.wait()
-        began = time.perf_counter()
-        try:
-            client.infer("encode", [text])
-            with lock:
-                answered.append(time.perf_counter() - began)
-        except InferenceServerException as err:
-            with lock:
-                failed.append((str(err.status()), err.message(), time.perf_counter() - began))
-        finally:
-            client.close()
+        with Client(server, protocol) as client:
+            start.wait()
+            began = time.perf_counter()
+            try:
+                client.infer("encode", {"TEXT": ["a sentence of some length " * 8]})
+                with lock:
+                    answered.append(time.perf_counter() - began)
+            except InferenceServerException as err:
+                with lock:
+                    failed.append((str(err.status()), err.message(), time.perf_counter() - began))
 
     threads = [threading.Thread(target=one) for _ in range(clients)]
     for thread in threads:
@@ -87,19 +76,16 @@ def test_at_four_times_capacity_accepted_requests_keep_their_latency_and_the_res
 ):
     """Closed loop, as `doit bench` measures: at 4x the concurrency of capacity, the accepted
     requests wait within 2x the p99 at capacity, and rejections come faster than answers."""
-    import tritonclient.grpc as grpcclient
-
     from tasks.bench import closed_loop
 
-    text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
-    text.set_data_from_numpy(np.array([[b"a sentence of some length " * 8]], dtype=object))
+    text = {"TEXT": ["a sentence of some length " * 8]}
 
     def setup(state: dict) -> None:
-        state["client"] = grpcclient.InferenceServerClient(bounded.grpc_url)
+        state["client"] = Client(bounded, "grpc")
         state["close"] = state["client"].close
 
     def work(state: dict, _text) -> bool:
-        return state["client"].infer("encode", [text]).as_numpy("EMBEDDING") is not None
+        return state["client"].infer("encode", text)["EMBEDDING"] is not None
 
     closed_loop(work, 2, 1.0, [()], setup)  # warm up
     capacity = closed_loop(work, 2, 3.0, [()], setup)  # the batch max is 4: 2 clients fill it

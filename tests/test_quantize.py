@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from tasks import paths
+from tests.helpers.client import infer
 from tests.helpers.models import generation_tokenizer
 from tests.helpers.project import copy_project
 
@@ -50,14 +51,9 @@ def test_encode_int8_builds_passes_its_cosine_gate_and_serves(int8_project):
     assert gates["embedding_cosine_mean"]["value"] >= 0.99
     served = (project.root / "models/encode_model/1/model.onnx").read_bytes()
     assert served == project.path(paths.quant_file("encode")).read_bytes()  # int8 is served
-    import tritonclient.http as httpclient
-
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
-        client = httpclient.InferenceServerClient(server.http_url)
-        text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[b"Triton serves the int8 model."]], dtype=object))
-        embedding = client.infer("encode", [text]).as_numpy("EMBEDDING")
-        client.close()
+        texts = {"TEXT": ["Triton serves the int8 model."]}
+        embedding = infer(server, "http", "encode", texts)["EMBEDDING"]
     assert embedding.shape == (1, 384) and abs(np.linalg.norm(embedding) - 1) < 1e-3
 
 
@@ -152,16 +148,10 @@ def test_causallm_int4_serves_four_bit_weights_and_records_token_agreement(four_
         served.read_bytes()
         == project.path(paths.quant_file("causallm", "decoder_model")).read_bytes()
     )
-    import tritonclient.http as httpclient
-
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
-        client = httpclient.InferenceServerClient(server.http_url)
         for name in ("causallm", "gptnf4"):
-            text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
-            text.set_data_from_numpy(np.array([[b"The quick brown fox"]], dtype=object))
-            ids = client.infer(name, [text]).as_numpy("OUTPUT_IDS")
+            ids = infer(server, "http", name, {"TEXT": ["The quick brown fox"]})["OUTPUT_IDS"]
             assert ids.shape[0] == 1 and (ids >= 0).any(), name
-        client.close()
 
 
 def test_nf4_holds_bitsandbytes_four_bit_weights(four_bit):

@@ -24,6 +24,7 @@ from tasks.server import (
     prepare_backend_dir,
     server_environment,
 )
+from tests.helpers.client import infer
 
 CONFIG = """\
 name: "{name}"
@@ -169,15 +170,9 @@ def test_preflight_rejects_a_stub_that_cannot_start(tmp_path):
 
 @pytest.mark.server
 def test_identity_model_answers_over_http(server):
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(server.http_url)
     data = np.array([[0.5, -1.0, 3.25], [7.0, 0.0, -2.5]], dtype=np.float32)
-    request = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
-    request.set_data_from_numpy(data)
-    result = client.infer("identity", [request])
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
-    client.close()
+    result = infer(server, "http", "identity", {"INPUT0": data})
+    np.testing.assert_array_equal(result["OUTPUT0"], data)
 
 
 def test_port_in_use_fails_before_launching(identity_repo, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tasks import paths
+from tests.helpers.client import Client, Raw, infer
 from tests.helpers.models import MARKERS
 from tests.helpers.project import OFFLINE_ENV
 from tests.helpers.serving import SERVED_SHAPES, kill_stubs_and_wait
@@ -27,29 +28,6 @@ TEXTS = [
 ]
 QUESTIONS = ["Who met whom?", "Was ist das?", "Wo?"]
 CONTEXTS = [f"Ann met the {MARKERS[0]} and the {MARKERS[1]}.", "Das ist ein Haus.", "Hier."]
-
-
-def infer(server, protocol: str, model: str, texts: dict[str, list[str]]):
-    """Send BYTES inputs through the ensemble; return {output: array}."""
-    if protocol == "grpc":
-        import tritonclient.grpc as client_module
-
-        client = client_module.InferenceServerClient(server.grpc_url)
-    else:
-        import tritonclient.http as client_module
-
-        client = client_module.InferenceServerClient(server.http_url)
-    try:
-        inputs = []
-        for name, values in texts.items():
-            tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[v.encode()] for v in values], dtype=object))
-            inputs.append(tensor)
-        result = client.infer(model, inputs)
-        outputs = result.get_response(as_json=True) if protocol == "grpc" else result.get_response()
-        return {o["name"]: result.as_numpy(o["name"]) for o in outputs["outputs"]}
-    finally:
-        client.close()
 
 
 def reference(project, task: str, first: list[str], second: list[str] | None = None):
@@ -220,22 +198,11 @@ def model_counts(server, model: str) -> tuple[int, int]:
 
 def raw_request(server, model: str, inputs: list[tuple[str, list, str, np.ndarray]]) -> str:
     """Send exactly these inputs; return the server's error message ('' on success)."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
-
-    client = httpclient.InferenceServerClient(server.http_url)
-    try:
-        tensors = []
-        for name, shape, datatype, data in inputs:
-            tensor = httpclient.InferInput(name, shape, datatype)
-            tensor.set_data_from_numpy(data)
-            tensors.append(tensor)
-        client.infer(model, tensors)
-        return ""
-    except InferenceServerException as err:
-        return str(err)
-    finally:
-        client.close()
+    with Client(server) as client:
+        status, message = client.refusal(
+            model, [(n, Raw(t, a, shape)) for n, shape, t, a in inputs]
+        )
+    return f"[{status}] {message}" if status else ""
 
 
 def text_array(count: int) -> np.ndarray:
