@@ -20,31 +20,25 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-encoding = _load("encoding")
+encoding = runtime.load(HERE, "encoding")
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = runtime.Parameters.of(config)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         text_inputs = [tensor["name"] for tensor in config["input"]]
+        self.max_rows = int(config["max_batch_size"])
         self.encoder = encoding.TextEncoder(
-            str(version_dir / "tokenizer.json"), params, text_inputs, int(config["max_batch_size"])
+            str(version_dir / "tokenizer.json"), params, text_inputs, self.max_rows
         )
         self.outputs = []
-        self.waste = float(params["batch_waste"])
-        self.max_rows = int(config["max_batch_size"])
+        self.waste = params.read("batch_waste", float)
         known = [*encoding.ENCODING_FIELDS, *encoding.WINDOW_FIELDS, encoding.LENGTH_FIELD]
         for tensor in config["output"]:
             if tensor["name"] not in known:
@@ -71,11 +65,11 @@ class TritonPythonModel:
             try:
                 good.append((index, self._items(request)))
             except encoding.RequestError as err:  # a bad request: its own error
-                responses[index] = _error(str(err))
+                responses[index] = runtime.bad_request(str(err))
         ready = []
         for (index, _), encoded in zip(good, self.encoder.encode([i for _, i in good])):
             if isinstance(encoded, encoding.RequestError):
-                responses[index] = _error(str(encoded))
+                responses[index] = runtime.bad_request(str(encoded))
             else:
                 ready.append((index, encoded))
         lengths = [encoded.length for _, encoded in ready]
@@ -88,12 +82,3 @@ class TritonPythonModel:
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]
                 )
         return responses
-
-
-def _error(message: str):
-    """A bad request (HTTP 400), not a server failure."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = (
-        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    )
-    return pb_utils.InferenceResponse(error=error)
