@@ -141,3 +141,16 @@ def test_a_bad_request_is_a_client_error_where_triton_has_codes(runtime, monkeyp
     assert refused.error.code == (3 if with_codes else None)
     failed = runtime.failed("ONNX Runtime failed: boom")
     assert failed.error.message == "ONNX Runtime failed: boom" and failed.error.code is None
+
+
+def test_model_args_parses_what_triton_hands_initialize(runtime, tmp_path):
+    config = config_of(max_seq="64")
+    args = {
+        "model_config": json.dumps(config),
+        "model_repository": str(tmp_path / "encode_model"),
+        "model_version": "1",
+    }
+    parsed, params, version_dir = runtime.model_args(args)
+    assert parsed == config
+    assert params.read("max_seq", int) == 64 and params.model == "encode_model"
+    assert version_dir == tmp_path / "encode_model" / "1"

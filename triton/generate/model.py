@@ -105,9 +105,7 @@ class BlsStep:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = runtime.Parameters.of(config)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         # The streaming twin (`<name>_stream`, decoupled) reads the files of `<name>_generate`
         # and tokenizes TEXT itself: one token per response, as soon as it is decoded.
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)

@@ -10,7 +10,6 @@ request sent straight here is held to (a bad request, not an ONNX Runtime trace)
 """
 
 import importlib.util
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,9 +26,7 @@ _SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = runtime.Parameters.of(config)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         options = ort.SessionOptions()
         options.intra_op_num_threads = params.read("intra_op_threads", int)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -8,7 +8,6 @@ as the ensemble names them) to the named outputs. Imports only numpy and Triton'
 """
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -22,9 +21,7 @@ _SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = runtime.Parameters.of(config)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         self.answer = runtime.load(version_dir, "answer").make(version_dir, params)
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]

@@ -2,6 +2,7 @@
 (tasks/repo.py), as encoding.py and decoding.py are.
 
 - `load`: a sibling module (encoding.py, decoding.py, answer.py) loaded by path;
+- `model_args`: what Triton hands `initialize`, parsed;
 - `Parameters`: a model's config.pbtxt parameters read as typed values, one message when
   one is missing or bad;
 - `bad_request` / `failed`: a request's error response, the client's fault or the server's;
@@ -76,6 +77,12 @@ class Parameters:
                 f"model '{self.model}': parameter '{key}' is {value!r}, not {wanted} ({err}); "
                 "rebuild the repository with doit, or fix the value in config.pbtxt"
             ) from None
+
+
+def model_args(args: dict) -> tuple[dict, Parameters, Path]:
+    """The model config, its parameters and the version folder, from `initialize(args)`."""
+    config = json.loads(args["model_config"])
+    return config, Parameters.of(config), Path(args["model_repository"]) / args["model_version"]
 
 
 def bad_request(message: str):

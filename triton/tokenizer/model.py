@@ -13,7 +13,6 @@ model's sequence outputs back.
 """
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -29,9 +28,7 @@ encoding = runtime.load(HERE, "encoding")
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = runtime.Parameters.of(config)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         text_inputs = [tensor["name"] for tensor in config["input"]]
         self.max_rows = int(config["max_batch_size"])
         self.encoder = encoding.TextEncoder(
