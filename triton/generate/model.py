@@ -8,7 +8,7 @@ together; a request with bad parameters gets an error and the others go on.
 The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file; or, with the
 `step_models` parameter (decoder=models, and always on TensorRT), each exported file is a Triton
 model of the deployment that the loop calls through BLS. Imports only numpy, onnxruntime,
-tokenizers and Triton's utilities.
+tokenizers, Triton's utilities and the shared helpers (runtime.py, next to this file).
 
 The same code, configured decoupled and with `weights_from`, is `<name>_stream`: it takes
 TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).

@@ -19,7 +19,8 @@ encoding.py), `model_file`, `intra_op_threads`, `spinning`, `batch_waste`, `mode
 (ONNX output -> ensemble tensor), `sequence_outputs` (ONNX outputs whose second dim is the
 sequence), `token_tensors` (the tokenizer's tensors the answer step reads: windows,
 `seq_length`).
-Imports only numpy, onnxruntime, tokenizers and Triton's utilities.
+Imports only numpy, onnxruntime, tokenizers, Triton's utilities and the shared helpers
+(runtime.py, next to this file).
 """
 
 import importlib.util

@@ -3,8 +3,9 @@
 answers in the same process).
 
 The task's `answer.py` next to this file does the work (triton/label/, triton/qa_answer/):
-its `make(version_dir, parameters)` returns a function from the named input tensors (named
-as the ensemble names them) to the named outputs. Imports only numpy and Triton's utilities.
+its `make(version_dir, params)` (params: runtime.py's `Parameters`) returns a function from
+the named input tensors (named as the ensemble names them) to the named outputs. Imports only
+numpy, Triton's utilities and the shared helpers (runtime.py, next to this file).
 """
 
 import importlib.util

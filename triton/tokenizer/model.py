@@ -1,9 +1,10 @@
 """Triton python-backend model: text in, the model's token tensors out, before a model on a
 native backend (TensorRT, ONNX Runtime's own backend) or a generation loop.
 
-Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utilities (no
-`transformers`, nothing from the build). The tokenizing is `encoding.py` next to this file
-(see there for the parameters); the config names the text inputs and the outputs.
+Runs inside Triton and imports only numpy, `tokenizers`, Triton's own utilities and the shared
+helpers (runtime.py; no `transformers`, nothing from the build). The tokenizing is
+`encoding.py` next to this file (see there for the parameters); the config names the text
+inputs and the outputs.
 
 The requests of one call that have similar lengths (`length_groups`: padded tokens within
 `batch_waste` times the real ones) are padded to the longest of them, so they leave with
