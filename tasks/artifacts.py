@@ -175,16 +175,17 @@ def load_onnx(path: Path, name: str):
 
 def load_runtime(component: str, filename: str):
     """A module of the code that runs inside Triton (triton/<component>/<filename>), loaded by
-    path: runtime code is not a build package, yet parity and bench run the same code."""
+    path as Triton's model.py loads it: runtime code is not a build package, yet parity and
+    bench run the same code. The shared helpers (runtime.py) are loaded first, as there."""
     import importlib.util
     import sys
 
+    helpers = paths.runtime_helpers()
+    spec = importlib.util.spec_from_file_location("llm_in_triton_runtime", helpers)
+    runtime = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
     path = paths.runtime_file(component, filename)
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return runtime if path == helpers else runtime.load(path.parent, path.stem)
 
 
 _HELD: dict[Path, object] = {}  # lock file -> its open handle, for this process's life

@@ -257,8 +257,10 @@ def batched_sweep(settings: Settings, texts: list) -> list[dict]:
 
     from tasks.pbtxt import tokenizer_parameters
 
+    runtime = artifacts.load_runtime("runtime", "runtime.py")
     encoding = artifacts.load_runtime("tokenizer", "encoding.py")
-    params = {k: str(v) for k, v in tokenizer_parameters(settings, checkpoint_facts(settings.name))}
+    values = {k: str(v) for k, v in tokenizer_parameters(settings, checkpoint_facts(settings.name))}
+    params = runtime.Parameters(values, f"{settings.name} (bench)")
     encoder = encoding.TextEncoder(
         str(paths.source_tokenizer(settings.name)), params, settings.task.text_inputs,
         settings.batch.max,

@@ -176,6 +176,7 @@ def task_parity():
         [
             paths.stage_module("generation_parity"),
             paths.runtime_file("generate", "decoding.py"),
+            paths.runtime_helpers(),  # its softmax
             paths.stage_module("facts"),  # pad, EOS and start ids
         ]
         if settings.task.generation

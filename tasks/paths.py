@@ -186,6 +186,11 @@ def runtime_model_code(component: str) -> Path:
     return runtime_file(component, "model.py")
 
 
+def runtime_helpers() -> Path:
+    """The helpers shipped beside every python-backend model (`runtime.py`)."""
+    return runtime_file("runtime", "runtime.py")
+
+
 # --- models/: the Triton model repository -------------------------------------------------
 
 

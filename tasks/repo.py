@@ -13,6 +13,8 @@
                               checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
+Every 1/model.py has the shared helpers, runtime.py (triton/runtime/), beside it.
+
 Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
 copied atomically and config.pbtxt is written last: a server polling the repository never
 sees a config whose files are not all in place. The model part waits for parity.
@@ -49,6 +51,14 @@ class Component:
         ]
 
 
+def python_code(component: str) -> tuple:
+    """A python-backend model's own code: the shared helpers, then its model.py."""
+    return (
+        (paths.runtime_helpers(), "runtime.py"),
+        (paths.runtime_model_code(component), "model.py"),
+    )
+
+
 def file_model(settings: Settings, part: str) -> Component:
     """A Triton model serving one exported file: its engine, its ONNX file, or the ONNX file
     and the python-backend code that runs it."""
@@ -61,10 +71,7 @@ def file_model(settings: Settings, part: str) -> Component:
     elif settings.backend == "onnxruntime":
         files = ((settings.model_file(part), settings.model_filename),)
     else:
-        files = (
-            (settings.model_file(part), settings.model_filename),
-            (paths.runtime_model_code("onnx_model"), "model.py"),
-        )
+        files = ((settings.model_file(part), settings.model_filename), *python_code("onnx_model"))
     return Component(part, settings.triton_models[part], files, (paths.parity_report(name),))
 
 
@@ -87,7 +94,7 @@ def one_hop(settings: Settings) -> list[Component]:
         (paths.source_tokenizer(name), "tokenizer.json"),
         (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
         *answer_files(settings),
-        (paths.runtime_model_code("pipeline"), "model.py"),
+        *python_code("pipeline"),
     )
     return [
         Component("model", names["model"], files, (paths.parity_report(name),)),
@@ -106,7 +113,7 @@ def components(settings: Settings) -> list[Component]:
             (
                 (paths.source_tokenizer(name), "tokenizer.json"),
                 (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
-                (paths.runtime_model_code("tokenizer"), "model.py"),
+                *python_code("tokenizer"),
             ),
             (),
         ),
@@ -115,6 +122,11 @@ def components(settings: Settings) -> list[Component]:
         inline = settings.decoder == "inline"
         if not inline:
             found += [file_model(settings, part) for part in settings.task.onnx_parts]
+        code = (  # the stream model is this code too, reading the generate model's files
+            (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
+            (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
+            *python_code("generate"),
+        )
         files = (
             *(
                 (settings.model_file(part), f"{part}.onnx")
@@ -122,21 +134,14 @@ def components(settings: Settings) -> list[Component]:
                 if inline
             ),
             (paths.source_tokenizer(name), "tokenizer.json"),
-            (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
-            (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
-            (paths.runtime_model_code("generate"), "model.py"),
+            *code,
         )
         found.append(Component("generate", names["generate"], files, (paths.parity_report(name),)))
-        code = (
-            (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
-            (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
-            (paths.runtime_model_code("generate"), "model.py"),
-        )
         found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))
     else:
         found.append(file_model(settings, "model"))
     if settings.task.postprocess is not None:
-        files = (*answer_files(settings), (paths.runtime_model_code("postprocess"), "model.py"))
+        files = (*answer_files(settings), *python_code("postprocess"))
         found.append(Component("postprocess", names["postprocess"], files, ()))
     found.append(Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()))
     return found

@@ -2,7 +2,8 @@
 
 Runs inside Triton (loaded by triton/generate/model.py) and in the build's generation parity,
 so the loop that is proven equal to Hugging Face `generate()` is the loop that serves.
-Imports only numpy (and onnxruntime, for the steps that run on it).
+Imports only numpy, the shared helpers (runtime.py, loaded before this file) and onnxruntime,
+for the steps that run on it.
 
 Two kinds of model, as the build exports them (unmerged decoders):
 - causal: `decoder_model` (the prompt, no past) then `decoder_with_past_model`;
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from llm_in_triton_runtime import softmax
 
 PAST, PRESENT = "past_key_values.", "present."
 LOGITS = "logits"  # the one output the loop reads; the others it only passes on
@@ -61,14 +63,9 @@ class RowParams:
         return self
 
 
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max())
-    return shifted / shifted.sum()
-
-
 def sample_token(logits: np.ndarray, params: RowParams, rng: np.random.Generator) -> int:
     scores = filtered_scores(logits, params)
-    return int(rng.choice(scores.size, p=_softmax(scores)))
+    return int(rng.choice(scores.size, p=softmax(scores)))
 
 
 def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
@@ -80,8 +77,8 @@ def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
         scores = np.where(scores < kth, -np.inf, scores)
     if params.top_p < 1.0:
         order = np.argsort(-scores)
-        cumulative = np.cumsum(_softmax(scores[order]))
-        keep = cumulative - _softmax(scores[order]) < params.top_p  # at least the best token
+        probabilities = softmax(scores[order])
+        keep = np.cumsum(probabilities) - probabilities < params.top_p  # at least the best token
         scores[order[~keep]] = -np.inf
     return scores
 

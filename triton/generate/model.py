@@ -8,7 +8,7 @@ together; a request with bad parameters gets an error and the others go on.
 The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file; or, with the
 `step_models` parameter (decoder=models, and always on TensorRT), each exported file is a Triton
 model of the deployment that the loop calls through BLS. Imports only numpy, onnxruntime,
-tokenizers and Triton's utilities.
+tokenizers, Triton's utilities and the shared helpers (runtime.py, next to this file).
 
 The same code, configured decoupled and with `weights_from`, is `<name>_stream`: it takes
 TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).
@@ -24,18 +24,12 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 HERE = Path(__file__).resolve().parent
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-decoding = _load("decoding")
-encoding = _load("encoding")  # the tokenizer model's text rules, for the stream's own TEXT
+decoding = runtime.load(HERE, "decoding")
+encoding = runtime.load(HERE, "encoding")  # the tokenizer's text rules, for the stream's TEXT
 
 
 def _has_gpu() -> bool:
@@ -111,35 +105,34 @@ class BlsStep:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         # The streaming twin (`<name>_stream`, decoupled) reads the files of `<name>_generate`
         # and tokenizes TEXT itself: one token per response, as soon as it is decoded.
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
-        if params.get("weights_from"):
-            version_dir = Path(args["model_repository"]).parent / params["weights_from"] / "1"
-        self.max_seq = int(params["max_seq"])
-        self.max_text_bytes = int(params["max_text_bytes"])
-        self.default_max_new = int(params["default_max_new_tokens"])
-        self.limit = int(params["max_new_tokens_limit"])
-        self.max_positions = int(params["max_positions"])  # 0: no limit (relative positions)
-        self.kind = params["kind"]
+        weights_from = params.read("weights_from", default="")
+        if weights_from:
+            version_dir = Path(args["model_repository"]).parent / weights_from / "1"
+        self.max_seq = params.read("max_seq", int)
+        self.max_text_bytes = params.read("max_text_bytes", int)
+        self.default_max_new = params.read("default_max_new_tokens", int)
+        self.limit = params.read("max_new_tokens_limit", int)
+        self.max_positions = params.read("max_positions", int)  # 0: no limit (relative positions)
+        self.kind = params.read("kind")
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
-        start = params["decoder_start_token_id"]
-        step_models = json.loads(params["step_models"])
+        step_models = params.read("step_models", json.loads)
         if step_models:  # decoder=models: each exported file is a Triton model of its own
             steps = {part: BlsStep(**step) for part, step in step_models.items()}
         else:
-            files = {part: version_dir / f"{part}.onnx" for part in json.loads(params["parts"])}
-            steps = decoding.onnxruntime_steps(files, int(params["intra_op_threads"]))
+            parts = params.read("parts", json.loads)
+            files = {part: version_dir / f"{part}.onnx" for part in parts}
+            steps = decoding.onnxruntime_steps(files, params.read("intra_op_threads", int))
         self.generator = decoding.Generator(
             self.kind,
             steps,
-            eos_ids=json.loads(params["eos_token_ids"]),
-            pad_id=int(params["pad_token_id"]),
-            start_id=int(start),
-            cache_limit=int(params["cache_limit"]),
+            eos_ids=params.read("eos_token_ids", json.loads),
+            pad_id=params.read("pad_token_id", int),
+            start_id=params.read("decoder_start_token_id", int),
+            cache_limit=params.read("cache_limit", int),
         )
 
     def _optional(self, request, name, rows, default, cast):
@@ -196,7 +189,7 @@ class TritonPythonModel:
             params = self._params(request, len(prompts))
             self._check_positions(prompts, params)
         except decoding.ParameterError as err:
-            sender.send(_invalid(str(err)), flags=final)
+            sender.send(runtime.bad_request(str(err)), flags=final)
             return
         ids, mask = self._padded(prompts)
         so_far = [[] for _ in prompts]
@@ -224,10 +217,7 @@ class TritonPythonModel:
         try:
             self.generator.generate(ids, mask, params, on_step=send_step)
         except Exception as err:  # ONNX Runtime errors end this stream, not the server
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {err}")),
-                flags=final,
-            )
+            sender.send(runtime.failed(f"generation failed: {err}"), flags=final)
             return
         sender.send(flags=final)
 
@@ -269,7 +259,7 @@ class TritonPythonModel:
                 params = self._params(request, len(prompts))
                 self._check_positions(prompts, params)
             except decoding.ParameterError as err:
-                responses[index] = _invalid(str(err))
+                responses[index] = runtime.bad_request(str(err))
                 continue
             rows += [(index, prompt, p) for prompt, p in zip(prompts, params)]
         if rows:
@@ -277,8 +267,7 @@ class TritonPythonModel:
                 self._decode(rows, responses)
             except Exception as err:  # ONNX Runtime or BLS errors: fail these, keep serving
                 for index in {i for i, _, _ in rows}:
-                    error = pb_utils.TritonError(f"generation failed: {err}")
-                    responses[index] = pb_utils.InferenceResponse(error=error)
+                    responses[index] = runtime.failed(f"generation failed: {err}")
         return responses
 
     def _decode(self, rows, responses):
@@ -298,12 +287,3 @@ class TritonPythonModel:
                     pb_utils.Tensor("OUTPUT_IDS", out_ids),
                 ]
             )
-
-
-def _invalid(message: str):
-    """A bad request (HTTP 400), not a server failure."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = (
-        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    )
-    return pb_utils.InferenceResponse(error=error)

@@ -1,14 +1,16 @@
 """Triton python-backend model: ONNX Runtime on the CPU, for servers without the
 onnxruntime backend (such as the one bundled with nvidia-pytriton).
 
-Imports only numpy, onnxruntime and Triton's own utilities. Its config.pbtxt names the
-inputs and outputs; parameters: `model_file` (in the version folder), `intra_op_threads`
-(0 lets ONNX Runtime choose), and the limits a request sent straight here is held to (a bad
-request, not an ONNX Runtime trace): `vocab_size` (input_ids from 0 to vocab_size - 1) and
-`max_tokens` (0 = unchecked). Requests whose inputs have the same shape run in one call.
+Imports only numpy, onnxruntime, Triton's own utilities and the shared helpers (runtime.py
+next to this file). Its config.pbtxt names the inputs and outputs; parameters: `model_file`
+(in the version folder), `intra_op_threads` (0 lets ONNX Runtime choose), and the limits a
+request sent straight here is held to (a bad request, not an ONNX Runtime trace):
+`vocab_size` (input_ids from 0 to vocab_size - 1; 0 = unchecked) and `max_tokens`
+(0 = unchecked). Requests whose inputs have the same shape run in one call.
 """
 
-import json
+import importlib.util
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,27 +18,27 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-
-def _parameter(config: dict, key: str, default: str) -> str:
-    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+HERE = Path(__file__).resolve().parent
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "0"))
+        options.intra_op_num_threads = params.read("intra_op_threads", int)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(version_dir / _parameter(config, "model_file", "model.onnx")),
+            str(version_dir / params.read("model_file")),
             options,
             providers=["CPUExecutionProvider"],
         )
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
-        self.vocab_size = int(_parameter(config, "vocab_size", "0"))
-        self.max_tokens = int(_parameter(config, "max_tokens", "0"))
+        self.vocab_size = params.read("vocab_size", int)
+        self.max_tokens = params.read("max_tokens", int)
 
     def _problem(self, feed: dict) -> str | None:
         """Why a request's token ids cannot be run, in words, or None."""
@@ -65,14 +67,13 @@ class TritonPythonModel:
             for name in self.inputs:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is None:
-                    error = pb_utils.TritonError(f"missing input '{name}'")
-                    responses[index] = pb_utils.InferenceResponse(error=error)
+                    responses[index] = runtime.bad_request(f"missing input '{name}'")
                     break
                 feed[name] = tensor.as_numpy()
             else:
                 problem = self._problem(feed)
                 if problem is not None:
-                    responses[index] = _error(problem)
+                    responses[index] = runtime.bad_request(problem)
                     continue
                 key = tuple(feed[name].shape for name in self.inputs)
                 groups[key].append((index, feed))
@@ -91,9 +92,7 @@ class TritonPythonModel:
             results = self.session.run(self.outputs, feed)
         except Exception as err:  # ONNX Runtime raises its own exception types
             for index, _ in members:
-                responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"ONNX Runtime failed: {err}")
-                )
+                responses[index] = runtime.failed(f"ONNX Runtime failed: {err}")
             return
         start = 0
         for index, member_feed in members:
@@ -104,12 +103,3 @@ class TritonPythonModel:
             ]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += rows
-
-
-def _error(message: str):
-    """A bad request (HTTP 400), not a server failure."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = (
-        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    )
-    return pb_utils.InferenceResponse(error=error)

@@ -19,7 +19,8 @@ encoding.py), `model_file`, `intra_op_threads`, `spinning`, `batch_waste`, `mode
 (ONNX output -> ensemble tensor), `sequence_outputs` (ONNX outputs whose second dim is the
 sequence), `token_tensors` (the tokenizer's tensors the answer step reads: windows,
 `seq_length`).
-Imports only numpy, onnxruntime, tokenizers and Triton's utilities.
+Imports only numpy, onnxruntime, tokenizers, Triton's utilities and the shared helpers
+(runtime.py, next to this file).
 """
 
 import importlib.util
@@ -32,43 +33,36 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-encoding = _load("encoding")
+encoding = runtime.load(HERE, "encoding")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         self.text_inputs = [tensor["name"] for tensor in config["input"]]
         self.max_rows = int(config["max_batch_size"])
         self.encoder = encoding.TextEncoder(
             str(version_dir / "tokenizer.json"), params, self.text_inputs, self.max_rows
         )
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params["intra_op_threads"])
+        options.intra_op_num_threads = params.read("intra_op_threads", int)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", params["spinning"])
-        self.session = ort.InferenceSession(
-            str(version_dir / params["model_file"]), options, providers=["CPUExecutionProvider"]
-        )
+        spinning = params.read("spinning")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        model_file = str(version_dir / params.read("model_file"))
+        self.session = ort.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
         self.feeds = [(i.name, encoding.numpy_type(i.type)) for i in self.session.get_inputs()]
-        self.token_tensors = [(name, np.int64) for name in json.loads(params["token_tensors"])]
-        self.model_outputs = dict(json.loads(params["model_outputs"]))  # onnx -> ensemble
-        self.sequence_outputs = set(json.loads(params["sequence_outputs"]))
-        self.waste = float(params["batch_waste"])
-        answer = version_dir / "answer.py"
-        self.answer = _load("answer").make(version_dir, params) if answer.is_file() else None
+        self.token_tensors = [(name, np.int64) for name in params.read("token_tensors", json.loads)]
+        self.model_outputs = dict(params.read("model_outputs", json.loads))  # onnx -> ensemble
+        self.sequence_outputs = set(params.read("sequence_outputs", json.loads))
+        self.waste = params.read("batch_waste", float)
+        self.answer = None
+        if (version_dir / "answer.py").is_file():
+            self.answer = runtime.load(version_dir, "answer").make(version_dir, params)
         self.outputs = [
             (t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]
         ]
@@ -94,11 +88,11 @@ class TritonPythonModel:
                 items.append(self.encoder.items(texts))
                 good.append((index, columns))
             except encoding.RequestError as err:  # a bad request: its own error
-                responses[index] = _error(str(err))
+                responses[index] = runtime.bad_request(str(err))
         ready = []
         for (index, columns), encoded in zip(good, self.encoder.encode(items)):
             if isinstance(encoded, encoding.RequestError):
-                responses[index] = _error(str(encoded))
+                responses[index] = runtime.bad_request(str(encoded))
             else:
                 ready.append((index, columns, encoded))
         lengths = [encoded.length for _, _, encoded in ready]
@@ -118,9 +112,7 @@ class TritonPythonModel:
             )
         except Exception as err:  # ONNX Runtime raises its own exception types
             for index, _, _ in members:
-                responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"ONNX Runtime failed: {err}")
-                )
+                responses[index] = runtime.failed(f"ONNX Runtime failed: {err}")
             return
         start = 0
         for index, columns, encoded in members:
@@ -128,9 +120,7 @@ class TritonPythonModel:
             try:
                 responses[index] = self._answer(columns, encoded, results, start, stop)
             except Exception as err:  # this request's error; the others of the call go on
-                responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"answering failed: {type(err).__name__}: {err}")
-                )
+                responses[index] = runtime.failed(f"answering failed: {type(err).__name__}: {err}")
             start = stop
 
     def _answer(self, columns, encoded, results: dict, start: int, stop: int):
@@ -150,12 +140,3 @@ class TritonPythonModel:
                 for name, dtype in self.outputs
             ]
         )
-
-
-def _error(message: str):
-    """A bad request (HTTP 400), not a server failure."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = (
-        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    )
-    return pb_utils.InferenceResponse(error=error)

@@ -3,34 +3,27 @@
 answers in the same process).
 
 The task's `answer.py` next to this file does the work (triton/label/, triton/qa_answer/):
-its `make(version_dir, parameters)` returns a function from the named input tensors (named
-as the ensemble names them) to the named outputs. Imports only numpy and Triton's utilities.
+its `make(version_dir, params)` (params: runtime.py's `Parameters`) returns a function from
+the named input tensors (named as the ensemble names them) to the named outputs. Imports only
+numpy, Triton's utilities and the shared helpers (runtime.py, next to this file).
 """
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.answer = _load("answer").make(version_dir, params)
+        config, params, version_dir = runtime.model_args(args)
+        self.answer = runtime.load(version_dir, "answer").make(version_dir, params)
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
 

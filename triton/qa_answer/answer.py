@@ -9,17 +9,14 @@ Out per batch item: `ANSWER` (the best span's text over all its windows), `SCORE
 probability: softmax of start times softmax of end, over the context tokens of its window),
 and `START_LOGITS` / `END_LOGITS` of the window the answer came from (of the item's first
 window when its context has no span: an empty context gets an empty answer, score 0).
-Parameter `max_answer_tokens` bounds a span. Imports only numpy.
+Parameter `max_answer_tokens` bounds a span. Imports only numpy and the shared helpers
+(runtime.py, loaded before this file).
 """
 
 from pathlib import Path
 
 import numpy as np
-
-
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max())
-    return shifted / shifted.sum()
+from llm_in_triton_runtime import softmax
 
 
 def best_span(start, end, offsets, max_tokens: int):
@@ -27,8 +24,8 @@ def best_span(start, end, offsets, max_tokens: int):
     context = offsets[:, 0] >= 0
     if not context.any():
         return None
-    start_p = _softmax(np.where(context, start, -1e4).astype(np.float64))
-    end_p = _softmax(np.where(context, end, -1e4).astype(np.float64))
+    start_p = softmax(np.where(context, start, -1e4))
+    end_p = softmax(np.where(context, end, -1e4))
     scores = np.outer(start_p, end_p)
     scores = np.tril(np.triu(scores), max_tokens - 1)  # start <= end < start + max
     scores[~context, :] = 0
@@ -37,8 +34,8 @@ def best_span(start, end, offsets, max_tokens: int):
     return float(scores[first, last]), int(first), int(last)
 
 
-def make(version_dir: Path, params: dict):
-    max_tokens = int(params["max_answer_tokens"])
+def make(version_dir: Path, params):
+    max_tokens = params.read("max_answer_tokens", int)
 
     def answer(tensors: dict) -> dict:
         length = int(tensors["seq_length"].reshape(-1)[0])

@@ -42,18 +42,19 @@ class Encoded:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_file: str, params: dict, text_inputs: list, max_rows: int) -> None:
+    def __init__(self, tokenizer_file: str, params, text_inputs: list, max_rows: int) -> None:
+        """`params`: the model's config parameters (runtime.py's `Parameters`)."""
         self.tokenizer = Tokenizer.from_file(tokenizer_file)
         self.measure = Tokenizer.from_file(tokenizer_file)  # no truncation, no padding
         self.measure.no_truncation()
         self.measure.no_padding()
-        self.max_seq = int(params["max_seq"])
-        self.min_seq = int(params["min_seq"])
-        self.pad_id = int(params["pad_id"])
-        self.stride = int(params["stride"])
-        self.pad_multiple = int(params["pad_multiple"])
-        self.reject_long = params["overflow"] == "reject"
-        self.max_text_bytes = int(params["max_text_bytes"])
+        self.max_seq = params.read("max_seq", int)
+        self.min_seq = params.read("min_seq", int)
+        self.pad_id = params.read("pad_id", int)
+        self.stride = params.read("stride", int)
+        self.pad_multiple = params.read("pad_multiple", int)
+        self.reject_long = params.read("overflow") == "reject"
+        self.max_text_bytes = params.read("max_text_bytes", int)
         self.text_inputs, self.max_rows = list(text_inputs), max_rows
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:

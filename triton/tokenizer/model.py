@@ -1,9 +1,10 @@
 """Triton python-backend model: text in, the model's token tensors out, before a model on a
 native backend (TensorRT, ONNX Runtime's own backend) or a generation loop.
 
-Runs inside Triton and imports only numpy, `tokenizers` and Triton's own utilities (no
-`transformers`, nothing from the build). The tokenizing is `encoding.py` next to this file
-(see there for the parameters); the config names the text inputs and the outputs.
+Runs inside Triton and imports only numpy, `tokenizers`, Triton's own utilities and the shared
+helpers (runtime.py; no `transformers`, nothing from the build). The tokenizing is
+`encoding.py` next to this file (see there for the parameters); the config names the text
+inputs and the outputs.
 
 The requests of one call that have similar lengths (`length_groups`: padded tokens within
 `batch_waste` times the real ones) are padded to the longest of them, so they leave with
@@ -13,38 +14,29 @@ model's sequence outputs back.
 """
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
+_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
+runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"llm_in_triton_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-encoding = _load("encoding")
+encoding = runtime.load(HERE, "encoding")
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config, params, version_dir = runtime.model_args(args)
         text_inputs = [tensor["name"] for tensor in config["input"]]
+        self.max_rows = int(config["max_batch_size"])
         self.encoder = encoding.TextEncoder(
-            str(version_dir / "tokenizer.json"), params, text_inputs, int(config["max_batch_size"])
+            str(version_dir / "tokenizer.json"), params, text_inputs, self.max_rows
         )
         self.outputs = []
-        self.waste = float(params["batch_waste"])
-        self.max_rows = int(config["max_batch_size"])
+        self.waste = params.read("batch_waste", float)
         known = [*encoding.ENCODING_FIELDS, *encoding.WINDOW_FIELDS, encoding.LENGTH_FIELD]
         for tensor in config["output"]:
             if tensor["name"] not in known:
@@ -71,11 +63,11 @@ class TritonPythonModel:
             try:
                 good.append((index, self._items(request)))
             except encoding.RequestError as err:  # a bad request: its own error
-                responses[index] = _error(str(err))
+                responses[index] = runtime.bad_request(str(err))
         ready = []
         for (index, _), encoded in zip(good, self.encoder.encode([i for _, i in good])):
             if isinstance(encoded, encoding.RequestError):
-                responses[index] = _error(str(encoded))
+                responses[index] = runtime.bad_request(str(encoded))
             else:
                 ready.append((index, encoded))
         lengths = [encoded.length for _, encoded in ready]
@@ -88,12 +80,3 @@ class TritonPythonModel:
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]
                 )
         return responses
-
-
-def _error(message: str):
-    """A bad request (HTTP 400), not a server failure."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = (
-        pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    )
-    return pb_utils.InferenceResponse(error=error)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 
-def make(version_dir: Path, params: dict):
-    trims = json.loads(params["trims"])
+def make(version_dir: Path, params):
+    trims = params.read("trims", json.loads)
 
     def answer(tensors: dict) -> dict:
         length = int(tensors["seq_length"].reshape(-1)[0])
