@@ -83,6 +83,9 @@ class TaskSpec:
     outputs: tuple[Output, ...]
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
     windows: bool = False  # overlapping windows over a long second text, not truncation
+    # which text of a pair a too-long pair loses tokens from: longest_first (the tokenizers'
+    # default) or only_second (the question or query stays whole)
+    truncation: str = "longest_first"
     postprocess: PostProcess | None = None
     generation: str | None = None  # "causal" | "seq2seq": served by the generate model
 
@@ -187,6 +190,7 @@ TASKS: dict[str, TaskSpec] = {
                 Output("end_logits", "window_end_logits", exposed=False),
             ),
             windows=True,
+            truncation="only_second",
             postprocess=PostProcess(
                 component="qa_answer",
                 inputs=(

@@ -3,8 +3,8 @@ model (triton/tokenizer/model.py, before a native model) and the one-hop pipelin
 (triton/pipeline/model.py, on the python backend) run, so both answer alike.
 
 Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (truncation),
-`min_seq` (minimum padded length), `pad_id`, `stride`, `pad_multiple` (lengths padded up to a
-multiple), `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and
+`min_seq` (minimum padded length), `pad_id`, `stride`, `truncation` (of a pair: `longest_first`,
+or `only_second`), `pad_multiple` (lengths padded up to a multiple), `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and
 `overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
 cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long second text
 (a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
@@ -58,12 +58,10 @@ class TextEncoder:
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:
             self.tokenizer.no_truncation()
-        elif self.stride:
+        else:  # a pair loses tokens as `truncation` says; windows carry the rest over
             self.tokenizer.enable_truncation(
-                max_length=self.max_seq, stride=self.stride, strategy="only_second"
+                max_length=self.max_seq, stride=self.stride, strategy=params["truncation"]
             )
-        else:
-            self.tokenizer.enable_truncation(max_length=self.max_seq)
 
     def items(self, columns: list[list[str]]) -> list:
         """A request's batch items from its text columns: str, or (str, str) pairs."""
