@@ -86,6 +86,7 @@ class TaskSpec:
     # which text of a pair a too-long pair loses tokens from: longest_first (the tokenizers'
     # default) or only_second (the question or query stays whole)
     truncation: str = "longest_first"
+    labels: int | None = None  # the labels the model's head must have (None: any number)
     postprocess: PostProcess | None = None
     generation: str | None = None  # "causal" | "seq2seq": served by the generate model
 
