@@ -260,6 +260,22 @@ TASKS: dict[str, TaskSpec] = {
                 trims=(("padded_hidden_state", "HIDDEN_STATE"),),
             ),
         ),
+        TaskSpec(
+            name="rerank",
+            summary="cross-encoder reranking: QUERY, DOCUMENT -> SCORE",
+            exports=one_file("text-classification"),
+            auto_class="AutoModelForSequenceClassification",
+            default_model="cross-encoder/ms-marco-MiniLM-L6-v2",
+            text_inputs=("QUERY", "DOCUMENT"),
+            outputs=(Output("logits", "relevance_logits", exposed=False),),
+            truncation="only_second",  # a long document is cut, never the query
+            labels=1,  # one relevance logit: SCORE is its sigmoid, as CrossEncoder.predict
+            postprocess=PostProcess(
+                component="relevance",
+                inputs=("relevance_logits",),
+                outputs=(Tensor("SCORE", "TYPE_FP32", (1,)),),
+            ),
+        ),
     )
 }
 
