@@ -83,6 +83,10 @@ class TaskSpec:
     outputs: tuple[Output, ...]
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
     windows: bool = False  # overlapping windows over a long second text, not truncation
+    # which text of a pair a too-long pair loses tokens from: longest_first (the tokenizers'
+    # default) or only_second (the question or query stays whole)
+    truncation: str = "longest_first"
+    labels: int | None = None  # the labels the model's head must have (None: any number)
     postprocess: PostProcess | None = None
     generation: str | None = None  # "causal" | "seq2seq": served by the generate model
 
@@ -187,6 +191,7 @@ TASKS: dict[str, TaskSpec] = {
                 Output("end_logits", "window_end_logits", exposed=False),
             ),
             windows=True,
+            truncation="only_second",
             postprocess=PostProcess(
                 component="qa_answer",
                 inputs=(
@@ -253,6 +258,22 @@ TASKS: dict[str, TaskSpec] = {
                 inputs=("padded_hidden_state", "seq_length"),
                 outputs=(),
                 trims=(("padded_hidden_state", "HIDDEN_STATE"),),
+            ),
+        ),
+        TaskSpec(
+            name="rerank",
+            summary="cross-encoder reranking: QUERY, DOCUMENT -> SCORE",
+            exports=one_file("text-classification"),
+            auto_class="AutoModelForSequenceClassification",
+            default_model="cross-encoder/ms-marco-MiniLM-L6-v2",
+            text_inputs=("QUERY", "DOCUMENT"),
+            outputs=(Output("logits", "relevance_logits", exposed=False),),
+            truncation="only_second",  # a long document is cut, never the query
+            labels=1,  # one relevance logit: SCORE is its sigmoid, as CrossEncoder.predict
+            postprocess=PostProcess(
+                component="relevance",
+                inputs=("relevance_logits",),
+                outputs=(Tensor("SCORE", "TYPE_FP32", (1,)),),
             ),
         ),
     )

@@ -149,6 +149,12 @@ def ensure_task_head(spec: catalog.TaskSpec, staged: Path) -> None:
     model_class = getattr(transformers, spec.auto_class)
     torch.manual_seed(0)
     model, info = model_class.from_pretrained(staged, output_loading_info=True)
+    labels = model.config.num_labels
+    if spec.labels is not None and labels != spec.labels:
+        raise ModelSourceError(
+            f"task={spec.name} takes a model whose head has {spec.labels} label(s); this one "
+            f"has {labels}: pick a model made for {spec.name}, or another task"
+        )
     missing = info["missing_keys"]
     if not missing:
         return

@@ -70,6 +70,7 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
         ("pad_multiple", settings.serving.pad_multiple),
         # > 0: a long second text is read in overlapping windows of MAX tokens
         ("stride", catalog.window_stride(settings.seq.max) if spec.windows else 0),
+        ("truncation", spec.truncation),  # of a pair (windows keep the second text whole)
         # requests of different lengths share a padded batch (a prompt is never padded
         # further: the decoding loop batches its own way)
         ("batch_waste", 1.0 if spec.generation else settings.serving.batch_waste),

@@ -200,3 +200,20 @@ def test_a_full_disk_fails_with_one_line_and_leaves_no_half_written_target(proje
     run = project.doit("task=encode")  # with room again, it ends correct
     assert any(t.startswith(f"{stage}:encode") for t in run.executed)
     assert not [p for p in built_files(project) if ".tmp-" in p]
+
+
+def test_a_head_with_the_wrong_number_of_labels_fails_at_download(labelled_minilm_dir, tmp_path):
+    """A task row that says how many labels its head has (a cross-encoder's one score) refuses
+    another head at download, naming both counts."""
+    import dataclasses
+    import shutil
+
+    from tasks import catalog, download
+    from tasks.errors import ModelSourceError
+
+    staged = tmp_path / "staged"
+    shutil.copytree(labelled_minilm_dir, staged)  # a two-label classifier
+    one_score = dataclasses.replace(catalog.TASKS["seqcls"], labels=1)
+    with pytest.raises(ModelSourceError, match=r"head has 1 label\(s\); this one has 2"):
+        download.ensure_task_head(one_score, staged)
+    download.ensure_task_head(dataclasses.replace(one_score, labels=2), staged)  # fits

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tasks import bench, paths
+from tests.helpers.project import doit_bench
 
 
 def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
@@ -48,18 +49,6 @@ def test_an_answer_is_good_only_when_complete_and_finite():
     assert not bench.good_answer([np.array([[np.nan]])])
     assert not bench.good_answer([None])
     assert not bench.good_answer([np.ones((2, 4))])  # one text sent, one row expected
-
-
-def doit_bench(project, *variables: str, environment=None):
-    """A short `doit bench` on free ports."""
-    from tasks.server import free_port
-
-    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
-    ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")
-    # defaults first: a variable given twice takes its last value
-    return project.doit(
-        "seconds=0.5", "concurrency=1", *variables, *ports, "bench", environment=environment
-    )
 
 
 @pytest.mark.server

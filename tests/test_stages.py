@@ -402,3 +402,26 @@ def test_tensorrt_int8_builds_its_engine_from_modelopts_qdq_file_with_int8_and_f
     fp16 = settings_from()
     assert plan.builder_precision(fp16) == ({"fp16": True}, False)
     assert plan.make_builder_config(fp16, "model", IO["encode"]).int8 is False
+
+
+@pytest.mark.parametrize("task", ["qa", "seqcls"])
+def test_a_long_pair_is_cut_as_the_catalog_says(task, minilm_dir):
+    """The tokenizer step reads the pair truncation from the rendered config: a task row that
+    says only_second keeps its first text whole."""
+    from tasks import artifacts
+
+    chosen = settings_from(task=task, seq="1,16,16", one_hop="0")
+    tokenizer = render_all(chosen)["tokenizer"]
+    params = {k: v.string_value for k, v in tokenizer.parameters.items()}
+    assert params["truncation"] == chosen.task.truncation
+    encoding = artifacts.load_runtime("tokenizer", "encoding.py")
+    params["stride"] = "0"  # one window: the cut itself
+    encoder = encoding.TextEncoder(
+        str(minilm_dir / "tokenizer.json"), params, ["FIRST", "SECOND"], 4
+    )
+    first = "one two three four five six seven eight"
+    rows = encoder.encode([encoder.items([[first], ["a b c d e f g h i j k l"]])])[0].rows
+    ids = rows[0][0].ids
+    assert len(ids) == 16
+    kept_first = rows[0][0].sequence_ids.count(0)
+    assert (kept_first == 8) == (chosen.task.truncation == "only_second")

@@ -85,3 +85,15 @@ def copy_project(target: Path) -> Project:
     project.git("add", "-A")
     project.git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
     return project
+
+
+def doit_bench(project, *variables: str, environment=None):
+    """A short `doit bench` on free ports."""
+    from tasks.server import free_port
+
+    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
+    ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")
+    # defaults first: a variable given twice takes its last value
+    return project.doit(
+        "seconds=0.5", "concurrency=1", *variables, *ports, "bench", environment=environment
+    )

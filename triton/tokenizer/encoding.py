@@ -3,13 +3,14 @@ model (triton/tokenizer/model.py, before a native model) and the one-hop pipelin
 (triton/pipeline/model.py, on the python backend) run, so both answer alike.
 
 Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (truncation),
-`min_seq` (minimum padded length), `pad_id`, `stride`, `pad_multiple` (lengths padded up to a
-multiple), `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and
-`overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
-cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long second text
-(a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
-window, with `offsets` (character span in the second text of each of its tokens, -1
-elsewhere) and `window_item` (the batch item of each row) to map answers back to text.
+`min_seq` (minimum padded length), `pad_id`, `stride`, `truncation` (of a pair:
+`longest_first`, or `only_second`), `pad_multiple` (lengths padded up to a multiple),
+`max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and `overflow`
+(`truncate` at `max_seq`, or `reject`: a generation prompt is never cut silently). Two text
+inputs are encoded as a pair. With `stride` > 0 a long second text (a QA context) is not
+cut: it is read in overlapping windows of `max_seq` tokens, one row per window, with
+`offsets` (character span in the second text of each of its tokens, -1 elsewhere) and
+`window_item` (the batch item of each row) to map answers back to text.
 Requests that arrive together are padded to a shared length (`length_groups`, bounded by
 `batch_waste`), and `seq_length` tells the answer step each one's own length.
 """
@@ -59,12 +60,10 @@ class TextEncoder:
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:
             self.tokenizer.no_truncation()
-        elif self.stride:
+        else:  # a pair loses tokens as `truncation` says; windows carry the rest over
             self.tokenizer.enable_truncation(
-                max_length=self.max_seq, stride=self.stride, strategy="only_second"
+                max_length=self.max_seq, stride=self.stride, strategy=params["truncation"]
             )
-        else:
-            self.tokenizer.enable_truncation(max_length=self.max_seq)
 
     def items(self, columns: list[list[str]]) -> list:
         """A request's batch items from its text columns: str, or (str, str) pairs."""
