@@ -416,8 +416,9 @@ def test_a_long_pair_is_cut_as_the_catalog_says(task, minilm_dir):
     assert params["truncation"] == chosen.task.truncation
     encoding = artifacts.load_runtime("tokenizer", "encoding.py")
     params["stride"] = "0"  # one window: the cut itself
+    runtime = artifacts.load_runtime("runtime", "runtime.py")
     encoder = encoding.TextEncoder(
-        str(minilm_dir / "tokenizer.json"), params, ["FIRST", "SECOND"], 4
+        str(minilm_dir / "tokenizer.json"), runtime.Parameters(params, "t"), ["A", "B"], 4
     )
     first = "one two three four five six seven eight"
     rows = encoder.encode([encoder.items([[first], ["a b c d e f g h i j k l"]])])[0].rows

@@ -62,7 +62,7 @@ class TextEncoder:
             self.tokenizer.no_truncation()
         else:  # a pair loses tokens as `truncation` says; windows carry the rest over
             self.tokenizer.enable_truncation(
-                max_length=self.max_seq, stride=self.stride, strategy=params["truncation"]
+                max_length=self.max_seq, stride=self.stride, strategy=params.read("truncation")
             )
 
     def items(self, columns: list[list[str]]) -> list:
