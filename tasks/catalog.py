@@ -82,7 +82,7 @@ class TaskSpec:
     text_inputs: tuple[str, ...]  # ensemble inputs (BYTES); two inputs are encoded as a pair
     outputs: tuple[Output, ...]
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
-    windows: bool = False  # overlapping windows over a long second text, not truncation
+    windows: bool = False  # overlapping windows over a long last text, not truncation
     postprocess: PostProcess | None = None
     generation: str | None = None  # "causal" | "seq2seq": served by the generate model
 

@@ -91,7 +91,7 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
         ("min_seq", settings.seq.min),  # padding to at least MIN
         ("pad_id", facts["pad_id"]),
         ("pad_multiple", settings.serving.pad_multiple),
-        # > 0: a long second text is read in overlapping windows of MAX tokens
+        # > 0: a long last text is read in overlapping windows of MAX tokens
         ("stride", catalog.window_stride(settings.seq.max) if spec.windows else 0),
         # requests of different lengths share a padded batch (a prompt is never padded
         # further: the decoding loop batches its own way)

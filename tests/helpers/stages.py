@@ -1,9 +1,10 @@
 """Settings and stage output without a build: the task dicts the stages yield and the
-configs they render, on synthetic descriptions of the exported files."""
+configs they render, on synthetic descriptions of the exported files; and the tokenizing that
+runs inside Triton, in-process."""
 
 from __future__ import annotations
 
-from tasks import catalog, graph, pbtxt, settings
+from tasks import artifacts, catalog, graph, pbtxt, settings
 from tasks.settings import load_settings
 
 
@@ -105,3 +106,19 @@ def render_all(chosen) -> dict:
         text = pbtxt.render(pbtxt.template_name(chosen, part), context)
         configs[part] = pbtxt.parse_config(text, part)
     return configs
+
+
+def text_encoder(tokenizer_file, text_inputs: list[str], max_seq: int, stride: int):
+    """triton/tokenizer/encoding.py's TextEncoder, as a deployment of this max seq and
+    window stride (0: no windows) configures it (up to 64 rows a request)."""
+    encoding = artifacts.load_runtime("tokenizer", "encoding.py")
+    params = {
+        "max_seq": max_seq,
+        "min_seq": 1,
+        "pad_id": 0,
+        "stride": stride,
+        "pad_multiple": 1,
+        "overflow": "truncate",
+        "max_text_bytes": catalog.MAX_TEXT_BYTES,
+    }
+    return encoding.TextEncoder(str(tokenizer_file), params, text_inputs, 64)

@@ -6,10 +6,11 @@ Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (
 `min_seq` (minimum padded length), `pad_id`, `stride`, `pad_multiple` (lengths padded up to a
 multiple), `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and
 `overflow` (`truncate` at `max_seq`, or `reject`: a generation prompt is never
-cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long second text
-(a QA context) is not cut: it is read in overlapping windows of `max_seq` tokens, one row per
-window, with `offsets` (character span in the second text of each of its tokens, -1
-elsewhere) and `window_item` (the batch item of each row) to map answers back to text.
+cut silently). Two text inputs are encoded as a pair. With `stride` > 0 a long last text
+(a QA context, the one text of token classification) is not cut: it is read in overlapping
+windows of `max_seq` tokens, one row per window, with `offsets` (character span in the last
+text of each of its tokens, -1 elsewhere: special tokens, padding, an earlier text) and
+`window_item` (the batch item of each row) to map answers back to text.
 Requests that arrive together are padded to a shared length (`length_groups`, bounded by
 `batch_waste`), and `seq_length` tells the answer step each one's own length.
 """
@@ -55,12 +56,14 @@ class TextEncoder:
         self.reject_long = params["overflow"] == "reject"
         self.max_text_bytes = int(params["max_text_bytes"])
         self.text_inputs, self.max_rows = list(text_inputs), max_rows
+        self.last = len(self.text_inputs) - 1  # the sequence id of the text read in windows
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:
             self.tokenizer.no_truncation()
-        elif self.stride:
+        elif self.stride:  # windows over the last text; an earlier one is kept whole
+            strategy = "only_second" if self.last == 1 else "longest_first"
             self.tokenizer.enable_truncation(
-                max_length=self.max_seq, stride=self.stride, strategy="only_second"
+                max_length=self.max_seq, stride=self.stride, strategy=strategy
             )
         else:
             self.tokenizer.enable_truncation(max_length=self.max_seq)
@@ -147,7 +150,7 @@ class TextEncoder:
                     for position, (sequence, span) in enumerate(
                         zip(encoding.sequence_ids, encoding.offsets)
                     ):
-                        if sequence == 1:
+                        if sequence == self.last:
                             array[row, position] = span
             else:
                 field = ENCODING_FIELDS[name]
