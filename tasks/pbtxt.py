@@ -139,6 +139,14 @@ def token_tensors(spec: catalog.TaskSpec) -> list[catalog.Tensor]:
     return extra + ([catalog.SEQ_LENGTH] if catalog.SEQ_LENGTH.name in reads else [])
 
 
+def answer_token_names(spec: catalog.TaskSpec) -> list[str]:
+    """Every tokenizer tensor the answer step reads: those above and the model inputs it
+    names (token ids: a native post step reads them from the ensemble, the one hop from its
+    own tokenizing)."""
+    reads = spec.postprocess.inputs if spec.postprocess else ()
+    return [t.name for t in token_tensors(spec)] + [n for n in reads if n in catalog.TOKEN_INPUTS]
+
+
 def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
     """tokenizer -> model -> optional post step: tensors, steps and ensemble outputs (on the
     python backend one step does all three: `one_hop_pipeline`)."""
@@ -206,7 +214,7 @@ def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
         "sequence_outputs": json.dumps(
             [t["name"] for t in io["outputs"] if len(t["shape"]) > 1 and t["shape"][1] in sequence]
         ),
-        "token_tensors": json.dumps([t.name for t in token_tensors(spec)]),
+        "token_tensors": json.dumps(answer_token_names(spec)),
         **dict(post_parameters(spec.postprocess)),
     }
     return {

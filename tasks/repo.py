@@ -89,6 +89,8 @@ def one_hop(settings: Settings) -> list[Component]:
         *answer_files(settings),
         (paths.runtime_model_code("pipeline"), "model.py"),
     )
+    # a file both the tokenizing and the answer step read (tokenizer.json) is shipped once
+    files = tuple({filename: (source, filename) for source, filename in files}.values())
     return [
         Component("model", names["model"], files, (paths.parity_report(name),)),
         Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),
