@@ -255,6 +255,32 @@ TASKS: dict[str, TaskSpec] = {
                 trims=(("padded_hidden_state", "HIDDEN_STATE"),),
             ),
         ),
+        TaskSpec(
+            name="ner",
+            summary="token classification (NER): TEXT -> ENTITIES, LOGITS",
+            exports=one_file("token-classification"),
+            auto_class="AutoModelForTokenClassification",
+            default_model="dslim/bert-base-NER",
+            text_inputs=("TEXT",),
+            outputs=(Output("logits", "window_logits", exposed=False),),
+            windows=True,  # a long text in overlapping windows: late entities are found
+            postprocess=PostProcess(
+                component="ner_entities",
+                inputs=(
+                    "window_logits",
+                    "input_ids",
+                    "offsets",
+                    "window_item",
+                    "TEXT",
+                    "seq_length",
+                ),
+                outputs=(
+                    Tensor("ENTITIES", "TYPE_STRING", (1,)),  # JSON, as HF's pipeline gives
+                    Tensor("LOGITS", "TYPE_FP32", (-1, -1)),  # of each text's first window
+                ),
+                files=("config.json", "tokenizer.json"),  # id2label; tokens and decoder
+            ),
+        ),
     )
 }
 

@@ -10,6 +10,7 @@ import pytest
 from tests.helpers.models import (
     MARKERS,
     save_generation_model,
+    save_ner_model,
     tiny_roberta_config,
     train_tokenizer,
 )
@@ -99,6 +100,12 @@ def labelled_minilm_dir(tmp_path_factory, minilm_dir) -> Path:
     config["label2id"] = {"negative": 0, "positive": 1}
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return target
+
+
+@pytest.fixture(scope="session")
+def ner_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny BERT token classifier on MiniLM's real tokenizer that finds NER_WORDS."""
+    return save_ner_model(tmp_path_factory.mktemp("ner"), minilm_dir)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ SERVED_MODELS: dict[str, str | None] = {
     "encode": None,
     "seqcls": "labelled_minilm_dir",
     "qa": "crafted_qa_dir",
+    "ner": "ner_dir",
 }
 SERVED_DEPLOYMENTS = [*SERVED_MODELS, *(f"{task}_steps" for task in SERVED_MODELS)]
 
