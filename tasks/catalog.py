@@ -82,7 +82,7 @@ class TaskSpec:
     text_inputs: tuple[str, ...]  # ensemble inputs (BYTES); two inputs are encoded as a pair
     outputs: tuple[Output, ...]
     mean_pooling: bool = False  # add an L2-normalised mean-pooled `embedding` output
-    windows: bool = False  # overlapping windows over a long second text, not truncation
+    windows: bool = False  # overlapping windows over a long last text, not truncation
     # which text of a pair a too-long pair loses tokens from: longest_first (the tokenizers'
     # default) or only_second (the question or query stays whole)
     truncation: str = "longest_first"
@@ -274,6 +274,32 @@ TASKS: dict[str, TaskSpec] = {
                 component="relevance",
                 inputs=("relevance_logits",),
                 outputs=(Tensor("SCORE", "TYPE_FP32", (1,)),),
+            ),
+        ),
+        TaskSpec(
+            name="ner",
+            summary="token classification (NER): TEXT -> ENTITIES, LOGITS",
+            exports=one_file("token-classification"),
+            auto_class="AutoModelForTokenClassification",
+            default_model="dslim/bert-base-NER",
+            text_inputs=("TEXT",),
+            outputs=(Output("logits", "window_logits", exposed=False),),
+            windows=True,  # a long text in overlapping windows: late entities are found
+            postprocess=PostProcess(
+                component="ner_entities",
+                inputs=(
+                    "window_logits",
+                    "input_ids",
+                    "offsets",
+                    "window_item",
+                    "TEXT",
+                    "seq_length",
+                ),
+                outputs=(
+                    Tensor("ENTITIES", "TYPE_STRING", (1,)),  # JSON, as HF's pipeline gives
+                    Tensor("LOGITS", "TYPE_FP32", (-1, -1)),  # of each text's first window
+                ),
+                files=("config.json", "tokenizer.json"),  # id2label; tokens and decoder
             ),
         ),
     )

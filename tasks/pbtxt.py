@@ -68,7 +68,7 @@ def tokenizer_parameters(settings: Settings, facts: dict) -> list[tuple[str, obj
         ("min_seq", settings.seq.min),  # padding to at least MIN
         ("pad_id", facts["pad_id"]),
         ("pad_multiple", settings.serving.pad_multiple),
-        # > 0: a long second text is read in overlapping windows of MAX tokens
+        # > 0: a long last text is read in overlapping windows of MAX tokens
         ("stride", catalog.window_stride(settings.seq.max) if spec.windows else 0),
         ("truncation", spec.truncation),  # of a pair (windows keep the second text whole)
         # requests of different lengths share a padded batch (a prompt is never padded
@@ -118,6 +118,14 @@ def token_tensors(spec: catalog.TaskSpec) -> list[catalog.Tensor]:
     reads = spec.postprocess.inputs if spec.postprocess else ()
     extra = list(catalog.WINDOW_TENSORS) if spec.windows else []
     return extra + ([catalog.SEQ_LENGTH] if catalog.SEQ_LENGTH.name in reads else [])
+
+
+def answer_token_names(spec: catalog.TaskSpec) -> list[str]:
+    """Every tokenizer tensor the answer step reads: those above and the model inputs it
+    names (token ids: a native post step reads them from the ensemble, the one hop from its
+    own tokenizing)."""
+    reads = spec.postprocess.inputs if spec.postprocess else ()
+    return [t.name for t in token_tensors(spec)] + [n for n in reads if n in catalog.TOKEN_INPUTS]
 
 
 def encoder_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -> dict:
@@ -188,7 +196,7 @@ def one_hop_pipeline(settings: Settings, io: dict, answers: list) -> dict:
         "sequence_outputs": json.dumps(
             [t["name"] for t in io["outputs"] if len(t["shape"]) > 1 and t["shape"][1] in sequence]
         ),
-        "token_tensors": json.dumps([t.name for t in token_tensors(spec)]),
+        "token_tensors": json.dumps(answer_token_names(spec)),
         **dict(post_parameters(spec.postprocess)),
     }
     return {

@@ -96,6 +96,8 @@ def one_hop(settings: Settings) -> list[Component]:
         *answer_files(settings),
         *python_code("pipeline"),
     )
+    # a file both the tokenizing and the answer step read (tokenizer.json) is shipped once
+    files = tuple({filename: (source, filename) for source, filename in files}.values())
     return [
         Component("model", names["model"], files, (paths.parity_report(name),)),
         Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),

@@ -171,6 +171,12 @@ class Settings:
                 "sends batches of any size from 1 to MAX, so the TensorRT profile's MIN batch "
                 "must be 1"
             )
+        if self.precision in catalog.QUANTIZED and self.task.name not in catalog.GATES:
+            raise SettingsError(
+                f"precision={self.precision}: task={self.task.name} has no quantization gate "
+                "(catalog.GATES), so nothing would prove its quantized answers; use "
+                "precision=fp32 (or fp16 with backend=tensorrt)"
+            )
         if self.serving.gpus and backend == "python":
             raise SettingsError(
                 f"gpus={','.join(map(str, self.serving.gpus))}: the python backend runs on CPU; "

@@ -10,11 +10,12 @@ import pytest
 from tests.helpers.models import (
     MARKERS,
     save_generation_model,
+    save_ner_model,
     tiny_roberta_config,
     train_tokenizer,
 )
 from tests.helpers.project import Project, copy_project
-from tests.helpers.serving import SERVED_SHAPES
+from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES
 
 
 @pytest.fixture
@@ -102,6 +103,12 @@ def labelled_minilm_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ner_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny BERT token classifier on MiniLM's real tokenizer that finds NER_WORDS."""
+    return save_ner_model(tmp_path_factory.mktemp("ner"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
 def generation_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random GPT-2, OPT and T5 checkpoints with tokenizers trained here."""
     return {
@@ -111,18 +118,14 @@ def generation_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory, labelled_minilm_dir, crafted_qa_dir):
-    """encode, seqcls and qa (one hop) and the same as native backends' steps
+def served(request, tmp_path_factory):
+    """Each task of SERVED_MODELS (one hop) and the same as native backends' steps
     (<task>_steps, one_hop=0), built and served by one real tritonserver."""
     from tasks.server import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("serving") / "project")
-    models = {
-        "encode": [],
-        "seqcls": [f"model={labelled_minilm_dir}"],
-        "qa": [f"model={crafted_qa_dir}"],
-    }
-    for task, model in models.items():
+    for task, fixture in SERVED_MODELS.items():
+        model = [f"model={request.getfixturevalue(fixture)}"] if fixture else []
         project.doit(f"task={task}", *model, *SERVED_SHAPES)
         # the native backends' steps (tokenizer -> model -> answer), on the python backend
         project.doit(f"task={task}", f"name={task}_steps", "one_hop=0", *model, *SERVED_SHAPES)

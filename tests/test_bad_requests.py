@@ -12,12 +12,13 @@ import pytest
 
 from tasks import catalog
 from tests.helpers.client import Client, Raw
+from tests.helpers.serving import SERVED_DEPLOYMENTS, SERVED_MODELS
 
 pytestmark = pytest.mark.server
 
 MAX_BATCH = 8  # conftest.SERVED_SHAPES
 MAX_SEQ = 128
-DEPLOYMENTS = ["encode", "seqcls", "qa", "encode_steps", "seqcls_steps", "qa_steps"]
+DEPLOYMENTS = SERVED_DEPLOYMENTS
 
 
 def texts(*values) -> np.ndarray:
@@ -80,7 +81,7 @@ KINDS = {
         "TEXTS",  # Triton names the input it does not know
     ),
     "qa-empty-context": (
-        lambda d: second_text(d, "") if task_of(d).windows else None,
+        lambda d: second_text(d, "") if len(names(d)) == 2 else None,
         "CONTEXT[0] is empty",
     ),
 }
@@ -151,7 +152,7 @@ def test_each_bad_request_gets_a_client_error_in_words_and_the_server_serves_on(
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("task", ["encode", "seqcls", "qa"])
+@pytest.mark.parametrize("task", list(SERVED_MODELS))
 def test_direct_model_requests_with_ids_no_tokenizer_makes_are_refused_naming_the_limit(
     served, task, protocol
 ):
@@ -179,7 +180,7 @@ def test_the_matrix_leaves_the_server_ready_and_its_memory_flat(served):
             for make, _ in KINDS.values():
                 if (inputs := make(deployment)) is not None:
                     send(server, "grpc", deployment, inputs)
-        for task in ("encode", "seqcls", "qa"):
+        for task in SERVED_MODELS:
             model = f"{task}_steps_model"
             for args, _ in MODEL_KINDS.values():
                 send(server, "http", model, token_inputs(input_names(server, model), *args))

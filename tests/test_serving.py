@@ -1,4 +1,5 @@
-"""Three deployments served together by a real tritonserver, queried over HTTP and gRPC."""
+"""The deployments of `served` (tests/helpers/serving.py) served together by a real
+tritonserver, queried over HTTP and gRPC."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tasks import paths
 from tests.helpers.client import Client, Raw, infer
 from tests.helpers.models import MARKERS
 from tests.helpers.project import OFFLINE_ENV
-from tests.helpers.serving import SERVED_SHAPES, kill_stubs_and_wait
+from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 
@@ -133,7 +134,7 @@ def test_every_deployment_in_the_repository_is_served(served):
     _, server = served
     client = httpclient.InferenceServerClient(server.http_url)
     try:
-        for name in ("encode", "seqcls", "qa"):
+        for name in SERVED_MODELS:
             for model in (name, f"{name}_model"):  # the python backend's one hop
                 assert client.is_model_ready(model), model
             assert not client.is_model_ready(f"{name}_tokenizer")

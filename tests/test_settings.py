@@ -204,6 +204,18 @@ def test_quantization_settings_fail_at_the_door_naming_the_fix(
         quantization(precision, backend, variables)
 
 
+def test_a_quantized_precision_of_a_task_without_gates_fails_at_the_door(monkeypatch):
+    """Parity judges a quantized model by its task's gates: a task with none is refused."""
+    monkeypatch.delitem(catalog.GATES, "seqcls")
+    for precision in catalog.QUANTIZED:
+        with pytest.raises(SettingsError) as caught:
+            settings_from(task="seqcls", precision=precision, backend="python")
+        message = str(caught.value)
+        assert message.startswith(f"precision={precision}: task=seqcls has no quantization gate")
+        assert "use precision=fp32" in message and "\n" not in message
+    assert settings_from(task="seqcls").precision == "fp32"
+
+
 def test_an_unknown_precision_names_the_choices():
     with pytest.raises(SettingsError, match=r"precision=int2: .*fp32, fp16, int8, int4, nf4, fp4"):
         settings_from(precision="int2")

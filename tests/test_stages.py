@@ -300,7 +300,10 @@ def test_encode_dims_come_from_the_onnx_graph():
     assert dims == {"HIDDEN_STATE": [-1, 384], "EMBEDDING": [384]}
 
 
-@pytest.mark.parametrize("task", ["encode", "seqcls", "qa"])
+ENCODER_TASKS = sorted(name for name, spec in catalog.TASKS.items() if not spec.generation)
+
+
+@pytest.mark.parametrize("task", ENCODER_TASKS)
 def test_on_the_python_backend_one_model_answers_the_ensemble(task):
     chosen = settings_from(task=task, batch="1,4,16", seq="2,32,128")
     configs = render_all(chosen)
@@ -315,6 +318,35 @@ def test_on_the_python_backend_one_model_answers_the_ensemble(task):
     assert params["batch_waste"] == str(catalog.BATCH_WASTE)
     outputs = json.loads(params["model_outputs"])
     assert outputs == [[o.onnx_name, o.triton_name] for o in chosen.task.outputs]
+
+
+def test_an_answer_step_that_reads_token_ids_and_the_tokenizer_gets_them_both_ways():
+    """A new row's answer step may read the token ids and ship tokenizer.json: the native post
+    step is fed them from the ensemble, the one hop from its own tokenizing, and the one hop's
+    folder holds tokenizer.json once."""
+    from dataclasses import replace
+
+    from tasks import repo
+
+    base = settings_from(task="seqcls", batch="1,4,16", seq="2,32,128")
+    post = base.task.postprocess
+    spec = replace(
+        base.task,
+        postprocess=replace(
+            post, inputs=(*post.inputs, "input_ids"), files=(*post.files, "tokenizer.json")
+        ),
+    )
+    one_hop = replace(base, task=spec)
+    model = render_all(one_hop)["model"]
+    assert json.loads(model.parameters["token_tensors"].string_value) == ["input_ids"]
+    (component, _) = repo.components(one_hop)
+    filenames = [f for _, f in component.files]
+    assert sorted(filenames) == sorted(set(filenames)) and "tokenizer.json" in filenames
+    native = replace(base, task=spec, serving=replace(base.serving, one_hop=0))
+    configs = render_all(native)
+    assert "input_ids" in [i.name for i in configs["postprocess"].input]
+    parts = {c.name: c for p, c in configs.items() if p != "ensemble"}
+    assert pbtxt.check_wiring(configs["ensemble"], parts) == []
 
 
 def test_wiring_check_names_what_is_broken():

@@ -142,3 +142,63 @@ def save_generation_model(target: Path, family: str) -> Path:
     model_class(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+# The crafted NER model's words (MiniLM's uncased vocabulary) and the label each one takes.
+NER_WORDS = {
+    "ann": "B-PER",
+    "smith": "I-PER",
+    "google": "B-ORG",
+    "united": "B-ORG",
+    "nations": "I-ORG",
+    "paris": "B-LOC",
+    "new": "B-LOC",
+    "york": "I-LOC",
+    "french": "B-MISC",
+    "olympics": "I-MISC",
+}
+NER_LABELS = ("O", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+
+
+def save_ner_model(target: Path, tokenizer_dir: Path) -> Path:
+    """A tiny BertForTokenClassification on MiniLM's real tokenizer that finds entities.
+
+    Seeded random weights, except that each word of NER_WORDS owns an axis of its embedding
+    which the classifier reads as its label, and "O" has a bias: those words get their label
+    with a probability that the position and the random weights move, other tokens get "O".
+    dslim/bert-base-NER's labels and order."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        id2label=dict(enumerate(NER_LABELS)),
+        label2id={label: i for i, label in enumerate(NER_LABELS)},
+    )
+    torch.manual_seed(4)
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        words = model.bert.embeddings.word_embeddings.weight
+        model.bert.embeddings.position_embeddings.weight.normal_(0, 0.25)  # scores vary
+        model.classifier.weight.normal_(0, 0.05)
+        model.classifier.bias.zero_()
+        model.classifier.bias[0] = 4.0  # "O" unless a word's axis says otherwise
+        for word, label in NER_WORDS.items():
+            (token,) = tokenizer.convert_tokens_to_ids([word])
+            assert token != tokenizer.unk_token_id, word
+            axis = NER_LABELS.index(label)
+            words[token] = 0
+            words[token, axis] = 10.0
+            model.classifier.weight[axis, axis] += 1.0
+    model.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy2(tokenizer_dir / name, target / name)
+    return target

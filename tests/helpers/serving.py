@@ -7,6 +7,16 @@ import re
 
 # The shapes every deployment of the session's `served` fixture is built with.
 SERVED_SHAPES = ("batch=1,4,8", "seq=1,64,128")
+# The tasks `served` builds: task -> the fixture that gives its model (None: the task's
+# default). Each is served twice: the python backend's one hop (<task>) and the native
+# backends' steps on it (<task>_steps, one_hop=0).
+SERVED_MODELS: dict[str, str | None] = {
+    "encode": None,
+    "seqcls": "labelled_minilm_dir",
+    "qa": "crafted_qa_dir",
+    "ner": "ner_dir",
+}
+SERVED_DEPLOYMENTS = [*SERVED_MODELS, *(f"{task}_steps" for task in SERVED_MODELS)]
 
 
 def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> float:

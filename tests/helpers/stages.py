@@ -1,9 +1,10 @@
 """Settings and stage output without a build: the task dicts the stages yield and the
-configs they render, on synthetic descriptions of the exported files."""
+configs they render, on synthetic descriptions of the exported files; and the tokenizing that
+runs inside Triton, in-process."""
 
 from __future__ import annotations
 
-from tasks import catalog, graph, pbtxt, settings
+from tasks import artifacts, catalog, graph, pbtxt, settings
 from tasks.settings import load_settings
 
 
@@ -109,3 +110,23 @@ def render_all(chosen) -> dict:
         text = pbtxt.render(pbtxt.template_name(chosen, part), context)
         configs[part] = pbtxt.parse_config(text, part)
     return configs
+
+
+def text_encoder(tokenizer_file, text_inputs: list[str], max_seq: int, stride: int):
+    """triton/tokenizer/encoding.py's TextEncoder, as a deployment of this max seq and
+    window stride (0: no windows) configures it (up to 64 rows a request); a pair keeps its
+    first text whole, as qa's row says."""
+    encoding = artifacts.load_runtime("tokenizer", "encoding.py")
+    runtime = artifacts.load_runtime("runtime", "runtime.py")
+    params = {
+        "max_seq": max_seq,
+        "min_seq": 1,
+        "pad_id": 0,
+        "stride": stride,
+        "truncation": "only_second" if len(text_inputs) == 2 else "longest_first",
+        "pad_multiple": 1,
+        "overflow": "truncate",
+        "max_text_bytes": catalog.MAX_TEXT_BYTES,
+    }
+    values = runtime.Parameters({k: str(v) for k, v in params.items()}, "test")
+    return encoding.TextEncoder(str(tokenizer_file), values, text_inputs, 64)

@@ -17,7 +17,7 @@ Files next to this file: model.onnx, tokenizer.json, encoding.py, and for tasks 
 answer step answer.py (+ the checkpoint files it reads). Parameters: the tokenizer's (see
 encoding.py), `model_file`, `intra_op_threads`, `spinning`, `batch_waste`, `model_outputs`
 (ONNX output -> ensemble tensor), `sequence_outputs` (ONNX outputs whose second dim is the
-sequence), `token_tensors` (the tokenizer's tensors the answer step reads: windows,
+sequence), `token_tensors` (the tokenizer's tensors the answer step reads: windows, token ids,
 `seq_length`).
 Imports only numpy, onnxruntime, tokenizers, Triton's utilities and the shared helpers
 (runtime.py, next to this file).

@@ -7,9 +7,10 @@ Imports only numpy and `tokenizers`. Parameters (from config.pbtxt): `max_seq` (
 `longest_first`, or `only_second`), `pad_multiple` (lengths padded up to a multiple),
 `max_text_bytes` (a longer text is refused, as are empty and non-UTF-8 ones) and `overflow`
 (`truncate` at `max_seq`, or `reject`: a generation prompt is never cut silently). Two text
-inputs are encoded as a pair. With `stride` > 0 a long second text (a QA context) is not
-cut: it is read in overlapping windows of `max_seq` tokens, one row per window, with
-`offsets` (character span in the second text of each of its tokens, -1 elsewhere) and
+inputs are encoded as a pair. With `stride` > 0 a long last text (a QA context, the one text
+of token classification) is not cut: it is read in overlapping windows of `max_seq` tokens,
+one row per window, with `offsets` (character span in the last text of each of its tokens,
+-1 elsewhere: special tokens, padding, an earlier text) and
 `window_item` (the batch item of each row) to map answers back to text.
 Requests that arrive together are padded to a shared length (`length_groups`, bounded by
 `batch_waste`), and `seq_length` tells the answer step each one's own length.
@@ -57,6 +58,7 @@ class TextEncoder:
         self.reject_long = params.read("overflow") == "reject"
         self.max_text_bytes = params.read("max_text_bytes", int)
         self.text_inputs, self.max_rows = list(text_inputs), max_rows
+        self.last = len(self.text_inputs) - 1  # the sequence id of the text read in windows
         self.tokenizer.no_padding()  # padded per request, to its own longest text
         if self.reject_long:
             self.tokenizer.no_truncation()
@@ -147,7 +149,7 @@ class TextEncoder:
                     for position, (sequence, span) in enumerate(
                         zip(encoding.sequence_ids, encoding.offsets)
                     ):
-                        if sequence == 1:
+                        if sequence == self.last:
                             array[row, position] = span
             else:
                 field = ENCODING_FIELDS[name]
