@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tasks import artifacts, catalog, paths
+from tests.helpers.client import infer, raw_request, text_array
 from tests.helpers.stages import text_encoder
-from tests.test_serving import infer, raw_request, text_array
 
 MAX_SEQ = 128  # SERVED_SHAPES
 STRIDE = catalog.window_stride(MAX_SEQ)
@@ -131,3 +131,41 @@ def test_texts_whose_windows_overflow_the_max_batch_are_a_bad_request(served, de
     error = raw_request(server, deployment, [("TEXT", [3, 1], "BYTES", long)])
     assert "[400]" in error and "windows of 128 tokens" in error and "at most 8" in error
     assert raw_request(server, deployment, [("TEXT", [1, 1], "BYTES", text_array(1))]) == ""
+
+
+@pytest.fixture(scope="module")
+def minilm_ner(tmp_path_factory, minilm_dir):
+    """MiniLM's real weights with a seeded token-classification head (dslim's labels), built
+    and served: a head that fits, on weights that were trained."""
+    import torch
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from tasks.server import EmbeddedTritonServer
+    from tests.helpers.models import NER_LABELS
+    from tests.helpers.project import copy_project
+
+    torch.manual_seed(6)
+    labels = dict(enumerate(NER_LABELS))
+    model = BertForTokenClassification.from_pretrained(
+        minilm_dir, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.3)  # spread: several labels win somewhere
+    checkpoint = tmp_path_factory.mktemp("minilm-ner")
+    model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(checkpoint)
+    project = copy_project(tmp_path_factory.mktemp("ner-minilm") / "project")
+    project.doit("task=ner", f"model={checkpoint}", "batch=1,4,8", f"seq=1,64,{MAX_SEQ}")
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield project, server
+
+
+@pytest.mark.server
+def test_on_minilms_real_weights_the_served_entities_are_the_pipelines(minilm_ner):
+    project, server = minilm_ner
+    out = infer(server, "grpc", "ner", {"TEXT": TEXTS})
+    found = [json.loads(value[0]) for value in out["ENTITIES"]]
+    reference = hf_pipeline(project.path(paths.source_dir("ner")))
+    for text, entities in zip(TEXTS, found):
+        assert_same_entities(entities, reference(text), text)
+    assert sum(len(e) for e in found) > len(TEXTS)  # the head finds groups to compare

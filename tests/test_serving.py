@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tasks import paths
-from tests.helpers.client import Client, Raw, infer
+from tests.helpers.client import infer, raw_request, text_array
 from tests.helpers.models import MARKERS
 from tests.helpers.project import OFFLINE_ENV
 from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES, kill_stubs_and_wait
@@ -195,19 +195,6 @@ def model_counts(server, model: str) -> tuple[int, int]:
     finally:
         client.close()
     return int(stats["inference_count"]), int(stats["execution_count"])
-
-
-def raw_request(server, model: str, inputs: list[tuple[str, list, str, np.ndarray]]) -> str:
-    """Send exactly these inputs; return the server's error message ('' on success)."""
-    with Client(server) as client:
-        status, message = client.refusal(
-            model, [(n, Raw(t, a, shape)) for n, shape, t, a in inputs]
-        )
-    return f"[{status}] {message}" if status else ""
-
-
-def text_array(count: int) -> np.ndarray:
-    return np.array([[b"some text"]] * count, dtype=object)
 
 
 @pytest.mark.parametrize(

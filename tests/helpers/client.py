@@ -105,3 +105,18 @@ def infer(server, protocol: str, model: str, inputs) -> dict[str, np.ndarray]:
     """One request on a fresh client."""
     with Client(server, protocol) as client:
         return client.infer(model, inputs)
+
+
+def raw_request(server, model: str, inputs: list[tuple[str, list, str, np.ndarray]]) -> str:
+    """Send exactly these (name, shape, datatype, data) inputs over HTTP; return the server's
+    error as tritonclient prints it, '[status] message' ('' on success)."""
+    with Client(server) as client:
+        status, message = client.refusal(
+            model, [(n, Raw(t, a, shape)) for n, shape, t, a in inputs]
+        )
+    return f"[{status}] {message}" if status else ""
+
+
+def text_array(count: int) -> np.ndarray:
+    """`count` copies of one text, as a BYTES array [count, 1]."""
+    return np.array([[b"some text"]] * count, dtype=object)

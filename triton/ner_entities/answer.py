@@ -8,10 +8,10 @@ span in the text of each of its tokens, -1 elsewhere), `window_item` [windows, 1
 Out per text: `ENTITIES`, a JSON array of {entity_group, score, word, start, end}, and
 `LOGITS` [seq, labels] of its first window (all of the text when it fits in one).
 
-Each window's tokens (special tokens and padding left out) take their most probable label;
-adjacent tokens of one tag group unless a token says B-, the group's score is the mean of
-its tokens', and "O" groups are dropped. A text read in several windows has its entities
-merged where they overlap: the longer one wins, then the higher score. `word` joins the
+Each window's tokens (those the tokenizer added, and padding, left out) take their most
+probable label; adjacent tokens of one tag group unless a token says B-, the group's score
+is the mean of its tokens', and "O" groups are dropped. A text read in several windows has
+its entities merged where they overlap: the longer one wins, then the higher score. `word` joins the
 tokens with the tokenizer's own decoder (what transformers' convert_tokens_to_string does
 for a fast tokenizer); an unknown token stands for its text. Files next to this file:
 config.json (id2label) and tokenizer.json. Imports only numpy, `tokenizers` and runtime.py.
@@ -38,8 +38,6 @@ class Entities:
         labels = config.get("id2label") or {}
         self.labels = {int(i): str(label) for i, label in labels.items()}
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
-        added = self.tokenizer.get_added_tokens_decoder()
-        self.special = {i for i, token in added.items() if token.special}
         unk = getattr(self.tokenizer.model, "unk_token", None)
         self.unk_id = self.tokenizer.token_to_id(unk) if unk else None
 
@@ -51,9 +49,9 @@ class Entities:
         scores = softmax(logits)  # runtime.py's, as the label and QA steps use
         tokens = []
         for position in np.flatnonzero(offsets[:, 0] >= 0):
+            # the tokens of the text itself (a typed "[SEP]" too, as the pipeline keeps it):
+            # the tokenizer step gives the ones it added and the padding no offsets
             token_id = int(ids[position])
-            if token_id in self.special:
-                continue
             start, end = (int(v) for v in offsets[position])
             best = int(scores[position].argmax())
             word = (
