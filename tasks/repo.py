@@ -13,7 +13,9 @@
                               checkpoint files it reads)
     models/<name>/            config.pbtxt, 1/ (the ensemble)
 
-Every 1/model.py has the shared helpers, runtime.py (triton/runtime/), beside it.
+Every 1/model.py has the shared helpers (triton/runtime/runtime.py) beside it, as
+llm_in_triton_runtime.py: the python backend puts the model's folder on sys.path, and the
+name is one no installed package takes.
 
 Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
 copied atomically and config.pbtxt is written last: a server polling the repository never
@@ -54,7 +56,7 @@ class Component:
 def python_code(component: str) -> tuple:
     """A python-backend model's own code: the shared helpers, then its model.py."""
     return (
-        (paths.runtime_helpers(), "runtime.py"),
+        (paths.runtime_helpers(), "llm_in_triton_runtime.py"),
         (paths.runtime_model_code(component), "model.py"),
     )
 

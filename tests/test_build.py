@@ -44,7 +44,7 @@ def test_first_build_makes_a_parity_checked_repository(built):
         "encode/1/.keep",
         "encode_model/config.pbtxt",  # the python backend's one hop
         "encode_model/1/model.py",
-        "encode_model/1/runtime.py",  # triton/runtime/: the helpers every python model shares
+        "encode_model/1/llm_in_triton_runtime.py",  # triton/runtime/: the shared helpers
         "encode_model/1/encoding.py",
         "encode_model/1/answer.py",  # triton/trim/: HIDDEN_STATE at each request's length
         "encode_model/1/tokenizer.json",

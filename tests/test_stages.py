@@ -72,7 +72,7 @@ def test_repo_model_waits_for_parity_and_python_backend_ships_its_code(monkeypat
         "encode_model/1/tokenizer.json",
         "encode_model/1/encoding.py",
         "encode_model/1/answer.py",  # triton/trim/: HIDDEN_STATE at the request's length
-        "encode_model/1/runtime.py",  # the helpers every python model shares
+        "encode_model/1/llm_in_triton_runtime.py",  # the helpers every python model shares
         "encode_model/1/model.py",
         "encode_model/config.pbtxt",
     ]  # config last
@@ -92,7 +92,7 @@ def test_every_python_model_ships_the_runtime_helpers(monkeypatch, variables):
     python_models = [t for t in repo.values() if any(p.name == "model.py" for p in t["targets"])]
     assert python_models
     for task in python_models:
-        assert "runtime.py" in [p.name for p in task["targets"]], task["name"]
+        assert "llm_in_triton_runtime.py" in [p.name for p in task["targets"]], task["name"]
         assert paths.runtime_helpers() in task["file_dep"], task["name"]  # edited: reinstalled
 
 

@@ -14,19 +14,15 @@ The same code, configured decoupled and with `weights_from`, is `<name>_stream`:
 TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import llm_in_triton_runtime as runtime  # the shared helpers, shipped beside this file
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 HERE = Path(__file__).resolve().parent
-_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
-runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 decoding = runtime.load(HERE, "decoding")
 encoding = runtime.load(HERE, "encoding")  # the tokenizer's text rules, for the stream's TEXT

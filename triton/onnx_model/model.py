@@ -9,19 +9,12 @@ request sent straight here is held to (a bad request, not an ONNX Runtime trace)
 (0 = unchecked). Requests whose inputs have the same shape run in one call.
 """
 
-import importlib.util
-import sys
 from collections import defaultdict
-from pathlib import Path
 
+import llm_in_triton_runtime as runtime  # the shared helpers, shipped beside this file
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-
-HERE = Path(__file__).resolve().parent
-_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
-runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 
 class TritonPythonModel:

@@ -13,16 +13,12 @@ equal shapes and the model's dynamic batcher runs them as one batch, on any back
 model's sequence outputs back.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import llm_in_triton_runtime as runtime  # the shared helpers, shipped beside this file
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-_SPEC = importlib.util.spec_from_file_location("llm_in_triton_runtime", HERE / "runtime.py")
-runtime = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(runtime)  # the helpers shipped beside every model.py
 
 encoding = runtime.load(HERE, "encoding")
 
