@@ -6,13 +6,14 @@
     doit bench                           measure the served deployment against in-process
     doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite
+    doit k8s repo=s3://BUCKET/PREFIX     Kubernetes manifests in k8s/ (kubectl apply -k k8s/)
     doit graph task=X precision=int8     the build's DAG for these variables, drawn to
                                          model_zoo/<name>/graph.svg
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX, precision,
-recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port, server, gpus,
+recipe, block_size, backend, decoder, host, repo, http_port, grpc_port, metrics_port, server, gpus,
 trt_compat, max_queue, queue_timeout_ms, queue_delay_us, instances, ort_threads, ort_spin,
 batch_waste, pad_multiple, one_hop, against, soak_minutes, concurrency, seconds, loadgen. See
 README.md.
@@ -26,6 +27,7 @@ from tasks.download import task_download  # noqa: F401
 from tasks.errors import BuildError
 from tasks.export import task_onnx  # noqa: F401
 from tasks.graph import task_graph  # noqa: F401
+from tasks.k8s import task_k8s  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
 from tasks.plan import task_plan  # noqa: F401

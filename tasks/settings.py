@@ -62,13 +62,15 @@ def tensorrt_available() -> bool:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Which server `doit serve` runs and where it listens."""
+    """Which server `doit serve` runs, where it listens, and (`doit k8s`) the repository in
+    object storage that pods read."""
 
     server: str = default("server")
     host: str = default("host")
     http_port: int = default("http_port")
     grpc_port: int = default("grpc_port")
     metrics_port: int = default("metrics_port")
+    repo: str = default("repo")  # the repository in object storage ("": none)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -93,6 +93,18 @@ def _deployment(var: str, text: str) -> str:
     return text
 
 
+REPO_SCHEMES = ("s3://", "gs://", "as://")  # object storage Triton reads a repository from
+
+
+def _repository(var: str, text: str) -> str:
+    if text and not (text.startswith(REPO_SCHEMES) and text.split("://", 1)[1].strip("/")):
+        raise SettingsError(
+            f"{var}={text}: a model repository in object storage, e.g. {var}=s3://BUCKET/PREFIX "
+            "(or gs://BUCKET/PREFIX, as://ACCOUNT/CONTAINER/PREFIX)"
+        )
+    return text
+
+
 def _other_deployment(var: str, text: str) -> str:
     if text and not _NAME.match(text):
         raise SettingsError(f"{var}={text}: a deployment name, e.g. against=encode")
@@ -261,6 +273,14 @@ VARIABLES: dict[str, Variable] = {
             chosen="`inline` on python, else `models`",
         ),
         Variable("host", "127.0.0.1", _text, "the address `doit serve` binds"),
+        Variable(
+            "repo",
+            "",
+            _repository,
+            "the model repository in object storage that `doit k8s`'s pods read, e.g. "
+            "`s3://BUCKET/PREFIX` (`gs://`, `as://` too); see [Kubernetes](#kubernetes)",
+            chosen="none",
+        ),
         Variable("http_port", "8000", _port, "HTTP port of `doit serve`"),
         Variable("grpc_port", "8001", _port, "gRPC port of `doit serve`"),
         Variable("metrics_port", "8002", _port, "metrics port of `doit serve`"),
