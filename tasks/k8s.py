@@ -99,18 +99,18 @@ def server_image() -> str:
 
 def needs_repository(settings: Settings) -> str:
     """The repository the pods read; `doit k8s` without one is refused naming the fix."""
-    if not settings.endpoints.repo:
+    if settings.storage.location is None:
         raise SettingsError(
             "doit k8s needs repo=: the model repository in object storage the pods read, e.g. "
-            "doit k8s repo=s3://BUCKET/PREFIX"
+            "doit k8s repo=s3://BUCKET/PREFIX (doit publish uploads it there)"
         )
-    return settings.endpoints.repo
+    return settings.storage.repo
 
 
 def k8s_params(settings: Settings) -> dict:
     """Everything the manifests render from that the settings decide (JSON-safe): what
     config_changed sees. The files they read are the task's file_dep."""
-    endpoints, repo = settings.endpoints, settings.endpoints.repo
+    endpoints, repo = settings.endpoints, settings.storage.repo
     name = object_name(settings.name)
     storage = STORAGE.get(repo.split("://", 1)[0], Storage(env=()))
     gpus = (len(settings.serving.gpus) or 1) if settings.backend == "tensorrt" else 0

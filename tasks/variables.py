@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks import catalog, paths
+from tasks import catalog, paths, storage
 from tasks.errors import SettingsError
 
 SERVERS = ("embedded", "docker")
@@ -67,6 +67,13 @@ def _number_in(low: float, high: float, expected: str, *, above: bool = False):
     return parse
 
 
+def _repository(var: str, text: str) -> str:
+    try:
+        return storage.parse_repository(var, text)
+    except storage.StorageError as err:
+        raise SettingsError(str(err)) from None
+
+
 def _port(var: str, text: str) -> int:
     if not re.fullmatch(r"\d+", text) or not 1 <= int(text) <= 65535:
         raise SettingsError(f"{var}={text}: a port is a number from 1 to 65535")
@@ -89,18 +96,6 @@ def _deployment(var: str, text: str) -> str:
         raise SettingsError(
             f"{var}={text}: names ending in {', '.join(catalog.PART_SUFFIXES.values())} name "
             "the parts of a deployment; choose another name"
-        )
-    return text
-
-
-REPO_SCHEMES = ("s3://", "gs://", "as://")  # object storage Triton reads a repository from
-
-
-def _repository(var: str, text: str) -> str:
-    if text and not (text.startswith(REPO_SCHEMES) and text.split("://", 1)[1].strip("/")):
-        raise SettingsError(
-            f"{var}={text}: a model repository in object storage, e.g. {var}=s3://BUCKET/PREFIX "
-            "(or gs://BUCKET/PREFIX, as://ACCOUNT/CONTAINER/PREFIX)"
         )
     return text
 
@@ -273,14 +268,6 @@ VARIABLES: dict[str, Variable] = {
             chosen="`inline` on python, else `models`",
         ),
         Variable("host", "127.0.0.1", _text, "the address `doit serve` binds"),
-        Variable(
-            "repo",
-            "",
-            _repository,
-            "the model repository in object storage that `doit k8s`'s pods read, e.g. "
-            "`s3://BUCKET/PREFIX` (`gs://`, `as://` too); see [Kubernetes](#kubernetes)",
-            chosen="none",
-        ),
         Variable("http_port", "8000", _port, "HTTP port of `doit serve`"),
         Variable("grpc_port", "8001", _port, "gRPC port of `doit serve`"),
         Variable("metrics_port", "8002", _port, "metrics port of `doit serve`"),
@@ -290,6 +277,29 @@ VARIABLES: dict[str, Variable] = {
             _choice(SERVERS),
             "`embedded`: the tritonserver bundled in the nvidia-pytriton wheel; `docker`: "
             "NVIDIA's image with the GPU via `docker-compose.yml`",
+        ),
+        Variable(
+            "repo",
+            "models/",
+            _repository,
+            "the model repository: `models/` (local, what the build writes), or "
+            "`s3://BUCKET/PREFIX`, which `doit publish` uploads to and `doit serve` serves from "
+            "(credentials and endpoint from the AWS variables; see [Object storage]"
+            "(#object-storage))",
+        ),
+        Variable(
+            "prune",
+            "0",
+            _whole_in(0, 1),
+            "`doit publish`: `1` removes what the bucket holds under the prefix that the build "
+            "no longer makes (old versions, other models); `0` keeps it",
+        ),
+        Variable(
+            "poll",
+            "0",
+            _number_in(0, 3600, "seconds from 0 (off) to 3600, e.g. poll=5"),
+            "`doit serve repo=s3://...`: every this many seconds, load what `doit publish` "
+            "changed in the bucket (rolling update); `0` = off",
         ),
         Variable(
             "gpus",

@@ -25,7 +25,9 @@ def container(manifests: dict) -> dict:
     return triton
 
 
-@pytest.mark.parametrize("variables", [{}, {"task": "causallm"}, {"repo": "gs://b/p"}])
+@pytest.mark.parametrize(
+    "variables", [{}, {"task": "causallm"}, {"repo": "s3://other-bucket/deep/prefix"}]
+)
 def test_every_manifest_passes_the_kubernetes_schemas_in_strict_mode(variables):
     manifests = rendered(**variables)
     for kind in k8s.MANIFESTS:
@@ -119,61 +121,28 @@ def test_credentials_come_from_the_secret_the_manifests_name_but_do_not_hold():
         "AWS_DEFAULT_REGION": {"name": secret, "key": "AWS_DEFAULT_REGION", "optional": True},
     }
     assert not [m for m in manifests.values() if m.get("kind") == "Secret"]
-    # GCS: a credentials file mounted from the Secret
-    gcs = rendered(repo="gs://b/p")
-    env = {e["name"]: e.get("value") for e in container(gcs)["env"]}
-    assert env["GOOGLE_APPLICATION_CREDENTIALS"] == f"{k8s.CREDENTIALS_DIR}/key.json"
-    volumes = gcs["deployment"]["spec"]["template"]["spec"]["volumes"]
-    assert {"secretName": secret, "items": [{"key": "key.json", "path": "key.json"}]} in [
-        v.get("secret") for v in volumes
-    ]
 
-
-def test_the_hpa_scales_the_deployment_on_the_queue_time_the_adapter_rule_serves():
-    manifests = rendered()
-    hpa = manifests["hpa"]["spec"]
-    assert hpa["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": manifests["deployment"]["metadata"]["name"],
-    }
-    (metric,) = hpa["metrics"]
-    assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == k8s.QUEUE_METRIC
-    (rule,) = manifests["prometheus-adapter-values"]["rules"]["custom"]
-    assert rule["name"]["as"] == k8s.QUEUE_METRIC
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    for counter in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
-        assert counter in rule["metricsQuery"]
-    # Prometheus finds the pods' metrics port
-    annotations = manifests["deployment"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == "8002"
-    pdb = manifests["pdb"]["spec"]
-    assert pdb["selector"] == manifests["deployment"]["spec"]["selector"]
-    assert pdb["minAvailable"] < hpa["minReplicas"]  # a drain can always evict one pod
-
-
-def test_the_readme_shows_the_rule_k8s_renders():
-    readme = paths.README.read_text()
-    block = readme.split("\n    rules:\n", 1)[1].split("\n\n", 1)[0]
-    shown = yaml.safe_load("rules:\n" + block)
-    assert shown == rendered()["prometheus-adapter-values"]
-
-
-def test_names_become_kubernetes_names():
-    assert k8s.object_name("My_Model-") == "triton-my-model"
     name = rendered(name="Big_Encoder")["deployment"]["metadata"]["name"]
     assert name == "triton-big-encoder"
 
 
-@pytest.mark.parametrize("repo", ["/tmp/models", "http://host/bucket", "s3://", "bucket/prefix"])
-def test_a_repository_not_in_object_storage_is_refused_at_the_door(project, repo):
+@pytest.mark.parametrize(
+    ("repo", "words"),
+    [("http://host/bucket", "only S3 is supported"), ("s3://", "s3://BUCKET/PREFIX")],
+)
+def test_a_repository_that_is_not_s3_is_refused_at_the_door(project, repo, words):
     run = project.doit("k8s", f"repo={repo}", check=False)
     assert run.returncode == 3
-    assert run.output.strip().splitlines() == [
-        f"ERROR: repo={repo}: a model repository in object storage, e.g. "
-        "repo=s3://BUCKET/PREFIX (or gs://BUCKET/PREFIX, as://ACCOUNT/CONTAINER/PREFIX)"
-    ]
+    lines = run.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ERROR: repo={repo}") and words in lines[0]
+    assert not project.path(paths.K8S_DIR).exists()
+
+
+@pytest.mark.parametrize("repo", ["/tmp/models", "models/"])
+def test_a_local_repository_is_refused_by_k8s_naming_the_fix(project, repo):
+    run = project.doit("k8s", f"repo={repo}", check=False)
+    assert run.returncode == 1 and "Traceback" not in run.output
+    assert "doit k8s needs repo=: " in run.output and "doit publish uploads it" in run.output
     assert not project.path(paths.K8S_DIR).exists()
 
 
@@ -184,25 +153,25 @@ def test_doit_k8s_writes_k8s_once_and_clean_removes_it(project):
     assert "e.g. doit k8s repo=s3://BUCKET/PREFIX" in missing.output
     assert "Traceback" not in missing.output
 
-    first = project.doit("k8s", "repo=s3://b/p")
+    first = project.doit("k8s", "repo=s3://bkt/p")
     assert first.executed == ["k8s"]
     k8s_dir = project.path(paths.K8S_DIR)
     assert sorted(p.name for p in k8s_dir.iterdir()) == sorted(
         f"{kind}.yaml" for kind in k8s.RENDERED
     )
     assert project.git("status", "--porcelain") == ""  # ignored by git
-    assert project.doit("k8s", "repo=s3://b/p").executed == []  # up to date
-    assert project.doit("k8s", "repo=s3://b/other").executed == ["k8s"]  # a new repository
+    assert project.doit("k8s", "repo=s3://bkt/p").executed == []  # up to date
+    assert project.doit("k8s", "repo=s3://bkt/other").executed == ["k8s"]  # a new repository
     text = "".join(p.read_text() for p in k8s_dir.iterdir())
-    assert "s3://b/other" in text and 's3://b/p"' not in text
+    assert "s3://bkt/other" in text and 's3://bkt/p"' not in text
 
-    project.doit("clean", "k8s", "repo=s3://b/other")
+    project.doit("clean")  # plain `doit clean` removes k8s/ too
     assert not k8s_dir.exists()
 
 
 def test_no_credential_reaches_k8s(project):
     environment = dict(zip(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), SECRET_VALUES))
-    project.doit("k8s", "repo=s3://b/p", environment=environment)
+    project.doit("k8s", "repo=s3://bkt/p", environment=environment)
     for manifest in project.path(paths.K8S_DIR).iterdir():
         text = manifest.read_text()
         assert not [v for v in SECRET_VALUES if v in text], manifest.name
