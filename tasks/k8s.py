@@ -158,20 +158,8 @@ def render_context(settings: Settings) -> dict:
 
 def render(kind: str, context: dict) -> str:
     """One manifest from templates/k8s/<kind>.yaml.j2; strings go in as JSON (valid YAML)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(paths.K8S_TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["q"] = json.dumps  # a quoted YAML scalar, whatever the text holds
-    try:
-        return env.get_template(paths.k8s_template(kind).name).render(context)
-    except jinja2.TemplateError as err:
-        raise ConfigError(f"templates/k8s/{paths.k8s_template(kind).name}: {err}") from err
+    # q: a quoted YAML scalar, whatever the text holds
+    return artifacts.render_template(paths.k8s_template(kind), context, {"q": json.dumps})
 
 
 def render_manifests(settings: Settings) -> None:
