@@ -3,19 +3,23 @@
     doit task=encode                     build models/encode (the default task)
     doit task=seqcls model=DIR name=sst2 build another deployment beside it
     doit serve                           build what is stale, then serve models/
+    doit publish repo=s3://BUCKET/PREFIX upload models/: changed files only, each model
+                                         atomically; prune=1 removes what it no longer has
+    doit serve repo=s3://BUCKET/PREFIX poll=5   serve the bucket, loading what publish changes
     doit bench                           measure the served deployment against in-process
     doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite
+    doit k8s repo=s3://BUCKET/PREFIX     Kubernetes manifests in k8s/ (kubectl apply -k k8s/)
     doit graph task=X precision=int8     the build's DAG for these variables, drawn to
                                          model_zoo/<name>/graph.svg
     doit list                            the stages; `doit info TASK` explains one
     doit clean                           remove what the build made
 
-Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX, precision,
-recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port, server, gpus,
-trt_compat, max_queue, queue_timeout_ms, queue_delay_us, instances, ort_threads, ort_spin,
-batch_waste, pad_multiple, one_hop, against, soak_minutes, concurrency, seconds, loadgen. See
-README.md.
+Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
+precision, recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port,
+server, repo, prune, poll, gpus, trt_compat, max_queue, queue_timeout_ms, queue_delay_us,
+instances, ort_threads, ort_spin, batch_waste, pad_multiple, one_hop, against, soak_minutes,
+concurrency, seconds, loadgen. See README.md.
 """
 
 from doit.exceptions import InvalidCommand
@@ -26,9 +30,11 @@ from tasks.download import task_download  # noqa: F401
 from tasks.errors import BuildError
 from tasks.export import task_onnx  # noqa: F401
 from tasks.graph import task_graph  # noqa: F401
+from tasks.k8s import task_k8s  # noqa: F401
 from tasks.parity import task_parity  # noqa: F401
 from tasks.pbtxt import task_pbtxt  # noqa: F401
 from tasks.plan import task_plan  # noqa: F401
+from tasks.publish import task_publish  # noqa: F401
 from tasks.quantize import task_quantize  # noqa: F401
 from tasks.repo import task_repo  # noqa: F401
 from tasks.serve import task_serve  # noqa: F401
@@ -50,4 +56,5 @@ DOIT_CONFIG = {
     # one file any Python reads (dbm's format differs between the host's and an image's)
     "backend": "sqlite3",
     "cleanforget": True,  # `doit clean` also forgets, so the next build starts afresh
+    "cleanall": True,  # and cleans every task, not only the default one: k8s/, bench, graph
 }

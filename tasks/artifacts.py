@@ -216,3 +216,25 @@ def hold_lock(path: Path) -> None:
     handle.write(f"pid {os.getpid()}: doit {' '.join(sys.argv[1:])}".strip())
     handle.flush()
     _HELD[path] = handle
+
+
+def render_template(template: Path, context: dict, filters: dict | None = None) -> str:
+    """A strict Jinja template rendered: an undefined name is an error, never an empty
+    string (config.pbtxt templates, k8s manifests). Raises ConfigError naming the file."""
+    import jinja2
+
+    from tasks.errors import ConfigError
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template.parent)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(filters or {})
+    try:
+        return env.get_template(template.name).render(context)
+    except jinja2.TemplateError as err:
+        where = template.relative_to(paths.TEMPLATES_DIR)
+        raise ConfigError(f"templates/{where}: {err}") from err

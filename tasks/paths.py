@@ -25,6 +25,8 @@ TREE_LOCK = MODEL_ZOO / ".doit.db.lock"  # held by the one doit running in this 
 SERVER_LOG = Path(tempfile.gettempdir()) / "llm-in-triton" / "tritonserver.log"
 CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"  # its server stage's FROM line: the image k8s/ runs
+SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"  # what python-backend models import
 README = ROOT / "README.md"  # its table of variables is made from tasks/variables.py
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
@@ -165,6 +167,21 @@ def wiring_report(name: str) -> Path:
     return zoo_dir(name) / "pbtxt" / "wiring.json"
 
 
+# --- k8s/: the Kubernetes manifests of `doit k8s` (generated, ignored by git) ------------
+
+K8S_DIR = ROOT / "k8s"
+K8S_TEMPLATES = TEMPLATES_DIR / "k8s"
+
+
+def k8s_manifest(kind: str) -> Path:
+    """A rendered manifest, e.g. k8s/deployment.yaml (kustomization.yaml lists them)."""
+    return K8S_DIR / f"{kind}.yaml"
+
+
+def k8s_template(kind: str) -> Path:
+    return K8S_TEMPLATES / f"{kind}.yaml.j2"
+
+
 # --- templates/ and triton/: sources -----------------------------------------------------
 
 
@@ -184,6 +201,10 @@ def runtime_file(component: str, filename: str) -> Path:
 def runtime_model_code(component: str) -> Path:
     """A python-backend model's `model.py`."""
     return runtime_file(component, "model.py")
+
+
+# the name it has beside each python model: on the stub's sys.path, taken by no package
+RUNTIME_SHIPPED_AS = "llm_in_triton_runtime.py"
 
 
 def runtime_helpers() -> Path:

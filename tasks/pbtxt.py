@@ -272,19 +272,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
 
 
 def render(part: str, context: dict) -> str:
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(paths.TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    try:
-        return env.get_template(paths.template(part).name).render(context)
-    except jinja2.TemplateError as err:
-        raise ConfigError(f"templates/{paths.template(part).name}: {err}") from err
+    return artifacts.render_template(paths.template(part), context)
 
 
 def parse_config(text: str, origin: str):

@@ -56,7 +56,7 @@ class Component:
 def python_code(component: str) -> tuple:
     """A python-backend model's own code: the shared helpers, then its model.py."""
     return (
-        (paths.runtime_helpers(), "llm_in_triton_runtime.py"),
+        (paths.runtime_helpers(), paths.RUNTIME_SHIPPED_AS),
         (paths.runtime_model_code(component), "model.py"),
     )
 

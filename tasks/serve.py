@@ -1,5 +1,7 @@
 """Stage `serve`: serve models/ on Triton (tasks/server/: embedded, or server=docker) until
-Ctrl-C, after answering one sample request."""
+Ctrl-C, after answering one sample request. With repo=s3://BUCKET/PREFIX the embedded server
+reads the bucket `doit publish` wrote instead, and with poll=SECONDS it loads what a later
+publish changes while it serves (tasks/server/watch.py)."""
 
 from __future__ import annotations
 
@@ -54,12 +56,19 @@ def serve_foreground(settings: Settings) -> None:
     """Serve models/ until Ctrl-C or SIGTERM, after answering one sample request."""
     import threading
 
+    from tasks import storage
     from tasks.plan import check_served_plans
     from tasks.server import make_server
 
-    check_served_plans(paths.MODELS)  # a plan built for another GPU: our error, not TensorRT's
-    server = make_server(settings.endpoints)
+    location = settings.storage.location
+    if location is None:  # a plan built for another GPU: our error, not TensorRT's
+        check_served_plans(paths.MODELS)
+        baseline = {}
+    else:  # what the server is about to load: the watcher's starting point
+        baseline = storage.check_published(location)
+    server = make_server(settings.endpoints, repo=settings.storage.repo)
     stop, ready = threading.Event(), threading.Event()
+    watcher = None
 
     def on_signal(*_) -> None:
         stop.set()
@@ -70,6 +79,8 @@ def serve_foreground(settings: Settings) -> None:
     try:
         server.start()
         ready.set()
+        if settings.storage.poll:
+            watcher = watch(settings, server, baseline)
         sample_request(settings, server.http_url)
         print(
             f"serve: try it:\n  {example_request(settings, server.http_url)}\n"
@@ -85,16 +96,36 @@ def serve_foreground(settings: Settings) -> None:
         print("serve: interrupted while the server was starting", flush=True)
     finally:
         ready.set()
+        if watcher is not None:
+            watcher.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def watch(settings: Settings, server, baseline: dict):
+    """Start loading what `doit publish` changes in the bucket, every poll= seconds."""
+    from tasks import storage
+    from tasks.server import RepositoryWatcher
+
+    location = settings.storage.location
+    print(f"serve: polling {location} every {settings.storage.poll:g} s", flush=True)
+    return RepositoryWatcher(
+        server.http_url,
+        storage.manifest_reader(location),
+        settings.storage.poll,
+        baseline,
+        log=lambda m: print(m, flush=True),
+        supervisor=getattr(server, "supervisor", None),
+    ).start()
+
+
 def task_serve():
-    """Serve models/ on tritonserver (embedded, or server=docker); builds stale parts first."""
+    """Serve models/ (or repo=s3://...) on tritonserver; builds stale parts of models/ first."""
     settings = current()
     return {
         "actions": [(fails_cleanly(serve_foreground), [settings])],
-        "task_dep": ["repo"],
+        # a bucket is served as published: nothing here to build
+        "task_dep": ["repo"] if settings.storage.location is None else [],
         "uptodate": [False],
     }

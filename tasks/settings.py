@@ -83,6 +83,30 @@ class Endpoints:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """Where the model repository lives (repo=), and how publish and serve treat it."""
+
+    repo: str = default("repo")
+    prune: int = default("prune")
+    poll: float = default("poll")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.poll and self.location is None:
+            raise SettingsError(
+                f"poll={self.poll:g}: polling watches a published repository; pass "
+                "repo=s3://BUCKET/PREFIX (written by doit publish), or drop poll="
+            )
+
+    @property
+    def location(self):
+        """The bucket (storage.S3Location), or None for a local folder."""
+        from tasks import storage
+
+        return storage.s3_location(self.repo)
+
+
+@dataclass(frozen=True)
 class Serving:
     """Knobs of the generated configs, chosen by `doit bench` measurements (see README)."""
 
@@ -136,6 +160,7 @@ class Settings:
     trt_compat: str = "none"  # catalog.TRT_COMPAT
     endpoints: Endpoints = field(default_factory=Endpoints)
     serving: Serving = field(default_factory=Serving)
+    storage: Storage = field(default_factory=Storage)
     bench: Bench = field(default_factory=Bench)
     opset: int = catalog.ONNX_OPSET
     recipe: catalog.QuantRecipe | None = None  # quantized precisions only
@@ -400,6 +425,7 @@ def load_settings(given: Mapping[str, str]) -> Settings:
         decoder=decoder,
         endpoints=_read(Endpoints, given),
         serving=_read(Serving, given),
+        storage=_read(Storage, given),
         bench=_read(Bench, given),
     )
     if settings.endpoints.server == "docker" and (problem := docker_engine_problem()):

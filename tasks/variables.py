@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks import catalog, paths
+from tasks import catalog, paths, storage
 from tasks.errors import SettingsError
 
 SERVERS = ("embedded", "docker")
@@ -65,6 +65,13 @@ def _number_in(low: float, high: float, expected: str, *, above: bool = False):
         return value
 
     return parse
+
+
+def _repository(var: str, text: str) -> str:
+    try:
+        return storage.parse_repository(var, text)
+    except storage.StorageError as err:
+        raise SettingsError(str(err)) from None
 
 
 def _port(var: str, text: str) -> int:
@@ -270,6 +277,29 @@ VARIABLES: dict[str, Variable] = {
             _choice(SERVERS),
             "`embedded`: the tritonserver bundled in the nvidia-pytriton wheel; `docker`: "
             "NVIDIA's image with the GPU via `docker-compose.yml`",
+        ),
+        Variable(
+            "repo",
+            "models/",
+            _repository,
+            "the model repository: `models/` (local, what the build writes), or "
+            "`s3://BUCKET/PREFIX`, which `doit publish` uploads to and `doit serve` serves from "
+            "(credentials and endpoint from the AWS variables; see [Object storage]"
+            "(#object-storage))",
+        ),
+        Variable(
+            "prune",
+            "0",
+            _whole_in(0, 1),
+            "`doit publish`: `1` removes what the bucket holds under the prefix that the build "
+            "no longer makes (old versions, other models); `0` keeps it",
+        ),
+        Variable(
+            "poll",
+            "0",
+            _number_in(0, 3600, "seconds from 0 (off) to 3600, e.g. poll=5"),
+            "`doit serve repo=s3://...`: every this many seconds, load what `doit publish` "
+            "changed in the bucket (rolling update); `0` = off",
         ),
         Variable(
             "gpus",

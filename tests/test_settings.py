@@ -9,7 +9,7 @@ import pytest
 
 from tasks import catalog, paths
 from tasks.errors import SettingsError
-from tasks.settings import Bench, Endpoints, Profile, Serving
+from tasks.settings import Bench, Endpoints, Profile, Serving, Storage
 from tasks.variables import VARIABLES, with_variables_table
 from tests.helpers.stages import settings_from
 
@@ -265,7 +265,7 @@ def test_every_default_parses_and_a_field_default_is_its_variables():
     for var in VARIABLES.values():
         if var.default is not None:
             var.parse(var.name, var.default)
-    for cls in (Endpoints, Serving, Bench):
+    for cls in (Endpoints, Serving, Storage, Bench):
         for name, value in cls().__dict__.items():
             assert value == VARIABLES[name].read({}), name
 
@@ -301,3 +301,32 @@ def test_values_that_do_not_go_together_fail_when_built_in_code():
 def test_a_misspelt_variable_is_refused_naming_the_known_ones():
     with pytest.raises(SettingsError, match="tsk=qa: unknown variable; use one of task, model"):
         settings_from(tsk="qa")
+
+
+@pytest.mark.parametrize(
+    ("repo", "message"),
+    [
+        ("gs://b/p", "repo=gs://b/p: only S3 is supported; pass repo=s3://BUCKET/PREFIX"),
+        ("s3://B_ad/p", "repo=s3://B_ad/p: 'B_ad' is not an S3 bucket name"),
+        ("s3://ok-bucket/a b", "repo=s3://ok-bucket/a b: Triton reads prefixes of letters"),
+    ],
+)
+def test_a_bad_repo_is_refused_at_the_door(repo, message):
+    with pytest.raises(SettingsError, match="^" + re.escape(message)):
+        settings_from(repo=repo)
+
+
+def test_an_s3_repo_is_translated_for_a_custom_endpoint():
+    location = settings_from(repo="s3://models/prod/v1/").storage.location
+    assert (location.bucket, location.prefix) == ("models", "prod/v1")
+    assert location.triton_path(None) == "s3://models/prod/v1"
+    assert location.triton_path("http://127.0.0.1:9000") == "s3://127.0.0.1:9000/models/prod/v1"
+    assert (
+        location.triton_path("https://s3.example") == "s3://https://s3.example:443/models/prod/v1"
+    )
+
+
+def test_poll_needs_a_published_repository():
+    with pytest.raises(SettingsError, match=r"^poll=5: polling watches a published repository"):
+        settings_from(poll="5")
+    assert settings_from(repo="s3://models/prod", poll="5").storage.poll == 5

@@ -3,7 +3,8 @@
 `DockerTritonServer` (NVIDIA's image, GPU hosts). `make_server` picks one from `server=`.
 
 Modules: install (the bundled server's files), network (ports, readiness, the wait loop),
-logs (Triton's log lines), embedded, docker. Standard library only: `doit list` imports this.
+logs (Triton's log lines), embedded, docker, watch (rolling updates from a published bucket).
+Standard library only: `doit list` imports this.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from tasks import paths
+from tasks import paths, storage
 from tasks.errors import ServerError
 from tasks.server.docker import DockerTritonServer
 from tasks.server.embedded import EmbeddedTritonServer, stub_pids, supervision
@@ -23,12 +24,14 @@ from tasks.server.install import (
     server_environment,
 )
 from tasks.server.network import free_port, http_ready, port_is_free
+from tasks.server.watch import RepositoryWatcher
 from tasks.settings import Endpoints
 
 __all__ = [
     "STUB_NAME",
     "DockerTritonServer",
     "EmbeddedTritonServer",
+    "RepositoryWatcher",
     "Server",
     "find_tritonserver",
     "free_port",
@@ -61,12 +64,21 @@ class Server(Protocol):
         ...
 
 
-def make_server(endpoints: Endpoints, log_file: Path | None = None) -> Server:
-    """The server `server=` names, on models/ and the endpoints' ports."""
+def make_server(
+    endpoints: Endpoints, log_file: Path | None = None, repo: str | None = None
+) -> Server:
+    """The server `server=` names, on models/ (or `repo=`: a folder, or s3://BUCKET/PREFIX
+    with the AWS variables' endpoint and credentials) and the endpoints' ports."""
     if endpoints.server == "docker":
+        if repo is not None and storage.s3_location(repo) is not None:
+            raise ServerError(
+                f"repo={repo}: server=docker serves models/; use server=embedded to serve a bucket"
+            )
         return DockerTritonServer(endpoints)
+    repository, environment = storage.served_repository(repo) if repo else (paths.MODELS, {})
     return EmbeddedTritonServer(
-        paths.MODELS,
+        repository,
+        environment=environment,
         host=endpoints.host,
         http_port=endpoints.http_port,
         grpc_port=endpoints.grpc_port,

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tasks import artifacts
@@ -65,11 +66,15 @@ class EmbeddedTritonServer:
     supervisor thread reloads a model whose stub process dies (triton/supervisor/).
     `exit_timeout` is Triton's `--exit-timeout-secs`; `stop()` sends SIGKILL only after that
     plus a margin (30 s in all by default).
+
+    `model_repository` is a local folder, or a repository URL tritonserver reads itself
+    (`s3://[host:port/]bucket/prefix`); `environment` adds variables for the server (the
+    AWS credentials of a bucket).
     """
 
     def __init__(
         self,
-        model_repository: Path,
+        model_repository: Path | str,
         *,
         host: str = "127.0.0.1",
         http_port: int | None = None,
@@ -80,8 +85,10 @@ class EmbeddedTritonServer:
         exit_timeout: int = EXIT_TIMEOUT,
         supervise: bool = True,
         quiet: bool = False,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
-        self.model_repository = Path(model_repository).resolve()
+        self.model_repository = repository_argument(model_repository)
+        self.environment = dict(environment or {})
         self.host = host
         self.ports: dict[str, int] = {}
         for kind, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
@@ -140,13 +147,13 @@ class EmbeddedTritonServer:
         """Launch the server and wait until it and every model in the repository are ready."""
         if self._process is not None:
             raise ServerError(f"this tritonserver is already running (pid {self._process.pid})")
-        if not self.model_repository.is_dir():
+        if not is_remote(self.model_repository) and not Path(self.model_repository).is_dir():
             raise ServerError(
                 f"model repository {self.model_repository} is not a directory; build it with doit"
             )
         check_ports_free(self.host, self.ports)
         install = find_tritonserver()
-        env = server_environment()
+        env = {**server_environment(), **self.environment}
         preflight_stub(install.stub, env)
         self._echo(f"tritonserver: starting on {self.model_repository} (log: {self.log_path})")
         started = time.monotonic()
@@ -279,6 +286,17 @@ class EmbeddedTritonServer:
         # A print re-entered from a signal handler raises RuntimeError: drop the line then.
         with contextlib.suppress(RuntimeError):
             print(message, flush=True)
+
+
+def is_remote(repository: str) -> bool:
+    """A repository tritonserver fetches itself (s3://, gs://, as://), not a local folder."""
+    return "://" in repository
+
+
+def repository_argument(repository: Path | str) -> str:
+    """--model-repository as tritonserver takes it: a URL as given, a folder made absolute."""
+    text = str(repository)
+    return text if is_remote(text) else str(Path(text).resolve())
 
 
 def wait_for_exit(process: subprocess.Popen, timeout: float) -> bool:

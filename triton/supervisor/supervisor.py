@@ -168,6 +168,10 @@ class Supervisor:
         self.recoveries.append({"model": model, "cause": cause, "ok": True, "seconds": seconds})
         return True
 
+    def forget(self, model: str) -> None:
+        """A model loaded anew on purpose (a rolling update): count its stubs afresh."""
+        self.expected.pop(model, None)
+
     # -- as a thread
     def run(self) -> None:
         while not self._stop.wait(self.interval):
