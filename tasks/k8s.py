@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 
 from doit.tools import config_changed
 
@@ -59,29 +58,14 @@ SITE_PACKAGES = "/opt/llm-in-triton/site"  # the init container installs server.
 FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: supervisor.py, server.txt
 
 
-@dataclass(frozen=True)
-class Storage:
-    """How Triton reads a repository of one object store: the environment it takes its
-    credentials from (all from the Secret), or a credentials file mounted from it."""
-
-    env: tuple[tuple[str, bool], ...]  # (variable = key in the Secret, optional)
-    file_env: str = ""  # a variable naming a file; the Secret's `file_key` is mounted there
-    file_key: str = ""
-
-
-STORAGE = {
-    "s3": Storage(
-        env=(
-            ("AWS_ACCESS_KEY_ID", False),
-            ("AWS_SECRET_ACCESS_KEY", False),
-            ("AWS_ENDPOINT_URL", True),
-            ("AWS_DEFAULT_REGION", True),
-        )
-    ),
-    "gs": Storage(env=(), file_env="GOOGLE_APPLICATION_CREDENTIALS", file_key="key.json"),
-    "as": Storage(env=(("AZURE_STORAGE_ACCOUNT", False), ("AZURE_STORAGE_KEY", False))),
-}
-CREDENTIALS_DIR = "/var/run/secrets/llm-in-triton"
+# The S3 credentials Triton reads from its environment, each from the Secret's key of the
+# same name: (variable, optional)
+S3_ENVIRONMENT = (
+    ("AWS_ACCESS_KEY_ID", False),
+    ("AWS_SECRET_ACCESS_KEY", False),
+    ("AWS_ENDPOINT_URL", True),
+    ("AWS_DEFAULT_REGION", True),
+)
 
 
 def object_name(name: str) -> str:
@@ -112,7 +96,6 @@ def k8s_params(settings: Settings) -> dict:
     config_changed sees. The files they read are the task's file_dep."""
     endpoints, repo = settings.endpoints, settings.storage.repo
     name = object_name(settings.name)
-    storage = STORAGE.get(repo.split("://", 1)[0], Storage(env=()))
     gpus = (len(settings.serving.gpus) or 1) if settings.backend == "tensorrt" else 0
     return {
         "name": name,
@@ -120,9 +103,7 @@ def k8s_params(settings: Settings) -> dict:
         "backend": settings.backend,
         "repo": repo,
         "secret": f"{name}-storage",
-        "storage_env": [list(e) for e in storage.env],
-        "storage_file": [storage.file_env, storage.file_key] if storage.file_env else [],
-        "credentials_dir": CREDENTIALS_DIR,
+        "storage_env": [list(e) for e in S3_ENVIRONMENT],
         "ports": {
             "http": endpoints.http_port,
             "grpc": endpoints.grpc_port,
