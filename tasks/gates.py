@@ -42,15 +42,13 @@ def served_outputs(settings: Settings, names: list[str], feed: dict) -> dict:
     Runtime on the quantized file; in batches the profile takes."""
     import numpy as np
 
-    if settings.backend == "tensorrt":
-        step = TensorRTStep(paths.plan_file(settings.name, "model"))
-    else:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(
-            str(settings.model_file()), providers=["CPUExecutionProvider"]
+    plan = settings.plan_file()
+    if plan is not None:
+        step = TensorRTStep(plan)
+    else:  # the serving loop's own ONNX Runtime step
+        step = artifacts.load_runtime("generate", "decoding.py").OnnxRuntimeStep(
+            settings.model_file()
         )
-        step = lambda part: dict(zip(names, session.run(names, part)))  # noqa: E731
     rows, size = len(next(iter(feed.values()))), settings.batch.max
     try:
         chunks = [
