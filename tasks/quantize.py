@@ -175,38 +175,32 @@ def modelopt_quantize(settings: Settings, part: str, source, target) -> None:
     recipe = settings.recipe
     options = {"block_size": settings.block_size} if recipe.precision == "int4" else {}
     # ModelOpt writes intermediate files beside its output (an opset-upgraded copy, a renamed
-    # one) and keeps them when it fails: it works in a folder of its own, removed after
-    # (and before: a killed run leaves it)
-    work = Path(target).parent / f".{Path(target).name}.modelopt"
-    shutil.rmtree(work, ignore_errors=True)
+    # one) and keeps them when it fails: it works in a folder of its own, removed after. It
+    # is named after the temporary target, so a killed run's goes with the stale temporaries
+    # (artifacts.atomic_target).
+    work = Path(f"{target}.modelopt")
     work.mkdir(parents=True)
     here = Path.cwd()
     try:
-        # int4 compiles a C++ helper with setuptools, which would scan the working folder
-        os.chdir(work)
-        run_modelopt(modelopt, settings, part, source, work / "model.onnx", options)
+        os.chdir(work)  # int4 compiles a C++ helper with setuptools, which scans the cwd
+        modelopt(
+            str(source),
+            quantize_mode=recipe.precision,
+            calibration_data_reader=CalibrationTexts(settings, part),
+            calibration_method=modelopt_calibration(settings, part),
+            calibration_eps=["cpu"],
+            op_types_to_quantize=list(recipe.op_types) or None,
+            nodes_to_exclude=list(recipe.exclude) or None,
+            high_precision_dtype="fp32",  # TensorRT's fp16 flag, not the file, lowers the rest
+            output_path=str(work / "model.onnx"),
+            log_level="CRITICAL",  # it reports a missing GPU (NVML) as an error
+            **options,
+        )
         os.replace(work / "model.onnx", target)
     finally:
         os.chdir(here)
         shutil.rmtree(work, ignore_errors=True)
     logging.getLogger().setLevel(logging.ERROR)
-
-
-def run_modelopt(modelopt, settings: Settings, part: str, source, output, options: dict) -> None:
-    recipe = settings.recipe
-    modelopt(
-        str(source),
-        quantize_mode=recipe.precision,
-        calibration_data_reader=CalibrationTexts(settings, part),
-        calibration_method=modelopt_calibration(settings, part),
-        calibration_eps=["cpu"],
-        op_types_to_quantize=list(recipe.op_types) or None,
-        nodes_to_exclude=list(recipe.exclude) or None,
-        high_precision_dtype="fp32",  # TensorRT's fp16 flag, not the file, lowers the rest
-        output_path=str(output),
-        log_level="CRITICAL",  # it reports a missing GPU (NVML) as an error, and calibrates
-        **options,
-    )
 
 
 def quantize_into(settings: Settings, part: str, source, target) -> None:
