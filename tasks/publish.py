@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import paths, storage
+from tasks import artifacts, paths, storage
 from tasks.errors import BuildError, fails_cleanly
 from tasks.settings import Settings, current
 
@@ -52,14 +52,6 @@ class LocalModel:
     digests: dict[str, str]  # filename -> sha256
     config: str  # config.pbtxt as the repo stage wrote it
     ensemble: bool
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def local_models() -> list[LocalModel]:
@@ -85,7 +77,7 @@ def local_models() -> list[LocalModel]:
                 f"{config}: sets its own {VERSION_POLICY}; publish names the version it "
                 "uploads: remove it from the template"
             )
-        digests = {filename: sha256_file(p) for filename, p in files.items()}
+        digests = {filename: artifacts.sha256(p) for filename, p in files.items()}
         found.append(LocalModel(name, files, digests, text, 'platform: "ensemble"' in text))
     return sorted(found, key=lambda m: (m.ensemble, m.name))
 
