@@ -6,6 +6,8 @@
     doit publish repo=s3://BUCKET/PREFIX upload models/: changed files only, each model
                                          atomically; prune=1 removes what it no longer has
     doit serve repo=s3://BUCKET/PREFIX poll=5   serve the bucket, loading what publish changes
+    doit serve replicas=2                two servers behind nginx on the same ports; one
+                                         that exits is restarted while the other answers
     doit bench                           measure the served deployment against in-process
     doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite
@@ -17,9 +19,9 @@
 
 Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,OPT,MAX,
 precision, recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port,
-server, repo, prune, poll, gpus, trt_compat, max_queue, queue_timeout_ms, queue_delay_us,
-instances, ort_threads, ort_spin, batch_waste, pad_multiple, one_hop, against, soak_minutes,
-concurrency, seconds, loadgen. See README.md.
+server, replicas, repo, prune, poll, gpus, trt_compat, max_queue, queue_timeout_ms,
+queue_delay_us, instances, ort_threads, ort_spin, batch_waste, pad_multiple, one_hop,
+against, soak_minutes, concurrency, seconds, loadgen. See README.md.
 """
 
 from doit.exceptions import InvalidCommand

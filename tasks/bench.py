@@ -494,7 +494,7 @@ def run(settings: Settings) -> None:
             f"bench: reusing the Triton server at {url}, which serves '{settings.name}'", flush=True
         )
     else:
-        server = make_server(endpoints).start()  # server=docker too
+        server = make_server(endpoints, repo=settings.storage.repo).start()  # docker, replicas
     systems = {"triton": [], "onnxruntime": [], "onnxruntime_batched": [], "pytorch": []}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):
@@ -553,7 +553,11 @@ def run(settings: Settings) -> None:
             "backend": settings.backend,
             "precision": settings.precision,
             "serving": settings.serving.as_dict(),
+            "repo": settings.storage.repo,
+            "replicas": settings.endpoints.replicas,
         },
+        # replicas=N: each replica restarted while the bench ran (killed: what failed with it)
+        "restarts": list(getattr(server, "restarts", [])),
         "versions": artifacts.versions(
             "tritonclient", "nvidia-pytriton", "onnxruntime", "torch", "transformers"
         ),
@@ -644,6 +648,16 @@ def write_reports(name: str, report: dict) -> None:
         f"{s['p50_ms_at_concurrency_1']}.",
         "",
     ]
+    if report["settings"]["replicas"] > 1:
+        restarts = report["restarts"]
+        restarted = "; ".join(
+            f"replica {r['replica']} (pid {r['pid']}) back in {r['seconds']} s" for r in restarts
+        )
+        lines[-1:-1] = [
+            f"{report['settings']['replicas']} replicas behind nginx; restarted while measured: "
+            f"{restarted or 'none'}.",
+            "",
+        ]
     if "best_tokens_per_second" in s:  # generation: requests/s x the new tokens each asks
         lines[-1:-1] = [f"Best new tokens per second: {s['best_tokens_per_second']}.", ""]
     if report.get("comparison"):

@@ -191,6 +191,7 @@ def template(part: str) -> Path:
 
 # The Jinja macros every template imports: the input and output entries.
 TENSOR_MACROS = TEMPLATES_DIR / "_tensors.j2"
+NGINX_TEMPLATE = TEMPLATES_DIR / "nginx.conf.j2"  # the balancer of replicas=N
 
 
 def runtime_file(component: str, filename: str) -> Path:

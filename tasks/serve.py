@@ -68,7 +68,7 @@ def serve_foreground(settings: Settings) -> None:
         baseline = storage.check_published(location)
     server = make_server(settings.endpoints, repo=settings.storage.repo)
     stop, ready = threading.Event(), threading.Event()
-    watcher = None
+    watchers = []
 
     def on_signal(*_) -> None:
         stop.set()
@@ -80,7 +80,7 @@ def serve_foreground(settings: Settings) -> None:
         server.start()
         ready.set()
         if settings.storage.poll:
-            watcher = watch(settings, server, baseline)
+            watchers = watch(settings, server, baseline)
         sample_request(settings, server.http_url)
         print(
             f"serve: try it:\n  {example_request(settings, server.http_url)}\n"
@@ -96,28 +96,36 @@ def serve_foreground(settings: Settings) -> None:
         print("serve: interrupted while the server was starting", flush=True)
     finally:
         ready.set()
-        if watcher is not None:
+        for watcher in watchers:
             watcher.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def watch(settings: Settings, server, baseline: dict):
-    """Start loading what `doit publish` changes in the bucket, every poll= seconds."""
+def watch(settings: Settings, server, baseline: dict) -> list:
+    """Start loading what `doit publish` changes in the bucket, every poll= seconds: one
+    watcher per server (each replica of replicas=N)."""
     from tasks import storage
-    from tasks.server import RepositoryWatcher
+    from tasks.server import ReplicaSet, RepositoryWatcher
 
     location = settings.storage.location
     print(f"serve: polling {location} every {settings.storage.poll:g} s", flush=True)
-    return RepositoryWatcher(
-        server.http_url,
-        storage.manifest_reader(location),
-        settings.storage.poll,
-        baseline,
-        log=lambda m: print(m, flush=True),
-        supervisor=getattr(server, "supervisor", None),
-    ).start()
+    if isinstance(server, ReplicaSet):
+        watched = [(m.http_url, server.supervisor_of(i)) for i, m in enumerate(server.members)]
+    else:
+        watched = [(server.http_url, getattr(server, "supervisor", None))]
+    return [
+        RepositoryWatcher(
+            url,
+            storage.manifest_reader(location),
+            settings.storage.poll,
+            baseline,
+            log=lambda m: print(m, flush=True),
+            supervisor=supervisor,
+        ).start()
+        for url, supervisor in watched
+    ]
 
 
 def task_serve():

@@ -69,9 +69,15 @@ class Endpoints:
     http_port: int = default("http_port")
     grpc_port: int = default("grpc_port")
     metrics_port: int = default("metrics_port")
+    replicas: int = default("replicas")
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.replicas > 1 and self.server != "embedded":
+            raise SettingsError(
+                f"replicas={self.replicas}: replicas are embedded servers behind nginx; "
+                f"drop server={self.server}, or serve one with replicas=1"
+            )
         ports = {
             "http_port": self.http_port,
             "grpc_port": self.grpc_port,

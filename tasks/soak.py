@@ -232,6 +232,11 @@ def soak(settings: Settings) -> None:
             f"doit soak kills a model's stub process and reads the server's memory in /proc, "
             f"which needs the server it starts itself; drop server={settings.endpoints.server}"
         )
+    if settings.endpoints.replicas > 1:
+        raise BuildError(
+            f"replicas={settings.endpoints.replicas}: doit soak watches one server's memory "
+            "and stubs; drop replicas= (doit bench measures replicas behind their balancer)"
+        )
     seconds = settings.bench.soak_minutes * 60
     levels = settings.bench.concurrency
     found = deployments(paths.MODELS)

@@ -279,6 +279,15 @@ VARIABLES: dict[str, Variable] = {
             "NVIDIA's image with the GPU via `docker-compose.yml`",
         ),
         Variable(
+            "replicas",
+            "1",
+            _whole_in(1, 16),
+            "`doit serve`, `bench`: this many embedded servers on one repository, on "
+            "free loopback ports, behind nginx on `http_port`/`grpc_port` (a replica that exits "
+            "is restarted while the others answer); needs nginx (`apt-get install nginx`); see "
+            "[Replicas](#replicas)",
+        ),
+        Variable(
             "repo",
             "models/",
             _repository,

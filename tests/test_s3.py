@@ -3,7 +3,9 @@ authentication on) and the real tritonserver reading s3://. No cloud is reachabl
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,6 +291,103 @@ def test_a_publish_killed_part_way_leaves_the_previous_version_served(
     assert "already there (a publish stopped part-way)" in run.output
     with served_from(s3, "atomic") as server:
         np.testing.assert_allclose(embeddings(server), local_answers["second"], atol=1e-6)
+
+
+def nginx_missing() -> bool:
+    from tasks.errors import ServerError
+    from tasks.server import find_nginx
+
+    try:
+        find_nginx()
+    except ServerError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(nginx_missing(), reason="no nginx: apt-get install nginx (.ci/run does)")
+def test_bench_through_nginx_keeps_failures_of_a_killed_replica_to_its_requests_in_flight(
+    s3, tmp_path, first, local_answers
+):
+    """Two embedded servers read the bucket behind nginx (doit bench replicas=2); replica 1 is
+    SIGKILLed while the gRPC point runs. Only what it had in flight may fail, it is restarted,
+    and every answer through the balancer is the local build's."""
+    s3.client().create_bucket(Bucket="replicas")
+    publish(first, s3, "replicas")
+    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
+    balancer = SimpleNamespace(http_url=f"127.0.0.1:{http}", grpc_url=f"127.0.0.1:{grpc}")
+    concurrency = 4
+    log_path = tmp_path / "bench.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "doit", "bench", f"model={project_model(first)}"),
+                *SHAPES,
+                *("repo=s3://replicas/prod", "replicas=2", "seconds=3"),
+                f"concurrency={concurrency}",
+                *(f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}"),
+            ],
+            cwd=first.root,
+            env={**os.environ, **OFFLINE_ENV, **s3.environment()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    answers, failures, stop = [], [], threading.Event()
+
+    def check_answers() -> None:  # beside the bench: the balancer answers the local build's
+        with Client(balancer, "grpc") as client:
+            while not stop.is_set():
+                try:
+                    answers.append(client.infer("encode", {"TEXT": TEXTS})["EMBEDDING"])
+                except Exception as err:  # the replica's requests in flight
+                    failures.append(f"{type(err).__name__}: {err}")
+                time.sleep(0.05)
+
+    checker = threading.Thread(target=check_answers)
+    try:
+        deadline = time.monotonic() + 240
+        while "nginx balances 2 replicas" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        pid = int(re.search(r"replica 1: pid (\d+)", log_path.read_text())[1])
+        checker.start()
+        time.sleep(2.5)  # the gRPC point: a second of warm-up, then measured
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        assert "triton grpc concurrency" not in log_path.read_text(), "killed after the point"
+        while "bench: triton http concurrency" not in log_path.read_text():  # served points
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        stop.set()  # before the bench stops its servers
+        checker.join(30)
+        process.wait(300)
+    finally:
+        stop.set()
+        if checker.is_alive():
+            checker.join(30)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    output = log_path.read_text()
+    report = json.loads((first.root / "model_zoo/encode/bench/report.json").read_text())
+    assert report["settings"]["replicas"] == 2, output
+    assert [r["replica"] for r in report["restarts"]] == [1], output
+    assert report["restarts"][0]["pid"] == pid
+    assert "replica 1 is back" in output
+    grpc_point, http_point = report["systems"]["triton"]
+    assert grpc_point["requests"] > 0 and http_point["errors"] == 0, output
+    # at most what the killed replica had in flight: one request per client
+    assert report["errors"] == grpc_point["errors"] <= concurrency, output
+    assert len(failures) <= 1, (failures, output)
+    if report["errors"]:  # the bench says so, and fails
+        assert process.returncode == 1 and "requests failed during the benchmark" in output
+    else:
+        assert process.returncode == 0, output
+    assert len(answers) > 10
+    for answer in answers:
+        np.testing.assert_allclose(answer, local_answers["first"], atol=1e-6)
+    assert subprocess.run(["pgrep", "-f", "llm-in-triton-nginx"]).returncode == 1, "nginx left"
 
 
 def test_prune_removes_only_what_the_build_no_longer_makes(s3, first, second):

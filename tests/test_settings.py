@@ -60,6 +60,11 @@ def test_each_task_has_its_default_model_and_name(task):
         ({"task": "t5", "decoder": "bls"}, "decoder=bls: unknown decoder; choose one of inline"),
         ({"decoder": "models"}, "decoder=models: only generation tasks (t5, causallm) have"),
         ({"loadgen": "locust"}, "loadgen=locust: unknown loadgen; choose one of python, perf_"),
+        ({"replicas": "0"}, "replicas=0: expected a whole number from 1 to 16"),
+        (
+            {"replicas": "2", "server": "docker"},
+            "replicas=2: replicas are embedded servers behind nginx; drop server=docker",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_value_and_fix(variables, message):

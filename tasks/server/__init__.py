@@ -3,7 +3,8 @@
 `DockerTritonServer` (NVIDIA's image, GPU hosts). `make_server` picks one from `server=`.
 
 Modules: install (the bundled server's files), network (ports, readiness, the wait loop),
-logs (Triton's log lines), embedded, docker, watch (rolling updates from a published bucket).
+logs (Triton's log lines), embedded, docker, balancer (`replicas=N` behind nginx), watch
+(rolling updates from a published bucket).
 Standard library only: `doit list` imports this.
 """
 
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from tasks import paths, storage
 from tasks.errors import ServerError
+from tasks.server.balancer import NginxBalancer, ReplicaSet, find_nginx
 from tasks.server.docker import DockerTritonServer
 from tasks.server.embedded import EmbeddedTritonServer, stub_pids, supervision
 from tasks.server.install import (
@@ -31,8 +33,11 @@ __all__ = [
     "STUB_NAME",
     "DockerTritonServer",
     "EmbeddedTritonServer",
+    "NginxBalancer",
+    "ReplicaSet",
     "RepositoryWatcher",
     "Server",
+    "find_nginx",
     "find_tritonserver",
     "free_port",
     "http_ready",
@@ -76,12 +81,29 @@ def make_server(
             )
         return DockerTritonServer(endpoints)
     repository, environment = storage.served_repository(repo) if repo else (paths.MODELS, {})
-    return EmbeddedTritonServer(
-        repository,
-        environment=environment,
-        host=endpoints.host,
-        http_port=endpoints.http_port,
-        grpc_port=endpoints.grpc_port,
-        metrics_port=endpoints.metrics_port,
-        log_file=log_file or paths.SERVER_LOG,
+    log_file = log_file or paths.SERVER_LOG
+    if endpoints.replicas == 1:
+        return EmbeddedTritonServer(
+            repository,
+            environment=environment,
+            host=endpoints.host,
+            http_port=endpoints.http_port,
+            grpc_port=endpoints.grpc_port,
+            metrics_port=endpoints.metrics_port,
+            log_file=log_file,
+        )
+
+    def replica(index: int, ports: dict | None) -> EmbeddedTritonServer:
+        ports = ports or {}
+        return EmbeddedTritonServer(
+            repository,
+            environment=environment,
+            http_port=ports.get("http"),  # loopback: only the balancer reaches a replica
+            grpc_port=ports.get("grpc"),
+            metrics_port=ports.get("metrics"),
+            log_file=log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}"),
+        )
+
+    return ReplicaSet(
+        endpoints.replicas, replica, endpoints.host, endpoints.http_port, endpoints.grpc_port
     )

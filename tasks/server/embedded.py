@@ -132,6 +132,11 @@ class EmbeddedTritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has exited (negative: the signal that ended it)."""
+        return self._process.poll() if self._process is not None else None
+
     def failure(self) -> ServerError:
         """Why a server that was running has exited, from its own log."""
         code = self._process.returncode if self._process is not None else None

@@ -1,0 +1,252 @@
+"""`replicas=N`: N embedded servers on one repository behind nginx, as one `Server`.
+
+`ReplicaSet` starts the replicas on free loopback ports, one after another, then an
+`NginxBalancer` on the ports users know (HTTP and gRPC upstreams, templates/nginx.conf.j2).
+A replica that exits is restarted on its own ports while the others answer; nginx skips it
+meanwhile (a refused connection is retried on another replica). What fails is what the dead
+replica had in flight: nginx does not resend a request a replica took.
+
+Standard library only at import (`doit list` imports tasks.server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks import artifacts, paths
+from tasks.errors import ServerError
+from tasks.server.network import check_ports_free, client_host, port_is_free, wait_until_ready
+
+NGINX_FALLBACK = Path("/usr/sbin/nginx")  # Debian's, when /usr/sbin is not on PATH
+BALANCER = {  # the template's settings
+    "fail_timeout_s": 5,  # a replica that failed a connection is skipped this long
+    "keepalive": 32,  # idle connections kept to each upstream, per protocol
+    "connect_timeout_s": 2,
+    "read_timeout_s": 300,  # a long generation, or a stream, between two messages
+    "max_body_mb": 64,
+}
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 15.0  # SIGQUIT lets nginx finish what is in flight; SIGKILL after this
+CHECK_INTERVAL = 0.5  # seconds between looks at the replicas
+RETRY_AFTER = 5.0  # seconds before a replica that failed to restart is tried again
+
+
+def find_nginx() -> str:
+    found = shutil.which("nginx") or (str(NGINX_FALLBACK) if NGINX_FALLBACK.is_file() else None)
+    if found is None:
+        raise ServerError(
+            "replicas=N runs nginx as the load balancer, and it is not installed: "
+            "apt-get install nginx (Debian, Ubuntu), or serve one server with replicas=1"
+        )
+    return found
+
+
+class NginxBalancer:
+    """nginx in a folder of its own (config, pid, log, temp files), in the foreground."""
+
+    def __init__(self, host: str, http_port: int, grpc_port: int, replicas: list[dict]) -> None:
+        self.host, self.ports = host, {"http": http_port, "grpc": grpc_port}
+        self.replicas = replicas  # [{"http": "127.0.0.1:PORT", "grpc": "127.0.0.1:PORT"}]
+        self._process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{client_host(self.host)}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{client_host(self.host)}:{self.ports['grpc']}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def config(self) -> str:
+        listen = {kind: f"{self.host}:{port}" for kind, port in self.ports.items()}
+        context = {**BALANCER, "listen": listen, "replicas": self.replicas}
+        return artifacts.render_template(paths.NGINX_TEMPLATE, context)
+
+    def start(self) -> NginxBalancer:
+        nginx = find_nginx()
+        check_ports_free(self.host, self.ports)
+        self._workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-nginx-"))
+        self._workdir.chmod(0o755)  # nginx's workers may run as another user (root starts it)
+        conf = self._workdir / "nginx.conf"
+        conf.write_text(self.config())
+        base = [nginx, "-p", f"{self._workdir}/", "-c", str(conf), "-e", str(self.log_path)]
+        checked = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
+        if checked.returncode != 0:  # nginx's own checker, before it binds anything
+            self.stop()
+            raise ServerError(f"nginx refused {conf}:\n{checked.stderr.strip()}")
+        self._process = subprocess.Popen(
+            [*base, "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # its log is error.log, read by failure()
+            start_new_session=True,
+        )
+
+        def check() -> None:
+            if not self.running:
+                raise self.failure()
+
+        def listening() -> bool:
+            return not any(port_is_free(self.host, port) for port in self.ports.values())
+
+        if not wait_until_ready(listening, check, START_TIMEOUT, 0.05):
+            failure = self.failure()
+            self.stop()
+            raise failure
+        return self
+
+    @property
+    def log_path(self) -> Path:
+        return (self._workdir or Path(tempfile.gettempdir())) / "error.log"
+
+    def failure(self) -> ServerError:
+        code = self._process.poll() if self._process is not None else None
+        text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        lines = [f"  {line}" for line in text.splitlines()[-10:]] or ["  (no log)"]
+        state = "is not listening" if code is None else f"exited with code {code}"
+        return ServerError(f"nginx (the balancer) {state}:\n" + "\n".join(lines))
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGQUIT)  # graceful: in-flight requests finish
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+class ReplicaSet:
+    """`count` servers made by `make_replica(index, ports)` behind an NginxBalancer on
+    `host`'s `http_port` and `grpc_port`. `ports` is None for a new replica (free ports are
+    picked), or the ports of the one it replaces."""
+
+    def __init__(
+        self,
+        count: int,
+        make_replica: Callable[[int, dict | None], object],
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        log=print,
+    ) -> None:
+        self.count, self.make_replica, self.log = count, make_replica, log
+        self.members: list = []
+        self.restarts: list[dict] = []  # replica, pid, seconds to ready
+        self.balancer: NginxBalancer | None = None
+        self.host, self.listen = host, (http_port, grpc_port)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{client_host(self.host)}:{self.listen[0]}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{client_host(self.host)}:{self.listen[1]}"
+
+    @property
+    def running(self) -> bool:
+        return self.balancer is not None and self.balancer.running
+
+    def failure(self) -> ServerError:
+        if self.balancer is None:
+            return ServerError("the replicas' balancer was never started")
+        return self.balancer.failure()
+
+    def start(self) -> ReplicaSet:
+        check_ports_free(self.host, dict(zip(("http", "grpc"), self.listen)))  # before loading
+        try:
+            for index in range(self.count):
+                self.log(f"replicas: starting replica {index + 1} of {self.count}")
+                self.members.append(self.make_replica(index, None).start())
+            upstreams = [{"http": m.http_url, "grpc": m.grpc_url} for m in self.members]
+            self.balancer = NginxBalancer(self.host, *self.listen, upstreams).start()
+        except BaseException:
+            self.stop()
+            raise
+        for index, member in enumerate(self.members):
+            self.log(
+                f"replicas: replica {index + 1}: pid {member.pid}, HTTP {member.http_url}, "
+                f"gRPC {member.grpc_url}, metrics {member.metrics_url}/metrics"
+            )
+        self.log(
+            f"replicas: nginx balances {self.count} replicas on HTTP {self.http_url} and gRPC "
+            f"{self.grpc_url}; one that exits is restarted"
+        )
+        self._thread = threading.Thread(target=self._keep_up, name="replicas", daemon=True)
+        self._thread.start()
+        return self
+
+    def supervisor_of(self, index: int):
+        """The supervisor of replica `index` now, across restarts (for the repository watcher)."""
+        replicas = self
+
+        class Current:
+            def forget(self, name: str) -> None:
+                supervisor = getattr(replicas.members[index], "supervisor", None)
+                if supervisor is not None:
+                    supervisor.forget(name)
+
+        return Current()
+
+    def _keep_up(self) -> None:
+        while not self._stop.wait(CHECK_INTERVAL):
+            for index, member in enumerate(self.members):
+                if not member.running and not self._stop.is_set():
+                    self._restart(index, member)
+
+    def _restart(self, index: int, member) -> None:
+        code = member.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        self.log(
+            f"replicas: replica {index + 1} (pid {member.pid}) exited ({how}; log "
+            f"{member.log_path}); restarting it, {self.count - 1} of {self.count} answer meanwhile"
+        )
+        pid, ports = member.pid, dict(member.ports)
+        member.stop()  # its stubs and shm regions go
+        began = time.monotonic()
+        while not self._stop.is_set():
+            replacement = self.make_replica(index, ports)
+            try:
+                self.members[index] = replacement.start()
+            except ServerError as err:
+                self.log(f"replicas: replica {index + 1} did not restart: {err}")
+                self._stop.wait(RETRY_AFTER)
+                continue
+            seconds = round(time.monotonic() - began, 1)
+            self.restarts.append({"replica": index + 1, "pid": pid, "seconds": seconds})
+            self.log(f"replicas: replica {index + 1} is back (pid {replacement.pid}, {seconds} s)")
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        balancer, self.balancer = self.balancer, None
+        if balancer is not None:  # first: no new request reaches a replica that is stopping
+            balancer.stop()
+        for member in self.members:
+            member.stop()
