@@ -10,7 +10,7 @@
                                          that exits is restarted while the other answers
     doit bench                           measure the served deployment against in-process
     doit soak                            minutes of mixed traffic, a stub killed midway
-    doit test                            run the test suite
+    doit test                            run the test suite (suite=all: the slow tests too)
     doit k8s repo=s3://BUCKET/PREFIX     Kubernetes manifests in k8s/ (kubectl apply -k k8s/)
     doit graph task=X precision=int8     the build's DAG for these variables, drawn to
                                          model_zoo/<name>/graph.svg
@@ -21,7 +21,7 @@ Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,
 precision, recipe, block_size, backend, decoder, host, http_port, grpc_port, metrics_port,
 server, replicas, repo, prune, poll, gpus, trt_compat, max_queue, queue_timeout_ms,
 queue_delay_us, instances, ort_threads, ort_spin, batch_waste, pad_multiple, one_hop,
-against, soak_minutes, concurrency, seconds, loadgen. See README.md.
+against, soak_minutes, concurrency, seconds, loadgen, suite. See README.md.
 """
 
 from doit.exceptions import InvalidCommand

@@ -395,6 +395,7 @@ def choose_decoder(task_name: str, spec: catalog.TaskSpec, backend: str, given: 
 def load_settings(given: Mapping[str, str]) -> Settings:
     """Validate the command line's NAME=VALUE pairs, every one read through VARIABLES."""
     check_known(given)
+    VARIABLES["suite"].read(given)  # doit test's alone (tasks/test.py), checked with the rest
     task_name = VARIABLES["task"].read(given)
     spec = catalog.TASKS[task_name]
     backend = VARIABLES["backend"].read(given)

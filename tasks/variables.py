@@ -18,6 +18,7 @@ from tasks.errors import SettingsError
 SERVERS = ("embedded", "docker")
 DECODERS = ("inline", "models")
 LOADGENS = ("python", "perf_analyzer")
+SUITES = ("lean", "slow", "all")  # doit test: pytest -m "not slow", -m slow, everything
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -425,6 +426,14 @@ VARIABLES: dict[str, Variable] = {
             "`doit bench`: the load generator: `python` (ours, every answer checked) or "
             "`perf_analyzer` (NVIDIA's, C++; fetched once from the tritonclient 2.51.0 wheel "
             "into `~/.cache/llm-in-triton`)",
+        ),
+        Variable(
+            "suite",
+            "lean",
+            _choice(SUITES),
+            "`doit test`: `lean` (what CI runs: every test not marked slow), `slow` (the soak, "
+            "the perf_analyzer and generation benches, the repeated kill-and-rerun cases), "
+            "or `all`",
         ),
     )
 }

@@ -101,7 +101,18 @@ def wait_for(proc, marker: str, lines: list[str], timeout: float = 300) -> None:
     raise AssertionError(f"no {marker!r} within {timeout}s")
 
 
-@pytest.mark.parametrize("stage", ["download", "onnx", "parity", "pbtxt", "repo"])
+# two stages in the lean run (the first file-targeted one after the download, and the last);
+# the other three are the same path through other tasks
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("download", marks=pytest.mark.slow),
+        "onnx",
+        pytest.param("parity", marks=pytest.mark.slow),
+        pytest.param("pbtxt", marks=pytest.mark.slow),
+        "repo",
+    ],
+)
 def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage):
     proc = subprocess.Popen(
         [sys.executable, "-m", "doit", "task=encode"],

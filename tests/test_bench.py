@@ -87,6 +87,7 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, generation_models):
     """Generation refuses a prompt longer than the max seq: the bench must not count those
     refusals as the server's failures, nor let the baselines truncate them."""
@@ -98,6 +99,7 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_bench_with_perf_analyzer_reports_its_points(project, tiny_roberta_dir):
     """NVIDIA's perf_analyzer, fetched once from the tritonclient wheel of the server's
     release (into the user's cache: the only test that needs the network, once)."""

@@ -187,6 +187,7 @@ def test_modelopts_int4_weights_for_tensorrt_run_and_pass_their_gate_here(four_b
     assert {g["metric"] for g in gates if g["pass"]} == {"token_agreement", "logprob_change_mean"}
 
 
+@pytest.mark.slow
 def test_one_bench_measures_int8_beside_fp32_with_speedup_and_accuracy(int8_project):
     project = int8_project
     shapes = ("batch=1,4,8", "seq=1,32,64")

@@ -141,6 +141,7 @@ def test_bad_pairs_get_a_client_error_in_words(reranking, protocol):
     assert problems == []
 
 
+@pytest.mark.slow
 def test_bench_measures_rerank_served_and_in_process(reranking, cross_encoder_dir):
     project, _ = reranking
     doit_bench(project, "task=rerank", f"model={cross_encoder_dir}", *SHAPES)

@@ -60,6 +60,7 @@ def test_each_task_has_its_default_model_and_name(task):
         ({"task": "t5", "decoder": "bls"}, "decoder=bls: unknown decoder; choose one of inline"),
         ({"decoder": "models"}, "decoder=models: only generation tasks (t5, causallm) have"),
         ({"loadgen": "locust"}, "loadgen=locust: unknown loadgen; choose one of python, perf_"),
+        ({"suite": "quick"}, "suite=quick: unknown suite; choose one of lean, slow, all"),
         ({"replicas": "0"}, "replicas=0: expected a whole number from 1 to 16"),
         (
             {"replicas": "2", "server": "docker"},
@@ -256,6 +257,14 @@ def test_the_readme_table_of_variables_is_made_from_the_table():
     for var in VARIABLES.values():
         assert f"| `{var.name}` | {var.shown_default} | {var.help} |" in readme
         assert "|" not in var.help + var.shown_default, var.name  # one cell each
+
+
+def test_doit_test_leaves_out_the_slow_tests_unless_told(monkeypatch):
+    from tasks import test as stage
+
+    for given, marks in (({}, "'not slow'"), ({"suite": "slow"}, "slow"), ({"suite": "all"}, "''")):
+        monkeypatch.setattr(stage, "command_line", lambda given=given: given)
+        assert f" -m {marks} " in stage.task_test()["actions"][0]
 
 
 def test_dodo_lists_every_variable_in_the_tables_order():

@@ -9,7 +9,7 @@ import pytest
 from tasks import paths
 from tests.helpers.project import copy_project
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 def test_a_short_soak_survives_its_stub_kill_and_reports_memory_and_latency(
