@@ -70,6 +70,17 @@ def copy_file(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+def link_file(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (no second copy on disk), or a copy where the file
+    system cannot link. Atomic as copy_file; every artifact is replaced by a rename, never
+    rewritten in place, so a link never sees its source change under it."""
+    with atomic_target(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
 def replace_dir(staged: Path, target: Path) -> None:
     """Move a fully written folder into place; a crash midway leaves no `target` at all."""
     if target.exists():

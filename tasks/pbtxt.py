@@ -263,11 +263,11 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         ],
         "ensemble_inputs": texts + [(t, True) for t in options],
         "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),  # spec.answers, with types
-        # <name>_stream: the same decoding, decoupled, on <name>_generate's files
+        # <name>_stream: the same decoding, decoupled, on the same files (hard links: repo.py)
         "stream_inputs": texts + [(t, True) for t in options],
         # each response carries one decoding step: a row's new text piece and token id
         "stream_outputs": [replace(t, dims=(1,)) for t in catalog.GENERATION_OUTPUTS],
-        "stream_parameters": [*parameters.items(), ("weights_from", names["generate"])],
+        "stream_parameters": list(parameters.items()),
     }
 
 

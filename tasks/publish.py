@@ -19,8 +19,9 @@ object in it is newer; it loads the versions its config.pbtxt's version_policy n
   served, and the next publish resumes (files already in the new folder are skipped).
 
 A file is compared by content: its sha256 against the manifest (and the object's own
-x-amz-meta-sha256). Unchanged files of a model that gets a new version are copied inside the
-bucket, not uploaded again. Nothing is removed without prune=1.
+x-amz-meta-sha256). A file the bucket already serves (in this model's last version, or in
+another model: a stream model has its generate model's files) is copied inside the bucket,
+not uploaded again. Nothing is removed without prune=1.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Publisher:
             self.tally.skipped += len(model.files)
         else:
             version = self.next_version(model, record)
-            self.upload_version(model, version, record)
+            self.upload_version(model, version)
         config = published_config(model.config, version)
         config_key = self.location.key(model.name, "config.pbtxt")
         digest = text_digest(config)
@@ -213,27 +214,18 @@ class Publisher:
         self.write_manifest()
         self._echo(f"{model.name}: config.pbtxt uploaded: serving version {version}")
 
-    def upload_version(self, model: LocalModel, version: int, record: dict | None) -> None:
+    def upload_version(self, model: LocalModel, version: int) -> None:
         """Every file of the new version folder, before any config names it."""
         folder = self.location.key(model.name, str(version))
         for filename, source in model.files.items():
             key = f"{folder}/{filename}"
             digest = model.digests[filename]
-            published = record["files"].get(filename) if record else None
             if self.object_digest(key) == digest:
                 self.tally.skipped += 1
                 self._echo(f"{key}: already there (a publish stopped part-way)")
-            elif published == digest:
-                old = self.location.key(model.name, str(record["version"]), filename)
-                self.s3.copy_object(
-                    Bucket=self.location.bucket,
-                    Key=key,
-                    CopySource={"Bucket": self.location.bucket, "Key": old},
-                    Metadata={storage.SHA256_METADATA: digest},
-                    MetadataDirective="REPLACE",
-                )
+            elif (old := self.published_copy(model.name, digest)) and self.copy(old, key, digest):
                 self.tally.copied += 1
-                self._echo(f"{key}: unchanged, copied from version {record['version']}")
+                self._echo(f"{key}: unchanged, copied from {old}")
             else:
                 size = source.stat().st_size
                 self.s3.upload_file(
@@ -250,6 +242,35 @@ class Publisher:
             if key not in wanted:  # left by a stopped publish of other files: never served
                 self.s3.delete_object(Bucket=self.location.bucket, Key=key)
                 self.tally.removed += 1
+
+    def copy(self, old: str, key: str, digest: str) -> bool:
+        """Copy inside the bucket; False if the manifest named an object no longer there."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.copy_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                CopySource={"Bucket": self.location.bucket, "Key": old},
+                Metadata={storage.SHA256_METADATA: digest},
+                MetadataDirective="REPLACE",
+            )
+        except ClientError as err:
+            self._echo(f"{key}: cannot copy {old} ({err}); uploading it")
+            return False
+        return True
+
+    def published_copy(self, name: str, digest: str) -> str | None:
+        """A served object with this content, to copy inside the bucket instead of sending it:
+        this model's own file first, else any model's (a stream model has its generate
+        model's files)."""
+        records = self.manifest["models"]
+        for model in sorted(records, key=lambda m: m != name):
+            record = records[model]
+            for published, found in record["files"].items():
+                if found == digest:
+                    return self.location.key(model, str(record["version"]), published)
+        return None
 
     def write_manifest(self) -> None:
         self.manifest["published"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -6,7 +6,8 @@
     models/<name>_tokenizer/  config.pbtxt, 1/model.py, encoding.py, tokenizer.json
     models/<name>_model/      native backends: config.pbtxt, 1/model.plan | 1/model.onnx
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
-    models/<name>_stream/     config.pbtxt, 1/model.py, decoding.py (reads _generate's files)
+    models/<name>_stream/     the same files as _generate (the built ones of both are hard
+                              links to model_zoo/: no copy on disk), its own config.pbtxt
     models/<name>_encoder/, _decoder/, _decoder_past/   with decoder=models: one exported
                               file each, as _model (the generate model holds no *.onnx then)
     models/<name>_post/       native backends: config.pbtxt, 1/model.py, answer.py (+ the
@@ -45,6 +46,7 @@ class Component:
     triton_model: str
     files: tuple[tuple[Path | None, str], ...]  # (source or None for an empty marker, filename)
     checks: tuple[Path, ...]  # reports that must exist first (parity)
+    link: bool = False  # hard-link the built files (a second model on them), not copy
 
     def targets(self) -> list[Path]:
         return [
@@ -126,7 +128,7 @@ def components(settings: Settings) -> list[Component]:
         inline = settings.decoder == "inline"
         if not inline:
             found += [file_model(settings, part) for part in settings.task.onnx_parts]
-        code = (  # the stream model is this code too, reading the generate model's files
+        code = (  # the stream model is this code and these files too
             (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
             (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
             *python_code("generate"),
@@ -140,8 +142,10 @@ def components(settings: Settings) -> list[Component]:
             (paths.source_tokenizer(name), "tokenizer.json"),
             *code,
         )
-        found.append(Component("generate", names["generate"], files, (paths.parity_report(name),)))
-        found.append(Component("stream", names["stream"], code, (paths.parity_report(name),)))
+        checks = (paths.parity_report(name),)
+        found.append(Component("generate", names["generate"], files, checks, link=True))
+        # its own files, not a path to _generate's: Triton fetches a bucket's models one by one
+        found.append(Component("stream", names["stream"], files, checks, link=True))
     else:
         found.append(file_model(settings, "model"))
     if settings.task.postprocess is not None:
@@ -188,6 +192,8 @@ def install(component: Component, config_source: Path) -> None:
         target = paths.repo_version_file(component.triton_model, filename)
         if source is None:
             artifacts.write_text(target, "")
+        elif component.link and paths.MODEL_ZOO in source.parents:  # built files, not code
+            artifacts.link_file(source, target)
         else:
             artifacts.copy_file(source, target)
     artifacts.copy_file(config_source, paths.repo_config(component.triton_model))

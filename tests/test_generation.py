@@ -388,3 +388,42 @@ def test_the_stream_model_refuses_bad_prompts_in_words(generating):
             stream.stop_stream()
             stream.close()
         assert error is not None and words in str(error), (value, error)
+
+
+def test_generation_deployments_serve_from_a_bucket_whole_and_streamed(generating, tmp_path):
+    """Published to a real S3 server (moto) and served from it: Triton fetches each model of a
+    bucket alone, so the stream model has its own files, copied inside the bucket."""
+    from tasks.server import EmbeddedTritonServer, free_port
+    from tasks.storage import S3Location
+    from tests.helpers.s3 import start_s3_server
+
+    project, local, models, _ = generating
+    s3 = start_s3_server(free_port(), tmp_path / "moto.log")
+    try:
+        s3.client().create_bucket(Bucket="generation")
+        run = project.doit(
+            *("publish", "task=causallm", f"model={models['gpt2']}", "name=gpt", *SHAPES),
+            "repo=s3://generation/prod",
+            environment=s3.environment(),
+        )
+        for part in PARTS["causallm"]:
+            assert (
+                f"prod/gpt_stream/1/{part}.onnx: unchanged, copied from "
+                f"prod/gpt_generate/1/{part}.onnx"
+            ) in run.output
+        generate_dir = project.path(paths.repo_version_dir("gpt_generate"))
+        stream_dir = project.path(paths.repo_version_dir("gpt_stream"))
+        for part in PARTS["causallm"]:  # one file on disk for both models
+            assert (stream_dir / f"{part}.onnx").samefile(generate_dir / f"{part}.onnx")
+        repository = S3Location("generation", "prod").triton_path(s3.url)
+        with EmbeddedTritonServer(repository, environment=s3.environment(), quiet=True) as server:
+            for name in ("gpt", "t5", "t5bls"):
+                whole = generate(local, name, PROMPTS[:1], MAX_NEW_TOKENS=6)
+                assert generate(server, name, PROMPTS[:1], MAX_NEW_TOKENS=6) == whole
+                streamed = client(
+                    "--protocol", "grpc", "-u", server.grpc_url, "-m", name, "--stream",
+                    "-t", PROMPTS[0], "--max_new_tokens", "6",
+                )  # fmt: skip
+                assert streamed.splitlines()[-1].endswith(f" {whole[1][0]}")
+    finally:
+        s3.stop()

@@ -38,7 +38,7 @@ def test_parameters_read_typed_values(runtime):
     assert params.read("batch_waste", float) == 1.5
     assert params.read("trims", json.loads) == [["a", "b"]]
     assert params.read("overflow") == "reject"
-    assert params.read("weights_from", default="") == ""
+    assert params.read("pad_multiple", default="") == ""
 
 
 def test_a_missing_parameter_names_itself_the_model_and_the_fix(runtime):

@@ -230,7 +230,8 @@ def test_the_generate_config_carries_the_checkpoint_facts():
     stream = render_all(settings_from(task="t5", seq="1,32,64"))["stream"]
     assert stream.model_transaction_policy.decoupled
     assert [i.name for i in stream.input if not i.optional] == ["TEXT"]
-    assert stream.parameters["weights_from"].string_value == "t5_generate"
+    generate_params = {k: v.string_value for k, v in generate.parameters.items()}
+    assert {k: v.string_value for k, v in stream.parameters.items()} == generate_params
 
 
 def test_the_stream_config_declares_the_catalogs_generation_outputs(monkeypatch):

@@ -10,8 +10,8 @@ The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file; or, wi
 model of the deployment that the loop calls through BLS. Imports only numpy, onnxruntime,
 tokenizers, Triton's utilities and the shared helpers (runtime.py, next to this file).
 
-The same code, configured decoupled and with `weights_from`, is `<name>_stream`: it takes
-TEXT itself and sends each decoding step's tokens as they come (gRPC streaming).
+The same code and files, configured decoupled, are `<name>_stream`: it takes TEXT itself and
+sends each decoding step's tokens as they come (gRPC streaming).
 """
 
 import json
@@ -102,12 +102,10 @@ class BlsStep:
 class TritonPythonModel:
     def initialize(self, args):
         config, params, version_dir = runtime.model_args(args)
-        # The streaming twin (`<name>_stream`, decoupled) reads the files of `<name>_generate`
-        # and tokenizes TEXT itself: one token per response, as soon as it is decoded.
+        # The streaming twin (`<name>_stream`, decoupled) has the same files (its own, so that
+        # a repository in object storage, fetched a model at a time, serves it) and tokenizes
+        # TEXT itself: one token per response, as soon as it is decoded.
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
-        weights_from = params.read("weights_from", default="")
-        if weights_from:
-            version_dir = Path(args["model_repository"]).parent / weights_from / "1"
         self.max_seq = params.read("max_seq", int)
         self.max_text_bytes = params.read("max_text_bytes", int)
         self.default_max_new = params.read("default_max_new_tokens", int)
