@@ -476,7 +476,21 @@ def machine() -> dict:
     }
 
 
+def interrupt(*_) -> None:
+    raise KeyboardInterrupt  # SIGTERM: the servers the bench started stop in `finally`
+
+
 def run(settings: Settings) -> None:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        measure(settings)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def measure(settings: Settings) -> None:
     from tasks.server import http_ready, make_server
 
     bench, endpoints = settings.bench, settings.endpoints
@@ -494,6 +508,10 @@ def run(settings: Settings) -> None:
             f"bench: reusing the Triton server at {url}, which serves '{settings.name}'", flush=True
         )
     else:
+        if settings.storage.location is not None:  # a missing bucket in one line, as serve
+            from tasks import storage
+
+            storage.check_published(settings.storage.location)
         server = make_server(endpoints, repo=settings.storage.repo).start()  # docker, replicas
     systems = {"triton": [], "onnxruntime": [], "onnxruntime_batched": [], "pytorch": []}
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tasks import artifacts, paths
 from tasks.errors import ServerError
+from tasks.server.embedded import parent_death_signal
 from tasks.server.network import check_ports_free, client_host, port_is_free, wait_until_ready
 
 NGINX_FALLBACK = Path("/usr/sbin/nginx")  # Debian's, when /usr/sbin is not on PATH
@@ -72,7 +73,8 @@ class NginxBalancer:
         return self._process is not None and self._process.poll() is None
 
     def config(self) -> str:
-        listen = {kind: f"{self.host}:{port}" for kind, port in self.ports.items()}
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as nginx writes it
+        listen = {kind: f"{host}:{port}" for kind, port in self.ports.items()}
         context = {**BALANCER, "listen": listen, "replicas": self.replicas}
         return artifacts.render_template(paths.NGINX_TEMPLATE, context)
 
@@ -87,13 +89,17 @@ class NginxBalancer:
         checked = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
         if checked.returncode != 0:  # nginx's own checker, before it binds anything
             self.stop()
-            raise ServerError(f"nginx refused {conf}:\n{checked.stderr.strip()}")
+            raise ServerError(
+                f"nginx refused the config made from templates/{paths.NGINX_TEMPLATE.name}:\n"
+                f"{checked.stderr.strip()}"
+            )
         self._process = subprocess.Popen(
             [*base, "-g", "daemon off;"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,  # its log is error.log, read by failure()
             start_new_session=True,
+            preexec_fn=parent_death_signal(),  # never left holding the ports after a kill
         )
 
         def check() -> None:
@@ -103,10 +109,12 @@ class NginxBalancer:
         def listening() -> bool:
             return not any(port_is_free(self.host, port) for port in self.ports.values())
 
-        if not wait_until_ready(listening, check, START_TIMEOUT, 0.05):
-            failure = self.failure()
+        try:
+            if not wait_until_ready(listening, check, START_TIMEOUT, 0.05):
+                raise self.failure()
+        except BaseException:
             self.stop()
-            raise failure
+            raise
         return self
 
     @property
@@ -157,6 +165,7 @@ class ReplicaSet:
         self.host, self.listen = host, (http_port, grpc_port)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starting = None  # the replica a restart is starting, if any
 
     @property
     def http_url(self) -> str:
@@ -218,30 +227,38 @@ class ReplicaSet:
                     self._restart(index, member)
 
     def _restart(self, index: int, member) -> None:
-        code = member.returncode
+        code, pid, ports = member.returncode, member.pid, dict(member.ports)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        kept = member.log_path.with_name(f"{member.log_path.stem}.{pid}{member.log_path.suffix}")
         self.log(
-            f"replicas: replica {index + 1} (pid {member.pid}) exited ({how}; log "
-            f"{member.log_path}); restarting it, {self.count - 1} of {self.count} answer meanwhile"
+            f"replicas: replica {index + 1} (pid {pid}) exited ({how}; its log: {kept}); "
+            f"restarting it, {self.count - 1} of {self.count} answer meanwhile"
         )
-        pid, ports = member.pid, dict(member.ports)
         member.stop()  # its stubs and shm regions go
+        with contextlib.suppress(OSError):  # the replacement writes a log of the same name
+            member.log_path.replace(kept)
         began = time.monotonic()
         while not self._stop.is_set():
-            replacement = self.make_replica(index, ports)
+            self._starting = replacement = self.make_replica(index, ports)
             try:
                 self.members[index] = replacement.start()
             except ServerError as err:
+                if self._stop.is_set():  # stop() ended the start
+                    return
                 self.log(f"replicas: replica {index + 1} did not restart: {err}")
                 self._stop.wait(RETRY_AFTER)
                 continue
             seconds = round(time.monotonic() - began, 1)
-            self.restarts.append({"replica": index + 1, "pid": pid, "seconds": seconds})
+            record = {"replica": index + 1, "pid": pid, "exit": code, "seconds": seconds}
+            self.restarts.append({**record, "at": time.strftime("%H:%M:%S")})
             self.log(f"replicas: replica {index + 1} is back (pid {replacement.pid}, {seconds} s)")
             return
 
     def stop(self) -> None:
         self._stop.set()
+        starting = self._starting
+        if starting is not None:  # a restart under way ends now, not after its load timeout
+            starting.stop()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()

@@ -221,7 +221,7 @@ class EmbeddedTritonServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group: stop() signals all of it
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=parent_death_signal(),
             )
         return self._process
 
@@ -313,7 +313,7 @@ def wait_for_exit(process: subprocess.Popen, timeout: float) -> bool:
     return True
 
 
-def _parent_death_signal():
+def parent_death_signal():
     """A preexec_fn asking Linux to SIGTERM the server if this process dies without stop().
 
     Only from the main thread: the kernel sends it when the launching *thread* exits.

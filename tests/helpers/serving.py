@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 # The shapes every deployment of the session's `served` fixture is built with.
 SERVED_SHAPES = ("batch=1,4,8", "seq=1,64,128")
 # The tasks `served` builds: task -> the fixture that gives its model (None: the task's
@@ -45,3 +47,20 @@ def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> fl
                 pass
         time.sleep(0.05)
     raise AssertionError(f"{model} did not answer again within {timeout:.0f} s of its stub kill")
+
+
+def nginx_missing() -> bool:
+    """No nginx for replicas=N here (the tests that need it skip, naming the package)."""
+    from tasks.errors import ServerError
+    from tasks.server import find_nginx
+
+    try:
+        find_nginx()
+    except ServerError:
+        return True
+    return False
+
+
+needs_nginx = pytest.mark.skipif(
+    nginx_missing(), reason="no nginx: apt-get install nginx (.ci/run does)"
+)
