@@ -43,6 +43,7 @@ RETRY_AFTER = 5.0  # seconds before a failed reload is tried again
 # argv of a stub: model.py path, shm region, sizes, parent pid, library dir, ipc handle, name
 _NAME_ARG = 8
 _INSTANCE_SUFFIX = re.compile(r"_\d+_\d+$")  # <model>_<group>_<instance>, in some releases
+_TRAILING_NUMBER = re.compile(r"^(.+)_\d+$")
 
 
 def live_processes() -> dict[int, list[str]]:
@@ -62,9 +63,14 @@ def live_processes() -> dict[int, list[str]]:
     return found
 
 
-def strip_instance(name: str) -> str:
-    """The model a stub serves, from its name (`<model>_<group>_<instance>` in 2.51)."""
-    return _INSTANCE_SUFFIX.sub("", name)
+def strip_instance(name: str, models: set[str] | frozenset[str] = frozenset()) -> str:
+    """The model a stub serves, from its name: `<model>_<group>_<instance>` in 2.51, or
+    `<model>_<n>` for a config without instance_group. Given the models, the one that is the
+    name less trailing `_<n>` parts (a model's own name may end in digits)."""
+    candidate = name
+    while candidate not in models and (cut := _TRAILING_NUMBER.match(candidate)):
+        candidate = cut[1]
+    return candidate if candidate in models else _INSTANCE_SUFFIX.sub("", name)
 
 
 def stubs(shm_prefix: str = "") -> dict[int, str]:
@@ -127,7 +133,7 @@ class Supervisor:
         counts: dict[str, int] = {}
         for name in stubs(self.shm_prefix).values():
             if name not in ready:
-                name = strip_instance(name)
+                name = strip_instance(name, ready)
             counts[name] = counts.get(name, 0) + 1
         waiting = set(self.retry_at) | {m for found in self.with_it.values() for m in found}
         for model in list(self.expected):
