@@ -82,27 +82,27 @@ def make_server(
         return DockerTritonServer(endpoints)
     repository, environment = storage.served_repository(repo) if repo else (paths.MODELS, {})
     log_file = log_file or paths.SERVER_LOG
-    if endpoints.replicas == 1:
+
+    def embedded(log: Path, host: str, ports: dict) -> EmbeddedTritonServer:
         return EmbeddedTritonServer(
             repository,
             environment=environment,
-            host=endpoints.host,
-            http_port=endpoints.http_port,
-            grpc_port=endpoints.grpc_port,
-            metrics_port=endpoints.metrics_port,
-            log_file=log_file,
+            host=host,
+            **{f"{kind}_port": port for kind, port in ports.items()},
+            log_file=log,
         )
 
+    if endpoints.replicas == 1:
+        ports = {
+            "http": endpoints.http_port,
+            "grpc": endpoints.grpc_port,
+            "metrics": endpoints.metrics_port,
+        }
+        return embedded(log_file, endpoints.host, ports)
+
     def replica(index: int, ports: dict | None) -> EmbeddedTritonServer:
-        ports = ports or {}
-        return EmbeddedTritonServer(
-            repository,
-            environment=environment,
-            http_port=ports.get("http"),  # loopback: only the balancer reaches a replica
-            grpc_port=ports.get("grpc"),
-            metrics_port=ports.get("metrics"),
-            log_file=log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}"),
-        )
+        log = log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}")
+        return embedded(log, "127.0.0.1", ports or {})  # loopback: only nginx reaches it
 
     return ReplicaSet(
         endpoints.replicas, replica, endpoints.host, endpoints.http_port, endpoints.grpc_port

@@ -25,7 +25,7 @@ from pathlib import Path
 from tasks import artifacts, paths
 from tasks.errors import ServerError
 from tasks.server.embedded import parent_death_signal
-from tasks.server.network import check_ports_free, client_host, port_is_free, wait_until_ready
+from tasks.server.network import Listening, check_ports_free, port_is_free, wait_until_ready
 
 NGINX_FALLBACK = Path("/usr/sbin/nginx")  # Debian's, when /usr/sbin is not on PATH
 BALANCER = {  # the template's settings
@@ -51,7 +51,7 @@ def find_nginx() -> str:
     return found
 
 
-class NginxBalancer:
+class NginxBalancer(Listening):
     """nginx in a folder of its own (config, pid, log, temp files), in the foreground."""
 
     def __init__(self, host: str, http_port: int, grpc_port: int, replicas: list[dict]) -> None:
@@ -59,14 +59,6 @@ class NginxBalancer:
         self.replicas = replicas  # [{"http": "127.0.0.1:PORT", "grpc": "127.0.0.1:PORT"}]
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"{client_host(self.host)}:{self.ports['http']}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{client_host(self.host)}:{self.ports['grpc']}"
 
     @property
     def running(self) -> bool:
@@ -144,7 +136,7 @@ class NginxBalancer:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-class ReplicaSet:
+class ReplicaSet(Listening):
     """`count` servers made by `make_replica(index, ports)` behind an NginxBalancer on
     `host`'s `http_port` and `grpc_port`. `ports` is None for a new replica (free ports are
     picked), or the ports of the one it replaces."""
@@ -162,18 +154,10 @@ class ReplicaSet:
         self.members: list = []
         self.restarts: list[dict] = []  # replica, pid, seconds to ready
         self.balancer: NginxBalancer | None = None
-        self.host, self.listen = host, (http_port, grpc_port)
+        self.host, self.ports = host, {"http": http_port, "grpc": grpc_port}  # the balancer's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._starting = None  # the replica a restart is starting, if any
-
-    @property
-    def http_url(self) -> str:
-        return f"{client_host(self.host)}:{self.listen[0]}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{client_host(self.host)}:{self.listen[1]}"
 
     @property
     def running(self) -> bool:
@@ -185,13 +169,15 @@ class ReplicaSet:
         return self.balancer.failure()
 
     def start(self) -> ReplicaSet:
-        check_ports_free(self.host, dict(zip(("http", "grpc"), self.listen)))  # before loading
+        check_ports_free(self.host, self.ports)  # before loading, not after
         try:
             for index in range(self.count):
                 self.log(f"replicas: starting replica {index + 1} of {self.count}")
                 self.members.append(self.make_replica(index, None).start())
             upstreams = [{"http": m.http_url, "grpc": m.grpc_url} for m in self.members]
-            self.balancer = NginxBalancer(self.host, *self.listen, upstreams).start()
+            self.balancer = NginxBalancer(
+                self.host, self.ports["http"], self.ports["grpc"], upstreams
+            ).start()
         except BaseException:
             self.stop()
             raise

@@ -30,6 +30,7 @@ from tasks.server.install import (
 )
 from tasks.server.logs import LogFollower, failure_reasons, indent, is_fatal
 from tasks.server.network import (
+    Listening,
     check_ports_free,
     client_host,
     free_port,
@@ -57,7 +58,7 @@ def stub_pids(shm_prefix: str) -> list[int]:
     return list(supervision().stubs(shm_prefix))
 
 
-class EmbeddedTritonServer:
+class EmbeddedTritonServer(Listening):
     """A tritonserver process on a model repository, as a context manager.
 
     Ports left as None are picked free at construction, so the URLs are known before
@@ -110,14 +111,6 @@ class EmbeddedTritonServer:
         self._process: subprocess.Popen | None = None
         self._terminated = False
         self._workdir: Path | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"{client_host(self.host)}:{self.ports['http']}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{client_host(self.host)}:{self.ports['grpc']}"
 
     @property
     def metrics_url(self) -> str:

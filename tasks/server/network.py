@@ -65,6 +65,22 @@ def client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class Listening:
+    """`http_url` and `grpc_url` (host:port, for clients) of a server that listens on `host`'s
+    `ports` ({"http": ..., "grpc": ...})."""
+
+    host: str
+    ports: dict[str, int]
+
+    @property
+    def http_url(self) -> str:
+        return f"{client_host(self.host)}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{client_host(self.host)}:{self.ports['grpc']}"
+
+
 def wait_until_ready(
     ready: Callable[[], bool], check: Callable[[], None], timeout: float, interval: float
 ) -> bool:
