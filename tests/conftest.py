@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.models import (
+    IDENTITY_MODEL,
     MARKERS,
+    add_model,
     save_generation_model,
     save_ner_model,
     tiny_roberta_config,
@@ -21,6 +23,14 @@ from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES
 @pytest.fixture
 def project(tmp_path) -> Project:
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def identity_repo(tmp_path_factory) -> Path:
+    """A repository of one python-backend identity model (INPUT0 -> OUTPUT0, FP32)."""
+    repo = tmp_path_factory.mktemp("identity_repo")
+    add_model(repo, "identity", IDENTITY_MODEL)
+    return repo
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""replicas=N: the nginx balancer (real nginx) and the replica set (real tritonservers on an
-identity model). The bench through the balancer with a replica killed is in test_s3.py."""
+"""replicas=N: the nginx balancer (real nginx) and the replica set (real tritonservers on
+conftest's identity_repo). The bench through the balancer, a replica killed, is in test_s3.py."""
 
 from __future__ import annotations
 
@@ -20,36 +20,6 @@ from tasks.server import balancer as balancer_module
 from tests.helpers.client import Client
 from tests.helpers.serving import needs_nginx
 from tests.helpers.stages import settings_from
-
-IDENTITY = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())]
-            )
-            for r in requests
-        ]
-"""
-CONFIG = """name: "identity"
-backend: "python"
-max_batch_size: 8
-input [ { name: "IN" data_type: TYPE_FP32 dims: [ 2 ] } ]
-output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 2 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-
-
-@pytest.fixture(scope="module")
-def identity_repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("identity-repo")
-    (repo / "identity" / "1").mkdir(parents=True)
-    (repo / "identity" / "1" / "model.py").write_text(IDENTITY)
-    (repo / "identity" / "config.pbtxt").write_text(CONFIG)
-    return repo
 
 
 def two_ports() -> tuple[int, int]:
@@ -159,17 +129,19 @@ def test_a_killed_replica_is_restarted_while_the_other_answers(identity_repo, tm
         pid = first.pid
         with Client(replicas, "grpc") as grpc, Client(replicas) as http:
             for client in (grpc, http):
-                np.testing.assert_array_equal(client.infer("identity", {"IN": value})["OUT"], value)
+                out = client.infer("identity", {"INPUT0": value})["OUTPUT0"]
+                np.testing.assert_array_equal(out, value)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 60
             while not replicas.restarts:  # the other replica answers every request meanwhile
                 for client in (grpc, http):
-                    out = client.infer("identity", {"IN": value})["OUT"]
+                    out = client.infer("identity", {"INPUT0": value})["OUTPUT0"]
                     np.testing.assert_array_equal(out, value)
                 assert time.monotonic() < deadline, lines
             assert replicas.members[0] is not first and replicas.members[0].running
             assert replicas.members[0].ports == first.ports  # where nginx looks for it
-            np.testing.assert_array_equal(grpc.infer("identity", {"IN": value})["OUT"], value)
+            out = grpc.infer("identity", {"INPUT0": value})["OUTPUT0"]
+            np.testing.assert_array_equal(out, value)
     finally:
         replicas.stop()
     killed = next(line for line in lines if "exited" in line)

@@ -20,7 +20,7 @@ import pytest
 from tasks.server import EmbeddedTritonServer, free_port
 from tasks.storage import S3Location
 from tests.helpers.client import Client
-from tests.helpers.project import OFFLINE_ENV, Project, copy_project
+from tests.helpers.project import OFFLINE_ENV, Project, copy_project, free_ports
 from tests.helpers.s3 import HoldingProxy, start_s3_server
 from tests.helpers.serving import needs_nginx
 
@@ -168,40 +168,42 @@ def test_a_publish_after_a_shape_change_uploads_only_what_changed(s3, tmp_path, 
         assert "max_batch_size: 16" in config["Body"].read().decode()
 
 
+def doit_in_background(project: Project, log_path: Path, s3, *args: str) -> subprocess.Popen:
+    """`doit ARGS...` in `project` with the bucket's variables, its output to `log_path`."""
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "doit", *args],
+            cwd=project.root,
+            env={**os.environ, **OFFLINE_ENV, **s3.environment()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def wait_for_log(process, log_path: Path, words: str, deadline: float) -> str:
+    """The log once it holds `words`; fails, showing it, if doit ends or the deadline passes."""
+    while words not in (output := log_path.read_text()):
+        assert process.poll() is None, output
+        assert time.monotonic() < deadline, output
+        time.sleep(0.1)
+    return output
+
+
 def serve_in_background(tmp_path: Path, s3, bucket: str, poll: str) -> tuple:
     """`doit serve repo=s3://... poll=...` in a project copy that builds nothing."""
     project = copy_project(tmp_path / "serving")
-    ports = [free_port() for _ in range(3)]
-    while len(set(ports)) < 3:
-        ports = [free_port() for _ in range(3)]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed by the caller's stop
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "doit",
-            "serve",
-            f"repo=s3://{bucket}/prod",
-            f"poll={poll}",
-            *(f"{k}_port={p}" for k, p in zip(("http", "grpc", "metrics"), ports)),
-        ],
-        cwd=project.root,
-        env={**os.environ, **OFFLINE_ENV, **s3.environment()},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    ports, variables = free_ports()
     log_path = tmp_path / "serve.log"
-    deadline = time.monotonic() + 180
-    while "Ctrl-C stops the server" not in log_path.read_text():
-        assert process.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.2)
+    process = doit_in_background(
+        project, log_path, s3, "serve", f"repo=s3://{bucket}/prod", f"poll={poll}", *variables
+    )
+    wait_for_log(process, log_path, "Ctrl-C stops the server", time.monotonic() + 180)
     server = SimpleNamespace(http_url=f"127.0.0.1:{ports[0]}", grpc_url=f"127.0.0.1:{ports[1]}")
-    return process, server, log, log_path
+    return process, server, log_path
 
 
-def stop_serving(process, log) -> int:
+def stop_serving(process) -> int:
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(60)
@@ -209,13 +211,12 @@ def stop_serving(process, log) -> int:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-        log.close()
 
 
 def test_a_rolling_update_under_load_fails_no_request(s3, tmp_path, first, second, local_answers):
     s3.client().create_bucket(Bucket="rolling")
     publish(first, s3, "rolling")
-    process, server, log, log_path = serve_in_background(tmp_path, s3, "rolling", "0.5")
+    process, server, log_path = serve_in_background(tmp_path, s3, "rolling", "0.5")
     answers, failures, stop = [], [], threading.Event()
 
     def load() -> None:
@@ -243,7 +244,7 @@ def test_a_rolling_update_under_load_fails_no_request(s3, tmp_path, first, secon
         stop.set()
         for thread in threads:
             thread.join(30)
-        code = stop_serving(process, log)
+        code = stop_serving(process)
     output = log_path.read_text()
     assert failures == [], output
     assert np.allclose(answers[0], local_answers["first"], atol=1e-6)
@@ -303,25 +304,15 @@ def test_bench_through_nginx_keeps_failures_of_a_killed_replica_to_its_requests_
     and every answer through the balancer is the local build's."""
     s3.client().create_bucket(Bucket="replicas")
     publish(first, s3, "replicas")
-    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
+    (http, grpc, _), variables = free_ports()
     balancer = SimpleNamespace(http_url=f"127.0.0.1:{http}", grpc_url=f"127.0.0.1:{grpc}")
     concurrency = 4
     log_path = tmp_path / "bench.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "doit", "bench", f"model={project_model(first)}"),
-                *SHAPES,
-                *("repo=s3://replicas/prod", "replicas=2", "seconds=3"),
-                f"concurrency={concurrency}",
-                *(f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}"),
-            ],
-            cwd=first.root,
-            env={**os.environ, **OFFLINE_ENV, **s3.environment()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    process = doit_in_background(
+        first, log_path, s3,
+        *("bench", f"model={project_model(first)}", *SHAPES, "repo=s3://replicas/prod"),
+        *("replicas=2", "seconds=3", f"concurrency={concurrency}", *variables),
+    )  # fmt: skip
     answers, failures, stop = [], [], threading.Event()
 
     def check_answers() -> None:  # beside the bench: the balancer answers the local build's
@@ -336,19 +327,14 @@ def test_bench_through_nginx_keeps_failures_of_a_killed_replica_to_its_requests_
     checker = threading.Thread(target=check_answers)
     try:
         deadline = time.monotonic() + 240
-        while "nginx balances 2 replicas" not in log_path.read_text():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        pid = int(re.search(r"replica 1: pid (\d+)", log_path.read_text())[1])
+        output = wait_for_log(process, log_path, "nginx balances 2 replicas", deadline)
+        pid = int(re.search(r"replica 1: pid (\d+)", output)[1])
         checker.start()
         time.sleep(2.5)  # the gRPC point: a second of warm-up, then measured
         os.kill(pid, signal.SIGKILL)
         time.sleep(1)
         assert "triton grpc concurrency" not in log_path.read_text(), "killed after the point"
-        while "bench: triton http concurrency" not in log_path.read_text():  # served points
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_for_log(process, log_path, "bench: triton http concurrency", deadline)  # served
         stop.set()  # before the bench stops its servers
         checker.join(30)
         process.wait(300)

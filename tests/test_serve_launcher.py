@@ -25,27 +25,7 @@ from tasks.server import (
     server_environment,
 )
 from tests.helpers.client import infer
-
-CONFIG = """\
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-"""
-
-IDENTITY_MODEL = """\
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
-        return responses
-"""
+from tests.helpers.models import IDENTITY_MODEL, add_model
 
 BROKEN_MODEL = """\
 class TritonPythonModel:
@@ -67,13 +47,6 @@ class TritonPythonModel:
     def execute(self, requests):
         return []
 """
-
-
-def add_model(repo: Path, name: str, code: str) -> None:
-    """A python-backend model; model.py is written before config.pbtxt, as the build does."""
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(code)
-    (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name))
 
 
 def live_processes() -> dict[int, list[str]]:
@@ -105,13 +78,6 @@ def servers_on(repo: Path) -> list[int]:
 
 def shm_regions_of(server: EmbeddedTritonServer) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
-
-
-@pytest.fixture(scope="module")
-def identity_repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("identity_repo")
-    add_model(repo, "identity", IDENTITY_MODEL)
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +271,15 @@ def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
         code = proc.wait(60)
     assert code == 0 and "tritonserver exited with 0" in log.read_text()
     assert not supervision().stubs(prefix)
+
+
+def test_a_stub_name_gives_its_model_with_or_without_an_instance_group():
+    from tasks.server import supervision
+
+    strip = supervision().strip_instance
+    ready = {"identity", "gpt_2", "encode_model"}
+    assert strip("identity_0", ready) == "identity"  # no instance_group in the config
+    assert strip("encode_model_0_0", ready) == "encode_model"
+    assert strip("gpt_2_0_0", ready) == "gpt_2"  # a name ending in digits keeps them
+    assert strip("gone_0_1", ready) == "gone"  # not ready: the 2.51 pattern
+    assert strip("encode_model_0_0") == "encode_model"

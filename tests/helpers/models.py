@@ -202,3 +202,33 @@ def save_ner_model(target: Path, tokenizer_dir: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy2(tokenizer_dir / name, target / name)
     return target
+
+
+# A python-backend model of one FP32 vector in and out, for tests of the server itself.
+PYTHON_MODEL_CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+"""
+
+IDENTITY_MODEL = """\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", data)]))
+        return responses
+"""
+
+
+def add_model(repo: Path, name: str, code: str) -> None:
+    """A python-backend model; model.py is written before config.pbtxt, as the build does."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(code)
+    (repo / name / "config.pbtxt").write_text(PYTHON_MODEL_CONFIG.format(name=name))

@@ -87,12 +87,17 @@ def copy_project(target: Path) -> Project:
     return project
 
 
-def doit_bench(project, *variables: str, environment=None):
-    """A short `doit bench` on free ports."""
+def free_ports() -> tuple[tuple[int, int, int], list[str]]:
+    """Three different free ports (HTTP, gRPC, metrics), and the variables giving them to doit."""
     from tasks.server import free_port
 
-    http, grpc, metrics = sorted({free_port() for _ in range(6)})[:3]
-    ports = (f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}")
+    ports = tuple(sorted({free_port() for _ in range(6)})[:3])
+    return ports, [f"{k}_port={p}" for k, p in zip(("http", "grpc", "metrics"), ports)]
+
+
+def doit_bench(project, *variables: str, environment=None):
+    """A short `doit bench` on free ports."""
+    _, ports = free_ports()
     # defaults first: a variable given twice takes its last value
     return project.doit(
         "seconds=0.5", "concurrency=1", *variables, *ports, "bench", environment=environment
