@@ -354,11 +354,14 @@ def test_bench_through_nginx_keeps_failures_of_a_killed_replica_to_its_requests_
     grpc_point, http_point = report["systems"]["triton"]
     assert grpc_point["requests"] > 0 and http_point["errors"] == 0, output
     # what the killed replica had in flight, at most one request per client, and no more
-    assert 1 <= report["errors"] == grpc_point["errors"] <= concurrency, output
-    assert "Received http2 header with status: 502" in grpc_point["first_errors"][0]
+    assert report["errors"] == grpc_point["errors"] <= concurrency, output
     assert len(failures) <= 1, (failures, output)
-    assert process.returncode == 1, output  # the bench says so, and fails
-    assert f"{report['errors']} requests failed during the benchmark" in output
+    if report["errors"]:  # none when the replica had nothing in flight (a CI run saw it)
+        assert "Received http2 header with status: 502" in grpc_point["first_errors"][0]
+        assert process.returncode == 1, output  # the bench says so, and fails
+        assert f"{report['errors']} requests failed during the benchmark" in output
+    else:
+        assert process.returncode == 0, output
     assert len(answers) > 10
     for answer in answers:
         np.testing.assert_allclose(answer, local_answers["first"], atol=1e-6)
