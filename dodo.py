@@ -24,6 +24,8 @@ queue_timeout_ms, queue_delay_us, instances, ort_threads, ort_spin, batch_waste,
 one_hop, against, soak_minutes, concurrency, seconds, loadgen, suite. See README.md.
 """
 
+import sys
+
 from doit.exceptions import InvalidCommand
 
 from tasks import artifacts, paths
@@ -44,9 +46,14 @@ from tasks.settings import current
 from tasks.soak import task_soak  # noqa: F401
 from tasks.test import task_test  # noqa: F401
 
+# doit's commands that only read the tasks and their records: they never wait on a build
+READING = {"list", "info", "help", "dumpdb", "tabcompletion"}
+
 try:
     current()  # validate the command line before any task is even generated
-    artifacts.hold_lock(paths.TREE_LOCK)  # a second doit here is refused, the first intact
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "run")
+    if command not in READING:  # a second build here is refused, the first intact
+        artifacts.hold_lock(paths.TREE_LOCK)  # (serve lets go once its server is up)
 except BuildError as err:
     raise InvalidCommand(str(err)) from None
 

@@ -204,29 +204,65 @@ _HELD: dict[Path, object] = {}  # lock file -> its open handle, for this process
 
 def hold_lock(path: Path) -> None:
     """Hold an exclusive lock on `path` until this process ends (the kernel drops it even
-    after kill -9), or fail at once naming the process that holds it."""
+    after kill -9) or `release_lock`, or fail at once naming the process that holds it."""
+    if path in _HELD:
+        return
+    handle = try_lock(path)
+    if handle is None:
+        holder = path.read_text().strip() or "a process"
+        raise BuildError(
+            f"another doit is building in this tree ({holder}); wait for it to end or stop "
+            "it (one build at a time per clone: they share models/ and model_zoo/)"
+        )
+    _HELD[path] = handle
+
+
+def try_lock(path: Path):
+    """The open, exclusively locked `path` (which says who holds it), or None when another
+    process holds it now."""
     import fcntl
     import sys
 
-    if path in _HELD:
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115 - kept open: the lock lives as long as it
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process"
         handle.close()
-        raise BuildError(
-            f"another doit is running in this tree ({holder}); wait for it to end or stop "
-            "it (one doit at a time per clone: they share models/ and model_zoo/)"
-        ) from None
+        return None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}: doit {' '.join(sys.argv[1:])}".strip())
     handle.flush()
-    _HELD[path] = handle
+    return handle
+
+
+def release_lock(path: Path) -> None:
+    """Let another doit build here (serve, once its server is up). What this run has
+    recorded is written first: doit writes its state when a run ends, and a run that ends
+    hours later must not put back records that a build made meanwhile has replaced."""
+    handle = _HELD.pop(path, None)
+    if handle is None:
+        return
+    save_doit_state()
+    handle.seek(0)
+    handle.truncate()
+    handle.close()  # closing drops the lock
+
+
+def save_doit_state() -> None:
+    """Write the records this doit run holds in memory now, and forget them, so that the
+    run's final write holds only what it does after this (doit 0.37's sqlite3 backend)."""
+    import gc
+
+    from doit.dependency import SqliteDB
+
+    for db in [o for o in gc.get_objects() if isinstance(o, SqliteDB)]:
+        for task_id in db._dirty:
+            record = db.codec.encode(db._cache[task_id])
+            db._conn.execute("insert or replace into doit values (?,?)", (task_id, record))
+        db._conn.commit()
+        db._dirty = set()
 
 
 def render_template(template: Path, context: dict, filters: dict | None = None) -> str:

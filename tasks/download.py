@@ -17,7 +17,13 @@ from doit.tools import config_changed
 
 from tasks import artifacts, catalog, paths
 from tasks.errors import ModelSourceError, fails_cleanly
-from tasks.settings import ModelSource, Settings, check_shapes_fit_model, current
+from tasks.settings import (
+    ModelSource,
+    Settings,
+    check_shapes_fit_model,
+    command_line,
+    current,
+)
 
 HUB_HOST = "huggingface.co"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*merges*", "*vocab*"]
@@ -179,7 +185,7 @@ def fetch(settings: Settings) -> None:
                 f"model={settings.source.ref}: the checkpoint has no config.json"
             )
         check_task_support(settings.task, artifacts.read_json(config_path).get("model_type", "?"))
-        check_shapes_fit_model(settings, config_path)
+        check_shapes_fit_model(settings, config_path, "seq" in command_line())
         ensure_fast_tokenizer(staged)
         ensure_task_head(settings.task, staged)
         # Hashes, not sizes: retrained weights of the same shapes must rebuild the export.

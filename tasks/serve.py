@@ -1,19 +1,22 @@
 """Stage `serve`: serve models/ on Triton (tasks/server/: embedded, or server=docker) until
-Ctrl-C, after answering one sample request. With repo=s3://BUCKET/PREFIX the embedded server
-reads the bucket `doit publish` wrote instead, and with poll=SECONDS it loads what a later
-publish changes while it serves (tasks/server/watch.py)."""
+Ctrl-C, after answering one sample request. Once the server is up it lets other doit runs
+build in the tree, and loads what they change in models/ while it serves. With
+repo=s3://BUCKET/PREFIX the embedded server reads the bucket `doit publish` wrote instead, and
+with poll=SECONDS it loads what a later publish changes (tasks/server/watch.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 
-from tasks import paths
+from tasks import artifacts, paths
 from tasks.errors import fails_cleanly
 from tasks.settings import Settings, current
 
 SAMPLE_TEXT = "Triton serves transformers."
+BUILD_POLL = 1.0  # seconds between looks at models/ for what a build changed
 
 
 def example_request(settings: Settings, url: str) -> str:
@@ -92,13 +95,14 @@ def serve_foreground(settings: Settings) -> None:
 
     from tasks import storage
     from tasks.plan import check_served_plans
-    from tasks.server import make_server
+    from tasks.server import folder_manifest, make_server
 
     location = settings.storage.location
+    repository, _ = storage.served_repository(settings.storage.repo)
     if location is None:  # a plan built for another GPU: our error, not TensorRT's
-        check_served_plans(paths.MODELS)
-        baseline = {}
-    else:  # what the server is about to load: the watcher's starting point
+        check_served_plans(repository)
+        baseline = folder_manifest(repository)  # what the server is about to load
+    else:
         baseline = storage.check_published(location)
     server = make_server(settings.endpoints, repo=settings.storage.repo)
     stop, ready = threading.Event(), threading.Event()
@@ -115,7 +119,9 @@ def serve_foreground(settings: Settings) -> None:
         ready.set()
         if note := access_note(server):
             print(note, flush=True)
-        if settings.storage.poll:
+        if location is None and settings.endpoints.server == "embedded":
+            watchers = watch_builds(settings, server, baseline, repository)
+        elif settings.storage.poll:
             watchers = watch(settings, server, baseline)
         sample_request(settings, server.http_url)
         print(
@@ -140,13 +146,46 @@ def serve_foreground(settings: Settings) -> None:
 
 
 def watch(settings: Settings, server, baseline: dict) -> list:
-    """Start loading what `doit publish` changes in the bucket, every poll= seconds: one
-    watcher per server (each replica of replicas=N)."""
+    """Start loading what `doit publish` changes in the bucket, every poll= seconds."""
     from tasks import storage
-    from tasks.server import ReplicaSet, RepositoryWatcher
 
     location = settings.storage.location
     print(f"serve: polling {location} every {settings.storage.poll:g} s", flush=True)
+    reader = storage.manifest_reader(location)
+    return start_watchers(server, reader, settings.storage.poll, baseline)
+
+
+def watch_builds(settings: Settings, server, baseline: dict, repository) -> list:
+    """Let other doit runs build in this tree, and load what they change in the served folder
+    (a new deployment, a rebuilt one) while no build runs, under the tree's lock."""
+    from tasks.server import folder_manifest
+
+    artifacts.release_lock(paths.TREE_LOCK)
+    print(
+        f"serve: other doit runs may build here now; what they change in {repository.name}/ "
+        f"is loaded within {BUILD_POLL:g} s of their end, without a restart",
+        flush=True,
+    )
+
+    @contextlib.contextmanager
+    def no_build_running():
+        handle = artifacts.try_lock(paths.TREE_LOCK)
+        try:
+            yield handle is not None
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def read() -> dict:
+        return folder_manifest(repository)
+
+    return start_watchers(server, read, BUILD_POLL, baseline, guard=no_build_running)
+
+
+def start_watchers(server, read_manifest, interval: float, baseline: dict, guard=None) -> list:
+    """One RepositoryWatcher per server (each replica of replicas=N), started."""
+    from tasks.server import ReplicaSet, RepositoryWatcher
+
     if isinstance(server, ReplicaSet):
         watched = [(m, server.supervisor_of(i)) for i, m in enumerate(server.members)]
     else:
@@ -154,12 +193,13 @@ def watch(settings: Settings, server, baseline: dict) -> list:
     return [
         RepositoryWatcher(
             member.http_url,
-            storage.manifest_reader(location),
-            settings.storage.poll,
+            read_manifest,
+            interval,
             baseline,
             log=lambda m: print(m, flush=True),
             supervisor=supervisor,
             headers=member.admin_headers,
+            guard=guard,
         ).start()
         for member, supervisor in watched
     ]

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -362,28 +363,58 @@ def resolve_model(ref: str, revision: str) -> ModelSource:
     return ModelSource(ref=ref, local=None, revision=revision)
 
 
-def check_shapes_fit_model(settings: Settings, config_path: Path | None) -> None:
-    """Refuse a max sequence the model cannot take (its position embeddings)."""
+def model_positions(config_path: Path | None) -> int:
+    """How many tokens the model takes (its position embeddings), or 0 when unknown."""
     if config_path is None or not config_path.is_file():
-        return
+        return 0
     config = json.loads(config_path.read_text())
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    limit = config.get("max_position_embeddings") or config.get("n_positions") or 0
     if config.get("model_type") in catalog.POSITIONS_AFTER_PADDING and limit:
         limit -= config.get("pad_token_id", 1) + 1
+    return limit
+
+
+def check_shapes_fit_model(
+    settings: Settings, config_path: Path | None, seq_given: bool = True
+) -> None:
+    """Refuse a max sequence the model cannot take (its position embeddings)."""
+    limit = model_positions(config_path)
     if limit and settings.seq.max > limit:
+        hint = (
+            f"use seq=MIN,OPT,{limit} or less"
+            if seq_given
+            else "run doit again: the default seq is fitted to the model once its config is here"
+        )
         raise SettingsError(
             f"seq={settings.seq.min},{settings.seq.opt},{settings.seq.max}: the model takes at "
-            f"most {limit} tokens (max_position_embeddings); use seq=MIN,OPT,{limit} or less"
+            f"most {limit} tokens (max_position_embeddings); {hint}"
         )
 
 
-def known_config(settings: Settings) -> Path | None:
+def fitted_seq(given: Mapping[str, str], config_path: Path | None) -> Profile:
+    """`seq` as given, or the default with its MAX cut to the model's positions (and OPT with
+    it), said on stderr: a default must fit the model it is for."""
+    seq = VARIABLES["seq"].read(given)
+    limit = model_positions(config_path)
+    if "seq" in given or not limit or seq.max <= limit:
+        return seq
+    fitted = Profile("seq", min(seq.min, limit), min(seq.opt, limit), limit)
+    print(
+        f"seq: the default {seq.min},{seq.opt},{seq.max} is cut to {fitted.min},{fitted.opt},"
+        f"{fitted.max}: the model takes at most {limit} tokens (max_position_embeddings); "
+        "pass seq=MIN,OPT,MAX to choose",
+        file=sys.stderr,
+    )
+    return fitted
+
+
+def known_config(source: ModelSource, name: str) -> Path | None:
     """The model's config.json if it is already at hand: local, or downloaded for this ref."""
-    if settings.source.local is not None:
-        return settings.source.local / "config.json"
-    manifest = paths.source_manifest(settings.name)
-    if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == settings.source.ref:
-        return paths.source_config(settings.name)
+    if source.local is not None:
+        return source.local / "config.json"
+    manifest = paths.source_manifest(name)
+    if manifest.is_file() and json.loads(manifest.read_text()).get("ref") == source.ref:
+        return paths.source_config(name)
     return None  # the download stage checks it once it has the model
 
 
@@ -429,15 +460,17 @@ def load_settings(given: Mapping[str, str]) -> Settings:
         precision = "fp16" if backend == "tensorrt" and not spec.generation else "fp32"
     recipe, block_size = quantization(precision, backend, given)
     name, model = VARIABLES["name"].read(given), VARIABLES["model"].read(given)
+    name = task_name if name is None else name
+    source = resolve_model(
+        spec.default_model if model is None else model, VARIABLES["revision"].read(given)
+    )
     settings = Settings(
         task=spec,
-        name=task_name if name is None else name,
+        name=name,
         trt_compat=VARIABLES["trt_compat"].read(given),
-        source=resolve_model(
-            spec.default_model if model is None else model, VARIABLES["revision"].read(given)
-        ),
+        source=source,
         batch=VARIABLES["batch"].read(given),
-        seq=VARIABLES["seq"].read(given),
+        seq=fitted_seq(given, known_config(source, name)),
         precision=precision,
         recipe=recipe,
         block_size=block_size,
@@ -453,7 +486,7 @@ def load_settings(given: Mapping[str, str]) -> Settings:
             f"server=docker: {problem}; start Docker with the NVIDIA container "
             "toolkit, or use server=embedded"
         )
-    check_shapes_fit_model(settings, known_config(settings))
+    check_shapes_fit_model(settings, known_config(source, name), "seq" in given)
     return settings
 
 

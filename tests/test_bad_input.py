@@ -174,8 +174,10 @@ def test_a_second_doit_in_the_same_tree_is_refused_at_once_and_the_first_goes_on
     started = time.monotonic()
     second = project.doit("task=encode", check=False)
     assert time.monotonic() - started < 30  # at once: it never waits for the first
-    assert second.returncode != 0 and "another doit is running in this tree (pid" in second.output
+    assert second.returncode != 0 and "another doit is building in this tree (pid" in second.output
     assert f"pid {first.pid}" in second.output
+    listing = project.doit("list")  # what only reads never waits on a build
+    assert "serve" in listing.output and "repo" in listing.output
     lines += first.stdout.readlines()
     assert first.wait() == 0, "".join(lines)
     assert project.doit("task=encode").executed == []  # the first one built it all, intact

@@ -97,6 +97,25 @@ def test_a_max_sequence_beyond_the_position_embeddings_is_impossible(tmp_path):
     assert settings_from(model=str(tmp_path), seq="1,64,128").seq.max == 128
 
 
+def test_the_default_seq_is_fitted_to_the_model_and_says_so(tmp_path, capsys):
+    for model_type, positions, fitted in (
+        ("llama", 256, 256),
+        ("opt", 300, 300),
+        ("gpt2", 2048, 512),
+    ):
+        (tmp_path / "config.json").write_text(
+            json.dumps({"model_type": model_type, "max_position_embeddings": positions})
+        )
+        seq = settings_from(model=str(tmp_path), task="causallm").seq
+        assert seq.points() == (1, min(128, fitted), fitted), model_type
+    said = capsys.readouterr().err
+    assert "seq: the default 1,128,512 is cut to 1,128,256: the model takes at most 256" in said
+    assert "1,128,300" in said and "to 1,128,512" not in said
+    roberta = {"model_type": "roberta", "max_position_embeddings": 66, "pad_token_id": 1}
+    (tmp_path / "config.json").write_text(json.dumps(roberta))
+    assert settings_from(model=str(tmp_path)).seq.points() == (1, 64, 64)
+
+
 def test_a_single_number_is_a_fixed_size():
     assert Profile.parse("batch", "4").points() == (4, 4, 4)
 

@@ -32,7 +32,7 @@ from tasks.server.install import (
     server_environment,
 )
 from tasks.server.network import free_port, http_ready, port_is_free
-from tasks.server.watch import RepositoryWatcher
+from tasks.server.watch import RepositoryWatcher, folder_manifest
 from tasks.settings import Endpoints
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "authorize",
     "find_nginx",
     "find_tritonserver",
+    "folder_manifest",
     "free_port",
     "http_ready",
     "make_server",

@@ -1,4 +1,5 @@
-"""`RepositoryWatcher`: rolling updates of a running server from a published repository.
+"""`RepositoryWatcher`: rolling updates of a running server from a published repository, or
+from models/ as builds change it while `doit serve` serves (`folder_manifest`).
 
 `doit serve repo=s3://... poll=SECONDS` runs the server with explicit model control (the
 supervisor's mode: it reloads a model whose stub died, which Triton's poll mode would
@@ -10,19 +11,47 @@ version beside the old one, which answers meanwhile and is unloaded once its req
 no request fails. A model is loaded only once the manifest says it is complete, never a folder
 being uploaded.
 
-Standard library only (`doit list` imports tasks.server): the manifest is read by a callable.
+Standard library only (`doit list` imports tasks.server): the manifest is read by a callable,
+under a `guard` that says whether the repository may be read now (models/: no build runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 LOAD_TIMEOUT = 300.0
+
+
+def folder_manifest(repository: Path) -> dict:
+    """A local repository's models as the watcher compares them: the newest version folder, a
+    digest of every file's name, size, inode and time (a rebuilt file is a new one: artifacts
+    are replaced by a rename), and whether it is an ensemble."""
+    models = {}
+    folders = sorted(p for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
+    for model in folders:
+        config = model / "config.pbtxt"
+        versions = [int(p.name) for p in model.iterdir() if p.is_dir() and p.name.isdigit()]
+        if not config.is_file() or not versions:
+            continue  # not a model the repo stage wrote
+        stamps = []
+        for file in sorted(f for f in model.rglob("*") if f.is_file()):
+            info = file.stat()
+            stamps.append(
+                f"{file.relative_to(model)} {info.st_size} {info.st_ino} {info.st_mtime_ns}"
+            )
+        models[model.name] = {
+            "version": max(versions),
+            "config": hashlib.sha256("\n".join(stamps).encode()).hexdigest(),
+            "ensemble": 'platform: "ensemble"' in config.read_text(),
+        }
+    return {"models": models}
 
 
 def model_states(manifest: dict) -> dict[str, tuple]:
@@ -45,9 +74,11 @@ class RepositoryWatcher:
         log=print,
         supervisor=None,
         headers: dict[str, str] | None = None,
+        guard=None,
     ) -> None:
         self.url = url if "://" in url else f"http://{url}"
         self.headers = dict(headers or {})  # the admin secret's: model control is restricted
+        self.guard = guard or (lambda: contextlib.nullcontext(True))
         self.read_manifest, self.interval, self.log = read_manifest, interval, log
         self.seen = model_states(baseline)  # what the server loaded at start
         self.supervisor = supervisor
@@ -65,7 +96,13 @@ class RepositoryWatcher:
             reply.read()
 
     def poll(self) -> None:
-        """Look at the manifest once; load what changed, unload what is gone."""
+        """Look at the manifest once, unless the guard says not now; load what changed, unload
+        what is gone."""
+        with self.guard() as free:
+            if free:
+                self._poll()
+
+    def _poll(self) -> None:
         try:
             current = model_states(self.read_manifest())
         except Exception as err:  # the bucket is unreachable for now: try again later

@@ -89,7 +89,7 @@ def generation_tokenizer(kind: str):
     )
 
 
-def save_generation_model(target: Path, family: str) -> Path:
+def save_generation_model(target: Path, family: str, max_positions: int = 128) -> Path:
     """A tiny random model of a family, with weights spread enough to vary its greedy output."""
     import torch
     import transformers
@@ -103,7 +103,7 @@ def save_generation_model(target: Path, family: str) -> Path:
                 n_embd=32,
                 n_layer=2,
                 n_head=2,
-                n_positions=128,
+                n_positions=max_positions,
                 bos_token_id=eos,
                 initializer_range=0.3,
                 **common,
@@ -117,7 +117,7 @@ def save_generation_model(target: Path, family: str) -> Path:
                 num_attention_heads=2,
                 ffn_dim=64,
                 word_embed_proj_dim=32,
-                max_position_embeddings=128,
+                max_position_embeddings=max_positions,
                 bos_token_id=eos,
                 init_std=0.3,
                 **common,
