@@ -105,7 +105,7 @@ def test_serve_with_docker_fails_at_the_door_without_an_engine(project):
 
 # --- the images' Python packages ---------------------------------------------------------
 
-GLIBC = (2, 35)  # Ubuntu 22.04, the base of both NGC 24.10 images
+GLIBC = (2, 39)  # Ubuntu 24.04, the base of both NGC 26.05 images
 NETWORK_ERRORS = (
     "NewConnectionError",
     "Max retries",
@@ -250,7 +250,7 @@ def test_the_server_image_installs_what_the_embedded_server_runs_with():
 
 def test_the_server_image_installs_what_the_runtime_models_import():
     stage = dockerfile_stages()["server"]
-    imports_of = {"cupy-cuda12x": "cupy"}  # distributions whose import name differs
+    imports_of = {"cupy-cuda13x": "cupy"}  # distributions whose import name differs
     installed = set(pinned(stage.requirement_files[0])) | {p.split("==")[0] for p in stage.pins}
     installed = {imports_of.get(name, name) for name in installed}
     imported = set()

@@ -68,7 +68,7 @@ def test_probes_ask_the_health_routes_on_the_http_port_and_the_service_exposes_e
 def test_the_pods_run_nvidias_triton_image_through_the_supervisor_on_the_bucket():
     manifests = rendered()
     triton = container(manifests)
-    assert triton["image"] == k8s.server_image() == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["image"] == k8s.server_image() == "nvcr.io/nvidia/tritonserver:26.05-py3"
     command = triton["command"]
     supervisor = f"{k8s.FILES_DIR}/supervisor.py"
     assert command[:2] == ["python3", supervisor]
