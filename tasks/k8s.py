@@ -67,6 +67,7 @@ SHM_MIB = 1024
 # /tmp, a disk emptyDir: Triton downloads the repository from the bucket here
 # (TRITON_AWS_MOUNT_DIRECTORY), with room for a second version during a rolling update.
 TMP_HEADROOM_MIB = 1024
+UNKNOWN_TMP_MIB = 8192  # models/ does not hold the deployment
 
 # The image's own non-root user: NVIDIA's `triton-server` (the Dockerfile's server stage
 # runs as it too). fsGroup makes the mounted Secrets readable by its group.
@@ -136,7 +137,7 @@ def pod_resources(settings: Settings) -> dict:
     elif memory is None:
         request = _round_up(SERVER_MIB + WEIGHT_COPIES * weights * instances)
         memory = (request, 2 * request + SHM_MIB)
-    tmp = _round_up(2 * weights + TMP_HEADROOM_MIB) if weights is not None else 2 * 4096
+    tmp = _round_up(2 * weights + TMP_HEADROOM_MIB) if weights is not None else UNKNOWN_TMP_MIB
     return {"cpu": list(cpu), "memory": list(memory), "tmp": tmp, "weights": weights}
 
 

@@ -287,6 +287,9 @@ def test_doit_k8s_writes_k8s_once_and_clean_removes_it(project):
 
     first = project.doit("k8s", "repo=s3://bkt/p")
     assert first.executed == ["k8s"]
+    # it says which Secrets to create first, and how, with no value in the commands
+    for command in k8s.render_context(settings_from(repo="s3://bkt/p"))["secret_commands"]:
+        assert command in first.output
     k8s_dir = project.path(paths.K8S_DIR)
     assert sorted(p.name for p in k8s_dir.iterdir()) == sorted(
         f"{kind}.yaml" for kind in k8s.RENDERED
