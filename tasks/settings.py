@@ -70,6 +70,19 @@ class Endpoints:
     grpc_port: int = default("grpc_port")
     metrics_port: int = default("metrics_port")
     replicas: int = default("replicas")
+    max_body_mb: int = default("max_body_mb")
+
+    @property
+    def faces_network(self) -> bool:
+        """Whether `host` is reachable from other machines (anything but loopback)."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
 
     def __post_init__(self) -> None:
         _check_fields(self)

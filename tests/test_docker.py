@@ -306,16 +306,19 @@ def test_compose_runs_triton_read_only_without_privileges_with_the_admin_key_as_
     # the admin key: a secret from a file the user makes (ADMIN_KEY_FILE names another),
     # which the supervisor reads from /run/secrets; no key value in compose or the image
     assert triton["secrets"] == ["admin_key"]
-    assert compose["secrets"] == {"admin_key": {"file": "${ADMIN_KEY_FILE:-./secrets/admin-key}"}}
+    assert compose["secrets"] == {
+        "admin_key": {"file": "${ADMIN_KEY_FILE:-./.secrets/admin-key}"}
+    }
+    assert paths.ADMIN_KEY == paths.ROOT / ".secrets" / "admin-key"  # the one doit serve makes
     command = triton["command"]
     assert command[command.index("--admin-key-file") + 1] == "/run/secrets/admin_key"
     assert command.index("--admin-key-file") < command.index("--")
-    assert "secrets/" in (paths.ROOT / ".gitignore").read_text().split()  # never committed
+    assert "/.secrets/" in (paths.ROOT / ".gitignore").read_text().split()  # never committed
 
 
 def test_docker_context_leaves_out_the_hosts_venv_and_build_outputs():
     ignored = (paths.ROOT / ".dockerignore").read_text().split()
-    for entry in (".venv", "models/*", "model_zoo/*", ".git", "secrets"):
+    for entry in (".venv", "models/*", "model_zoo/*", ".git", ".secrets"):
         assert entry in ignored
 
 
