@@ -13,6 +13,15 @@
 # Both run as a non-root user of uid 1000 (the server: NVIDIA's own `triton-server`), so what
 # the exporter writes into models/ the server reads.
 
+# secret_args.so: the library the supervisor preloads into tritonserver so that the admin key
+# and the API key never show on its command line (triton/supervisor/secret_args.c, access.py).
+# Built apart, for the server's Ubuntu 24.04, so the server image carries no compiler.
+FROM ubuntu:24.04 AS secret-args
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+  && rm -rf /var/lib/apt/lists/*
+COPY triton/supervisor/secret_args.c /build/secret_args.c
+RUN gcc -shared -fPIC -O2 -o /build/secret_args.so /build/secret_args.c
+
 # The server: NVIDIA's Triton plus what our python-backend models import, from the same
 # requirements/server.txt that the embedded server's venv installs, so that what is served
 # is what parity proved.
@@ -23,9 +32,12 @@ COPY requirements/server.txt /tmp/requirements/server.txt
 # cache stays there between engine calls. NGC 26.05 is CUDA 13; CuPy 13.6 is the last release
 # that takes numpy 1.x (server.txt's pin for the embedded server's python backend).
 RUN pip install --no-cache-dir -r /tmp/requirements/server.txt cupy-cuda13x==13.6.0
-# The server's entrypoint: it starts tritonserver and reloads a model whose python stub dies
-# (Triton keeps answering ready while such a model fails every request).
+# The server's entrypoint: it starts tritonserver with its admin APIs (and inference, given an
+# API key) closed behind keys read from files, and reloads a model whose python stub dies.
+# access.py and secret_args.so sit beside it, where it looks for them.
 COPY triton/supervisor/supervisor.py /opt/llm-in-triton/supervisor.py
+COPY triton/supervisor/access.py /opt/llm-in-triton/access.py
+COPY --from=secret-args /build/secret_args.so /opt/llm-in-triton/secret_args.so
 # CuPy compiles kernels into a cache under HOME by default; the root filesystem may be
 # read-only (docker-compose.yml, k8s/), /tmp is not.
 ENV CUPY_CACHE_DIR=/tmp/cupy-kernel-cache

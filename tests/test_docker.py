@@ -188,10 +188,13 @@ def pinned(requirement_file: Path) -> dict[str, str]:
     return pins
 
 
+IMAGES = ("server", "exporter")  # the stages docker-compose.yml runs; the others build parts
+
+
 def test_every_stage_states_its_python_and_installs_project_files():
     stages = dockerfile_stages()
-    assert set(stages) == {"server", "exporter"}
-    for stage in stages.values():
+    assert set(stages) == {*IMAGES, "secret-args"}
+    for stage in (stages[name] for name in IMAGES):
         assert re.fullmatch(r"3\.\d+", stage.python), stage
         assert stage.requirement_files, stage
         assert all(f.is_file() for f in stage.requirement_files), stage
@@ -278,7 +281,7 @@ def test_every_image_runs_as_a_non_root_user_and_says_how_its_health_is_checked(
     """checkov reads the Dockerfile as one image (a USER or HEALTHCHECK in any stage passes
     for all), so each stage is checked here."""
     stages = dockerfile_stages()
-    for stage in stages.values():
+    for stage in (stages[name] for name in IMAGES):
         assert stage.user not in ("root", "0", "0:0"), stage.name
     assert stages["server"].user == "triton-server"  # NVIDIA's, uid 1000
     # the server: ready (every model loaded) on Triton's HTTP port, the one compose publishes
@@ -287,6 +290,19 @@ def test_every_image_runs_as_a_non_root_user_and_says_how_its_health_is_checked(
     assert "--start-period=600s" in server  # loading engines takes minutes
     # the exporter is a batch job: it says so rather than inheriting a check
     assert stages["exporter"].healthcheck == "NONE"
+
+
+def test_the_server_image_carries_the_supervisors_access_module_and_its_library():
+    """The supervisor looks beside itself for access.py and secret_args.so (it would need a
+    compiler to build the library, and the server image has none)."""
+    dockerfile = paths.DOCKERFILE.read_text()
+    assert "COPY triton/supervisor/access.py /opt/llm-in-triton/access.py" in dockerfile
+    assert "COPY triton/supervisor/secret_args.c /build/secret_args.c" in dockerfile
+    assert "RUN gcc -shared -fPIC -O2 -o /build/secret_args.so /build/secret_args.c" in dockerfile
+    copied = "COPY --from=secret-args /build/secret_args.so /opt/llm-in-triton/secret_args.so"
+    assert copied in dockerfile
+    # the same release of Ubuntu as the server's base (NGC 26.05), so the same glibc
+    assert re.search(r"^FROM ubuntu:24\.04 AS secret-args$", dockerfile, re.M)
 
 
 def compose_file() -> dict:
@@ -306,9 +322,7 @@ def test_compose_runs_triton_read_only_without_privileges_with_the_admin_key_as_
     # the admin key: a secret from a file the user makes (ADMIN_KEY_FILE names another),
     # which the supervisor reads from /run/secrets; no key value in compose or the image
     assert triton["secrets"] == ["admin_key"]
-    assert compose["secrets"] == {
-        "admin_key": {"file": "${ADMIN_KEY_FILE:-./.secrets/admin-key}"}
-    }
+    assert compose["secrets"] == {"admin_key": {"file": "${ADMIN_KEY_FILE:-./.secrets/admin-key}"}}
     assert paths.ADMIN_KEY == paths.ROOT / ".secrets" / "admin-key"  # the one doit serve makes
     command = triton["command"]
     assert command[command.index("--admin-key-file") + 1] == "/run/secrets/admin_key"
