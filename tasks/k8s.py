@@ -86,7 +86,13 @@ AWS_CONFIG_FILE = "aws-config"  # INI: [default] region=...; optional
 STARTUP_SECONDS = 600
 PROBE_PERIOD = 10
 SITE_PACKAGES = "/opt/llm-in-triton/site"  # the init container installs server.txt here
-FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: supervisor.py, server.txt
+FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: the supervisor's files, server.txt
+# The supervisor runs from here, with access.py and secret_args.so beside it, where it looks
+# for them: an init container copies them in and compiles the library (NVIDIA's image has no
+# compiler), with the flags access.py uses.
+BIN_DIR = "/opt/llm-in-triton/bin"
+COMPILER_IMAGE = "docker.io/library/gcc:14"  # Debian 12's glibc 2.36: runs on 24.04's 2.39
+SUPERVISOR_FILES = ("supervisor.py", "access.py", "secret_args.c")
 
 
 def object_name(name: str) -> str:
@@ -195,6 +201,8 @@ def k8s_params(settings: Settings) -> dict:
         "metric_window": METRIC_WINDOW,
         "site_packages": SITE_PACKAGES,
         "files_dir": FILES_DIR,
+        "bin_dir": BIN_DIR,
+        "compiler_image": COMPILER_IMAGE,
         "manifests": [paths.k8s_manifest(kind).name for kind in MANIFESTS],
     }
 
@@ -202,10 +210,8 @@ def k8s_params(settings: Settings) -> dict:
 def render_context(settings: Settings) -> dict:
     """The params, and what the manifests read from files: the image, the ConfigMap's files
     and their digest (a pod annotation, so a changed supervisor rolls the pods)."""
-    files = {
-        "supervisor.py": paths.runtime_file("supervisor", "supervisor.py").read_text(),
-        "server.txt": paths.SERVER_REQUIREMENTS.read_text(),
-    }
+    files = {name: paths.runtime_file("supervisor", name).read_text() for name in SUPERVISOR_FILES}
+    files["server.txt"] = paths.SERVER_REQUIREMENTS.read_text()
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     params = k8s_params(settings)
     return {
@@ -214,7 +220,18 @@ def render_context(settings: Settings) -> dict:
         "files": files,
         "files_digest": digest,
         "secret_commands": secret_commands(params),
+        "supervisor_setup": supervisor_setup(),
     }
+
+
+def supervisor_setup() -> str:
+    """The init container's shell command: the supervisor and access.py into BIN_DIR, and
+    secret_args.so compiled beside them."""
+    copied = " ".join(f"{FILES_DIR}/{name}" for name in SUPERVISOR_FILES[:2])
+    return (
+        f"cp {copied} {BIN_DIR}/ && gcc -shared -fPIC -O2 -o {BIN_DIR}/secret_args.so "
+        f"{FILES_DIR}/secret_args.c"
+    )
 
 
 def secret_commands(params: dict) -> list[str]:
@@ -283,7 +300,7 @@ def task_k8s():
             *(paths.k8s_template(kind) for kind in RENDERED),
             paths.stage_module("k8s"),
             paths.DOCKERFILE,
-            paths.runtime_file("supervisor", "supervisor.py"),
+            *(paths.runtime_file("supervisor", name) for name in SUPERVISOR_FILES),
             paths.SERVER_REQUIREMENTS,
         ],
         "targets": targets,

@@ -70,18 +70,29 @@ def test_the_pods_run_nvidias_triton_image_through_the_supervisor_on_the_bucket(
     triton = container(manifests)
     assert triton["image"] == k8s.server_image() == "nvcr.io/nvidia/tritonserver:26.05-py3"
     command = triton["command"]
-    supervisor = f"{k8s.FILES_DIR}/supervisor.py"
+    supervisor = f"{k8s.BIN_DIR}/supervisor.py"
     assert command[:2] == ["python3", supervisor]
     assert command[command.index("--") + 1] == "tritonserver"
     assert f"--model-repository={REPO}" in command
-    # the supervisor comes from the ConfigMap the pod mounts, as it is in the project
+    # the supervisor's files come from the ConfigMap, as they are in the project
     files = manifests["configmap"]["data"]
-    assert files["supervisor.py"] == paths.runtime_file("supervisor", "supervisor.py").read_text()
+    for name in ("supervisor.py", "access.py", "secret_args.c"):
+        assert files[name] == paths.runtime_file("supervisor", name).read_text(), name
     assert files["server.txt"] == paths.SERVER_REQUIREMENTS.read_text()
-    mounts = {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}
-    assert mounts["files"] == k8s.FILES_DIR
-    volumes = {v["name"]: v for v in manifests["deployment"]["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
     assert volumes["files"]["configMap"]["name"] == manifests["configmap"]["metadata"]["name"]
+    # an init container puts the supervisor and access.py in bin/, with secret_args.so
+    # compiled beside them (where the supervisor looks: NVIDIA's image has no compiler)
+    setup = {c["name"]: c for c in pod_spec(manifests)["initContainers"]}["supervisor"]
+    assert setup["image"] == k8s.COMPILER_IMAGE
+    script = setup["command"][2]
+    assert f"cp {k8s.FILES_DIR}/supervisor.py {k8s.FILES_DIR}/access.py {k8s.BIN_DIR}/" in script
+    assert f"-o {k8s.BIN_DIR}/secret_args.so {k8s.FILES_DIR}/secret_args.c" in script
+    assert "gcc -shared -fPIC -O2" in script  # as access.py builds it
+    assert "-shared" in (paths.TRITON_DIR / "supervisor" / "access.py").read_text()
+    assert mounts(setup)[k8s.BIN_DIR]["name"] == mounts(triton)[k8s.BIN_DIR]["name"] == "bin"
+    assert mounts(triton)[k8s.BIN_DIR]["readOnly"] is True
+    assert volumes["bin"] == {"name": "bin", "emptyDir": {}}
 
 
 def gpu_requests(manifests: dict) -> dict:
@@ -194,8 +205,7 @@ def test_the_pods_run_as_the_images_non_root_user_with_nothing_to_escalate_or_wr
     # NVIDIA's image) and the uid the exporter stage gives its own user
     dockerfile = paths.DOCKERFILE.read_text()
     assert "USER triton-server" in dockerfile and "useradd --uid 1000 --gid 1000" in dockerfile
-    (init,) = spec["initContainers"]
-    for each in (init, container(manifests)):
+    for each in (*spec["initContainers"], container(manifests)):
         assert each["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "privileged": False,
