@@ -8,7 +8,14 @@ supervisor (triton/supervisor/supervisor.py), as docker-compose does: explicit m
 strict readiness, and a model whose python stub died reloaded, so that the readiness probe
 says not-ready while a model cannot answer. The supervisor and requirements/server.txt reach
 the pods in a ConfigMap; an init container installs what the python-backend models import.
-The storage credentials come from a Secret the manifests name but do not hold.
+
+Locked down (docs/security.md): every object in one namespace (`namespace=`, restricted Pod
+Security Standard), the pods as the image's non-root user with a read-only root filesystem,
+no capabilities, seccomp RuntimeDefault, no service-account token, CPU and memory bounded,
+a NetworkPolicy admitting the served ports only. Secrets are files: the S3 credentials, the
+admin key of Triton's restricted APIs and the optional client API key come from Kubernetes
+Secrets the manifests name but never hold; `doit k8s` prints the commands that create them
+(values never pass through doit).
 
 Templates are strict Jinja (StrictUndefined), like the pbtxt stage's. The manifests are stale
 when the settings they render from change (a digest of them in config_changed) or when a file
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 from doit.tools import config_changed
@@ -28,7 +36,7 @@ from tasks.errors import ConfigError, SettingsError, fails_cleanly
 from tasks.settings import Settings, current
 
 # The Kubernetes objects `kubectl apply -k k8s/` creates, in the kustomization's order.
-MANIFESTS = ("configmap", "deployment", "service", "hpa", "pdb")
+MANIFESTS = ("namespace", "configmap", "deployment", "service", "networkpolicy", "hpa", "pdb")
 # Also rendered: the kustomization itself, and the prometheus-adapter rule that gives the
 # HPA its metric (Helm values for the prometheus-adapter chart; not applied with -k).
 KUSTOMIZATION = "kustomization"
@@ -46,26 +54,45 @@ QUEUE_TARGET_US = 5000  # 5 ms waiting in queues per request, averaged over the 
 METRIC_WINDOW = "1m"  # the rate window of the adapter's query: several 15-30 s scrapes
 MIN_AVAILABLE = 1  # the PodDisruptionBudget
 
-# What a pod asks for. The model step's instances each take a core, and the server one more;
-# no CPU limit (throttling adds latency), a memory limit so a leak restarts the pod.
-MEMORY_REQUEST, MEMORY_LIMIT = "4Gi", "8Gi"
-SHM_SIZE = "1Gi"  # /dev/shm: the python backend's tensors (docker-compose: shm_size 1g)
+# What a pod asks for, unless cpu= and memory= say (tasks/variables.py tells how): a core per
+# instance of the model step and one for the server; memory from the weights in models/.
+SERVER_MIB = 1024  # tritonserver, the python stubs, tokenizers: what an empty pod holds
+WEIGHT_COPIES = 2  # per instance: ONNX Runtime's copy of the weights and its arenas
+UNKNOWN_MEMORY_MIB = (4096, 8192)  # models/ does not hold the deployment: a guess, say so
+MEMORY_STEP_MIB = 256  # amounts rounded up to this
+# /dev/shm, a Memory emptyDir (counted in the memory limit): the python backend's tensors in
+# flight, in regions that grow 1 MiB at a time per stub (docker-compose: shm_size 1g). A
+# batch of 32 x 512 MiniLM embeddings is 25 MiB, a step of GPT-2's logits for 32 is 6 MiB.
+SHM_MIB = 1024
+# /tmp, a disk emptyDir: Triton downloads the repository from the bucket here
+# (TRITON_AWS_MOUNT_DIRECTORY), with room for a second version during a rolling update.
+TMP_HEADROOM_MIB = 1024
+UNKNOWN_TMP_MIB = 8192  # models/ does not hold the deployment
+
+# The image's own non-root user: NVIDIA's `triton-server` (the Dockerfile's server stage
+# runs as it too). fsGroup makes the mounted Secrets readable by its group.
+RUN_AS_USER = RUN_AS_GROUP = 1000
+# The Secrets, as files in one read-only projected volume: Kubernetes Secret -> the file
+# names its keys become. The API key is optional (no key: inference stays open to whoever
+# the NetworkPolicy admits); the AWS config file (region) too.
+SECRETS_DIR = "/var/run/secrets/llm-in-triton"
+SECRET_FILES_MODE = 0o440  # owner and group (fsGroup) read; nobody writes
+ADMIN_KEY_FILE = "admin-key"
+API_KEY_FILE = "api-key"
+AWS_CREDENTIALS_FILE = "aws-credentials"  # INI: [default] aws_access_key_id=... (AWS SDKs)
+AWS_CONFIG_FILE = "aws-config"  # INI: [default] region=...; optional
 # Slow model loads (a download from the bucket, TensorRT engines): the startup probe allows
 # this long before liveness takes over.
 STARTUP_SECONDS = 600
 PROBE_PERIOD = 10
 SITE_PACKAGES = "/opt/llm-in-triton/site"  # the init container installs server.txt here
-FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: supervisor.py, server.txt
-
-
-# The S3 credentials Triton reads from its environment, each from the Secret's key of the
-# same name: (variable, optional)
-S3_ENVIRONMENT = (
-    ("AWS_ACCESS_KEY_ID", False),
-    ("AWS_SECRET_ACCESS_KEY", False),
-    ("AWS_ENDPOINT_URL", True),
-    ("AWS_DEFAULT_REGION", True),
-)
+FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: the supervisor's files, server.txt
+# The supervisor runs from here, with access.py and secret_args.so beside it, where it looks
+# for them: an init container copies them in and compiles the library (NVIDIA's image has no
+# compiler), with the flags access.py uses.
+BIN_DIR = "/opt/llm-in-triton/bin"
+COMPILER_IMAGE = "docker.io/library/gcc:14"  # Debian 12's glibc 2.36: runs on 24.04's 2.39
+SUPERVISOR_FILES = ("supervisor.py", "access.py", "secret_args.c")
 
 
 def object_name(name: str) -> str:
@@ -91,6 +118,50 @@ def needs_repository(settings: Settings) -> str:
     return settings.storage.repo
 
 
+def weights_mib(settings: Settings) -> int | None:
+    """MiB on disk of the deployment's models in models/ (what the pods download and load),
+    or None when models/ does not hold it (built elsewhere)."""
+    dirs = [paths.repo_model_dir(model) for model in settings.triton_models.values()]
+    if not all(d.is_dir() for d in dirs):
+        return None
+    size = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
+    return math.ceil(size / 2**20)
+
+
+def _round_up(mib: float) -> int:
+    return math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB
+
+
+def pod_resources(settings: Settings) -> dict:
+    """CPU cores, memory MiB (request, limit) and the /tmp emptyDir's MiB of a Triton pod:
+    cpu= and memory= when given, else sized from `instances` and the weights in models/."""
+    instances, weights = settings.serving.instances, weights_mib(settings)
+    cpu = settings.kubernetes.cpu or (instances + 1, 2 * (instances + 1))
+    memory = settings.kubernetes.memory
+    if memory is None and weights is None:
+        memory = UNKNOWN_MEMORY_MIB
+    elif memory is None:
+        request = _round_up(SERVER_MIB + WEIGHT_COPIES * weights * instances)
+        memory = (request, 2 * request + SHM_MIB)
+    tmp = _round_up(2 * weights + TMP_HEADROOM_MIB) if weights is not None else UNKNOWN_TMP_MIB
+    return {"cpu": list(cpu), "memory": list(memory), "tmp": tmp, "weights": weights}
+
+
+def cores(amount: float) -> str:
+    """A CPU quantity as Kubernetes writes it: 2, or 500m."""
+    return str(int(amount)) if amount == int(amount) else f"{round(amount * 1000)}m"
+
+
+def mebibytes(amount: int) -> str:
+    """A memory quantity as Kubernetes writes it: 4Gi, or 1536Mi."""
+    return f"{amount // 1024}Gi" if amount % 1024 == 0 else f"{amount}Mi"
+
+
+def secret_names(name: str) -> dict[str, str]:
+    """The Secrets the pods read, by what they hold (created by hand: secret_commands)."""
+    return {"storage": f"{name}-storage", "admin": f"{name}-admin", "api_key": f"{name}-api-key"}
+
+
 def k8s_params(settings: Settings) -> dict:
     """Everything the manifests render from that the settings decide (JSON-safe): what
     config_changed sees. The files they read are the task's file_dep."""
@@ -99,20 +170,28 @@ def k8s_params(settings: Settings) -> dict:
     gpus = (len(settings.serving.gpus) or 1) if settings.backend == "tensorrt" else 0
     return {
         "name": name,
+        "namespace": settings.kubernetes.namespace,
         "deployment": settings.name,
         "backend": settings.backend,
         "repo": repo,
-        "secret": f"{name}-storage",
-        "storage_env": [list(e) for e in S3_ENVIRONMENT],
+        "secrets": secret_names(name),
+        "secrets_dir": SECRETS_DIR,
+        "secret_files_mode": SECRET_FILES_MODE,
+        "files_of_secrets": {
+            "admin_key": ADMIN_KEY_FILE,
+            "api_key": API_KEY_FILE,
+            "aws_credentials": AWS_CREDENTIALS_FILE,
+            "aws_config": AWS_CONFIG_FILE,
+        },
+        "run_as": [RUN_AS_USER, RUN_AS_GROUP],
         "ports": {
             "http": endpoints.http_port,
             "grpc": endpoints.grpc_port,
             "metrics": endpoints.metrics_port,
         },
-        "cpu": settings.serving.instances + 1,
-        "memory": [MEMORY_REQUEST, MEMORY_LIMIT],
+        "resources": pod_resources(settings),
         "gpus": gpus,  # nvidia.com/gpu: TensorRT engines only
-        "shm_size": SHM_SIZE,
+        "shm_mib": SHM_MIB,
         "startup_failures": STARTUP_SECONDS // PROBE_PERIOD,
         "probe_period": PROBE_PERIOD,
         "replicas": [MIN_REPLICAS, MAX_REPLICAS],
@@ -122,6 +201,8 @@ def k8s_params(settings: Settings) -> dict:
         "metric_window": METRIC_WINDOW,
         "site_packages": SITE_PACKAGES,
         "files_dir": FILES_DIR,
+        "bin_dir": BIN_DIR,
+        "compiler_image": COMPILER_IMAGE,
         "manifests": [paths.k8s_manifest(kind).name for kind in MANIFESTS],
     }
 
@@ -129,18 +210,56 @@ def k8s_params(settings: Settings) -> dict:
 def render_context(settings: Settings) -> dict:
     """The params, and what the manifests read from files: the image, the ConfigMap's files
     and their digest (a pod annotation, so a changed supervisor rolls the pods)."""
-    files = {
-        "supervisor.py": paths.runtime_file("supervisor", "supervisor.py").read_text(),
-        "server.txt": paths.SERVER_REQUIREMENTS.read_text(),
-    }
+    files = {name: paths.runtime_file("supervisor", name).read_text() for name in SUPERVISOR_FILES}
+    files["server.txt"] = paths.SERVER_REQUIREMENTS.read_text()
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {**k8s_params(settings), "image": server_image(), "files": files, "files_digest": digest}
+    params = k8s_params(settings)
+    return {
+        **params,
+        "image": server_image(),
+        "files": files,
+        "files_digest": digest,
+        "secret_commands": secret_commands(params),
+        "supervisor_setup": supervisor_setup(),
+    }
+
+
+def supervisor_setup() -> str:
+    """The init container's shell command: the supervisor and access.py into BIN_DIR, and
+    secret_args.so compiled beside them."""
+    copied = " ".join(f"{FILES_DIR}/{name}" for name in SUPERVISOR_FILES[:2])
+    return (
+        f"cp {copied} {BIN_DIR}/ && gcc -shared -fPIC -O2 -o {BIN_DIR}/secret_args.so "
+        f"{FILES_DIR}/secret_args.c"
+    )
+
+
+def secret_commands(params: dict) -> list[str]:
+    """The commands that create the Secrets the pods read: values come from the user's own
+    files or are made on the spot, and never pass through doit, its state or k8s/."""
+    namespace, secrets, files = params["namespace"], params["secrets"], params["files_of_secrets"]
+    create = f"kubectl --namespace {namespace} create secret generic"
+    token = "python3 -c 'import secrets; print(secrets.token_urlsafe(32), end=\"\")'"
+    return [
+        f"{create} {secrets['storage']} --from-file={files['aws_credentials']}=CREDENTIALS_FILE"
+        f" [--from-file={files['aws_config']}=CONFIG_FILE]",
+        f"{token} | {create} {secrets['admin']} --from-file={files['admin_key']}=/dev/stdin",
+        f"{create} {secrets['api_key']} --from-file={files['api_key']}=API_KEY_FILE"
+        "  # optional: clients must then send this key",
+    ]
+
+
+def _quantity_filters() -> dict:
+    return {
+        "q": json.dumps,  # a quoted YAML scalar, whatever the text holds
+        "cores": lambda amount: json.dumps(cores(amount)),
+        "mib": lambda amount: json.dumps(mebibytes(amount)),
+    }
 
 
 def render(kind: str, context: dict) -> str:
     """One manifest from templates/k8s/<kind>.yaml.j2; strings go in as JSON (valid YAML)."""
-    # q: a quoted YAML scalar, whatever the text holds
-    return artifacts.render_template(paths.k8s_template(kind), context, {"q": json.dumps})
+    return artifacts.render_template(paths.k8s_template(kind), context, _quantity_filters())
 
 
 def render_manifests(settings: Settings) -> None:
@@ -156,7 +275,19 @@ def render_manifests(settings: Settings) -> None:
         except yaml.YAMLError as err:
             raise ConfigError(f"templates/k8s/{kind}.yaml.j2 renders invalid YAML: {err}") from err
         artifacts.write_text(paths.k8s_manifest(kind), text)
-    print(f"k8s: wrote {paths.K8S_DIR.name}/ for {context['repo']}: kubectl apply -k k8s/")
+    resources = context["resources"]
+    if resources["weights"] is None and settings.kubernetes.memory is None:
+        print(
+            f"k8s: models/ does not hold {settings.name}, so each pod asks for "
+            f"{mebibytes(resources['memory'][0])} of memory, at most "
+            f"{mebibytes(resources['memory'][1])}: a guess; build it here first, or pass "
+            "memory=REQUEST,LIMIT"
+        )
+    print(f"k8s: wrote {paths.K8S_DIR.name}/ for {context['repo']}. Create the Secrets first")
+    print("(the values come from your files, never through doit):")
+    for command in context["secret_commands"]:
+        print(f"    {command}")
+    print("then: kubectl apply -k k8s/")
 
 
 def task_k8s():
@@ -169,7 +300,7 @@ def task_k8s():
             *(paths.k8s_template(kind) for kind in RENDERED),
             paths.stage_module("k8s"),
             paths.DOCKERFILE,
-            paths.runtime_file("supervisor", "supervisor.py"),
+            *(paths.runtime_file("supervisor", name) for name in SUPERVISOR_FILES),
             paths.SERVER_REQUIREMENTS,
         ],
         "targets": targets,

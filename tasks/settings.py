@@ -162,6 +162,20 @@ class Bench:
         _check_fields(self)
 
 
+@dataclass(frozen=True)
+class Kubernetes:
+    """Where `doit k8s` puts the pods and what each asks for (None: sized from the build)."""
+
+    namespace: str = default("namespace")
+    cpu: tuple[float, float] | None = default("cpu")  # cores: request, limit
+    memory: tuple[int, int] | None = default("memory")  # MiB: request, limit
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) is not None:
+                VARIABLES[f.name].check(getattr(self, f.name))
+
+
 def _read(cls, given: Mapping[str, str]):
     """One of the dataclasses above, each field read from its variable."""
     return cls(**{f.name: VARIABLES[f.name].read(given) for f in fields(cls)})
@@ -182,6 +196,7 @@ class Settings:
     serving: Serving = field(default_factory=Serving)
     storage: Storage = field(default_factory=Storage)
     bench: Bench = field(default_factory=Bench)
+    kubernetes: Kubernetes = field(default_factory=Kubernetes)
     opset: int = catalog.ONNX_OPSET
     recipe: catalog.QuantRecipe | None = None  # quantized precisions only
     block_size: int = 0  # 4-bit recipes only
@@ -480,6 +495,7 @@ def load_settings(given: Mapping[str, str]) -> Settings:
         serving=_read(Serving, given),
         storage=_read(Storage, given),
         bench=_read(Bench, given),
+        kubernetes=_read(Kubernetes, given),
     )
     if settings.endpoints.server == "docker" and (problem := docker_engine_problem()):
         raise SettingsError(

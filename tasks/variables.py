@@ -101,6 +101,54 @@ def _deployment(var: str, text: str) -> str:
     return text
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS-1123 label
+
+
+def _namespace(var: str, text: str) -> str:
+    if not _NAMESPACE.match(text):
+        raise SettingsError(
+            f"{var}={text}: a Kubernetes namespace is 1 to 63 lowercase letters, digits and "
+            f"'-', starting and ending with a letter or digit, e.g. {var}=llm-in-triton"
+        )
+    return text
+
+
+def _request_and_limit(var: str, text: str, amount, example: str) -> tuple:
+    """REQUEST,LIMIT (or one amount for both), each parsed by `amount`, REQUEST <= LIMIT."""
+    parts = [p.strip() for p in text.split(",")]
+    values = tuple(amount(p) for p in parts) if len(parts) in (1, 2) else (None,)
+    if None in values:
+        raise SettingsError(f"{var}={text}: expected REQUEST,LIMIT, e.g. {var}={example}")
+    request, limit = values[0], values[-1]
+    if not 0 < request <= limit:
+        raise SettingsError(f"{var}={text}: REQUEST must be above 0 and at most LIMIT")
+    return request, limit
+
+
+def _cores(text: str) -> float | None:
+    """CPU cores: 2, 0.5, or Kubernetes' millicores 500m."""
+    found = re.fullmatch(r"(\d+(?:\.\d{1,3})?)(m?)", text)
+    if found is None:
+        return None
+    return float(found[1]) / (1000 if found[2] else 1)
+
+
+def _mebibytes(text: str) -> int | None:
+    """Memory: 512Mi, 4Gi, or a bare number of MiB."""
+    found = re.fullmatch(r"(\d+)(Mi|Gi)?", text)
+    if found is None:
+        return None
+    return int(found[1]) * (1024 if found[2] == "Gi" else 1)
+
+
+def _cpu(var: str, text: str) -> tuple[float, float]:
+    return _request_and_limit(var, text, _cores, "2,4")
+
+
+def _memory(var: str, text: str) -> tuple[int, int]:
+    return _request_and_limit(var, text, _mebibytes, "4Gi,8Gi")
+
+
 def _other_deployment(var: str, text: str) -> str:
     if text and not _NAME.match(text):
         raise SettingsError(f"{var}={text}: a deployment name, e.g. against=encode")
@@ -318,6 +366,30 @@ VARIABLES: dict[str, Variable] = {
             _number_in(0, 3600, "seconds from 0 (off) to 3600, e.g. poll=5"),
             "`doit serve repo=s3://...`: every this many seconds, load what `doit publish` "
             "changed in the bucket (rolling update); `0` = off",
+        ),
+        Variable(
+            "namespace",
+            "llm-in-triton",
+            _namespace,
+            "`doit k8s`: the Kubernetes namespace of every object it writes (`namespace.yaml` "
+            "creates it, enforcing the restricted Pod Security Standard)",
+        ),
+        Variable(
+            "cpu",
+            None,
+            _cpu,
+            "`doit k8s`: CPU cores REQUEST,LIMIT of each Triton pod, e.g. `cpu=2,4` or `500m,1`",
+            chosen="REQUEST a core per model instance (`instances`) and one for the server, "
+            "LIMIT twice that",
+        ),
+        Variable(
+            "memory",
+            None,
+            _memory,
+            "`doit k8s`: memory REQUEST,LIMIT of each Triton pod, e.g. `memory=4Gi,8Gi`",
+            chosen="from the deployment's files in `models/`: REQUEST 1 GiB for the server and "
+            "twice the weights per model instance (`instances`), LIMIT twice that plus "
+            "`/dev/shm`; `4Gi,8Gi` while `models/` does not hold the deployment",
         ),
         Variable(
             "gpus",

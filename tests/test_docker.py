@@ -55,7 +55,9 @@ def test_the_triton_service_serves_the_repository_the_build_writes():
     assert volumes(triton)[str(paths.MODELS)] == "/models"
     # started by the supervisor the server image carries, which reloads a dead stub's model
     supervisor = "/opt/llm-in-triton/supervisor.py"
-    assert triton["command"][:4] == ["python3", supervisor, "--", "tritonserver"]
+    command = triton["command"]
+    assert command[:2] == ["python3", supervisor]
+    assert command[command.index("--") + 1] == "tritonserver"
     dockerfile = (paths.ROOT / "Dockerfile").read_text()
     assert f"COPY triton/supervisor/supervisor.py {supervisor}" in dockerfile
     assert "--model-repository=/models" in triton["command"]
@@ -105,7 +107,7 @@ def test_serve_with_docker_fails_at_the_door_without_an_engine(project):
 
 # --- the images' Python packages ---------------------------------------------------------
 
-GLIBC = (2, 35)  # Ubuntu 22.04, the base of both NGC 24.10 images
+GLIBC = (2, 39)  # Ubuntu 24.04, the base of both NGC 26.05 images
 NETWORK_ERRORS = (
     "NewConnectionError",
     "Max retries",
@@ -123,13 +125,16 @@ class Stage:
     requirement_files: list[Path]
     pins: list[str]
     sdist_files: list[Path] = field(default_factory=list)  # built from source, on purpose
+    user: str = "root"  # the last USER (the base image's own is root unless it says)
+    healthcheck: str = ""  # the HEALTHCHECK's words after the instruction, joined
 
 
 def dockerfile_stages() -> dict[str, Stage]:
     """Each stage's stated Python and what its `pip install` lines install (files resolved
     through the stage's COPY lines back to the project's own files)."""
     stages, stage, workdir, copies = {}, None, Path("/"), {}
-    for line in (paths.ROOT / "Dockerfile").read_text().splitlines():
+    text = re.sub(r"\\\n", " ", (paths.ROOT / "Dockerfile").read_text())  # continued lines
+    for line in text.splitlines():
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
@@ -138,6 +143,10 @@ def dockerfile_stages() -> dict[str, Stage]:
             stages[stage.name], workdir, copies = stage, Path("/"), {}
         elif words[0] == "ARG" and words[1].startswith("PYTHON_VERSION="):
             stage.python = words[1].split("=", 1)[1]
+        elif words[0] == "USER":
+            stage.user = words[1]
+        elif words[0] == "HEALTHCHECK":
+            stage.healthcheck = " ".join(words[1:])
         elif words[0] == "WORKDIR":
             workdir = workdir / words[1]
         elif words[0] == "COPY":
@@ -179,10 +188,13 @@ def pinned(requirement_file: Path) -> dict[str, str]:
     return pins
 
 
+IMAGES = ("server", "exporter")  # the stages docker-compose.yml runs; the others build parts
+
+
 def test_every_stage_states_its_python_and_installs_project_files():
     stages = dockerfile_stages()
-    assert set(stages) == {"server", "exporter"}
-    for stage in stages.values():
+    assert set(stages) == {*IMAGES, "secret-args"}
+    for stage in (stages[name] for name in IMAGES):
         assert re.fullmatch(r"3\.\d+", stage.python), stage
         assert stage.requirement_files, stage
         assert all(f.is_file() for f in stage.requirement_files), stage
@@ -250,7 +262,7 @@ def test_the_server_image_installs_what_the_embedded_server_runs_with():
 
 def test_the_server_image_installs_what_the_runtime_models_import():
     stage = dockerfile_stages()["server"]
-    imports_of = {"cupy-cuda12x": "cupy"}  # distributions whose import name differs
+    imports_of = {"cupy-cuda13x": "cupy"}  # distributions whose import name differs
     installed = set(pinned(stage.requirement_files[0])) | {p.split("==")[0] for p in stage.pins}
     installed = {imports_of.get(name, name) for name in installed}
     imported = set()
@@ -265,9 +277,62 @@ def test_the_server_image_installs_what_the_runtime_models_import():
     assert third_party == installed, (third_party, installed)
 
 
+def test_every_image_runs_as_a_non_root_user_and_says_how_its_health_is_checked():
+    """checkov reads the Dockerfile as one image (a USER or HEALTHCHECK in any stage passes
+    for all), so each stage is checked here."""
+    stages = dockerfile_stages()
+    for stage in (stages[name] for name in IMAGES):
+        assert stage.user not in ("root", "0", "0:0"), stage.name
+    assert stages["server"].user == "triton-server"  # NVIDIA's, uid 1000
+    # the server: ready (every model loaded) on Triton's HTTP port, the one compose publishes
+    server = stages["server"].healthcheck
+    assert "CMD" in server and "http://127.0.0.1:8000/v2/health/ready" in server
+    assert "--start-period=600s" in server  # loading engines takes minutes
+    # the exporter is a batch job: it says so rather than inheriting a check
+    assert stages["exporter"].healthcheck == "NONE"
+
+
+def test_the_server_image_carries_the_supervisors_access_module_and_its_library():
+    """The supervisor looks beside itself for access.py and secret_args.so (it would need a
+    compiler to build the library, and the server image has none)."""
+    dockerfile = paths.DOCKERFILE.read_text()
+    assert "COPY triton/supervisor/access.py /opt/llm-in-triton/access.py" in dockerfile
+    assert "COPY triton/supervisor/secret_args.c /build/secret_args.c" in dockerfile
+    assert "RUN gcc -shared -fPIC -O2 -o /build/secret_args.so /build/secret_args.c" in dockerfile
+    copied = "COPY --from=secret-args /build/secret_args.so /opt/llm-in-triton/secret_args.so"
+    assert copied in dockerfile
+    # the same release of Ubuntu as the server's base (NGC 26.05), so the same glibc
+    assert re.search(r"^FROM ubuntu:24\.04 AS secret-args$", dockerfile, re.M)
+
+
+def compose_file() -> dict:
+    import yaml
+
+    return yaml.safe_load(paths.COMPOSE_FILE.read_text())
+
+
+def test_compose_runs_triton_read_only_without_privileges_with_the_admin_key_as_a_file():
+    compose = compose_file()
+    triton = compose["services"]["triton"]
+    assert triton["user"] == "1000:1000" and triton["read_only"] is True
+    assert triton["tmpfs"] == ["/tmp"]
+    for name, service in compose["services"].items():
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+    # the admin key: a secret from a file the user makes (ADMIN_KEY_FILE names another),
+    # which the supervisor reads from /run/secrets; no key value in compose or the image
+    assert triton["secrets"] == ["admin_key"]
+    assert compose["secrets"] == {"admin_key": {"file": "${ADMIN_KEY_FILE:-./.secrets/admin-key}"}}
+    assert paths.ADMIN_KEY == paths.ROOT / ".secrets" / "admin-key"  # the one doit serve makes
+    command = triton["command"]
+    assert command[command.index("--admin-key-file") + 1] == "/run/secrets/admin_key"
+    assert command.index("--admin-key-file") < command.index("--")
+    assert "/.secrets/" in (paths.ROOT / ".gitignore").read_text().split()  # never committed
+
+
 def test_docker_context_leaves_out_the_hosts_venv_and_build_outputs():
     ignored = (paths.ROOT / ".dockerignore").read_text().split()
-    for entry in (".venv", "models/*", "model_zoo/*", ".git"):
+    for entry in (".venv", "models/*", "model_zoo/*", ".git", ".secrets"):
         assert entry in ignored
 
 

@@ -68,20 +68,31 @@ def test_probes_ask_the_health_routes_on_the_http_port_and_the_service_exposes_e
 def test_the_pods_run_nvidias_triton_image_through_the_supervisor_on_the_bucket():
     manifests = rendered()
     triton = container(manifests)
-    assert triton["image"] == k8s.server_image() == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["image"] == k8s.server_image() == "nvcr.io/nvidia/tritonserver:26.05-py3"
     command = triton["command"]
-    supervisor = f"{k8s.FILES_DIR}/supervisor.py"
+    supervisor = f"{k8s.BIN_DIR}/supervisor.py"
     assert command[:2] == ["python3", supervisor]
     assert command[command.index("--") + 1] == "tritonserver"
     assert f"--model-repository={REPO}" in command
-    # the supervisor comes from the ConfigMap the pod mounts, as it is in the project
+    # the supervisor's files come from the ConfigMap, as they are in the project
     files = manifests["configmap"]["data"]
-    assert files["supervisor.py"] == paths.runtime_file("supervisor", "supervisor.py").read_text()
+    for name in ("supervisor.py", "access.py", "secret_args.c"):
+        assert files[name] == paths.runtime_file("supervisor", name).read_text(), name
     assert files["server.txt"] == paths.SERVER_REQUIREMENTS.read_text()
-    mounts = {m["name"]: m["mountPath"] for m in triton["volumeMounts"]}
-    assert mounts["files"] == k8s.FILES_DIR
-    volumes = {v["name"]: v for v in manifests["deployment"]["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
     assert volumes["files"]["configMap"]["name"] == manifests["configmap"]["metadata"]["name"]
+    # an init container puts the supervisor and access.py in bin/, with secret_args.so
+    # compiled beside them (where the supervisor looks: NVIDIA's image has no compiler)
+    setup = {c["name"]: c for c in pod_spec(manifests)["initContainers"]}["supervisor"]
+    assert setup["image"] == k8s.COMPILER_IMAGE
+    script = setup["command"][2]
+    assert f"cp {k8s.FILES_DIR}/supervisor.py {k8s.FILES_DIR}/access.py {k8s.BIN_DIR}/" in script
+    assert f"-o {k8s.BIN_DIR}/secret_args.so {k8s.FILES_DIR}/secret_args.c" in script
+    assert "gcc -shared -fPIC -O2" in script  # as access.py builds it
+    assert "-shared" in (paths.TRITON_DIR / "supervisor" / "access.py").read_text()
+    assert mounts(setup)[k8s.BIN_DIR]["name"] == mounts(triton)[k8s.BIN_DIR]["name"] == "bin"
+    assert mounts(triton)[k8s.BIN_DIR]["readOnly"] is True
+    assert volumes["bin"] == {"name": "bin", "emptyDir": {}}
 
 
 def gpu_requests(manifests: dict) -> dict:
@@ -102,28 +113,159 @@ def test_the_gpu_is_requested_on_the_tensorrt_backend_only(monkeypatch):
         "requests": "2",
         "limits": "2",
     }
-    resources = container(rendered())["resources"]
-    assert resources["requests"]["cpu"] == "2"  # the model instance and the server
-    assert container(rendered(instances="3"))["resources"]["requests"]["cpu"] == "4"
 
 
-def test_credentials_come_from_the_secret_the_manifests_name_but_do_not_hold():
+def pod_spec(manifests: dict) -> dict:
+    return manifests["deployment"]["spec"]["template"]["spec"]
+
+
+def volume_of(manifests: dict, name: str) -> dict:
+    (volume,) = [v for v in pod_spec(manifests)["volumes"] if v["name"] == name]
+    return volume
+
+
+def mounts(container_spec: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in container_spec["volumeMounts"]}
+
+
+def test_secrets_are_files_from_secrets_the_manifests_name_but_do_not_hold():
     manifests = rendered()
-    env = {e["name"]: e for e in container(manifests)["env"]}
-    secret = f"{k8s.object_name('encode')}-storage"
-    referenced = {
-        name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e
+    triton, names = container(manifests), k8s.secret_names(k8s.object_name("encode"))
+    # no secret in the environment: the S3 credentials are a file the AWS SDK reads
+    assert not [e for e in triton["env"] if "valueFrom" in e]
+    env = {e["name"]: e["value"] for e in triton["env"]}
+    secrets_dir = k8s.SECRETS_DIR
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{secrets_dir}/{k8s.AWS_CREDENTIALS_FILE}"
+    assert env["AWS_CONFIG_FILE"] == f"{secrets_dir}/{k8s.AWS_CONFIG_FILE}"
+    # the admin key and the API key: files the supervisor reads, named before its `--`
+    command = triton["command"]
+    options = command[: command.index("--")]
+    assert options[options.index("--admin-key-file") + 1] == f"{secrets_dir}/admin-key"
+    assert options[options.index("--api-key-file") + 1] == f"{secrets_dir}/api-key"
+    # one read-only projected volume, owner and group read only; the API key is optional
+    assert mounts(triton)[secrets_dir] == {
+        "name": "secrets",
+        "mountPath": secrets_dir,
+        "readOnly": True,
     }
-    assert referenced == {
-        "AWS_ACCESS_KEY_ID": {"name": secret, "key": "AWS_ACCESS_KEY_ID"},
-        "AWS_SECRET_ACCESS_KEY": {"name": secret, "key": "AWS_SECRET_ACCESS_KEY"},
-        "AWS_ENDPOINT_URL": {"name": secret, "key": "AWS_ENDPOINT_URL", "optional": True},
-        "AWS_DEFAULT_REGION": {"name": secret, "key": "AWS_DEFAULT_REGION", "optional": True},
-    }
+    projected = volume_of(manifests, "secrets")["projected"]
+    assert projected["defaultMode"] == 0o440
+    assert [source["secret"] for source in projected["sources"]] == [
+        {"name": names["storage"]},
+        {"name": names["admin"]},
+        {"name": names["api_key"], "optional": True},
+    ]
     assert not [m for m in manifests.values() if m.get("kind") == "Secret"]
-
     name = rendered(name="Big_Encoder")["deployment"]["metadata"]["name"]
     assert name == "triton-big-encoder"
+
+
+def test_the_printed_commands_create_the_secrets_the_pods_read_with_no_value_in_them():
+    context = k8s.render_context(settings_from(repo=REPO, namespace="team-a"))
+    commands = context["secret_commands"]
+    names = k8s.secret_names(k8s.object_name("encode"))
+    for command, secret, key in zip(
+        commands,
+        names.values(),
+        (k8s.AWS_CREDENTIALS_FILE, k8s.ADMIN_KEY_FILE, k8s.API_KEY_FILE),
+    ):
+        assert f"--namespace team-a create secret generic {secret} " in command
+        assert f"--from-file={key}=" in command
+    # the admin key is made on the spot and piped in: never an argument, never a file here
+    assert "secrets.token_urlsafe(32)" in commands[1] and "=/dev/stdin" in commands[1]
+    kustomization = k8s.render("kustomization", context)
+    assert all(command in kustomization for command in commands)
+
+
+def test_every_object_is_in_the_namespace_which_the_kustomization_creates_first():
+    manifests = rendered(namespace="team-a")
+    assert manifests["namespace"]["metadata"]["name"] == "team-a"
+    labels = manifests["namespace"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for kind in k8s.MANIFESTS[1:]:
+        assert manifests[kind]["metadata"]["namespace"] == "team-a", kind
+    assert k8s.MANIFESTS[0] == "namespace"
+    assert rendered()["deployment"]["metadata"]["namespace"] == "llm-in-triton"
+    with pytest.raises(settings.SettingsError, match="namespace=Team_A: a Kubernetes namespace"):
+        settings_from(repo=REPO, namespace="Team_A")
+
+
+def test_the_pods_run_as_the_images_non_root_user_with_nothing_to_escalate_or_write():
+    manifests = rendered()
+    spec = pod_spec(manifests)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # NVIDIA's triton-server, the user the Dockerfile's server stage runs as (uid 1000 in
+    # NVIDIA's image) and the uid the exporter stage gives its own user
+    dockerfile = paths.DOCKERFILE.read_text()
+    assert "USER triton-server" in dockerfile and "useradd --uid 1000 --gid 1000" in dockerfile
+    for each in (*spec["initContainers"], container(manifests)):
+        assert each["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }, each["name"]
+        assert mounts(each)["/tmp"]["name"] == "tmp", each["name"]
+        assert set(each["resources"]) == {"requests", "limits"}, each["name"]
+    # what Triton writes: /tmp (the bucket's download, the stubs) and /dev/shm (python backend)
+    assert mounts(container(manifests))["/dev/shm"]["name"] == "shm"
+    assert volume_of(manifests, "shm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+    assert "sizeLimit" in volume_of(manifests, "tmp")["emptyDir"]
+    env = {e["name"]: e["value"] for e in container(manifests)["env"]}
+    assert env["TRITON_AWS_MOUNT_DIRECTORY"] == "/tmp"
+
+
+def test_the_network_policy_admits_the_served_ports_of_the_triton_pods_only():
+    manifests = rendered(http_port="9000", grpc_port="9001", metrics_port="9002")
+    policy = manifests["networkpolicy"]["spec"]
+    assert policy["podSelector"] == manifests["deployment"]["spec"]["selector"]
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule == {"ports": [{"port": p, "protocol": "TCP"} for p in (9000, 9001, 9002)]}
+
+
+def resources(**variables) -> dict:
+    return container(rendered(**variables))["resources"]
+
+
+def test_cpu_and_memory_are_sized_from_instances_and_the_weights_in_models(monkeypatch, tmp_path):
+    # models/ without this deployment: a stated guess for memory; cpu from the instances
+    assert resources() == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "4", "memory": "8Gi"},
+    }
+    assert resources(instances="3")["requests"]["cpu"] == "4"
+    # the deployment's model files in models/: 300 MiB of weights
+    monkeypatch.setattr(paths, "MODELS", tmp_path)
+    for model in settings_from(repo=REPO).triton_models.values():
+        paths.repo_version_dir(model).mkdir(parents=True)
+    paths.repo_version_file("encode_model", "model.onnx").write_bytes(b"\0" * 300 * 2**20)
+    # 1 GiB for the server, and two copies of the weights per instance; limit twice that
+    # plus /dev/shm (a Memory emptyDir counts in it)
+    assert resources()["requests"]["memory"] == "1792Mi"  # 1024 + 2 x 300, rounded to 256
+    assert resources()["limits"]["memory"] == "4608Mi"  # 2 x 1792 + 1024
+    assert resources(instances="2")["requests"]["memory"] == "2304Mi"  # 1024 + 4 x 300
+    tmp = volume_of(rendered(), "tmp")["emptyDir"]["sizeLimit"]
+    assert tmp == "1792Mi"  # two versions of the weights during an update, and 1 GiB
+    # cpu= and memory= say otherwise
+    assert resources(cpu="500m,1.5", memory="3Gi,6000") == {
+        "requests": {"cpu": "500m", "memory": "3Gi"},
+        "limits": {"cpu": "1500m", "memory": "6000Mi"},
+    }
+    for variable, value, words in [
+        ("cpu", "4,2", "REQUEST must be above 0 and at most LIMIT"),
+        ("memory", "4GB,8GB", "expected REQUEST,LIMIT, e.g. memory=4Gi,8Gi"),
+    ]:
+        with pytest.raises(settings.SettingsError, match=f"{variable}={value}: {words}"):
+            settings_from(repo=REPO, **{variable: value})
 
 
 @pytest.mark.parametrize(
@@ -155,6 +297,9 @@ def test_doit_k8s_writes_k8s_once_and_clean_removes_it(project):
 
     first = project.doit("k8s", "repo=s3://bkt/p")
     assert first.executed == ["k8s"]
+    # it says which Secrets to create first, and how, with no value in the commands
+    for command in k8s.render_context(settings_from(repo="s3://bkt/p"))["secret_commands"]:
+        assert command in first.output
     k8s_dir = project.path(paths.K8S_DIR)
     assert sorted(p.name for p in k8s_dir.iterdir()) == sorted(
         f"{kind}.yaml" for kind in k8s.RENDERED

@@ -53,8 +53,8 @@ def _cupy():
         _CUPY_WARNED.append(reason)
         pb_utils.Logger.log_error(
             f"llm-in-triton: {reason} on a GPU server: every decoding step now copies its KV "
-            "cache through CPU shared memory. Install cupy-cuda12x (the Dockerfile's server "
-            "stage does) to keep it on the GPU."
+            "cache through CPU shared memory. Install CuPy for the server's CUDA (the "
+            "Dockerfile's server stage installs cupy-cuda13x) to keep it on the GPU."
         )
     return None
 
