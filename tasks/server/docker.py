@@ -10,7 +10,7 @@ import subprocess
 
 from tasks import paths
 from tasks.errors import ServerError
-from tasks.server.embedded import wait_for_exit
+from tasks.server.embedded import access, access_errors, wait_for_exit
 from tasks.server.network import check_ports_free, client_host, http_ready, wait_until_ready
 from tasks.settings import Endpoints
 
@@ -60,6 +60,8 @@ class DockerTritonServer:
         e = self.endpoints
         ports = {"http": e.http_port, "grpc": e.grpc_port, "metrics": e.metrics_port}
         check_ports_free(e.host, ports)
+        with access_errors():  # the compose secret the supervisor closes model control with
+            access().ensure_secret(paths.ADMIN_KEY)
         paths.SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
         with open(paths.SERVER_LOG, "wb") as log:
             self._process = subprocess.Popen(
