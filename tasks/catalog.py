@@ -367,7 +367,7 @@ ALL_BACKENDS = ("onnxruntime", "python", "tensorrt")
 QUANT_RECIPES = {
     r.name: r
     for r in (
-        # measured on MiniLM, AMD EPYC (AVX2), held texts (see the README): dynamic per channel
+        # measured on MiniLM, AMD EPYC (AVX2), held texts (docs/precision.md): dynamic per channel
         # (int8 weights, uint8 activations: U8S8, what x86 runs fastest) keeps cosine 0.989
         # min / 0.993 mean; ORT's defaults (per tensor) 0.935 / 0.965; static QDQ calibrated
         # on tasks/data/calibration.txt, MatMuls only, 0.914 / 0.942 (and 0.65x the size)
@@ -550,7 +550,7 @@ TRITON_DTYPES = {
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 
 # Serving defaults written into the generated configs (variables override them), chosen by
-# measurement on MiniLM encode, 2 cores (README, "Benchmark").
+# measurement on MiniLM encode, 2 cores (docs/benchmark.md).
 # The python backend's one hop (triton/pipeline/), AMD EPYC (AVX2), one session, the same
 # server and texts (16 of 6-65 tokens, one per request), gRPC; req/s at concurrency 1 / 4 / 16
 # and p50 at 1 (the machine is noisy: about 10% between repeats):
@@ -572,6 +572,6 @@ MODEL_INSTANCES = 1  # instances of the model step
 INTRA_OP_THREADS = 0  # ONNX Runtime threads in the python backend (0: one per core)
 PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to the longest)
 ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
-MAX_QUEUE = 0  # requests a model queues before it rejects more (0: no bound); see README
-QUEUE_TIMEOUT_MS = 0  # see the README's overload measurements
+MAX_QUEUE = 0  # requests a model queues before it rejects more (0: no bound); docs/benchmark.md
+QUEUE_TIMEOUT_MS = 0  # see docs/benchmark.md's overload measurements
 BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it

@@ -27,7 +27,9 @@ CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"  # its server stage's FROM line: the image k8s/ runs
 SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"  # what python-backend models import
-README = ROOT / "README.md"  # its table of variables is made from tasks/variables.py
+README = ROOT / "README.md"  # the one page; the manual is docs/, one file per subject
+DOCS = ROOT / "docs"
+VARIABLES_DOC = DOCS / "variables.md"  # its table of variables is made from tasks/variables.py
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"

@@ -128,7 +128,7 @@ class Storage:
 
 @dataclass(frozen=True)
 class Serving:
-    """Knobs of the generated configs, chosen by `doit bench` measurements (see README)."""
+    """Knobs of the generated configs, chosen by `doit bench` measurements (docs/benchmark.md)."""
 
     queue_delay_us: int = default("queue_delay_us")
     instances: int = default("instances")

@@ -1,7 +1,8 @@
 """The command-line variables, one row each: name, default, parser and help.
 
-`tasks.settings` reads them into its dataclasses; the README's table of variables is made from
-this table (`python -m tasks.variables`) and a test keeps the two equal.
+`tasks.settings` reads them into its dataclasses; the table of variables in docs/variables.md is
+made from this table (`python -m tasks.variables`) and a test keeps the two equal. Links in the
+help texts are relative to docs/variables.md.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class Variable:
     name: str
     default: str | None  # as typed; None: chosen from other settings, as `chosen` says
     parse: Callable[[str, str], Any]  # (name, text) -> value; raises SettingsError
-    help: str  # Markdown: the README's table and `doit` messages show it
+    help: str  # Markdown: the table in docs/variables.md shows it
     chosen: str = ""  # how the default is chosen when it is None
 
     def read(self, given: Mapping[str, str]) -> Any:
@@ -230,7 +231,7 @@ _BLOCKS = (
     f"`int4-awq` `{catalog.MODELOPT_BLOCK_SIZE}`"
 )
 _MODELS = ", ".join(f"{name} `{spec.default_model}`" for name, spec in catalog.TASKS.items())
-_BENCHMARK = "see [Benchmark](#benchmark)"
+_BENCHMARK = "see [Benchmark](benchmark.md)"
 
 VARIABLES: dict[str, Variable] = {
     v.name: v
@@ -239,7 +240,7 @@ VARIABLES: dict[str, Variable] = {
             "task",
             catalog.DEFAULT_TASK,
             _choice(catalog.TASKS),
-            f"{_listed(catalog.TASKS)} (see [Serving](#serving) for what each answers)",
+            f"{_listed(catalog.TASKS)} (see [Serving](serving.md) for what each answers)",
         ),
         Variable(
             "model",
@@ -280,7 +281,7 @@ VARIABLES: dict[str, Variable] = {
             "token for token and fp16 flips near-ties, and overflows in T5), or the quantized "
             "`int8`, `int4` (every backend), `nf4`, `fp4` (ONNX Runtime and python backends), "
             "made from the fp32 file by the quantize stage and gated on task-level agreement; "
-            "see [Precision](#precision)",
+            "see [Precision](precision.md)",
             chosen="fp16 on TensorRT for encoder tasks, else fp32",
         ),
         Variable(
@@ -334,7 +335,7 @@ VARIABLES: dict[str, Variable] = {
             "`doit serve`, `bench`: this many embedded servers on one repository, on "
             "free loopback ports, behind nginx on `http_port`/`grpc_port` (a replica that exits "
             "is restarted while the others answer); needs nginx (`apt-get install nginx`); see "
-            "[Replicas](#replicas)",
+            "[Replicas](storage.md#replicas)",
         ),
         Variable(
             "max_body_mb",
@@ -351,7 +352,7 @@ VARIABLES: dict[str, Variable] = {
             "the model repository: `models/` (local, what the build writes), or "
             "`s3://BUCKET/PREFIX`, which `doit publish` uploads to and `doit serve` serves from "
             "(credentials and endpoint from the AWS variables; see [Object storage]"
-            "(#object-storage))",
+            "(storage.md#object-storage))",
         ),
         Variable(
             "prune",
@@ -412,7 +413,7 @@ VARIABLES: dict[str, Variable] = {
             str(catalog.MAX_QUEUE),
             _whole_in(0, 10**6),
             "requests each model queues before it rejects more at once (gRPC UNAVAILABLE, "
-            "HTTP 503); `0` = no bound; see [Benchmark](#benchmark)",
+            "HTTP 503); `0` = no bound; see [Benchmark](benchmark.md)",
         ),
         Variable(
             "queue_timeout_ms",
@@ -420,7 +421,7 @@ VARIABLES: dict[str, Variable] = {
             _whole_in(0, 10**6),
             "a request that waited this long in a model's queue is rejected (gRPC UNAVAILABLE, "
             "HTTP 503) instead of letting every client's latency grow with the queue; `0` = "
-            "never; see [Benchmark](#benchmark)",
+            "never; see [Benchmark](benchmark.md)",
         ),
         Variable(
             "queue_delay_us",
@@ -485,7 +486,8 @@ VARIABLES: dict[str, Variable] = {
             "soak_minutes",
             "10",
             _number_in(0.1, 24 * 60, "minutes from 0.1 to 1440, e.g. soak_minutes=10"),
-            "`doit soak`: minutes of mixed traffic, a stub killed halfway (see [Soak](#soak))",
+            "`doit soak`: minutes of mixed traffic, a stub killed halfway "
+            "(see [Soak](reliability.md#soak))",
         ),
         Variable(
             "concurrency",
@@ -525,23 +527,26 @@ def default(var: str) -> Any:
 
 
 def variables_table() -> str:
-    """The README's table of variables, made from VARIABLES."""
+    """The table of variables in docs/variables.md, made from VARIABLES."""
     rows = [f"| `{v.name}` | {v.shown_default} | {v.help} |" for v in VARIABLES.values()]
     return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows]) + "\n"
 
 
-README_MARKS = (
+TABLE_MARKS = (
     "<!-- variables: made from tasks/variables.py by `python -m tasks.variables` -->\n",
     "<!-- /variables -->\n",
 )
 
 
-def with_variables_table(readme: str) -> str:
-    """The README's text with its table of variables made afresh from VARIABLES."""
-    begin, end = README_MARKS
-    head, rest = readme.split(begin, 1)
+def with_variables_table(text: str) -> str:
+    """docs/variables.md's text with its table of variables made afresh from VARIABLES."""
+    begin, end = TABLE_MARKS
+    head, rest = text.split(begin, 1)
     return head + begin + variables_table() + end + rest.split(end, 1)[1]
 
 
-if __name__ == "__main__":  # python -m tasks.variables: the README's table of variables afresh
-    paths.README.write_text(with_variables_table(paths.README.read_text()))
+if __name__ == "__main__":  # python -m tasks.variables: docs/variables.md's table afresh
+    from tasks import artifacts
+
+    text = paths.VARIABLES_DOC.read_text()
+    artifacts.write_text(paths.VARIABLES_DOC, with_variables_table(text))

@@ -67,7 +67,7 @@ def test_memory_reserved_at_load_is_profile_maxima_times_bindings_times_instance
     }
     line = profiles.describe_reservation(chosen, reserved)
     assert line.startswith(f"reserves {sum(reserved.values()) / 2**30:.2f} GiB on each GPU")
-    # what the README states for OPT-125M at the defaults, one instance
+    # what docs/gpu.md states for OPT-125M at the defaults, one instance
     assert round(first / 2**30, 2) == 1.13 and round(with_past / 2**30, 2) == 4.50
 
 
@@ -231,11 +231,11 @@ def test_gpt2_sized_positions_bound_every_batch_of_accepted_rows():
         assert decoding.cache_need("causal", width, new) <= limit
 
 
-def test_the_readme_gpu_section_states_the_reserved_memory_and_the_variables():
+def test_the_gpu_docs_state_the_reserved_memory_and_the_variables():
     from tasks import paths
 
-    readme = (paths.ROOT / "README.md").read_text()
-    gpu = readme.split("### GPU hosts (Docker)", 1)[1].split("\n## ", 1)[0]
+    docs = (paths.DOCS / "gpu.md").read_text()
+    gpu = docs.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
     for fact in ("GPU memory", "GiB", "instances", "`gpus`", "trt_compat=", "PYTHON_VERSION"):
         assert fact in gpu, fact
 

@@ -270,11 +270,11 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
     assert quantization("int8", "python", {"recipe": "int8-modelopt"})[0].method == "modelopt"
 
 
-def test_the_readme_table_of_variables_is_made_from_the_table():
-    readme = paths.README.read_text()
-    assert readme == with_variables_table(readme), "run: python -m tasks.variables"
+def test_the_docs_table_of_variables_is_made_from_the_table():
+    text = paths.VARIABLES_DOC.read_text()
+    assert text == with_variables_table(text), "run: python -m tasks.variables"
     for var in VARIABLES.values():
-        assert f"| `{var.name}` | {var.shown_default} | {var.help} |" in readme
+        assert f"| `{var.name}` | {var.shown_default} | {var.help} |" in text
         assert "|" not in var.help + var.shown_default, var.name  # one cell each
 
 
