@@ -22,7 +22,7 @@ precision, recipe, block_size, backend, decoder, host, http_port, grpc_port, met
 server, replicas, max_body_mb, repo, prune, poll, namespace, cpu=REQUEST,LIMIT,
 memory=REQUEST,LIMIT, gpus, trt_compat, max_queue, queue_timeout_ms, queue_delay_us, instances,
 ort_threads, ort_spin, batch_waste, pad_multiple, one_hop, against, soak_minutes, concurrency,
-seconds, loadgen, suite. See README.md.
+seconds, loadgen, suite. See docs/variables.md.
 """
 
 import sys

@@ -290,7 +290,7 @@ def test_dodo_lists_every_variable_in_the_tables_order():
     import ast
 
     doc = ast.get_docstring(ast.parse((paths.ROOT / "dodo.py").read_text()))
-    listed = re.search(r"Variables \(NAME=VALUE\): (.*?)\.\s+See\s+README", doc, re.S).group(1)
+    listed = re.search(r"Variables \(NAME=VALUE\): (.*?)\.\s+See\s+docs/variables", doc, re.S).group(1)
     assert [n.split("=")[0] for n in re.split(r",\s+", listed)] == list(VARIABLES)
 
 
