@@ -58,10 +58,10 @@ def assert_gated(project, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fp16_encode(tmp_path_factory):
-    """MiniLM encode built in fp16."""
+def fp16_encode(tmp_path_factory, tiny_roberta_dir):
+    """A tiny RoBERTa's encode built in fp16 (MiniLM's: the slow test below)."""
     project = copy_project(tmp_path_factory.mktemp("fp16") / "project")
-    run = project.doit("task=encode", *SHAPES, "precision=fp16")
+    run = project.doit("task=encode", f"model={tiny_roberta_dir}", *SHAPES, "precision=fp16")
     return project, run
 
 
@@ -81,14 +81,13 @@ def test_encode_fp16_is_an_autocast_file_that_passes_parity_and_its_gate(fp16_en
     assert "quantize:encode" in run.executed
     quant = record(project, "encode")
     assert (quant["recipe"], quant["method"]) == ("fp16-autocast", "autocast")
-    # what stayed fp32, and why, in AutoCast's words: the attention mask's -3.4e38 (seen only
-    # in padded batches), and the word embeddings (AutoCast's range rule reads the token ids)
+    # what stayed fp32, and why, in AutoCast's words: the attention mask's -3.4e38, which
+    # only padded batches show, and what reads it
     kept = quant["kept_fp32"]
-    assert "/embeddings/word_embeddings/Gather" in kept
-    assert "/encoder/layer.0/attention/self/Softmax" in kept
+    assert any(node.endswith("attention/self/Softmax") for node in kept), kept
     assert all("out of range" in why for why in kept.values())
-    assert len(kept) < 20 and quant["calibration_feeds"] == 6  # 24 texts, padded batches of 4
-    assert quant["fp16"]["fp16_initializers"] > 90
+    assert quant["calibration_feeds"] == 6  # 24 texts in padded batches of 4
+    assert quant["fp16"]["fp16_initializers"] > 10
     assert fp32_weights_of_fp16_nodes(project, "encode") == []  # the rest holds fp16 weights
     gates = assert_gated(project, "encode")
     assert gates["embedding_cosine_min"]["value"] >= 0.99
@@ -96,7 +95,20 @@ def test_encode_fp16_is_an_autocast_file_that_passes_parity_and_its_gate(fp16_en
     assert served == project.path(paths.quant_file("encode")).read_bytes()  # fp16 is served
 
 
-def test_served_fp16_embeddings_pass_the_gate_against_fp32(fp16_encode, minilm_dir):
+@pytest.mark.slow
+def test_minilm_encode_fp16_keeps_in_fp32_what_autocast_finds(tmp_path):
+    project = copy_project(tmp_path / "project")
+    project.doit("task=encode", *SHAPES, "precision=fp16")
+    kept = record(project, "encode")["kept_fp32"]
+    # AutoCast's range rule reads the token ids too (to 29461): the embedding table stays fp32
+    assert "/embeddings/word_embeddings/Gather" in kept
+    assert {f"/encoder/layer.{i}/attention/self/Softmax" for i in range(6)} <= set(kept)
+    assert len(kept) < 20 and fp32_weights_of_fp16_nodes(project, "encode") == []
+    gates = assert_gated(project, "encode")
+    assert gates["embedding_cosine_min"]["value"] >= 0.999
+
+
+def test_served_fp16_embeddings_pass_the_gate_against_fp32(fp16_encode, tiny_roberta_dir):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -107,10 +119,8 @@ def test_served_fp16_embeddings_pass_the_gate_against_fp32(fp16_encode, minilm_d
     texts = held_texts(8)
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
         served = infer(server, "http", "encode", {"TEXT": texts})["EMBEDDING"]
-    tokenizer, model = (
-        AutoTokenizer.from_pretrained(minilm_dir),
-        AutoModel.from_pretrained(minilm_dir),
-    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_roberta_dir)
+    model = AutoModel.from_pretrained(tiny_roberta_dir).eval()
     with torch.inference_mode():
         batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
         reference = mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"]).numpy()
@@ -121,7 +131,7 @@ def test_served_fp16_embeddings_pass_the_gate_against_fp32(fp16_encode, minilm_d
     assert cosine.min() >= minimum, cosine
 
 
-def test_a_perturbed_fp16_file_fails_the_gate(fp16_encode):
+def test_a_perturbed_fp16_file_fails_the_gate(fp16_encode, tiny_roberta_dir):
     """A weight scaled in the fp16 file (as a bad cast would): parity stops the build, naming
     the gate, and leaves no report that passes it as good."""
     from onnx import numpy_helper
@@ -129,18 +139,16 @@ def test_a_perturbed_fp16_file_fails_the_gate(fp16_encode):
     project, _ = fp16_encode
     target = project.path(paths.quant_file("encode"))
     model = onnx.load(str(target))
-    for init in model.graph.initializer:
-        if init.name.endswith("layer.5.output.dense.weight") or (
-            init.data_type == onnx.TensorProto.FLOAT16 and "MatMul" in init.name
-        ):
-            array = numpy_helper.to_array(init)
-            if array.ndim == 2:
-                init.CopyFrom(numpy_helper.from_array((array * 8).astype(array.dtype), init.name))
-                break
+    for init in model.graph.initializer:  # the first fp16 weight matrix, times 8
+        array = numpy_helper.to_array(init)
+        if init.data_type == onnx.TensorProto.FLOAT16 and array.ndim == 2 and array.shape[0] > 1:
+            init.CopyFrom(numpy_helper.from_array((array * 8).astype(array.dtype), init.name))
+            break
     else:
         raise AssertionError("no fp16 weight matrix found to perturb")
     onnx.save(model, str(target))
-    run = project.doit("task=encode", *SHAPES, "precision=fp16", check=False)
+    given = f"model={tiny_roberta_dir}"
+    run = project.doit("task=encode", given, *SHAPES, "precision=fp16", check=False)
     assert run.returncode != 0
     assert "parity:encode" in run.executed and "quantize:encode" not in run.executed
     assert "ParityError: encode at precision=fp16 (recipe=fp16-autocast) fails its gate" in (
