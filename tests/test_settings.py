@@ -347,3 +347,13 @@ def test_poll_needs_a_published_repository():
     with pytest.raises(SettingsError, match=r"^poll=5: polling watches a published repository"):
         settings_from(poll="5")
     assert settings_from(repo="s3://models/prod", poll="5").storage.poll == 5
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_fp16_is_made_from_the_fp32_file_on_every_backend(backend):
+    chosen = settings_from(precision="fp16", backend=backend, task="ner")
+    assert (chosen.recipe.name, chosen.recipe.method) == ("fp16-autocast", "autocast")
+    assert chosen.model_file().parent.name == "quant" and not chosen.quantized
+    assert chosen.tolerance == catalog.TOLERANCES["fp16"]
+    with pytest.raises(SettingsError, match="block_size=32: only 4-bit recipes take"):
+        settings_from(precision="fp16", block_size="32")
