@@ -95,6 +95,17 @@ def test_encode_fp16_is_an_autocast_file_that_passes_parity_and_its_gate(fp16_en
     assert served == project.path(paths.quant_file("encode")).read_bytes()  # fp16 is served
 
 
+def test_bench_sets_fp16s_gates_beside_its_speed(fp16_encode, monkeypatch):
+    from tasks import bench
+
+    project, _ = fp16_encode
+    report = project.path(paths.parity_report("encode"))
+    monkeypatch.setattr(paths, "parity_report", lambda name: report)
+    accuracy = bench.accuracy("encode")
+    assert accuracy["precision"] == "fp16"
+    assert [g["metric"] for g in accuracy["gates"]] == [g.metric for g in catalog.GATES["encode"]]
+
+
 @pytest.mark.slow
 def test_minilm_encode_fp16_keeps_in_fp32_what_autocast_finds(tmp_path):
     project = copy_project(tmp_path / "project")
