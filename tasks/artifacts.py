@@ -101,6 +101,11 @@ def staging_dir(target: Path) -> Path:
     return staged
 
 
+def text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file (the calibration and held-out texts)."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -351,7 +351,11 @@ def accuracy(name: str) -> dict:
     """What a deployment's parity proved: its precision, and its gates if it is quantized."""
     report = artifacts.read_json(paths.parity_report(name))
     found = report.get("results") if isinstance(report.get("results"), dict) else {}
-    gates = found.get("gates") or report.get("generation", {}).get("gates")
+    gates = (
+        found.get("gates")
+        or report.get("gated", {}).get("gates")  # fp16: element-wise, and its gates
+        or report.get("generation", {}).get("gates")
+    )
     return {"precision": report.get("precision"), "gates": gates or "element-wise (atol)"}
 
 

@@ -1,8 +1,9 @@
-"""Parity of a quantized model: what users see, against the fp32 PyTorch model, judged by the
-task's gates (catalog.GATES), on the sample texts plus the held texts (tasks/data/held.txt,
-which no recipe was tuned on). Element-wise differences are recorded, not judged.
+"""Parity of a quantized or fp16 model: what users see, against the fp32 PyTorch model,
+judged by the task's gates (catalog.GATES), on the sample texts plus the held texts
+(tasks/data/held.txt, which no recipe was tuned on). Element-wise differences are recorded
+here, not judged (an fp16 file's are judged by tasks/parity.py, with fp16's tolerances).
 
-Called by tasks/parity.py for precision=int8, int4, nf4 and fp4.
+Called by tasks/parity.py for precision=int8, int4, nf4, fp4 and fp16.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ METRIC_OUTPUTS = {
     "embedding_cosine_mean": "EMBEDDING",
     "label_agreement": "LABEL",
     "decided_texts": "LABEL",
+    "token_label_agreement": "ENTITIES",
+    "decided_tokens": "ENTITIES",
     "max_probability_change": "SCORE",
     "same_answer_span": "ANSWER",
     "token_agreement": "OUTPUT_IDS",
@@ -60,8 +63,26 @@ def served_outputs(settings: Settings, names: list[str], feed: dict) -> dict:
     return {n: np.concatenate([c[n] for c in chunks]) for n in names}
 
 
+def softmax(x):
+    import numpy as np
+
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def label_agreement(p, q) -> tuple[float, int]:
+    """(how often the served probabilities `p` pick fp32's label, rows where fp32 decides).
+    A flip counts where fp32's top two are LABEL_MARGIN apart or more: a near-tie flips on
+    any rounding (seqcls's probability change measures those)."""
+    top = q.copy()
+    top.sort(axis=-1)
+    decided = (top[:, -1] - top[:, -2]) >= catalog.LABEL_MARGIN
+    agree = p.argmax(-1) == q.argmax(-1)
+    return (float(agree[decided].mean()) if decided.any() else 1.0), int(decided.sum())
+
+
 def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
-    """(gate metrics, element-wise max abs diffs) of the quantized model file."""
+    """(gate metrics, element-wise max abs diffs) of the quantized or fp16 model file."""
     import numpy as np
     import torch
     import transformers
@@ -99,22 +120,18 @@ def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
             "embedding_cosine_mean": float(cosine.mean()),
         }
     elif spec.name == "seqcls":
-
-        def softmax(x):
-            e = np.exp(x - x.max(axis=1, keepdims=True))
-            return e / e.sum(axis=1, keepdims=True)
-
         p, q = softmax(served["logits"]), softmax(reference["logits"])
-        # a label flip counts where fp32 decides (a near-tie flips on any rounding; the
-        # probability change measures those)
-        top = np.sort(q, axis=1)
-        decided = (top[:, -1] - top[:, -2]) >= catalog.LABEL_MARGIN
-        agree = p.argmax(1) == q.argmax(1)
+        agree, decided = label_agreement(p, q)
         metrics = {
-            "label_agreement": float(agree[decided].mean()) if decided.any() else 1.0,
-            "decided_texts": int(decided.sum()),
+            "label_agreement": agree,
+            "decided_texts": decided,
             "max_probability_change": float(np.abs(p - q).max()),
         }
+    elif spec.name == "ner":  # each real token's label (padding has none)
+        real = feed["attention_mask"].astype(bool)
+        p, q = softmax(served["logits"][real]), softmax(reference["logits"][real])
+        agree, decided = label_agreement(p, q)
+        metrics = {"token_label_agreement": agree, "decided_tokens": decided}
     else:  # qa: the best span, as the answer step finds it
         answer = artifacts.load_runtime("qa_answer", "answer.py")
         offsets = np.full(encoded["offset_mapping"].shape, -1, np.int64)
@@ -139,7 +156,7 @@ def encoder_metrics(settings: Settings) -> tuple[dict, dict]:
 
 
 def judge(settings: Settings, metrics: dict, diffs: dict, texts: int) -> dict:
-    """The parity report of a quantized model, or a ParityError naming what fails."""
+    """The gated parity report of a model file, or a ParityError naming what fails."""
     gates = catalog.GATES[settings.task.name]
     verdicts = [
         {

@@ -3,7 +3,9 @@
 The reference is the Hugging Face model in fp32 on CPU (Polygraphy's own PyTorch runner
 hard-codes CUDA, so it is run here). ONNX Runtime, and TensorRT when a plan exists, run the
 same real tokenized texts at the min, opt and max (batch, seq) of the profile. Every output
-is compared with the tolerances of the precision. `parity.json` is written only on success;
+is compared with the tolerances of the precision. An fp16 file (the quantize stage's AutoCast
+copy) is also judged on its task's gates, as a quantized one is, so fp16 is proven on ONNX
+Runtime here, before any GPU runs it. `parity.json` is written only on success;
 on failure the build stops naming each failing output and its differences.
 """
 
@@ -82,6 +84,8 @@ def check(settings: Settings) -> None:
     for part in settings.task.onnx_parts:
         artifacts.load_onnx(paths.onnx_file(name, part), name)
     tol = settings.tolerance
+    if settings.precision_note:
+        print(f"parity: {settings.precision_note}", flush=True)
     if settings.quantized:
         print(
             f"parity: PyTorch fp32 vs {settings.backend} {settings.precision} "
@@ -101,12 +105,17 @@ def check(settings: Settings) -> None:
             results = generation_parity.check_gated(settings)
         else:
             results = {"results": gates.check_encoder(settings)}
-    elif settings.task.generation:
+    elif settings.task.generation:  # fp16 too: every file, and greedy tokens equal to fp32's
         from tasks import generation_parity
 
         results = generation_parity.check(settings)
     else:
-        results = {"results": check_encoder(settings)}
+        results = {}
+        if settings.recipe is not None and settings.task.name in catalog.GATES:
+            from tasks import gates  # fp16: what users see, as a quantized model is judged
+
+            results["gated"] = gates.check_encoder(settings)
+        results["results"] = check_encoder(settings)
     artifacts.write_json(
         paths.parity_report(name),
         {
@@ -162,7 +171,7 @@ def task_parity():
         ),
         "new_tokens": catalog.GENERATION_PARITY_NEW_TOKENS,
         "versions": tool_versions(),
-        "gates": repr(catalog.GATES.get(settings.task.name)) if settings.quantized else None,
+        "gates": repr(catalog.GATES.get(settings.task.name)) if settings.recipe else None,
         "gate_new_tokens": catalog.GATE_NEW_TOKENS,
         "recipe": repr(settings.recipe),
     }
@@ -195,13 +204,13 @@ def task_parity():
             ),
             *engine,
             *generation,
-            *(  # a quantized copy is what is compared, on the held texts, by the gates
+            *(  # a quantized or fp16 copy is what is compared, on the held texts, by the gates
                 [
                     *(paths.quant_file(name, part) for part in settings.task.onnx_parts),
                     paths.HELD_TEXTS,
                     paths.stage_module("gates"),
                 ]
-                if settings.quantized
+                if settings.recipe is not None
                 else []
             ),
             paths.stage_module("parity"),

@@ -7,6 +7,11 @@ Staleness includes the TensorRT version, the GPUs' compute capabilities and the 
 compatibility (`trt_compat`), so a plan built for another GPU or TensorRT release is rebuilt,
 and a plan that could not load on every GPU the deployment runs on is refused at build time.
 Each build prints (and records) the GPU memory the deployment reserves when Triton loads it.
+
+Every network is strongly typed and no builder config carries a precision flag (TensorRT 11
+removed weak typing; 10.12 deprecated it): fp16 is a property of the file (ModelOpt's
+AutoCast, made by the quantize stage), int8 and int4 are Q/DQ nodes in it (ModelOpt), so one
+code path builds on TensorRT 10 and 11.
 """
 
 from __future__ import annotations
@@ -42,17 +47,6 @@ def compat_level(trt, compat: str):
     return level
 
 
-def builder_precision(settings: Settings) -> tuple[dict, bool]:
-    """(CreateConfig's precision flags, strongly typed network?) of a build. fp16 sets fp16;
-    a ModelOpt Q/DQ file sets its recipe's flags (int8 with fp16: explicit quantization, the
-    Q/DQ nodes decide where int8 runs), or none and a strongly typed network, where the
-    file's own types decide (int4 weights)."""
-    recipe = settings.recipe
-    if recipe is not None:
-        return {flag: True for flag in recipe.trt_flags}, not recipe.trt_flags
-    return ({"fp16": True} if settings.precision == "fp16" else {}), False
-
-
 def make_builder_config(
     settings: Settings,
     part: str,
@@ -61,16 +55,26 @@ def make_builder_config(
     memory_pool_limits=None,
     compatibility=None,
 ):
-    """Polygraphy's CreateConfig: one profile, the precision's flags, the workspace limit, and
-    the hardware compatibility level (None: TensorRT's default, this GPU model only)."""
+    """Polygraphy's CreateConfig: one profile, the workspace limit, and the hardware
+    compatibility level (None: TensorRT's default, this GPU model only). No precision flag, for
+    any precision: TensorRT 11 removed them (weak typing), and the network is strongly typed
+    (`make_network`), so the file's own types decide where each layer runs."""
     from polygraphy.backend.trt import CreateConfig
 
     return CreateConfig(
-        **builder_precision(settings)[0],
         profiles=[make_profile(settings, part, io, max_positions)],
         memory_pool_limits=memory_pool_limits,
         hardware_compatibility_level=compatibility,
     )
+
+
+def make_network(settings: Settings, part: str):
+    """Polygraphy's loader of a part's strongly typed network, from the file it is served from:
+    the exported fp32 one, AutoCast's fp16 copy, or a ModelOpt Q/DQ copy (quantize stage).
+    Required on TensorRT 11, accepted since 10.0: one code path for both."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    return NetworkFromOnnxPath(str(settings.model_file(part)), strongly_typed=True)
 
 
 def gpus() -> list[tuple[int, str, str]]:
@@ -185,7 +189,7 @@ def build_engine(settings: Settings, part: str) -> None:
     name = settings.name
     try:
         import tensorrt as trt
-        from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
+        from polygraphy.backend.trt import EngineBytesFromNetwork
     except ImportError as err:
         raise TensorRTError(
             "TensorRT is not installed; use backend=python or build in the "
@@ -196,7 +200,7 @@ def build_engine(settings: Settings, part: str) -> None:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's order = nvidia-smi's
     found = gpus()
     check_placement(settings, found)
-    source = settings.model_file(part)  # the exported file, or its Q/DQ copy (ModelOpt)
+    source = settings.model_file(part)  # the exported file, or its fp16 or Q/DQ copy
     artifacts.load_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
@@ -214,9 +218,7 @@ def build_engine(settings: Settings, part: str) -> None:
         flush=True,
     )
     try:
-        typed = builder_precision(settings)[1]
-        network = NetworkFromOnnxPath(str(source), strongly_typed=typed or None)
-        engine = EngineBytesFromNetwork(network, config)()
+        engine = EngineBytesFromNetwork(make_network(settings, part), config)()
     except Exception as err:  # Polygraphy raises its own exception, with TensorRT's log above
         raise TensorRTError(
             f"TensorRT could not build an engine of {part}.onnx: {' '.join(str(err).split())[:500]}"
@@ -274,8 +276,9 @@ def task_plan():
         "ranges": profiles.dim_ranges(settings),
         "dims": catalog.PROFILE_DIMS,
         "precision": settings.precision,
-        "builder": repr(builder_precision(settings)),
+        "typing": "strong",  # no precision flags: the file's types (make_network)
         "workspace_mib": catalog.TENSORRT_WORKSPACE_MIB,
+        # the whole version: a plan loads only on the TensorRT release that built it
         "tensorrt": artifacts.versions("tensorrt")["tensorrt"],
         "compute_capability": gpu_compute_capability(),
         "trt_compat": settings.trt_compat,

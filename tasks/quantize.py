@@ -1,5 +1,5 @@
-"""Stage `quantize`: int8 and 4-bit copies of the exported fp32 files (precision=int8, int4,
-nf4, fp4), between `onnx` and `parity`.
+"""Stage `quantize`: int8, 4-bit and fp16 copies of the exported fp32 files (precision=int8,
+int4, nf4, fp4, fp16), between `onnx` and `parity`.
 
 Recipes are data (catalog.QUANT_RECIPES), with ONNX Runtime's quantization tools:
 - `dynamic`: int8 weights (per channel by default), activations quantized at run time;
@@ -11,9 +11,13 @@ and with NVIDIA ModelOpt's ONNX quantization, for TensorRT's explicit quantizati
 - `modelopt`: Q/DQ int8 (calibrated on the same texts) or int4 weights (blocked
   DequantizeLinear, AWQ). ONNX Runtime runs these files too, which is how parity checks them
   on a host without TensorRT.
+- `autocast` (tasks/autocast.py): fp16, ModelOpt's AutoCast, but for the nodes whose
+  calibrated inputs or outputs or weights leave fp16's range. TensorRT builds these files
+  strongly typed, with no precision flag; the onnxruntime and python backends run them as
+  they are.
 
-The fp32 file stays the reference: parity compares the quantized copy with fp32 PyTorch on
-task-level gates. Changing the precision or the recipe re-quantizes and never re-exports.
+The fp32 file stays the reference: parity compares the copy with fp32 PyTorch on task-level
+gates. Changing the precision or the recipe re-quantizes (re-casts) and never re-exports.
 """
 
 from __future__ import annotations
@@ -106,6 +110,11 @@ def quantized_ops(model) -> dict[str, int]:
     return found
 
 
+def calibration_texts() -> list[str]:
+    """The texts calibration reads (tasks/data/calibration.txt), one a line."""
+    return artifacts.text_lines(paths.QUANT_CALIBRATION)
+
+
 class CalibrationTexts:
     """ONNX Runtime's CalibrationDataReader over the calibration texts, one text per feed."""
 
@@ -118,9 +127,8 @@ class CalibrationTexts:
         names = [
             t["name"] for t in artifacts.read_json(paths.onnx_io(settings.name, part))["inputs"]
         ]
-        texts = [t for t in paths.QUANT_CALIBRATION.read_text().splitlines() if t.strip()]
         self.feeds = []
-        for text in texts:
+        for text in calibration_texts():
             encoding = tokenizer.encode(text)
             ids = np.array([encoding.ids], np.int64)
             values = {
@@ -191,7 +199,8 @@ def modelopt_quantize(settings: Settings, part: str, source, target) -> None:
             calibration_eps=["cpu"],
             op_types_to_quantize=list(recipe.op_types) or None,
             nodes_to_exclude=list(recipe.exclude) or None,
-            high_precision_dtype="fp32",  # TensorRT's fp16 flag, not the file, lowers the rest
+            high_precision_dtype=recipe.high_precision,  # the file, not a builder flag
+            op_types_to_exclude_fp16=list(recipe.fp32_ops) or None,
             output_path=str(work / "model.onnx"),
             log_level="CRITICAL",  # it reports a missing GPU (NVML) as an error
             **options,
@@ -203,8 +212,8 @@ def modelopt_quantize(settings: Settings, part: str, source, target) -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
-def quantize_into(settings: Settings, part: str, source, target) -> None:
-    """Write the recipe's quantized copy of `source` to `target`."""
+def quantize_into(settings: Settings, part: str, source, target) -> dict:
+    """Write the recipe's copy of `source` to `target`; return what its record adds."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -239,6 +248,10 @@ def quantize_into(settings: Settings, part: str, source, target) -> None:
         quantizer.model.save_model_to_file(str(target))
     elif recipe.method == "modelopt":
         modelopt_quantize(settings, part, source, target)
+    elif recipe.method == "autocast":
+        from tasks import autocast
+
+        return autocast.autocast_into(settings, part, source, target)
     else:  # bnb4
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
@@ -248,6 +261,7 @@ def quantize_into(settings: Settings, part: str, source, target) -> None:
         quantizer = MatMulBnb4Quantizer(model, kind, settings.block_size)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target))
+    return {}
 
 
 def quantize(settings: Settings, part: str) -> None:
@@ -262,18 +276,25 @@ def quantize(settings: Settings, part: str) -> None:
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's advice on every weight
     with artifacts.atomic_target(target) as tmp:
         try:
-            quantize_into(settings, part, source, tmp)
+            added = quantize_into(settings, part, source, tmp)
+        except ExportError:
+            raise
         except Exception as err:
             raise ExportError(
                 f"quantizing {part} with recipe={recipe.name} failed: {type(err).__name__}: "
                 f"{err}; try {recipe.next_try}"
             ) from None
-        quantized = onnx.load(str(tmp))
-        ops = quantized_ops(quantized)
-        if not ops:
+        made = onnx.load(str(tmp))
+        if recipe.method == "autocast":
+            from tasks.autocast import fp16_summary
+
+            summary = fp16_summary(made)
+        else:
+            summary = quantized_ops(made)
+        if not summary or summary.get("fp16_initializers") == 0:
             raise ExportError(
-                f"recipe={recipe.name} left {part} without a quantized operator (it has no "
-                f"weights this recipe quantizes); try {recipe.next_try}"
+                f"recipe={recipe.name} left {part} without a {recipe.precision} weight (it has "
+                f"no weights this recipe converts); try {recipe.next_try}"
             )
     record = {
         "recipe": recipe.name,
@@ -281,40 +302,61 @@ def quantize(settings: Settings, part: str) -> None:
         "per_channel": recipe.per_channel,
         "block_size": settings.block_size,
         "calibration": modelopt_calibration(settings, part) if recipe.method == "modelopt" else "",
-        "quantized_ops": ops,
         "fp32_bytes": source.stat().st_size,
+        **added,
         **artifacts.file_record(target),
     }
+    if recipe.method == "autocast":
+        record["fp16"] = summary
+        said = f"{len(added['kept_fp32'])} of {summary['nodes']} nodes kept in fp32"
+    else:
+        record["quantized_ops"] = summary
+        said = str(summary)
     record["size_ratio"] = round(target.stat().st_size / source.stat().st_size, 3)
-    if recipe.precision != "int8":  # what 4 bits buy: the MatMuls' weights
+    if recipe.precision in ("int4", "nf4", "fp4"):  # what 4 bits buy: the MatMuls' weights
         before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul", "Gemm"))
         four_bit = ("MatMulNBits", "MatMulBnb4", "DequantizeLinear", "MatMul", "Gemm")
-        after = matmul_weight_bytes(quantized, four_bit)
+        after = matmul_weight_bytes(made, four_bit)
         record["matmul_weight_ratio"] = round(after / before, 3) if before else None
     artifacts.write_json(paths.quant_record(name, part), record)
     print(
         f"quantize: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB, "
-        f"{record['size_ratio']}x the fp32 file; {ops})",
+        f"{record['size_ratio']}x the fp32 file; {said})",
         flush=True,
     )
 
 
 def task_quantize():
-    """Quantized copies of the exported files (precision=int8, int4, nf4, fp4)."""
+    """Copies of the exported files in another precision (int8, int4, nf4, fp4; fp16)."""
     settings = current()
-    if not settings.quantized:
+    if settings.recipe is None:
         return
     name = settings.name
+    autocast = settings.recipe.method == "autocast"
+    # AutoCast calibrates on padded batches (the pad id: facts); a decoder's parts on the feeds
+    # of the serving loop, over every fp32 file
+    facts = [paths.source_manifest(name), paths.stage_module("facts")] if autocast else []
+    decoding = (
+        [
+            *(paths.onnx_file(name, part) for part in settings.task.onnx_parts),
+            paths.stage_module("profiles"),  # its cache limit
+            paths.runtime_file("generate", "decoding.py"),
+            paths.runtime_helpers(),
+        ]
+        if settings.task.generation and autocast
+        else []
+    )
     for part in settings.task.onnx_parts:
         targets = [paths.quant_file(name, part), paths.quant_record(name, part)]
         yield {
             "name": f"{name}-{part}" if part != "model" else name,
             "actions": [(fails_cleanly(quantize), [settings, part])],
             "file_dep": [
-                paths.onnx_file(name, part),
+                *dict.fromkeys([paths.onnx_file(name, part), *decoding, *facts]),
                 paths.onnx_io(name, part),
                 paths.QUANT_CALIBRATION,  # the texts static recipes calibrate on
                 paths.stage_module("quantize"),
+                *([paths.stage_module("autocast")] if autocast else []),
             ],
             "targets": targets,
             "uptodate": [

@@ -198,8 +198,9 @@ class Settings:
     bench: Bench = field(default_factory=Bench)
     kubernetes: Kubernetes = field(default_factory=Kubernetes)
     opset: int = catalog.ONNX_OPSET
-    recipe: catalog.QuantRecipe | None = None  # quantized precisions only
+    recipe: catalog.QuantRecipe | None = None  # precisions made from the fp32 file only
     block_size: int = 0  # 4-bit recipes only
+    precision_note: str = ""  # why a default precision is not the obvious one (the build says)
     tolerance: catalog.Tolerance = field(init=False)
 
     def __post_init__(self) -> None:
@@ -214,11 +215,13 @@ class Settings:
 
     def _check_combination(self) -> None:
         """Values each valid alone that do not go together."""
-        backend = self.backend
-        if self.precision == "fp16" and backend != "tensorrt":
+        backend, recipe = self.backend, self.recipe
+        made = self.precision in catalog.FROM_FP32
+        if made != (recipe is not None) or (made and recipe.precision != self.precision):
             raise SettingsError(
-                f"precision=fp16: fp16 engines need TensorRT, and backend={backend}; "
-                "use precision=fp32, or backend=tensorrt on a host with TensorRT and a GPU"
+                f"precision={self.precision} with recipe={recipe.name if recipe else 'none'}: "
+                f"{', '.join(catalog.FROM_FP32)} are made from the fp32 file by a recipe that "
+                "makes them (settings.quantization chooses it), fp32 by none"
             )
         if self.trt_compat != "none" and backend != "tensorrt":
             raise SettingsError(
@@ -235,7 +238,7 @@ class Settings:
             raise SettingsError(
                 f"precision={self.precision}: task={self.task.name} has no quantization gate "
                 "(catalog.GATES), so nothing would prove its quantized answers; use "
-                "precision=fp32 (or fp16 with backend=tensorrt)"
+                "precision=fp32 or fp16"
             )
         if self.serving.gpus and backend == "python":
             raise SettingsError(
@@ -248,8 +251,9 @@ class Settings:
         return self.precision in catalog.QUANTIZED
 
     def model_file(self, part: str = "model") -> Path:
-        """The ONNX file a part is served from: the exported one, or its quantized copy."""
-        if self.quantized:
+        """The ONNX file a part is served from: the exported one, or the copy the quantize
+        stage made of it (quantized, or fp16)."""
+        if self.recipe is not None:
             return paths.quant_file(self.name, part)
         return paths.onnx_file(self.name, part)
 
@@ -299,20 +303,22 @@ class Settings:
 def quantization(precision: str, backend: str, variables: Mapping[str, str]):
     """The quantize recipe and 4-bit block size of a precision, checked at the door."""
     given, block = variables.get("recipe", ""), variables.get("block_size", "")
-    if precision not in catalog.QUANTIZED:
+    if precision not in catalog.FROM_FP32:
         for var, value in (("recipe", given), ("block_size", block)):
             if value:
                 raise SettingsError(
-                    f"{var}={value}: only quantized precisions ({', '.join(catalog.QUANTIZED)}) "
-                    f"take a {var}; drop it for precision={precision}"
+                    f"{var}={value}: only precisions made from the fp32 file "
+                    f"({', '.join(catalog.FROM_FP32)}) take a {var}; drop it for "
+                    f"precision={precision}"
                 )
         return None, 0
     defaults = catalog.TENSORRT_RECIPES if backend == "tensorrt" else catalog.DEFAULT_RECIPES
     if precision not in defaults:  # nf4 and fp4 on TensorRT
+        fits = " or ".join(p for p in catalog.TENSORRT_RECIPES if p in catalog.QUANTIZED)
         raise SettingsError(
             f"precision={precision}: NF4 and FP4 are ONNX Runtime's MatMulBnb4, which "
             "TensorRT cannot run; use backend=onnxruntime or backend=python, or "
-            f"precision={' or '.join(catalog.TENSORRT_RECIPES)} on TensorRT"
+            f"precision={fits} on TensorRT"
         )
     name = given or defaults[precision]
     recipe = catalog.QUANT_RECIPES.get(name)
@@ -331,7 +337,7 @@ def quantization(precision: str, backend: str, variables: Mapping[str, str]):
             f"recipe={name} makes ONNX Runtime's own quantized operators, which TensorRT "
             f"cannot build; use recipe={defaults[precision]} (ModelOpt's Q/DQ) on TensorRT"
         )
-    if recipe.precision == "int8":
+    if recipe.precision in ("int8", "fp16"):
         if block:
             raise SettingsError(f"block_size={block}: only 4-bit recipes take a block size")
         return recipe, 0
@@ -342,6 +348,21 @@ def quantization(precision: str, backend: str, variables: Mapping[str, str]):
     if size & (size - 1):
         raise SettingsError(f"block_size={size}: a power of two from 16, e.g. block_size=32")
     return recipe, size
+
+
+def default_precision(spec: catalog.TaskSpec, backend: str) -> tuple[str, str]:
+    """(precision, why) where none is given: fp16 on TensorRT, but for generation only where
+    the measurement holds (catalog.FP16_GENERATION_BLOCKED: greedy parity is token for token);
+    fp32 elsewhere (a CPU gains nothing from fp16)."""
+    if backend != "tensorrt":
+        return "fp32", ""
+    why = catalog.FP16_GENERATION_BLOCKED.get(spec.generation or "", "")
+    if why:
+        return "fp32", (
+            f"precision=fp32, not fp16, by default for {spec.name} on TensorRT: {why}; "
+            "precision=fp16 tries it (parity judges)"
+        )
+    return "fp16", ""
 
 
 def docker_engine_problem() -> str | None:
@@ -468,11 +489,9 @@ def load_settings(given: Mapping[str, str]) -> Settings:
             "use backend=python (ONNX Runtime inside Triton) or build on a GPU host "
             "(see the Dockerfile)"
         )
-    precision = VARIABLES["precision"].read(given)
+    precision, note = VARIABLES["precision"].read(given), ""
     if precision is None:
-        # fp16 engines by default, but not for generation: greedy parity is token for token,
-        # and fp16 flips near-ties (and overflows in T5); ask for precision=fp16 to try it
-        precision = "fp16" if backend == "tensorrt" and not spec.generation else "fp32"
+        precision, note = default_precision(spec, backend)
     recipe, block_size = quantization(precision, backend, given)
     name, model = VARIABLES["name"].read(given), VARIABLES["model"].read(given)
     name = task_name if name is None else name
@@ -487,6 +506,7 @@ def load_settings(given: Mapping[str, str]) -> Settings:
         batch=VARIABLES["batch"].read(given),
         seq=fitted_seq(given, known_config(source, name)),
         precision=precision,
+        precision_note=note,
         recipe=recipe,
         block_size=block_size,
         backend=backend,

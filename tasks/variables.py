@@ -224,7 +224,11 @@ _RECIPES = (
     f"{_listed(catalog.QUANT_RECIPES)}; by default "
     + ", ".join(f"{p}: `{r}`" for p, r in catalog.DEFAULT_RECIPES.items())
     + ", and on tensorrt (ModelOpt's Q/DQ) "
-    + ", ".join(f"{p}: `{r}`" for p, r in catalog.TENSORRT_RECIPES.items())
+    + ", ".join(
+        f"{p}: `{r}`"
+        for p, r in catalog.TENSORRT_RECIPES.items()
+        if r != catalog.DEFAULT_RECIPES.get(p)
+    )
 )
 _BLOCKS = (
     f"`{catalog.BLOCK_SIZE}` (MatMulNBits), nf4 and fp4 `{catalog.BNB4_BLOCK_SIZE}` (MatMulBnb4), "
@@ -277,8 +281,9 @@ VARIABLES: dict[str, Variable] = {
             "precision",
             None,
             _choice(catalog.PRECISIONS),
-            "`fp32`, `fp16` (TensorRT only; generation defaults to fp32, since its parity is "
-            "token for token and fp16 flips near-ties, and overflows in T5), or the quantized "
+            "`fp32`, `fp16` (every backend: ModelOpt's AutoCast copy of the exported file, fp32 "
+            "where calibration finds fp16's range too small; proven on ONNX Runtime with fp16 "
+            "tolerances and the task's gates), or the quantized "
             "`int8`, `int4` (every backend), `nf4`, `fp4` (ONNX Runtime and python backends), "
             "made from the fp32 file by the quantize stage and gated on task-level agreement; "
             "see [Precision](precision.md)",

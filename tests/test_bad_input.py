@@ -34,7 +34,7 @@ def built_files(project) -> list[str]:
         (["model=/no/such/dir"], "ERROR: model=/no/such/dir: this directory does not exist"),
         (["seq=1,512,128"], "ERROR: seq=1,512,128: MIN,OPT,MAX must satisfy MIN <= OPT <= MAX"),
         (["batch=0"], "ERROR: batch=0: sizes must be at least 1"),
-        (["precision=fp16"], "ERROR: precision=fp16: fp16 engines need TensorRT"),
+        (["precision=fp16", "block_size=32"], "ERROR: block_size=32: only 4-bit recipes take"),
         (["backend=tensorrt"], "ERROR: backend=tensorrt: TensorRT and an NVIDIA GPU are needed"),
     ],
 )

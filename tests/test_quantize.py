@@ -86,6 +86,12 @@ def test_modelopts_qdq_file_for_tensorrt_passes_onnx_runtime_parity_here(int8_pr
     gates = {g["metric"]: g for g in parity(project, "encode")["results"]["gates"]}
     assert all(g["pass"] for g in gates.values()), gates
     assert gates["embedding_cosine_min"]["value"] >= 0.98
+    # TensorRT builds it strongly typed: the file itself is fp16 but for its Q/DQ (fp32 scales)
+    model = onnx.load(str(project.path(paths.quant_file("encode"))))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    scales = [n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert {types[s] for s in scales if s in types} == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.FLOAT16 in set(types.values())
     left = list(project.path(paths.quant_file("encode")).parent.iterdir())
     assert sorted(p.name for p in left) == ["model.onnx", "model.quant.json"]  # no leftovers
 

@@ -44,7 +44,10 @@ def test_each_task_has_its_default_model_and_name(task):
         ({"batch": "0"}, "batch=0: sizes must be at least 1"),
         ({"batch": "1,8"}, "batch=1,8: expected MIN,OPT,MAX as three whole numbers"),
         ({"seq": "a,b,c"}, "seq=a,b,c: expected MIN,OPT,MAX"),
-        ({"precision": "fp16"}, "precision=fp16: fp16 engines need TensorRT"),
+        (
+            {"precision": "fp16", "recipe": "int8-dynamic"},
+            "recipe=int8-dynamic makes int8, not precision=fp16; choose one of fp16-autocast",
+        ),
         ({"precision": "int3"}, "precision=int3: unknown precision; choose one of fp32, fp16"),
         ({"backend": "tensorrt"}, "backend=tensorrt: TensorRT and an NVIDIA GPU are needed"),
         ({"backend": "tflite"}, "backend=tflite: unknown backend"),
@@ -216,7 +219,7 @@ def test_python_backend_batching_knobs_are_validated_at_the_door():
         ("python", "int8", {"recipe": "nf4"}, "recipe=nf4 makes nf4, not precision=int8"),
         ("python", "int8", {"recipe": "best"}, "recipe=best: unknown; choose one of"),
         ("python", "int4", {"block_size": "20"}, "block_size=20: a power of two"),
-        ("python", "fp32", {"recipe": "int8-dynamic"}, "only quantized precisions"),
+        ("python", "fp32", {"recipe": "int8-dynamic"}, "only precisions made from the fp32 file"),
         ("python", "int8", {"block_size": "32"}, "only 4-bit recipes take a block size"),
     ],
 )
@@ -262,7 +265,7 @@ def test_tensorrt_takes_modelopt_recipes_and_its_block_size():
 
     recipe, block = on_tensorrt("int8")
     assert (recipe.name, recipe.method, block) == ("int8-modelopt", "modelopt", 0)
-    assert recipe.trt_flags == ("int8", "fp16")
+    assert recipe.high_precision == "fp16"  # ModelOpt's fp16, not a builder flag
     recipe, block = on_tensorrt("int4")
     assert (recipe.name, block) == ("int4-awq", 128)
     assert on_tensorrt("int4", block_size="64")[1] == 64
@@ -290,7 +293,9 @@ def test_dodo_lists_every_variable_in_the_tables_order():
     import ast
 
     doc = ast.get_docstring(ast.parse((paths.ROOT / "dodo.py").read_text()))
-    listed = re.search(r"Variables \(NAME=VALUE\): (.*?)\.\s+See\s+docs/variables", doc, re.S).group(1)
+    listed = re.search(
+        r"Variables \(NAME=VALUE\): (.*?)\.\s+See\s+docs/variables", doc, re.S
+    ).group(1)
     assert [n.split("=")[0] for n in re.split(r",\s+", listed)] == list(VARIABLES)
 
 
@@ -325,7 +330,7 @@ def test_values_that_do_not_go_together_fail_when_built_in_code():
     from dataclasses import replace
 
     chosen = settings_from()
-    with pytest.raises(SettingsError, match="precision=fp16: fp16 engines need TensorRT"):
+    with pytest.raises(SettingsError, match="precision=fp16 with recipe=none: int8, int4"):
         replace(chosen, precision="fp16")
     with pytest.raises(SettingsError, match="gpus=0: the python backend runs on CPU"):
         replace(chosen, serving=Serving(gpus=(0,)))
@@ -363,3 +368,13 @@ def test_poll_needs_a_published_repository():
     with pytest.raises(SettingsError, match=r"^poll=5: polling watches a published repository"):
         settings_from(poll="5")
     assert settings_from(repo="s3://models/prod", poll="5").storage.poll == 5
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_fp16_is_made_from_the_fp32_file_on_every_backend(backend):
+    chosen = settings_from(precision="fp16", backend=backend, task="ner")
+    assert (chosen.recipe.name, chosen.recipe.method) == ("fp16-autocast", "autocast")
+    assert chosen.model_file().parent.name == "quant" and not chosen.quantized
+    assert chosen.tolerance == catalog.TOLERANCES["fp16"]
+    with pytest.raises(SettingsError, match="block_size=32: only 4-bit recipes take"):
+        settings_from(precision="fp16", block_size="32")

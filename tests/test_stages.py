@@ -415,28 +415,6 @@ def test_max_queue_bounds_every_model_that_queues(task):
         assert not config.dynamic_batching.HasField("default_queue_policy"), config.name
 
 
-def test_tensorrt_int8_builds_its_engine_from_modelopts_qdq_file_with_int8_and_fp16(monkeypatch):
-    monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
-    chosen = settings_from(precision="int8")
-    assert (chosen.backend, chosen.recipe.name) == ("tensorrt", "int8-modelopt")
-    assert plan.builder_precision(chosen) == ({"int8": True, "fp16": True}, False)
-    config = plan.make_builder_config(chosen, "model", IO["encode"])
-    assert config.int8 is True and config.fp16 is True and config.calibrator is None  # Q/DQ
-    found = tasks_for(monkeypatch, precision="int8")
-    engine, quantize = found["plan:encode"], found["quantize:encode"]
-    assert paths.quant_file("encode") in engine["file_dep"]  # the Q/DQ copy, not the fp32 file
-    assert paths.onnx_file("encode") not in engine["file_dep"]
-    assert paths.quant_file("encode") in quantize["targets"]
-    assert "int8" in params(engine)["builder"]
-    # int4: ModelOpt's int4 weights in a strongly typed network, no precision flags
-    four = settings_from(task="causallm", precision="int4")
-    assert (four.recipe.name, four.block_size) == ("int4-awq", 128)
-    assert plan.builder_precision(four) == ({}, True)
-    fp16 = settings_from()
-    assert plan.builder_precision(fp16) == ({"fp16": True}, False)
-    assert plan.make_builder_config(fp16, "model", IO["encode"]).int8 is False
-
-
 @pytest.mark.parametrize("task", ["qa", "seqcls"])
 def test_a_long_pair_is_cut_as_the_catalog_says(task, minilm_dir):
     """The tokenizer step reads the pair truncation from the rendered config: a task row that

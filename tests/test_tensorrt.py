@@ -26,6 +26,8 @@ def test_an_fp16_engine_is_built_and_passes_parity(project):
     report = json.loads(project.path(paths.parity_report("encode")).read_text())
     assert set(report["results"]) == {"onnxruntime", "tensorrt"}
     assert report["tolerance"] == {"atol": 2e-2, "rtol": 2e-2}
+    assert all(g["pass"] for g in report["gated"]["gates"])  # the engine, on the cosine gate
+    assert (project.root / "model_zoo/encode/quant/model.onnx").is_file()  # AutoCast's file
     assert (project.root / "models/encode_model/1/model.plan").is_file()
     assert (
         'platform: "tensorrt_plan"'
