@@ -81,6 +81,10 @@ def _port(var: str, text: str) -> int:
     return int(text)
 
 
+def _port_or_off(var: str, text: str) -> int:
+    return 0 if text == "0" else _port(var, text)
+
+
 def _gpu_ids(var: str, text: str) -> tuple[int, ...]:
     gpus = _wholes_in(0, 63)(var, text) if text else ()
     if len(set(gpus)) != len(gpus):
@@ -272,6 +276,13 @@ VARIABLES: dict[str, Variable] = {
         Variable("http_port", "8000", _port, "HTTP port of `doit serve`"),
         Variable("grpc_port", "8001", _port, "gRPC port of `doit serve`"),
         Variable("metrics_port", "8002", _port, "metrics port of `doit serve`"),
+        Variable(
+            "openai_port",
+            "9000",
+            _port_or_off,
+            "`doit serve`: the OpenAI-compatible API's port (`/v1/chat/completions`, "
+            "`/v1/completions`, `/v1/embeddings`, `/rerank`); `0` turns it off",
+        ),
         Variable(
             "server",
             "embedded",
