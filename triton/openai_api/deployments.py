@@ -2,8 +2,8 @@
 
 A deployment is an ensemble `<name>` whose config carries the `task` parameter (written by the
 build's pbtxt stage from tasks/catalog.py). What the API needs of it comes from the configs
-and files beside them: the Triton model requests go to (`<name>_stream` for generation, so
-that its in-flight batching serves them; `<name>` otherwise), its limits, its tokenizer (usage
+and files beside them: the Triton models requests go to (`<name>`; and `<name>_stream` for
+streamed generation), its limits, its tokenizer (usage
 is counted with it) and, for causal LMs, its chat template (chat.json).
 
 The folder is read, not Triton's repository index (model control needs the admin secret), and
@@ -42,8 +42,8 @@ def parameters(config) -> dict[str, str]:
 class Deployment:
     name: str
     task: str
-    target: str  # the Triton model requests go to
-    inputs: frozenset[str]  # the target's input names (STOP, where the model takes it)
+    target: str  # the Triton model requests go to: the ensemble <name>
+    inputs: frozenset[str]  # its input names (STOP, where the model takes it)
     models: tuple[str, ...]  # every Triton model it needs: what /health asks
     tokenizer: Tokenizer
     max_batch: int
@@ -55,6 +55,8 @@ class Deployment:
     max_tokens_limit: int = 0
     max_positions: int = 0  # causal: prompt + new tokens; 0: no limit
     chat_error: str = ""  # a chat template that does not compile
+    stream: str = ""  # generation: the streaming model, <name>_stream
+    stream_inputs: frozenset[str] = frozenset()
 
     def count(self, text: str) -> int:
         """Tokens of `text` as the deployment's tokenizer makes them (special tokens too)."""
@@ -74,10 +76,10 @@ def load(repository: Path, ensemble) -> Deployment:
     steps = tuple(step.model_name for step in ensemble.ensemble_scheduling.step)
     created = int((repository / name / "config.pbtxt").stat().st_mtime)
     if task in GENERATION:
-        target = f"{name}{STREAM_SUFFIX}"
-        config = read_config(repository / target / "config.pbtxt")
+        stream = f"{name}{STREAM_SUFFIX}"
+        config = read_config(repository / stream / "config.pbtxt")
         params = parameters(config)
-        folder = repository / target / "1"
+        folder = repository / stream / "1"
         chat, chat_error = None, ""
         try:
             chat = ChatTemplate.load(folder / CHAT_FILE)
@@ -86,9 +88,11 @@ def load(repository: Path, ensemble) -> Deployment:
         return Deployment(
             name=name,
             task=task,
-            target=target,
-            inputs=frozenset(t.name for t in config.input),
-            models=(name, *steps, target),
+            target=name,
+            inputs=frozenset(t.name for t in ensemble.input),
+            stream=stream,
+            stream_inputs=frozenset(t.name for t in config.input),
+            models=(name, *steps, stream),
             tokenizer=load_tokenizer(folder / "tokenizer.json"),
             max_batch=config.max_batch_size,
             max_seq=int(params["max_seq"]),

@@ -1,12 +1,14 @@
-"""One generated choice: a request to the deployment's streaming model, read piece by piece.
+"""Generated choices: whole, from the deployment's ensemble (`whole`: one response per request,
+every choice a row), or piece by piece from its streaming model (`choice`: a request per
+choice, so that each can end on its own; in-flight batching puts them together).
 
-Each choice is a request of its own (a prompt, `n` times), so that each can end on its own;
-the model's in-flight batching puts them together. `stop` strings go to the model as its STOP
-input where the model takes one; otherwise the text is cut here (`StopCut`, the fallback).
+`stop` strings go to the model as its STOP input where the model takes one; otherwise the text
+is cut here (`StopCut`, the fallback), on the stream, which is cancelled at the stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -56,25 +58,63 @@ def max_tokens(deployment: Deployment, sampling: Sampling) -> int:
 
 
 def model_inputs(
-    deployment: Deployment, prompt: str, sampling: Sampling, choice: int
+    deployment: Deployment, rows: list[tuple[str, int]], sampling: Sampling, takes: frozenset
 ) -> dict[str, np.ndarray]:
-    """The streaming model's inputs for one choice ([1, 1] each; STOP [1, k])."""
+    """A generation request's inputs for `rows` of (prompt, choice index): [rows, 1] each,
+    STOP [rows, k] where the model `takes` it. Choice i samples with seed + i."""
+
+    def column(values, dtype) -> np.ndarray:
+        return np.array([[v] for v in values], dtype=dtype)
+
     inputs = {
-        "TEXT": np.array([[prompt.encode("utf-8")]], dtype=object),
-        "MAX_NEW_TOKENS": np.array([[max_tokens(deployment, sampling)]], dtype=np.int32),
+        "TEXT": column([prompt.encode("utf-8") for prompt, _ in rows], object),
+        "MAX_NEW_TOKENS": column([max_tokens(deployment, sampling)] * len(rows), np.int32),
     }
     if not sampling.greedy:
         temperature = 1.0 if sampling.temperature is None else sampling.temperature
-        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
+        inputs["TEMPERATURE"] = column([temperature] * len(rows), np.float32)
         if sampling.top_p is not None:
-            inputs["TOP_P"] = np.array([[sampling.top_p]], dtype=np.float32)
+            inputs["TOP_P"] = column([sampling.top_p] * len(rows), np.float32)
         if sampling.top_k is not None:
-            inputs["TOP_K"] = np.array([[sampling.top_k]], dtype=np.int32)
-        if sampling.seed is not None:  # choice i of n: seed + i, so the choices differ
-            inputs["SEED"] = np.array([[sampling.seed + choice]], dtype=np.int64)
-    if sampling.stop and "STOP" in deployment.inputs:
-        inputs["STOP"] = np.array([[s.encode("utf-8") for s in sampling.stop]], dtype=object)
+            inputs["TOP_K"] = column([sampling.top_k] * len(rows), np.int32)
+        if sampling.seed is not None:
+            inputs["SEED"] = column([sampling.seed + index for _, index in rows], np.int64)
+    if sampling.stop and "STOP" in takes:
+        stops = [s.encode("utf-8") for s in sampling.stop]
+        inputs["STOP"] = np.array([stops] * len(rows), dtype=object)
     return inputs
+
+
+def finish_reason(deployment: Deployment, ids: list[int], wanted: int, stopped: bool) -> str:
+    ended = stopped or (ids and ids[-1] in deployment.eos_ids)
+    return "length" if len(ids) >= wanted and not ended else "stop"
+
+
+def cut_here(deployment: Deployment, sampling: Sampling, takes: frozenset) -> bool:
+    """FALLBACK needed: stop strings for a model that does not take STOP."""
+    return bool(sampling.stop) and "STOP" not in takes
+
+
+async def whole(
+    triton: Triton, deployment: Deployment, rows: list[tuple[str, int]], sampling: Sampling
+) -> list[Piece]:
+    """Every row's whole answer from the deployment's ensemble (one response per request, at
+    most its batch of rows each), as final Pieces."""
+    size, wanted = max(deployment.max_batch, 1), max_tokens(deployment, sampling)
+
+    async def call(part):
+        inputs = model_inputs(deployment, part, sampling, deployment.inputs)
+        out = await triton.infer(deployment.target, inputs, wanted=("OUTPUT_IDS",))
+        return out["OUTPUT_IDS"]
+
+    found = await asyncio.gather(*(call(rows[s : s + size]) for s in range(0, len(rows), size)))
+    pieces = []
+    for (_, index), row in zip(rows, (row for part in found for row in part)):
+        ids = [int(i) for i in row if i >= 0]
+        text = deployment.tokenizer.decode(ids, skip_special_tokens=True)
+        finish = finish_reason(deployment, ids, wanted, stopped=False)
+        pieces.append(Piece(index, text, finish, len(ids)))
+    return pieces
 
 
 class StopCut:
@@ -107,13 +147,15 @@ async def choice(
 ) -> AsyncIterator[Piece]:
     """The pieces of one choice, the last with its finish_reason and token count.
 
-    The text is made here from the token ids (tokenizers' DecodeStream), not from the model's
-    text pieces: a character whose bytes span tokens comes whole, once it is complete, so
-    the pieces add up to the decoded ids."""
+    The text is made here from the token ids (tokenizers' DecodeStream; the model's text
+    pieces are not asked for): a character whose bytes span tokens comes whole, once it is
+    complete, so the pieces add up to the decoded ids."""
     wanted = max_tokens(deployment, sampling)
-    cut = StopCut(sampling.stop) if sampling.stop and "STOP" not in deployment.inputs else None
+    takes = deployment.stream_inputs
+    cut = StopCut(sampling.stop) if cut_here(deployment, sampling, takes) else None
     decoder, ids, sent, finish = DecodeStream(skip_special_tokens=True), [], "", None
-    stream = triton.stream(deployment.target, model_inputs(deployment, prompt, sampling, index))
+    inputs = model_inputs(deployment, [(prompt, index)], sampling, takes)
+    stream = triton.stream(deployment.stream, inputs, wanted=("OUTPUT_IDS",))
     try:
         async for out in stream:
             token = int(out["OUTPUT_IDS"].reshape(-1)[0])
@@ -142,6 +184,5 @@ async def choice(
             rest += "" if stopped else cut.flush()
         if rest:
             yield Piece(index, rest)
-        ended = stopped or (ids and ids[-1] in deployment.eos_ids)
-        finish = "length" if len(ids) >= wanted and not ended else "stop"
+        finish = finish_reason(deployment, ids, wanted, stopped)
     yield Piece(index, "", finish, len(ids))

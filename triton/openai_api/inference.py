@@ -37,16 +37,21 @@ STATUSES = {
 OVERLOAD_WORDS = ("queue", "unavailable", "not ready", "exceeds maximum")
 
 
-def request(model: str, inputs: dict[str, np.ndarray], final_response: bool = False):
-    """A ModelInferRequest carrying `inputs` (numpy arrays: object arrays are BYTES)."""
+def request(
+    model: str, inputs: dict[str, np.ndarray], wanted: tuple[str, ...] = (), final: bool = False
+):
+    """A ModelInferRequest carrying `inputs` (numpy arrays: object arrays are BYTES), asking
+    for the `wanted` outputs only (all when none are named)."""
     message = service_pb2.ModelInferRequest(model_name=model)
+    for name in wanted:
+        message.outputs.add(name=name)
     for name, array in inputs.items():
         datatype = DATATYPES[array.dtype]
         tensor = message.inputs.add(name=name, datatype=datatype, shape=array.shape)
         del tensor  # its contents go in raw_input_contents, in the same order
         raw = serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes()
         message.raw_input_contents.append(raw)
-    if final_response:
+    if final:
         message.parameters["triton_enable_empty_final_response"].bool_param = True
     return message
 
@@ -95,19 +100,24 @@ class Triton:
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         return self._stub
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray], wanted: tuple[str, ...] = ()
+    ) -> dict[str, np.ndarray]:
+        message = request(model, inputs, wanted)
         try:
-            response = await self.stub.ModelInfer(request(model, inputs), metadata=self.metadata)
+            response = await self.stub.ModelInfer(message, metadata=self.metadata)
         except grpc.aio.AioRpcError as err:
             raise failure(err.details() or str(err.code()), STATUSES.get(err.code(), 500)) from None
         return outputs(response)
 
-    async def stream(self, model: str, inputs: dict[str, np.ndarray]) -> AsyncIterator[dict]:
+    async def stream(
+        self, model: str, inputs: dict[str, np.ndarray], wanted: tuple[str, ...] = ()
+    ) -> AsyncIterator[dict]:
         """The responses of one request to a decoupled model, as they come; cancelled on
         the server when the reader stops before the end."""
 
         async def one_request():
-            yield request(model, inputs, final_response=True)
+            yield request(model, inputs, wanted, final=True)
 
         call = self.stub.ModelStreamInfer(one_request(), metadata=self.metadata)
         try:

@@ -20,7 +20,7 @@ import parsing
 from api_errors import APIError, model_not_found, wrong_task
 from chat import TemplateError
 from deployments import GENERATION, Deployment, Repository
-from generation import Piece, check_limits, choice
+from generation import Piece, check_limits, choice, cut_here, whole
 from inference import Triton
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -164,13 +164,14 @@ class API:
         counts = [deployment.count(p) for p in prompts]
         for count in counts:
             check_limits(deployment, count, sampling, field)
-        streams = [
-            choice(self.triton, deployment, prompt, sampling, p * sampling.n + i)
-            for p, prompt in enumerate(prompts)
-            for i in range(sampling.n)
-        ]
         answer = Answer(deployment.name, chat, sum(counts))
-        pieces = merged(streams)
+        # (prompt, choice index): OpenAI numbers the n choices of each prompt in turn
+        rows = [(p, k * sampling.n + i) for k, p in enumerate(prompts) for i in range(sampling.n)]
+        if not sampling.stream and not cut_here(deployment, sampling, deployment.stream_inputs):
+            finals = await whole(self.triton, deployment, rows, sampling)
+            return JSON(await answer.whole(finals[0], iterate(finals[1:]), len(rows)))
+        streams = [choice(self.triton, deployment, p, sampling, i) for p, i in rows]
+        pieces = streams[0] if len(streams) == 1 else merged(streams)
         first = await anext(pieces)  # a refusal before any text is an error status
         if sampling.stream:
             return StreamingResponse(
@@ -178,7 +179,12 @@ class API:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return JSON(await answer.whole(first, pieces, len(streams)))
+        return JSON(await answer.whole(first, pieces, len(rows)))
+
+
+async def iterate(items: list) -> AsyncIterator:
+    for item in items:
+        yield item
 
 
 async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
