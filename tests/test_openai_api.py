@@ -259,7 +259,7 @@ def test_embeddings_and_t5_completions_equal_their_references(many, minilm_dir):
         np.testing.assert_allclose(item.embedding, vector, atol=1e-4)
     for item, floats in zip(packed.data, answer.data):  # base64: the same float32 values
         assert item.embedding == floats.embedding
-    body = {"model": "encode", "input": texts[0], "encoding_format": "base64"}
+    body = {"model": "encode", "input": texts, "encoding_format": "base64"}  # the same batch
     _, raw = post(api, "/v1/embeddings", json.dumps(body).encode())
     wire = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert wire.tolist() == answer.data[0].embedding  # little-endian float32 bytes
