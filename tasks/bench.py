@@ -195,7 +195,10 @@ def triton_work(settings: Settings, protocol: str, url: str):
     spec, outputs = settings.task, settings.task.answers
 
     def setup(state: dict) -> None:
+        from tasks.server import authorize
+
         state["client"] = client_module.InferenceServerClient(url)
+        authorize(state["client"], protocol)
         state["close"] = state["client"].close
 
     def work(state: dict, text: tuple[str, ...]) -> bool:

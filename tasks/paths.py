@@ -31,6 +31,12 @@ README = ROOT / "README.md"  # its table of variables is made from tasks/variabl
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"
+# The library that keeps secrets off tritonserver's command line, compiled once per source.
+SECRET_ARGS_BUILD = TOOLS_CACHE / "secret-args"
+# The admin secret of the servers `doit serve` starts from this tree (model control, shared
+# memory, trace, logging): made on first use, 0600 in a 0700 folder, never in git or an image.
+SECRETS_DIR = ROOT / ".secrets"
+ADMIN_KEY = SECRETS_DIR / "admin-key"
 
 # Directories the build may create below; `doit clean` prunes empty ones up to these roots.
 ARTIFACT_ROOTS = (MODEL_ZOO, MODELS)

@@ -160,6 +160,13 @@ def sweep(settings: Settings, protocol: str, url: str, texts: list, new_tokens: 
 
     Each point is three windows of a third of `seconds`; the stability check is off (a busy
     machine would fail it), so a point takes about `seconds`, as our load generator's do."""
+    from tasks.server import access
+
+    if access().api_key_from_environment():
+        raise BuildError(
+            "loadgen=perf_analyzer would carry the API key on its command line, where `ps` "
+            "shows it to every user; use loadgen=triton (the default), which sends it as a header"
+        )
     binary = fetch()
     environment = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent / "lib")}
     window_ms = max(int(settings.bench.seconds * 1000 / 3), 100)

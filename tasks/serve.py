@@ -17,8 +17,12 @@ SAMPLE_TEXT = "Triton serves transformers."
 
 
 def example_request(settings: Settings, url: str) -> str:
-    """A curl command a user can paste: one text per ensemble input."""
+    """A curl command a user can paste: one text per ensemble input (and the API key, read
+    from where the user keeps it, never written out)."""
     import json
+    import os
+
+    from tasks.server import access
 
     body = {
         "inputs": [
@@ -31,7 +35,37 @@ def example_request(settings: Settings, url: str) -> str:
             for name in settings.task.text_inputs
         ]
     }
-    return f"curl -s -X POST http://{url}/v2/models/{settings.name}/infer -d '{json.dumps(body)}'"
+    key = ""
+    if os.environ.get(access().API_KEY_VARIABLE):
+        key = f'-H "{access().API_KEY_HEADER}: ${access().API_KEY_VARIABLE}" '
+    elif os.environ.get(access().API_KEY_FILE_VARIABLE):
+        key = f'-H "{access().API_KEY_HEADER}: $(cat ${access().API_KEY_FILE_VARIABLE})" '
+    route = f"http://{url}/v2/models/{settings.name}/infer"
+    return f"curl -s -X POST {key}{route} -d '{json.dumps(body)}'"
+
+
+def access_note(server) -> str:
+    """Where the admin secret lives and where it opens model control, for an operator."""
+    from tasks.server import ReplicaSet, access
+
+    if not hasattr(server, "admin_headers") and not isinstance(server, ReplicaSet):
+        return ""  # server=docker: its compose file says
+    members = server.members if isinstance(server, ReplicaSet) else [server]
+    where = ", ".join(f"http://{m.http_url} (gRPC {m.grpc_url})" for m in members)
+    secret = paths.ADMIN_KEY.relative_to(paths.ROOT)
+    note = (
+        f"serve: model control, shared memory, trace and logging need the admin secret in "
+        f"{secret} (readable by its owner only), sent as header '{access().ADMIN_HEADER}' "
+        f"(gRPC: '{access().GRPC_HEADER_PREFIX}{access().ADMIN_HEADER}'), at {where}, e.g.\n"
+        f'  curl -s -X POST -H "{access().ADMIN_HEADER}: $(cat {secret})" '
+        f"http://{members[0].http_url}/v2/repository/index"
+    )
+    if members[0].api_key:
+        note += (
+            f"\nserve: inference needs the API key (from ${access().API_KEY_VARIABLE} or "
+            f"${access().API_KEY_FILE_VARIABLE}), sent as header '{access().API_KEY_HEADER}'"
+        )
+    return note
 
 
 def sample_request(settings: Settings, url: str) -> None:
@@ -79,6 +113,8 @@ def serve_foreground(settings: Settings) -> None:
     try:
         server.start()
         ready.set()
+        if note := access_note(server):
+            print(note, flush=True)
         if settings.storage.poll:
             watchers = watch(settings, server, baseline)
         sample_request(settings, server.http_url)
@@ -137,19 +173,20 @@ def watch(settings: Settings, server, baseline: dict) -> list:
     location = settings.storage.location
     print(f"serve: polling {location} every {settings.storage.poll:g} s", flush=True)
     if isinstance(server, ReplicaSet):
-        watched = [(m.http_url, server.supervisor_of(i)) for i, m in enumerate(server.members)]
+        watched = [(m, server.supervisor_of(i)) for i, m in enumerate(server.members)]
     else:
-        watched = [(server.http_url, getattr(server, "supervisor", None))]
+        watched = [(server, getattr(server, "supervisor", None))]
     return [
         RepositoryWatcher(
-            url,
+            member.http_url,
             storage.manifest_reader(location),
             settings.storage.poll,
             baseline,
             log=lambda m: print(m, flush=True),
             supervisor=supervisor,
+            headers=member.admin_headers,
         ).start()
-        for url, supervisor in watched
+        for member, supervisor in watched
     ]
 
 

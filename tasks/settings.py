@@ -71,6 +71,19 @@ class Endpoints:
     metrics_port: int = default("metrics_port")
     openai_port: int = default("openai_port")  # 0: no OpenAI API
     replicas: int = default("replicas")
+    max_body_mb: int = default("max_body_mb")
+
+    @property
+    def faces_network(self) -> bool:
+        """Whether `host` is reachable from other machines (anything but loopback)."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
 
     def __post_init__(self) -> None:
         _check_fields(self)

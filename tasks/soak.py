@@ -122,10 +122,13 @@ def worker(number: int, server, found: list[Deployment], plan, record: Record, s
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
+    from tasks.server import authorize
+
     protocol = "grpc" if number % 2 == 0 else "http"
     module = grpcclient if protocol == "grpc" else httpclient
     url = server.grpc_url if protocol == "grpc" else server.http_url
     client = module.InferenceServerClient(url)
+    authorize(client, protocol)
     index = number
     try:
         while not stop.is_set():

@@ -300,6 +300,14 @@ VARIABLES: dict[str, Variable] = {
             "[Replicas](#replicas)",
         ),
         Variable(
+            "max_body_mb",
+            "4",
+            _whole_in(1, 1024),
+            "nginx in front (`replicas=N`, or a `host` that is not loopback): the largest "
+            "request body passed on, in MB (a larger one gets 413); 4 holds a batch of 32 "
+            "texts of 512 tokens many times over",
+        ),
+        Variable(
             "repo",
             "models/",
             _repository,

@@ -55,7 +55,7 @@ def test_soak_refuses_replicas_at_once():
 def test_the_config_lists_every_replica_in_both_upstreams_and_never_resends_a_taken_request():
     replicas = [{"http": "127.0.0.1:1001", "grpc": "127.0.0.1:1002"}]
     replicas.append({"http": "127.0.0.1:2001", "grpc": "127.0.0.1:2002"})
-    config = NginxBalancer("127.0.0.1", 8000, 8001, replicas).config()
+    config = NginxBalancer("127.0.0.1", 8000, 8001, replicas, 4).config()
     for address in ("1001", "1002", "2001", "2002"):
         assert f"server 127.0.0.1:{address} max_fails=1 fail_timeout=5s;" in config
     assert "listen 127.0.0.1:8001 http2;" in config and "listen 127.0.0.1:8000;" in config
@@ -70,7 +70,7 @@ def test_the_config_lists_every_replica_in_both_upstreams_and_never_resends_a_ta
 @needs_nginx
 def test_with_no_replica_up_the_balancer_answers_502_and_stops_leaving_nothing():
     dead = [{"http": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}"}]
-    balancer = NginxBalancer("127.0.0.1", *two_ports(), dead * 2).start()
+    balancer = NginxBalancer("127.0.0.1", *two_ports(), dead * 2, 4).start()
     workdir = balancer._workdir
     try:
         assert balancer.running and nginx_pids(balancer)
@@ -89,7 +89,7 @@ def test_a_balancer_on_a_taken_port_is_refused_before_nginx_starts():
     http, grpc = two_ports()
     taken = rf"port {http} \(http\) is already in use"
     with _listening(http), pytest.raises(ServerError, match=taken):
-        NginxBalancer("127.0.0.1", http, grpc, []).start()
+        NginxBalancer("127.0.0.1", http, grpc, [], 4).start()
 
 
 class _listening:
@@ -122,7 +122,7 @@ def test_a_killed_replica_is_restarted_while_the_other_answers(identity_repo, tm
         )
 
     lines: list[str] = []
-    replicas = ReplicaSet(2, replica, "127.0.0.1", *two_ports(), log=lines.append).start()
+    replicas = ReplicaSet(2, replica, "127.0.0.1", *two_ports(), 4, log=lines.append).start()
     value = np.array([[1.0, 2.0]], dtype=np.float32)
     try:
         first = replicas.members[0]

@@ -223,13 +223,16 @@ def test_stop_leaves_nothing_behind_and_frees_the_ports(identity_repo, tmp_path)
 def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
     identity_repo, tmp_path
 ):
-    """`supervisor.py -- tritonserver ...` (the server image's command): it adds the flags a
-    reload needs, reloads a model whose stub was killed, passes SIGTERM on, exits as the
-    server does."""
+    """`supervisor.py --admin-key-file F -- tritonserver ...` (the server image's command): it
+    adds the flags a reload needs, closes model control behind the secret in F (and reloads
+    with it), reloads a model whose stub was killed, passes SIGTERM on, exits as the server
+    does."""
     import os
     import signal
     import subprocess
     import time
+    import urllib.error
+    import urllib.request
 
     from tasks import paths
     from tasks.server import http_ready, supervision
@@ -239,10 +242,13 @@ def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
     backend_dir = prepare_backend_dir(tmp_path / "backends", install)
     http, grpc, metrics = free_port(), free_port(), free_port()
     prefix = f"llm_in_triton_entry_{os.getpid()}_"
+    secret = tmp_path / "admin-key"
+    secret.write_text("the-admin-secret\n")
+    secret.chmod(0o600)
     command = [
         sys.executable,
         str(paths.runtime_file("supervisor", "supervisor.py")),
-        "--url", f"127.0.0.1:{http}", "--shm-prefix", prefix, "--",
+        "--url", f"127.0.0.1:{http}", "--shm-prefix", prefix, "--admin-key-file", str(secret), "--",
         str(install.server), f"--model-repository={identity_repo}",
         f"--backend-directory={backend_dir}",
         f"--backend-config=python,shm-region-prefix-name={prefix}",
@@ -256,6 +262,13 @@ def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
         while not http_ready(f"127.0.0.1:{http}", "identity"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+        unload = f"http://127.0.0.1:{http}/v2/repository/models/identity/unload"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(unload, data=b"{}"), timeout=10)
+        assert refused.value.code == 403
+        shown = [" ".join(argv) for argv in live_processes().values()]
+        assert any("@ADMIN_KEY@" in line for line in shown)  # the server, its placeholder only
+        assert not any("the-admin-secret" in line for line in shown)
         pids = list(supervision().stubs(prefix))
         assert pids
         os.kill(pids[0], signal.SIGKILL)

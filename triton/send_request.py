@@ -8,13 +8,17 @@
 
 Texts come from -t (repeatable), --file (one per line) or stdin. With several inputs
 (-i A:B) consecutive texts fill A, B, A, B...: each batch item takes one text per input.
+A server that requires an API key gets it from $LLM_IN_TRITON_API_KEY or the file named by
+$LLM_IN_TRITON_API_KEY_FILE (never an argument: `ps` shows those to everyone).
 Runs against any Triton server; imports nothing from the build.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -113,6 +117,7 @@ class Client:
         self.protocol, self.module, self.timeout = protocol, module, timeout
         kwargs = {} if protocol == "grpc" else {"network_timeout": timeout}
         self.client = module.InferenceServerClient(url, **kwargs)
+        access().authorize(self.client, protocol)
 
     def metadata(self, model: str) -> dict:
         if self.protocol == "grpc":
@@ -174,6 +179,15 @@ class Client:
 
     def close(self) -> None:
         self.client.close()
+
+
+def access():
+    """triton/supervisor/access.py (the API key's header), loaded by path: no package here."""
+    path = Path(__file__).resolve().parent / "supervisor" / "access.py"
+    spec = importlib.util.spec_from_file_location("llm_in_triton_access", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_arrays(texts: list[str], inputs: list[dict], batch_size: int | None) -> dict:

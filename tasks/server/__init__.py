@@ -17,7 +17,13 @@ from tasks import paths, storage
 from tasks.errors import ServerError
 from tasks.server.balancer import NginxBalancer, ReplicaSet, find_nginx
 from tasks.server.docker import DockerTritonServer
-from tasks.server.embedded import EmbeddedTritonServer, stub_pids, supervision
+from tasks.server.embedded import (
+    EmbeddedTritonServer,
+    access,
+    access_errors,
+    stub_pids,
+    supervision,
+)
 from tasks.server.install import (
     STUB_NAME,
     find_tritonserver,
@@ -39,6 +45,8 @@ __all__ = [
     "ReplicaSet",
     "RepositoryWatcher",
     "Server",
+    "access",
+    "authorize",
     "find_nginx",
     "find_tritonserver",
     "free_port",
@@ -75,7 +83,13 @@ def make_server(
     endpoints: Endpoints, log_file: Path | None = None, repo: str | None = None
 ) -> Server:
     """The server `server=` names, on models/ (or `repo=`: a folder, or s3://BUCKET/PREFIX
-    with the AWS variables' endpoint and credentials) and the endpoints' ports."""
+    with the AWS variables' endpoint and credentials) and the endpoints' ports.
+
+    Every embedded server closes its admin protocols behind the admin secret in
+    .secrets/admin-key (made on first use), and inference behind the API key when the
+    environment gives one. The bundled 2.51 predates NVIDIA's August 2025 fixes, so it never
+    faces a network itself: with `replicas=N`, or a `host` that is not loopback, it listens on
+    loopback behind nginx, which refuses the admin paths."""
     if endpoints.server == "docker":
         if repo is not None and storage.s3_location(repo) is not None:
             raise ServerError(
@@ -84,6 +98,8 @@ def make_server(
         return DockerTritonServer(endpoints)
     repository, environment = storage.served_repository(repo) if repo else (paths.MODELS, {})
     log_file = log_file or paths.SERVER_LOG
+    with access_errors():
+        api_key = access().api_key_from_environment()
 
     def embedded(log: Path, host: str, ports: dict) -> EmbeddedTritonServer:
         return EmbeddedTritonServer(
@@ -92,9 +108,11 @@ def make_server(
             host=host,
             **{f"{kind}_port": port for kind, port in ports.items()},
             log_file=log,
+            admin_key_file=paths.ADMIN_KEY,
+            api_key=api_key,
         )
 
-    if endpoints.replicas == 1:
+    if endpoints.replicas == 1 and not endpoints.faces_network:
         ports = {
             "http": endpoints.http_port,
             "grpc": endpoints.grpc_port,
@@ -103,9 +121,22 @@ def make_server(
         return embedded(log_file, endpoints.host, ports)
 
     def replica(index: int, ports: dict | None) -> EmbeddedTritonServer:
-        log = log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}")
+        log = log_file
+        if endpoints.replicas > 1:
+            log = log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}")
         return embedded(log, "127.0.0.1", ports or {})  # loopback: only nginx reaches it
 
     return ReplicaSet(
-        endpoints.replicas, replica, endpoints.host, endpoints.http_port, endpoints.grpc_port
+        endpoints.replicas,
+        replica,
+        endpoints.host,
+        endpoints.http_port,
+        endpoints.grpc_port,
+        endpoints.max_body_mb,
     )
+
+
+def authorize(client, protocol: str) -> None:
+    """Make a tritonclient send the API key the environment gives, if any (bench, soak)."""
+    with access_errors():
+        access().authorize(client, protocol)

@@ -1,4 +1,5 @@
 """`replicas=N`: N embedded servers on one repository behind nginx, as one `Server`.
+One replica behind nginx is how a server faces a network (a `host` that is not loopback).
 
 `ReplicaSet` starts the replicas on free loopback ports, one after another, then an
 `NginxBalancer` on the ports users know (HTTP and gRPC upstreams, templates/nginx.conf.j2).
@@ -33,8 +34,24 @@ BALANCER = {  # the template's settings
     "keepalive": 32,  # idle connections kept to each upstream, per protocol
     "connect_timeout_s": 2,
     "read_timeout_s": 300,  # a long generation, or a stream, between two messages
-    "max_body_mb": 64,
 }
+# Triton's admin protocols, refused at nginx whatever the headers: model control (a load can
+# carry code), shared memory, trace and log settings. Operators use a replica's loopback port.
+ADMIN_HTTP_PATHS = r"^/v2/(repository|systemsharedmemory|cudasharedmemory|trace|logging)(/|$)"
+ADMIN_HTTP_MODEL_PATHS = r"^/v2/models/[^/]+(/versions/[^/]+)?/trace(/|$)"
+ADMIN_GRPC_METHODS = (
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+)
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 15.0  # SIGQUIT lets nginx finish what is in flight; SIGKILL after this
 CHECK_INTERVAL = 0.5  # seconds between looks at the replicas
@@ -54,9 +71,12 @@ def find_nginx() -> str:
 class NginxBalancer(Listening):
     """nginx in a folder of its own (config, pid, log, temp files), in the foreground."""
 
-    def __init__(self, host: str, http_port: int, grpc_port: int, replicas: list[dict]) -> None:
+    def __init__(
+        self, host: str, http_port: int, grpc_port: int, replicas: list[dict], max_body_mb: int
+    ) -> None:
         self.host, self.ports = host, {"http": http_port, "grpc": grpc_port}
         self.replicas = replicas  # [{"http": "127.0.0.1:PORT", "grpc": "127.0.0.1:PORT"}]
+        self.max_body_mb = max_body_mb
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
 
@@ -67,7 +87,14 @@ class NginxBalancer(Listening):
     def config(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6, as nginx writes it
         listen = {kind: f"{host}:{port}" for kind, port in self.ports.items()}
-        context = {**BALANCER, "listen": listen, "replicas": self.replicas}
+        context = {
+            **BALANCER,
+            "listen": listen,
+            "replicas": self.replicas,
+            "max_body_mb": self.max_body_mb,
+            "admin_http_paths": [ADMIN_HTTP_PATHS, ADMIN_HTTP_MODEL_PATHS],
+            "admin_grpc_methods": "|".join(ADMIN_GRPC_METHODS),
+        }
         return artifacts.render_template(paths.NGINX_TEMPLATE, context)
 
     def start(self) -> NginxBalancer:
@@ -148,9 +175,11 @@ class ReplicaSet(Listening):
         host: str,
         http_port: int,
         grpc_port: int,
+        max_body_mb: int,
         log=print,
     ) -> None:
         self.count, self.make_replica, self.log = count, make_replica, log
+        self.max_body_mb = max_body_mb
         self.members: list = []
         self.restarts: list[dict] = []  # replica, pid, seconds to ready
         self.balancer: NginxBalancer | None = None
@@ -176,7 +205,7 @@ class ReplicaSet(Listening):
                 self.members.append(self.make_replica(index, None).start())
             upstreams = [{"http": m.http_url, "grpc": m.grpc_url} for m in self.members]
             self.balancer = NginxBalancer(
-                self.host, self.ports["http"], self.ports["grpc"], upstreams
+                self.host, self.ports["http"], self.ports["grpc"], upstreams, self.max_body_mb
             ).start()
         except BaseException:
             self.stop()
@@ -186,10 +215,19 @@ class ReplicaSet(Listening):
                 f"replicas: replica {index + 1}: pid {member.pid}, HTTP {member.http_url}, "
                 f"gRPC {member.grpc_url}, metrics {member.metrics_url}/metrics"
             )
-        self.log(
-            f"replicas: nginx balances {self.count} replicas on HTTP {self.http_url} and gRPC "
-            f"{self.grpc_url}; one that exits is restarted"
-        )
+        if self.count == 1:
+            self.log(
+                f"nginx: in front on HTTP {self.http_url} and gRPC {self.grpc_url}, since "
+                f"{self.host} faces a network and tritonserver 2.51 predates NVIDIA's August "
+                f"2025 fixes: it refuses the admin paths, bounds bodies to {self.max_body_mb} "
+                "MB and passes none on chunked; the server is restarted if it exits"
+            )
+        else:
+            self.log(
+                f"replicas: nginx balances {self.count} replicas on HTTP {self.http_url} and "
+                f"gRPC {self.grpc_url}; one that exits is restarted; it refuses the admin "
+                f"paths, bounds bodies to {self.max_body_mb} MB, passes none on chunked"
+            )
         self._thread = threading.Thread(target=self._keep_up, name="replicas", daemon=True)
         self._thread.start()
         return self

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tasks import artifacts
+from tasks import artifacts, paths
 from tasks.errors import ServerError
 from tasks.server.install import (
     find_tritonserver,
@@ -53,6 +53,21 @@ def supervision():
     return artifacts.load_runtime("supervisor", "supervisor.py")
 
 
+@functools.cache
+def access():
+    """triton/supervisor/access.py: the admin secret and API key on Triton's restricted APIs."""
+    return artifacts.load_runtime("supervisor", "access.py")
+
+
+@contextlib.contextmanager
+def access_errors():
+    """access.py's errors (a secret that cannot be made, read or put in place) as ours."""
+    try:
+        yield
+    except access().AccessError as err:
+        raise ServerError(str(err)) from None
+
+
 def stub_pids(shm_prefix: str) -> list[int]:
     """Live python backend stubs of the server whose shm regions start with `shm_prefix`."""
     return list(supervision().stubs(shm_prefix))
@@ -71,6 +86,10 @@ class EmbeddedTritonServer(Listening):
     `model_repository` is a local folder, or a repository URL tritonserver reads itself
     (`s3://[host:port/]bucket/prefix`); `environment` adds variables for the server (the
     AWS credentials of a bucket).
+
+    Model control, shared memory, trace and log settings need the admin secret (the header
+    `access().ADMIN_HEADER`): the one in `admin_key_file`, or a fresh one for this server
+    (`admin_key`). With `api_key`, inference needs that key too (triton/supervisor/access.py).
     """
 
     def __init__(
@@ -87,7 +106,17 @@ class EmbeddedTritonServer(Listening):
         supervise: bool = True,
         quiet: bool = False,
         environment: Mapping[str, str] | None = None,
+        admin_key_file: Path | None = None,
+        api_key: str | None = None,
     ) -> None:
+        self.admin_key_file = Path(admin_key_file) if admin_key_file else None
+        with access_errors():  # a file is made on first use: `doit serve` keeps its own
+            self.admin_key = (
+                access().ensure_secret(self.admin_key_file)
+                if admin_key_file
+                else access().new_secret()
+            )
+        self.api_key = api_key
         self.model_repository = repository_argument(model_repository)
         self.environment = dict(environment or {})
         self.host = host
@@ -152,18 +181,23 @@ class EmbeddedTritonServer(Listening):
         check_ports_free(self.host, self.ports)
         install = find_tritonserver()
         env = {**server_environment(), **self.environment}
-        preflight_stub(install.stub, env)
+        preflight_stub(install.stub, env)  # without the secrets' library: the stub is no server
         self._echo(f"tritonserver: starting on {self.model_repository} (log: {self.log_path})")
         started = time.monotonic()
         try:
             self._workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-serve-"))
             backend_dir = prepare_backend_dir(self._workdir / "backends", install)
+            with access_errors():
+                env.update(self._secret_environment())
             process = self._launch(install.server, backend_dir, env)
             self._wait_until_ready(process)
+            with access_errors():
+                access().verify(self.http_url, self.admin_key)
             if self.supervise:
-                self.supervisor = (
-                    supervision().Supervisor(self.http_url, self.shm_prefix, log=self._echo).start()
+                supervisor = supervision().Supervisor(
+                    self.http_url, self.shm_prefix, log=self._echo, headers=self.admin_headers
                 )
+                self.supervisor = supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -172,6 +206,22 @@ class EmbeddedTritonServer(Listening):
             f"HTTP {self.http_url}, gRPC {self.grpc_url}, metrics {self.metrics_url}/metrics"
         )
         return self
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open model control on this server (for our own callers)."""
+        return access().http_headers(admin=self.admin_key)
+
+    def _secret_environment(self) -> dict[str, str]:
+        """The variables that put the secrets in place of their placeholders (secret_args.c),
+        from files in this server's private folder unless given."""
+        secrets = {"admin": self.admin_key_file}
+        if secrets["admin"] is None:
+            secrets["admin"] = access().write_secret(self._workdir / "admin-key", self.admin_key)
+        if self.api_key is not None:
+            secrets["api_key"] = access().write_secret(self._workdir / "api-key", self.api_key)
+        library = access().build_library(paths.SECRET_ARGS_BUILD)
+        return access().launch_environment(library, secrets)
 
     def stop(self) -> None:
         """Stop the server and clean up after it. Idempotent and safe from a signal handler:
@@ -204,6 +254,7 @@ class EmbeddedTritonServer(Listening):
             command += [f"--{kind}-address={self.host}", f"--{kind}-port={port}"]
         if self.supervise:
             command += supervision().SERVER_ARGS
+        command += access().server_arguments(api_key=self.api_key is not None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self._terminated = False

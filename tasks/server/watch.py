@@ -44,8 +44,10 @@ class RepositoryWatcher:
         baseline: dict,
         log=print,
         supervisor=None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.url = url if "://" in url else f"http://{url}"
+        self.headers = dict(headers or {})  # the admin secret's: model control is restricted
         self.read_manifest, self.interval, self.log = read_manifest, interval, log
         self.seen = model_states(baseline)  # what the server loaded at start
         self.supervisor = supervisor
@@ -56,7 +58,9 @@ class RepositoryWatcher:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _post(self, route: str) -> None:
-        request = urllib.request.Request(f"{self.url}{route}", data=b"{}", method="POST")
+        request = urllib.request.Request(
+            f"{self.url}{route}", data=b"{}", method="POST", headers=self.headers
+        )
         with self._opener.open(request, timeout=LOAD_TIMEOUT) as reply:
             reply.read()
 

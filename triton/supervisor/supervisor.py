@@ -15,7 +15,12 @@ The server must run with --model-control-mode=explicit --load-model=* --strict-r
 Imports only the standard library. It runs as a thread beside `doit serve`; in a container it
 starts the server itself and watches it (signals are passed on, its exit code is the server's):
 
-    python3 supervisor.py [--url http://127.0.0.1:8000] [--interval 0.5] -- tritonserver ...
+    python3 supervisor.py [--url http://127.0.0.1:8000] [--interval 0.5] \
+        [--admin-key-file FILE] [--api-key-file FILE] -- tritonserver ...
+
+There the server's admin protocols are closed behind the secret in --admin-key-file (a fresh
+one no one else knows when none is given), and inference behind --api-key-file's key when that
+file exists (access.py: the values never go on the command line).
 
 or watches a server started otherwise (a sidecar sharing the pod's process namespace):
 
@@ -88,8 +93,16 @@ def stubs(shm_prefix: str = "") -> dict[int, str]:
 class Supervisor:
     """Watches one server's stubs and reloads the models that lost one (see the module)."""
 
-    def __init__(self, url: str, shm_prefix: str = "", log=print, interval: float = INTERVAL):
+    def __init__(
+        self,
+        url: str,
+        shm_prefix: str = "",
+        log=print,
+        interval: float = INTERVAL,
+        headers: dict[str, str] | None = None,
+    ):
         self.url = url if "://" in url else f"http://{url}"
+        self.headers = dict(headers or {})  # the admin secret's: model control is restricted
         self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
         self.expected: dict[str, int] = {}  # ready model -> stubs it runs (0: not python)
         self.retry_at: dict[str, float] = {}  # model whose reload failed -> when to try again
@@ -102,7 +115,9 @@ class Supervisor:
 
     # -- the server's repository API
     def _post(self, route: str, timeout: float = 5.0) -> bytes:
-        request = urllib.request.Request(f"{self.url}{route}", data=b"{}", method="POST")
+        request = urllib.request.Request(
+            f"{self.url}{route}", data=b"{}", method="POST", headers=self.headers
+        )
         with self._opener.open(request, timeout=timeout) as reply:
             return reply.read()
 
@@ -203,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP URL")
     parser.add_argument("--shm-prefix", default="", help="the server's shm-region-prefix-name")
     parser.add_argument("--interval", type=float, default=INTERVAL, help="seconds between looks")
+    parser.add_argument("--admin-key-file", help="the admin secret, e.g. a mounted Secret")
+    parser.add_argument("--api-key-file", help="the clients' API key; a missing file: none")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     supervisor = Supervisor(args.url, args.shm_prefix, interval=args.interval)
 
@@ -211,22 +228,67 @@ def main(argv: list[str] | None = None) -> int:
 
     supervisor.log = log
     if not command:
+        if args.admin_key_file:
+            supervisor.headers = access().http_headers(access().read_secret(args.admin_key_file))
         log(f"supervisor: watching the python-backend stubs of {supervisor.url}")
         with contextlib.suppress(KeyboardInterrupt):
             supervisor.run()
         return 0
-    return run_server(supervisor, command, log)
+    return run_server(supervisor, command, log, args.admin_key_file, args.api_key_file)
 
 
-def run_server(supervisor: Supervisor, command: list[str], log) -> int:
-    """Start the server, watch its stubs until it exits, pass SIGTERM and SIGINT on."""
+def access():
+    """access.py beside this file: the admin secret and the API key (no package here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "llm_in_triton_access", Path(__file__).with_name("access.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def locked_launch(command: list[str], admin_key_file, api_key_file, workdir: Path):
+    """The server's command and environment with its admin protocols closed behind the secret
+    (and inference behind the API key), and the admin headers for our own calls."""
+    import os
+
+    guard = access()
+    files = {"admin": Path(admin_key_file) if admin_key_file else workdir / "admin-key"}
+    if not admin_key_file:
+        guard.write_secret(files["admin"])  # no one can use model control from outside
+    if api_key_file and Path(api_key_file).exists():
+        files["api_key"] = Path(api_key_file)
+        guard.read_secret(files["api_key"])  # refused now if unreadable or open to others
+    shipped = Path(__file__).with_name("secret_args.so")  # built into the server image
+    library = shipped if shipped.is_file() else guard.build_library(workdir)
+    environment = {**os.environ, **guard.launch_environment(library, files)}
+    command = [*command, *guard.server_arguments(api_key="api_key" in files)]
+    return command, environment, guard.http_headers(admin=guard.read_secret(files["admin"]))
+
+
+def run_server(
+    supervisor: Supervisor, command: list[str], log, admin_key_file=None, api_key_file=None
+) -> int:
+    """Start the server locked (access.py), watch its stubs until it exits, pass SIGTERM and
+    SIGINT on."""
     import signal
     import subprocess
+    import tempfile
 
     missing = [a for a in SERVER_ARGS if a.split("=")[0] not in " ".join(command)]
     if missing:
         log(f"supervisor: adding {' '.join(missing)} (needed to reload a model)")
-    server = subprocess.Popen([*command, *missing])
+    workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-"))  # 0700: only we read it
+    command, environment, supervisor.headers = locked_launch(
+        [*command, *missing], admin_key_file, api_key_file, workdir
+    )
+    log(
+        "supervisor: model control, shared memory, trace and logging need the admin secret"
+        + (f" in {admin_key_file}" if admin_key_file else " (none given: a fresh one, unshared)")
+    )
+    server = subprocess.Popen(command, env=environment)
 
     stopping = threading.Event()
 
