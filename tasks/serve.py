@@ -155,7 +155,10 @@ def start_openai_api(settings: Settings, server):
         print("serve: no OpenAI API for a bucket (it reads a repository folder)", flush=True)
         return None
     repository, _ = storage.served_repository(settings.storage.repo)
-    api = OpenAIServer(server.grpc_url, repository, settings.endpoints.host, port).start()
+    endpoints = settings.endpoints
+    api = OpenAIServer(
+        server.grpc_url, repository, endpoints.host, port, max_body_mb=endpoints.max_body_mb
+    ).start()
     print(
         f"serve: OpenAI-compatible API on http://{api.url}/v1 (log {api.log_path}):\n"
         f"  curl -s http://{api.url}/v1/models",

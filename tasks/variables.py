@@ -305,7 +305,8 @@ VARIABLES: dict[str, Variable] = {
             _whole_in(1, 1024),
             "nginx in front (`replicas=N`, or a `host` that is not loopback): the largest "
             "request body passed on, in MB (a larger one gets 413); 4 holds a batch of 32 "
-            "texts of 512 tokens many times over",
+            "texts of 512 tokens many times over; the OpenAI API (`openai_port`) takes no "
+            "larger body either",
         ),
         Variable(
             "repo",

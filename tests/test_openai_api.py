@@ -194,26 +194,35 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(chatting):
     assert "/v1/embeddings serves encode" in err.value.message
     status, body = post(api, "/v1/chat/completions", b'{"model": "chat", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+    too_large = {"Content-Length": str(5 << 20)}  # over max_body_mb=4: refused unread
+    status, body = post(api, "/v1/completions", b"{}", too_large)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
     status, body = post(api, "/v1/completions", b'{"model": "chat", "prompt": "x", "user": "u"}')
     assert status == 200, body  # `user` is accepted and ignored
     assert client(api).chat.completions.create(**good).choices[0].message.content is not None
 
 
-def test_an_api_key_is_required_when_one_is_set(chatting, tmp_path, monkeypatch):
+def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
+    chatting, tmp_path, monkeypatch
+):
+    """A Triton that takes inference with the key only, and the API in front of it: clients
+    need the key as a Bearer token, and the API sends it on."""
     import openai
 
-    from tasks.server import OpenAIServer, free_port
+    from tasks.server import EmbeddedTritonServer, OpenAIServer, free_port
 
-    _, server, _ = chatting
-    monkeypatch.setenv("LLM_IN_TRITON_API_KEY", "sesame")
     models = chatting[0].root / "models"
-    with OpenAIServer(
-        server.grpc_url, models, port=free_port(), log_file=tmp_path / "a.log"
-    ) as api:
+    monkeypatch.setenv("LLM_IN_TRITON_API_KEY", "sesame")  # what the API process inherits
+    log = tmp_path / "api.log"
+    with (
+        EmbeddedTritonServer(models, quiet=True, api_key="sesame") as server,
+        OpenAIServer(server.grpc_url, models, port=free_port(), log_file=log) as api,
+    ):
         with pytest.raises(openai.AuthenticationError) as err:
             client(api, "wrong").models.list()
         assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
-        assert [m.id for m in client(api, "sesame").models.list()] == ["chat"]
+        answer = client(api, "sesame").completions.create(model="chat", prompt="A", max_tokens=2)
+        assert answer.usage.completion_tokens >= 1  # Triton took the key the API sent on
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://{api.url}/health", timeout=10) as reply:  # open to probes
             assert json.loads(reply.read())["deployments"]["chat"]["ready"] is True

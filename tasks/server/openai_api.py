@@ -54,10 +54,11 @@ class OpenAIServer:
         port: int = 9000,
         log_file: Path | None = None,
         log=print,
+        max_body_mb: int = 4,
     ) -> None:
         self.triton_grpc, self.repository = triton_grpc, Path(repository)
         self.host, self.port = host, port
-        self.log = log
+        self.log, self.max_body_mb = log, max_body_mb
         if log_file is None:
             log_file = Path(tempfile.gettempdir()) / "llm-in-triton" / "openai-api.log"
         self.log_path = Path(log_file)
@@ -91,6 +92,8 @@ class OpenAIServer:
             self.host,
             "--port",
             str(self.port),
+            "--max-body-mb",
+            str(self.max_body_mb),
         ]
 
     def _launch(self) -> None:

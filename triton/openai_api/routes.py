@@ -47,8 +47,27 @@ class JSON(JSONResponse):
 class API:
     """The routes' shared state: the repository's deployments and the Triton channel."""
 
-    def __init__(self, repository: Repository, triton: Triton, api_key: str | None) -> None:
+    def __init__(
+        self, repository: Repository, triton: Triton, api_key: str | None, max_body: int
+    ) -> None:
         self.repository, self.triton, self.api_key = repository, triton, api_key
+        self.max_body = max_body
+
+    async def body(self, request: Request) -> dict:
+        """The JSON body, refused (413) beyond `max_body` bytes before it is all read."""
+        declared = request.headers.get("content-length", "")
+        too_large = APIError(
+            413, f"the body is over {self.max_body} bytes", code="request_too_large"
+        )
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_large
+            chunks.append(chunk)
+        return parsing.read_body(b"".join(chunks))
 
     def deployment(self, model: str, tasks: tuple[str, ...], endpoint: str) -> Deployment:
         deployments = self.repository.deployments()
@@ -82,12 +101,12 @@ class API:
         return JSON(body, status_code=200 if healthy else 503)
 
     async def completions(self, request: Request) -> Response:
-        generation = parsing.completion_request(parsing.read_body(await request.body()))
+        generation = parsing.completion_request(await self.body(request))
         deployment = self.deployment(generation.model, GENERATION, "/v1/completions")
         return await self.generate(deployment, list(generation.prompts), generation, chat=False)
 
     async def chat(self, request: Request) -> Response:
-        generation = parsing.chat_request(parsing.read_body(await request.body()))
+        generation = parsing.chat_request(await self.body(request))
         deployment = self.deployment(generation.model, ("causallm",), "/v1/chat/completions")
         if deployment.chat is None:
             why = f"its template does not compile ({deployment.chat_error})"
@@ -107,7 +126,7 @@ class API:
         return await self.generate(deployment, [prompt], generation, chat=True)
 
     async def embeddings(self, request: Request) -> Response:
-        wanted = parsing.embedding_request(parsing.read_body(await request.body()))
+        wanted = parsing.embedding_request(await self.body(request))
         deployment = self.deployment(wanted.model, ("encode",), "/v1/embeddings")
         vectors = await self.batched(deployment, {"TEXT": wanted.inputs}, "EMBEDDING")
         data = []
@@ -123,7 +142,7 @@ class API:
         return JSON({"object": "list", "data": data, "model": deployment.name, "usage": usage})
 
     async def rerank(self, request: Request) -> Response:
-        wanted = parsing.rerank_request(parsing.read_body(await request.body()))
+        wanted = parsing.rerank_request(await self.body(request))
         if wanted.model is None:
             ranked = [d for d in self.repository.deployments().values() if d.task == "rerank"]
             if len(ranked) != 1:

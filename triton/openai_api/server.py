@@ -1,7 +1,7 @@
 """The OpenAI-compatible API in front of a local Triton server: a process of its own.
 
     python triton/openai_api/server.py --triton 127.0.0.1:8001 --repository models \
-        [--host 127.0.0.1] [--port 9000]
+        [--host 127.0.0.1] [--port 9000] [--max-body-mb 4]
 
 Modules beside this file, one job each: parsing (request bodies, 400s naming the field),
 api_errors (OpenAI's error object), chat (the model's chat template, as transformers renders
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", required=True, type=Path, help="the model repository")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--max-body-mb", type=int, default=4, help="larger bodies get 413")
     args = parser.parse_args(argv)
     if not args.repository.is_dir():
         sys.exit(f"openai api: --repository {args.repository} is not a folder")
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     from routes import API, build_app
 
     key = api_key()
-    api = API(Repository(args.repository), Triton(args.triton, key), key)
+    limit = args.max_body_mb << 20
+    api = API(Repository(args.repository), Triton(args.triton, key), key, limit)
     print(
         f"openai api: http://{args.host}:{args.port}/v1 in front of Triton {args.triton} "
         f"({len(api.repository.deployments())} deployments in {args.repository}"
