@@ -178,6 +178,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(chatting):
     with pytest.raises(openai.NotFoundError) as err:
         client(api).chat.completions.create(**{**good, "model": "nope"})
     assert err.value.code == "model_not_found"
+    assert client(api).models.retrieve("chat").task == "causallm"
     cases = {  # field: the request's change
         "temperature": {"temperature": 5},
         "max_tokens": {"max_tokens": 10_000},

@@ -31,6 +31,17 @@ from starlette.routing import Route
 OWNER = "llm-in-triton"
 
 
+def model_card(deployment: Deployment) -> dict:
+    """A deployment as OpenAI's model object, with its task."""
+    return {
+        "id": deployment.name,
+        "object": "model",
+        "created": deployment.created,
+        "owned_by": OWNER,
+        "task": deployment.task,
+    }
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
@@ -81,12 +92,15 @@ class API:
     # --- routes ---------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        data = [
-            {"id": d.name, "object": "model", "created": d.created, "owned_by": OWNER}
-            | {"task": d.task}
-            for d in self.repository.deployments().values()
-        ]
+        data = [model_card(d) for d in self.repository.deployments().values()]
         return JSON({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        deployments = self.repository.deployments()
+        name = request.path_params["model"]
+        if name not in deployments:
+            raise model_not_found(name, list(deployments))
+        return JSON(model_card(deployments[name]))
 
     async def health(self, request: Request) -> Response:
         deployments = self.repository.deployments()
@@ -346,6 +360,7 @@ def build_app(api: API):
 
     routes = [
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
