@@ -2,8 +2,9 @@
 every choice a row), or piece by piece from its streaming model (`choice`: a request per
 choice, so that each can end on its own; in-flight batching puts them together).
 
-`stop` strings go to the model as its STOP input where the model takes one; otherwise the text
-is cut here (`StopCut`, the fallback), on the stream, which is cancelled at the stop.
+`stop` strings go to the model as its STOP input where the model takes one, and the text is
+cut before them here (`StopCut`). FALLBACK for a model without STOP: such requests go through
+the stream, which is cancelled when a stop string shows up.
 """
 
 from __future__ import annotations
@@ -90,11 +91,6 @@ def finish_reason(deployment: Deployment, ids: list[int], wanted: int, stopped: 
     return "length" if len(ids) >= wanted and not ended else "stop"
 
 
-def cut_here(deployment: Deployment, sampling: Sampling, takes: frozenset) -> bool:
-    """FALLBACK needed: stop strings for a model that does not take STOP."""
-    return bool(sampling.stop) and "STOP" not in takes
-
-
 async def whole(
     triton: Triton, deployment: Deployment, rows: list[tuple[str, int]], sampling: Sampling
 ) -> list[Piece]:
@@ -112,16 +108,18 @@ async def whole(
     for (_, index), row in zip(rows, (row for part in found for row in part)):
         ids = [int(i) for i in row if i >= 0]
         text = deployment.tokenizer.decode(ids, skip_special_tokens=True)
-        finish = finish_reason(deployment, ids, wanted, stopped=False)
+        text, stopped = StopCut(sampling.stop).feed(text) if sampling.stop else (text, False)
+        finish = finish_reason(deployment, ids, wanted, stopped)
         pieces.append(Piece(index, text, finish, len(ids)))
     return pieces
 
 
 class StopCut:
-    """FALLBACK for a model without a STOP input: find the stop strings in the text here.
+    """The text ends before the first stop string (OpenAI returns no part of it), whether the
+    model stopped there itself (STOP) or is stopped here (the fallback).
 
     Text that could be the start of a stop string is held back until the next piece says
-    whether it is; at a stop string the text ends there (the string itself is not returned)."""
+    whether it is."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops, self.held = stops, ""
@@ -152,7 +150,7 @@ async def choice(
     complete, so the pieces add up to the decoded ids."""
     wanted = max_tokens(deployment, sampling)
     takes = deployment.stream_inputs
-    cut = StopCut(sampling.stop) if cut_here(deployment, sampling, takes) else None
+    cut = StopCut(sampling.stop) if sampling.stop else None
     decoder, ids, sent, finish = DecodeStream(skip_special_tokens=True), [], "", None
     inputs = model_inputs(deployment, [(prompt, index)], sampling, takes)
     stream = triton.stream(deployment.stream, inputs, wanted=("OUTPUT_IDS",))
@@ -166,7 +164,7 @@ async def choice(
             sent += text
             if cut is not None:
                 text, stopped = cut.feed(text)
-                if stopped:  # the rest of the stream is cancelled (aclose below)
+                if stopped:  # FALLBACK (no STOP input): the stream is cancelled (aclose)
                     finish = "stop"
                     if text:
                         yield Piece(index, text)

@@ -20,7 +20,7 @@ import parsing
 from api_errors import APIError, model_not_found, wrong_task
 from chat import TemplateError
 from deployments import GENERATION, Deployment, Repository
-from generation import Piece, check_limits, choice, cut_here, whole
+from generation import Piece, check_limits, choice, whole
 from inference import Triton
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -200,7 +200,9 @@ class API:
         answer = Answer(deployment.name, chat, sum(counts))
         # (prompt, choice index): OpenAI numbers the n choices of each prompt in turn
         rows = [(p, k * sampling.n + i) for k, p in enumerate(prompts) for i in range(sampling.n)]
-        if not sampling.stream and not cut_here(deployment, sampling, deployment.stream_inputs):
+        # whole answers in one request to the ensemble, unless stop strings need the stream
+        # (the ensemble takes no STOP: the stream model's, or the fallback's cut and cancel)
+        if not sampling.stream and (not sampling.stop or "STOP" in deployment.inputs):
             finals = await whole(self.triton, deployment, rows, sampling)
             return JSON(await answer.whole(finals[0], iterate(finals[1:]), len(rows)))
         streams = [choice(self.triton, deployment, p, sampling, i) for p, i in rows]
