@@ -232,22 +232,38 @@ def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
 # --- slow: more deployments, and `doit serve` ------------------------------------------------
 
 
+def save_cross_encoder(target: Path, minilm_dir: Path) -> Path:
+    """MiniLM with a seeded one-logit head (as tests/test_rerank.py makes it)."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(5)
+    model = BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=1)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.5)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="module")
-def many(tmp_path_factory, chat_dir):
-    """chat, a causal LM without a template (opt), t5 and MiniLM embeddings, one server."""
+def many(tmp_path_factory, minilm_dir):
+    """A causal LM without a template (opt), t5, MiniLM embeddings and a reranker, one server."""
     from tasks.server import EmbeddedTritonServer, OpenAIServer, free_port
 
     root = tmp_path_factory.mktemp("openai-many")
     opt, t5 = (save_generation_model(root / family, family) for family in ("opt", "t5"))
+    cross = save_cross_encoder(root / "cross", minilm_dir)
     project = copy_project(root / "project")
     project.doit("task=causallm", f"model={opt}", "name=plain", *SHAPES)
     project.doit("task=t5", f"model={t5}", "name=t5", *SHAPES)
     project.doit("task=encode", "batch=1,4,8", "seq=1,64,128")
+    project.doit("task=rerank", f"model={cross}", "batch=1,4,8", "seq=1,64,128")
     models = project.root / "models"
     with EmbeddedTritonServer(models, quiet=True) as server:
         api = OpenAIServer(server.grpc_url, models, port=free_port(), log_file=root / "a.log")
         with api:
-            yield api, {"opt": opt, "t5": t5}
+            yield api, {"opt": opt, "t5": t5, "cross": cross}
 
 
 @pytest.mark.slow
@@ -295,6 +311,27 @@ def test_a_model_without_a_chat_template_points_to_completions(many):
     assert "no chat template" in err.value.message and "/v1/completions" in err.value.message
     with pytest.raises(openai.BadRequestError):
         client(api).chat.completions.create(model="t5", messages=MESSAGES, max_tokens=2)
+
+
+@pytest.mark.slow
+def test_rerank_answers_as_text_embeddings_inference_does(many):
+    """TEI's /rerank: scores (CrossEncoder.predict's sigmoid) of each text, best first."""
+    from sentence_transformers import CrossEncoder
+
+    api, dirs = many
+    query = "What does Triton run?"
+    texts = ["Triton runs models on CPUs and GPUs.", "The fox jumps.", "Paris is in France."]
+    status, ranked = post(
+        api, "/rerank", json.dumps({"query": query, "texts": texts, "return_text": True}).encode()
+    )
+    assert status == 200, ranked
+    expected = CrossEncoder(str(dirs["cross"]), device="cpu").predict([(query, t) for t in texts])
+    assert [r["index"] for r in ranked] == list(np.argsort(-expected))
+    for answer in ranked:
+        assert answer["score"] == pytest.approx(float(expected[answer["index"]]), abs=1e-4)
+        assert answer["text"] == texts[answer["index"]]
+    status, body = post(api, "/rerank", json.dumps({"query": query, "texts": []}).encode())
+    assert status == 400 and body["error"]["param"] == "texts"
 
 
 def api_pid(port: int) -> int:
