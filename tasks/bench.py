@@ -26,7 +26,7 @@ import statistics
 import threading
 import time
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, openai_bench, paths
 from tasks.errors import BuildError, fails_cleanly
 from tasks.facts import checkpoint_facts
 from tasks.settings import Settings, current
@@ -520,7 +520,8 @@ def measure(settings: Settings) -> None:
 
             storage.check_published(settings.storage.location)
         server = make_server(endpoints, repo=settings.storage.repo).start()  # docker, replicas
-    systems = {"triton": [], "onnxruntime": [], "onnxruntime_batched": [], "pytorch": []}
+    names = ("triton", "openai", "onnxruntime", "onnxruntime_batched", "pytorch")
+    systems: dict[str, list] = {name: [] for name in names}
     try:
         for protocol, address in (("grpc", grpc_url), ("http", url)):
             if bench.loadgen == "perf_analyzer":
@@ -540,6 +541,9 @@ def measure(settings: Settings) -> None:
                 {"protocol": protocol},
                 setup,
             )
+        systems["openai"] = openai_bench.measure(
+            settings, grpc_url, sweep, texts, new_tokens(settings)
+        )
         overload = overload_point(settings, systems["triton"], grpc_url, texts)
         comparison = compare_against(settings, systems["triton"], grpc_url, url, texts)
     finally:
@@ -636,6 +640,9 @@ def summary(systems: dict, new_tokens_per_request: int = 0) -> dict:
         "triton_vs_pytorch": ratio("pytorch"),
         "p50_ms_at_concurrency_1": single,
     }
+    if systems.get("openai") and best["triton"] and single["triton"] and single["openai"]:
+        found["openai_vs_triton"] = round(best["openai"] / best["triton"], 2)
+        found["openai_added_p50_ms"] = round(single["openai"] - single["triton"], 2)
     if new_tokens_per_request:
         found["best_tokens_per_second"] = {
             name: round(value * new_tokens_per_request, 1)
@@ -681,6 +688,12 @@ def write_reports(name: str, report: dict) -> None:
         lines[-1:-1] = [
             f"{report['settings']['replicas']} replicas behind nginx; restarted while measured: "
             f"{restarted or 'none'}.",
+            "",
+        ]
+    if "openai_vs_triton" in s:  # the OpenAI API in front of the same server
+        lines[-1:-1] = [
+            f"Through the OpenAI API: {s['openai_vs_triton']}x the best Triton throughput, "
+            f"{s['openai_added_p50_ms']} ms added to p50 at concurrency 1 (over gRPC).",
             "",
         ]
     if "best_tokens_per_second" in s:  # generation: requests/s x the new tokens each asks
@@ -754,6 +767,7 @@ def task_bench():
         "pbtxt",  # the tokenizer parameters of the in-process batching
         *(["generation_parity"] if settings.task.generation else []),  # in-process decoding
         *(["perf_analyzer"] if settings.bench.loadgen == "perf_analyzer" else []),
+        "openai_bench",
     ]
     return {
         "actions": [(fails_cleanly(run), [settings])],

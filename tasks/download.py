@@ -147,6 +147,21 @@ def ensure_fast_tokenizer(staged: Path) -> None:
     tokenizer.save_pretrained(staged)
 
 
+def save_chat_template(staged: Path) -> None:
+    """What `apply_chat_template` renders with, as transformers finds it (tokenizer_config.json,
+    chat_template.jinja, ...): the template, or null when the model has none, and the special
+    tokens it sees. The OpenAI API's chat endpoint renders it (triton/openai_api/chat.py)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(staged)
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError:  # no template, or several and no default among them
+        template = None
+    chat = {"chat_template": template, "special_tokens": tokenizer.special_tokens_map}
+    artifacts.write_json(staged / paths.CHAT_FILE, chat)
+
+
 def ensure_task_head(spec: catalog.TaskSpec, staged: Path) -> None:
     """Load the task's model class; save it back if some weights had to be initialised."""
     import torch
@@ -188,6 +203,8 @@ def fetch(settings: Settings) -> None:
         check_shapes_fit_model(settings, config_path, "seq" in command_line())
         ensure_fast_tokenizer(staged)
         ensure_task_head(settings.task, staged)
+        if settings.task.generation == "causal":
+            save_chat_template(staged)
         # Hashes, not sizes: retrained weights of the same shapes must rebuild the export.
         files = {
             str(p.relative_to(staged)): artifacts.sha256(p)
@@ -221,6 +238,7 @@ def task_download():
         paths.source_manifest(settings.name),
         paths.source_config(settings.name),
         paths.source_tokenizer(settings.name),
+        *([paths.source_chat(settings.name)] if settings.task.generation == "causal" else []),
     ]
     yield {
         "name": settings.name,

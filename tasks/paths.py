@@ -78,6 +78,14 @@ def source_tokenizer(name: str) -> Path:
     return source_file(name, "tokenizer.json")
 
 
+CHAT_FILE = "chat.json"  # its name beside the generate model too (triton/openai_api/ reads it)
+
+
+def source_chat(name: str) -> Path:
+    """A causal LM's chat template and the special tokens it renders with (download)."""
+    return source_file(name, CHAT_FILE)
+
+
 def onnx_file(name: str, part: str = "model") -> Path:
     """An exported ONNX file; generation tasks export several parts (encoder, decoders)."""
     return zoo_dir(name) / "onnx" / f"{part}.onnx"

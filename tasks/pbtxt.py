@@ -41,6 +41,7 @@ def render_context(settings: Settings, ios: dict[str, dict], facts: dict) -> dic
     pipeline = generation_pipeline if spec.generation else encoder_pipeline
     return {
         "summary": spec.summary,
+        "task": spec.name,
         "backend": settings.backend,
         "platform": catalog.PLATFORMS.get(settings.backend, ""),
         "model_filename": settings.model_filename,

@@ -6,6 +6,7 @@
     models/<name>_tokenizer/  config.pbtxt, 1/model.py, encoding.py, tokenizer.json
     models/<name>_model/      native backends: config.pbtxt, 1/model.plan | 1/model.onnx
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
+                              (+ chat.json, causal LMs: the chat template)
     models/<name>_stream/     the same files as _generate (the built ones of both are hard
                               links to model_zoo/: no copy on disk), its own config.pbtxt
     models/<name>_encoder/, _decoder/, _decoder_past/   with decoder=models: one exported
@@ -140,6 +141,12 @@ def components(settings: Settings) -> list[Component]:
                 if inline
             ),
             (paths.source_tokenizer(name), "tokenizer.json"),
+            # the chat template, for the OpenAI API's chat endpoint (triton/openai_api/)
+            *(
+                [(paths.source_chat(name), paths.CHAT_FILE)]
+                if settings.task.generation == "causal"
+                else []
+            ),
             *code,
         )
         checks = (paths.parity_report(name),)

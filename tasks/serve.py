@@ -106,7 +106,7 @@ def serve_foreground(settings: Settings) -> None:
         baseline = storage.check_published(location)
     server = make_server(settings.endpoints, repo=settings.storage.repo)
     stop, ready = threading.Event(), threading.Event()
-    watchers = []
+    watchers, api = [], None
 
     def on_signal(*_) -> None:
         stop.set()
@@ -124,6 +124,7 @@ def serve_foreground(settings: Settings) -> None:
         elif settings.storage.poll:
             watchers = watch(settings, server, baseline)
         sample_request(settings, server.http_url)
+        api = start_openai_api(settings, server)
         print(
             f"serve: try it:\n  {example_request(settings, server.http_url)}\n"
             f"  python triton/send_request.py --protocol grpc -u {server.grpc_url} "
@@ -140,9 +141,36 @@ def serve_foreground(settings: Settings) -> None:
         ready.set()
         for watcher in watchers:
             watcher.stop()
+        if api is not None:
+            api.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def start_openai_api(settings: Settings, server):
+    """The OpenAI-compatible API on `openai_port` (0: none), in front of `server`, started
+    again if it exits (tasks/server/openai_api.py); None when there is none."""
+    from tasks import storage
+    from tasks.server import OpenAIServer
+
+    port = settings.endpoints.openai_port
+    if not port:
+        return None
+    if settings.storage.location is not None:
+        print("serve: no OpenAI API for a bucket (it reads a repository folder)", flush=True)
+        return None
+    repository, _ = storage.served_repository(settings.storage.repo)
+    endpoints = settings.endpoints
+    api = OpenAIServer(
+        server.grpc_url, repository, endpoints.host, port, max_body_mb=endpoints.max_body_mb
+    ).start()
+    print(
+        f"serve: OpenAI-compatible API on http://{api.url}/v1 (log {api.log_path}):\n"
+        f"  curl -s http://{api.url}/v1/models",
+        flush=True,
+    )
+    return api
 
 
 def watch(settings: Settings, server, baseline: dict) -> list:

@@ -70,6 +70,7 @@ class Endpoints:
     http_port: int = default("http_port")
     grpc_port: int = default("grpc_port")
     metrics_port: int = default("metrics_port")
+    openai_port: int = default("openai_port")  # 0: no OpenAI API
     replicas: int = default("replicas")
     max_body_mb: int = default("max_body_mb")
 
@@ -97,9 +98,11 @@ class Endpoints:
             "grpc_port": self.grpc_port,
             "metrics_port": self.metrics_port,
         }
-        if len(set(ports.values())) < 3:
+        if self.openai_port:
+            ports["openai_port"] = self.openai_port
+        if len(set(ports.values())) < len(ports):
             given = " ".join(f"{var}={port}" for var, port in ports.items())
-            raise SettingsError(f"{given}: the three ports must differ")
+            raise SettingsError(f"{given}: the ports must differ")
 
 
 @dataclass(frozen=True)

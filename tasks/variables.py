@@ -82,6 +82,10 @@ def _port(var: str, text: str) -> int:
     return int(text)
 
 
+def _port_or_off(var: str, text: str) -> int:
+    return 0 if text == "0" else _port(var, text)
+
+
 def _gpu_ids(var: str, text: str) -> tuple[int, ...]:
     gpus = _wholes_in(0, 63)(var, text) if text else ()
     if len(set(gpus)) != len(gpus):
@@ -327,6 +331,13 @@ VARIABLES: dict[str, Variable] = {
         Variable("grpc_port", "8001", _port, "gRPC port of `doit serve`"),
         Variable("metrics_port", "8002", _port, "metrics port of `doit serve`"),
         Variable(
+            "openai_port",
+            "9000",
+            _port_or_off,
+            "`doit serve`: the OpenAI-compatible API's port (`/v1/chat/completions`, "
+            "`/v1/completions`, `/v1/embeddings`, `/rerank`); `0` turns it off",
+        ),
+        Variable(
             "server",
             "embedded",
             _choice(SERVERS),
@@ -348,7 +359,8 @@ VARIABLES: dict[str, Variable] = {
             _whole_in(1, 1024),
             "nginx in front (`replicas=N`, or a `host` that is not loopback): the largest "
             "request body passed on, in MB (a larger one gets 413); 4 holds a batch of 32 "
-            "texts of 512 tokens many times over",
+            "texts of 512 tokens many times over; the OpenAI API (`openai_port`) takes no "
+            "larger body either",
         ),
         Variable(
             "repo",

@@ -364,7 +364,16 @@ def test_doit_serve_keeps_its_secrets_out_of_ps_logs_and_doit_state(served, tmp_
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "doit", "serve", "task=encode", *SERVED_SHAPES, *variables],
+            [
+                sys.executable,
+                "-m",
+                "doit",
+                "serve",
+                "task=encode",
+                *SERVED_SHAPES,
+                *variables,
+                "openai_port=0",
+            ],
             cwd=project.root,
             env={**os.environ, **OFFLINE_ENV, access().API_KEY_VARIABLE: api_key},
             stdout=log,

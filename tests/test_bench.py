@@ -51,6 +51,10 @@ def test_an_answer_is_good_only_when_complete_and_finite():
     assert not bench.good_answer([np.ones((2, 4))])  # one text sent, one row expected
 
 
+def summary_has_openai(summary: dict) -> bool:
+    return summary["openai_vs_triton"] > 0 and summary["openai_added_p50_ms"] is not None
+
+
 @pytest.mark.server
 def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     run = doit_bench(
@@ -58,7 +62,10 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     )
     assert "bench: triton grpc concurrency 2:" in run.output
     report = json.loads(project.path(paths.bench_report("encode")).read_text())
-    assert set(report["systems"]) == {"triton", "onnxruntime", "onnxruntime_batched", "pytorch"}
+    systems = {"triton", "openai", "onnxruntime", "onnxruntime_batched", "pytorch"}
+    assert set(report["systems"]) == systems
+    assert [p["concurrency"] for p in report["systems"]["openai"]] == [1, 2]  # its API
+    assert summary_has_openai(report["summary"])
     batched = report["systems"]["onnxruntime_batched"]
     assert [p["concurrency"] for p in batched] == [1, 2]  # texts at a time
     summary = report["summary"]
@@ -79,6 +86,7 @@ def test_doit_bench_writes_its_three_reports(project, tiny_roberta_dir):
     assert report["settings"]["serving"]["queue_delay_us"] >= 0
     markdown = project.path(paths.bench_markdown("encode")).read_text()
     assert "| triton | grpc | 1 |" in markdown and "| pytorch | in-process | 1 |" in markdown
+    assert "| openai | http | 1 |" in markdown and "Through the OpenAI API" in markdown
     assert "| onnxruntime_batched | in-process | 2 |" in markdown
     assert project.path(paths.bench_plot("encode")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     project.doit("task=encode", f"model={tiny_roberta_dir}", "seq=1,16,128", "clean")

@@ -261,19 +261,23 @@ def test_the_server_image_installs_what_the_embedded_server_runs_with():
 
 
 def test_the_server_image_installs_what_the_runtime_models_import():
+    """...and what the OpenAI API beside the server imports (triton/openai_api/)."""
     stage = dockerfile_stages()["server"]
-    imports_of = {"cupy-cuda13x": "cupy"}  # distributions whose import name differs
+    imports_of = {"cupy-cuda13x": "cupy", "tritonclient[grpc]": "tritonclient"}
     installed = set(pinned(stage.requirement_files[0])) | {p.split("==")[0] for p in stage.pins}
     installed = {imports_of.get(name, name) for name in installed}
+    api = sorted((paths.TRITON_DIR / "openai_api").glob("*.py"))
     imported = set()
-    for model in paths.TRITON_DIR.glob("*/model.py"):
+    for model in [*paths.TRITON_DIR.glob("*/model.py"), *api]:
         for node in ast.walk(ast.parse(model.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
     ours = {"triton_python_backend_utils", Path(paths.RUNTIME_SHIPPED_AS).stem}  # beside them
-    third_party = imported - set(sys.stdlib_module_names) - ours
+    ours |= {module.stem for module in api}  # the API's modules import each other
+    brought = {"grpc", "google"}  # by tritonclient[grpc]: grpcio, protobuf
+    third_party = imported - set(sys.stdlib_module_names) - ours - brought
     assert third_party == installed, (third_party, installed)
 
 

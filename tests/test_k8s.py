@@ -49,7 +49,7 @@ def test_the_kustomization_lists_every_manifest_once():
 
 
 def test_probes_ask_the_health_routes_on_the_http_port_and_the_service_exposes_every_port():
-    manifests = rendered(http_port="9000", grpc_port="9001", metrics_port="9002")
+    manifests = rendered(http_port="9000", grpc_port="9001", metrics_port="9002", openai_port="0")
     triton = container(manifests)
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}

@@ -44,7 +44,16 @@ def test_while_serve_serves_others_read_build_and_are_served(tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         serving = subprocess.Popen(
-            [sys.executable, "-m", "doit", "serve", "task=encode", *SERVED_SHAPES, *variables],
+            [
+                sys.executable,
+                "-m",
+                "doit",
+                "serve",
+                "task=encode",
+                *SERVED_SHAPES,
+                *variables,
+                "openai_port=0",
+            ],
             cwd=project.root,
             env={**os.environ, **OFFLINE_ENV},
             stdout=log,

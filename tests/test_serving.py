@@ -303,6 +303,7 @@ def start_serve(project, ports: list[int]) -> subprocess.Popen:
             f"http_port={http}",
             f"grpc_port={grpc}",
             f"metrics_port={metrics}",
+            "openai_port=0",  # tests/test_openai_api.py serves the API on ports of its own
             "task=encode",
             *SERVED_SHAPES,
         ],

@@ -4,7 +4,7 @@
 
 Modules: install (the bundled server's files), network (ports, readiness, the wait loop),
 logs (Triton's log lines), embedded, docker, balancer (`replicas=N` behind nginx), watch
-(rolling updates from a published bucket).
+(rolling updates from a published bucket), openai_api (the OpenAI-compatible API's process).
 Standard library only: `doit list` imports this.
 """
 
@@ -32,6 +32,7 @@ from tasks.server.install import (
     server_environment,
 )
 from tasks.server.network import free_port, http_ready, port_is_free
+from tasks.server.openai_api import OpenAIServer
 from tasks.server.watch import RepositoryWatcher, folder_manifest
 from tasks.settings import Endpoints
 
@@ -40,6 +41,7 @@ __all__ = [
     "DockerTritonServer",
     "EmbeddedTritonServer",
     "NginxBalancer",
+    "OpenAIServer",
     "ReplicaSet",
     "RepositoryWatcher",
     "Server",

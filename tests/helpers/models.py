@@ -144,6 +144,28 @@ def save_generation_model(target: Path, family: str, max_positions: int = 128) -
     return target
 
 
+# A chat template of the ChatML kind, with what real ones use: the special tokens, a loop,
+# raise_exception on a bad conversation, and the generation prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_chat_model(target: Path) -> Path:
+    """The tiny GPT-2 with a chat template (in its tokenizer_config.json, as the Hub has it)."""
+    from transformers import AutoTokenizer
+
+    save_generation_model(target, "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+    return target
+
+
 # The crafted NER model's words (MiniLM's uncased vocabulary) and the label each one takes.
 NER_WORDS = {
     "ann": "B-PER",

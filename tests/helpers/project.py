@@ -88,11 +88,14 @@ def copy_project(target: Path) -> Project:
 
 
 def free_ports() -> tuple[tuple[int, int, int], list[str]]:
-    """Three different free ports (HTTP, gRPC, metrics), and the variables giving them to doit."""
+    """Three different free ports (HTTP, gRPC, metrics), and the variables giving them to doit
+    (with a fourth for the OpenAI API)."""
     from tasks.server import free_port
 
-    ports = tuple(sorted({free_port() for _ in range(6)})[:3])
-    return ports, [f"{k}_port={p}" for k, p in zip(("http", "grpc", "metrics"), ports)]
+    found = sorted({free_port() for _ in range(8)})[:4]
+    ports = tuple(found[:3])
+    kinds = ("http", "grpc", "metrics", "openai")
+    return ports, [f"{k}_port={p}" for k, p in zip(kinds, found)]
 
 
 def doit_bench(project, *variables: str, environment=None):

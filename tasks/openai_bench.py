@@ -1,0 +1,72 @@
+"""`doit bench`'s system `openai`: the same requests as the `triton` system, through the
+OpenAI-compatible API (triton/openai_api/) in front of the same server, at each concurrency.
+
+Generation asks `/v1/completions` for the bench's new tokens (greedy, as the triton system);
+encode asks `/v1/embeddings` (base64, what OpenAI's client asks for); rerank asks `/rerank`
+for the one pair. Tasks without an OpenAI endpoint have no `openai` system.
+Standard library only at import (`doit list` imports the bench stage).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tasks.settings import Settings
+
+ROUTES = {"causallm": "/v1/completions", "t5": "/v1/completions"}
+ROUTES |= {"encode": "/v1/embeddings", "rerank": "/rerank"}
+
+
+def body(settings: Settings, text: tuple[str, ...], new_tokens: int) -> dict:
+    task = settings.task.name
+    if task == "encode":
+        return {"model": settings.name, "input": text[0], "encoding_format": "base64"}
+    if task == "rerank":
+        return {"model": settings.name, "query": text[0], "texts": [text[1]]}
+    return {"model": settings.name, "prompt": text[0], "max_tokens": new_tokens}
+
+
+def work(settings: Settings, url: str, new_tokens: int):
+    """(setup, work) for the bench's closed loop: one keep-alive connection per worker."""
+    import http.client
+
+    host, port = url.rsplit(":", 1)
+    route = ROUTES[settings.task.name]
+
+    def setup(state: dict) -> None:
+        state["connection"] = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=300)
+        state["close"] = state["connection"].close
+
+    def request(state: dict, text: tuple[str, ...]) -> bool:
+        connection = state["connection"]
+        payload = json.dumps(body(settings, text, new_tokens))
+        connection.request("POST", route, payload, {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        answer = json.loads(reply.read())
+        return reply.status == 200 and bool(answer)
+
+    return setup, request
+
+
+def measure(settings: Settings, grpc_url: str, sweep, texts: list, new_tokens: int) -> list:
+    """The `openai` system's points: an API started on `openai_port` for the bench (or the
+    one `doit serve` runs there), against the server at `grpc_url`; [] where there is none."""
+    from tasks import storage
+    from tasks.server import OpenAIServer
+    from tasks.server.openai_api import answers
+
+    port, endpoints = settings.endpoints.openai_port, settings.endpoints
+    if settings.task.name not in ROUTES or not port or settings.storage.location is not None:
+        return []
+    repository = storage.served_repository(settings.storage.repo)[0]
+    api = OpenAIServer(grpc_url, repository, endpoints.host, port)
+    started = not answers(api.url)
+    if started:
+        api.start()
+    try:
+        setup, request = work(settings, api.url, new_tokens)
+        levels, seconds = settings.bench.concurrency, settings.bench.seconds
+        return sweep("openai", request, levels, seconds, texts, {"protocol": "http"}, setup)
+    finally:
+        if started:
+            api.stop()

@@ -1,0 +1,425 @@
+"""The OpenAI-compatible API (triton/openai_api/) against a real tritonserver, with the official
+`openai` client: chat and completions equal transformers' apply_chat_template + generate(),
+embeddings equal the model's, errors come with their status, the process is kept alive."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import artifacts
+from tests.helpers.models import CHAT_TEMPLATE, save_chat_model, save_generation_model
+from tests.helpers.project import OFFLINE_ENV, copy_project
+
+pytestmark = pytest.mark.server
+
+SHAPES = ("batch=1,4,8", "seq=1,32,64")
+CHAT_SHAPES = ("batch=1,4,8", "seq=1,64,112")  # a chat prompt is long in a 300-token vocabulary
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "The quick brown fox"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory) -> Path:
+    return save_chat_model(tmp_path_factory.mktemp("chat-gpt2"))
+
+
+@pytest.fixture(scope="module")
+def chatting(tmp_path_factory, chat_dir):
+    """A tiny GPT-2 with a chat template, served by Triton, and the API in front of it."""
+    from tasks.server import EmbeddedTritonServer, OpenAIServer
+
+    project = copy_project(tmp_path_factory.mktemp("openai") / "project")
+    project.doit("task=causallm", f"model={chat_dir}", "name=chat", *CHAT_SHAPES)
+    models = project.root / "models"
+    with EmbeddedTritonServer(models, quiet=True) as server:
+        from tasks.server import free_port
+
+        log = tmp_path_factory.mktemp("api") / "api.log"
+        with OpenAIServer(server.grpc_url, models, port=free_port(), log_file=log) as api:
+            yield project, server, api
+
+
+def client(api, key: str = "unused"):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{api.url}/v1", api_key=key, max_retries=0)
+
+
+def reference(model_dir: Path, messages, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """transformers: the chat template's prompt ids and greedy generate()'s new ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return prompt, out[0, len(prompt) :].tolist()
+
+
+def decode(model_dir: Path, ids: list[int]) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
+
+
+def post(api, route: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """A raw request (what the openai client never sends: a malformed body)."""
+    request = urllib.request.Request(
+        f"http://{api.url}{route}",
+        data=body,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_chat_whole_and_streamed_equal_the_chat_template_and_generate(chatting, chat_dir):
+    _, _, api = chatting
+    prompt, new = reference(chat_dir, MESSAGES, 6)
+    expected = decode(chat_dir, new)
+    answer = client(api).chat.completions.create(model="chat", messages=MESSAGES, max_tokens=6)
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].finish_reason == ("stop" if len(new) < 6 else "length")
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), len(new))
+    assert answer.usage.total_tokens == len(prompt) + len(new)
+
+    chunks = list(
+        client(api).chat.completions.create(
+            model="chat",
+            messages=MESSAGES,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] is not None
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(prompt)
+    assert chunks[-1].usage.completion_tokens == len(new)
+
+
+def test_a_stop_string_ends_the_answer_before_it(chatting, chat_dir):
+    _, _, api = chatting
+    _, new = reference(chat_dir, MESSAGES, 12)
+    text = decode(chat_dir, new)
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip())
+    expected = text[: text.index(stop)]
+    answer = client(api).chat.completions.create(
+        model="chat", messages=MESSAGES, max_tokens=12, stop=[stop, "never seen"]
+    )
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = client(api).completions.create(
+        model="chat",
+        prompt=render(chat_dir),  # the same prompt, as text
+        max_tokens=12,
+        stop=stop,
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def render(model_dir: Path) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+
+
+def test_a_seed_repeats_a_sample_and_n_gives_each_choice_its_own(chatting):
+    _, _, api = chatting
+    ask = dict(model="chat", prompt="The quick brown fox", max_tokens=8, temperature=1.0)
+    once = client(api).completions.create(**ask, seed=7)
+    again = client(api).completions.create(**ask, seed=7)
+    assert once.choices[0].text == again.choices[0].text
+    both = client(api).completions.create(**ask, seed=7, n=2)
+    assert [c.index for c in both.choices] == [0, 1]
+    second = client(api).completions.create(**ask, seed=8)
+    # choice i samples with seed + i
+    assert [c.text for c in both.choices] == [once.choices[0].text, second.choices[0].text]
+    assert both.usage.completion_tokens == (
+        once.usage.completion_tokens + second.usage.completion_tokens
+    )
+    assert both.usage.prompt_tokens == once.usage.prompt_tokens  # a prompt counts once
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(chatting):
+    import openai
+
+    _, _, api = chatting
+    good = dict(model="chat", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as err:
+        client(api).chat.completions.create(**{**good, "model": "nope"})
+    assert err.value.code == "model_not_found"
+    assert client(api).models.retrieve("chat").task == "causallm"
+    cases = {  # field: the request's change
+        "temperature": {"temperature": 5},
+        "max_tokens": {"max_tokens": 10_000},
+        "logprobs": {"logprobs": True},
+        "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        "messages[0].role": {"messages": [{"role": "wizard", "content": "hi"}]},
+    }
+    for field, change in cases.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client(api).chat.completions.create(**{**good, **change})
+        assert err.value.status_code == 400 and err.value.param == field, err.value
+    with pytest.raises(openai.BadRequestError) as err:  # a causal LM makes no embeddings
+        client(api).embeddings.create(model="chat", input="hi")
+    assert "/v1/embeddings serves encode" in err.value.message
+    status, body = post(api, "/v1/chat/completions", b'{"model": "chat", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    too_large = {"Content-Length": str(5 << 20)}  # over max_body_mb=4: refused unread
+    status, body = post(api, "/v1/completions", b"{}", too_large)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = post(api, "/v1/completions", b'{"model": "chat", "prompt": "x", "user": "u"}')
+    assert status == 200, body  # `user` is accepted and ignored
+    assert client(api).chat.completions.create(**good).choices[0].message.content is not None
+
+
+def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
+    chatting, tmp_path, monkeypatch
+):
+    """A Triton that takes inference with the key only, and the API in front of it: clients
+    need the key as a Bearer token, and the API sends it on."""
+    import openai
+
+    from tasks.server import EmbeddedTritonServer, OpenAIServer, free_port
+
+    models = chatting[0].root / "models"
+    monkeypatch.setenv("LLM_IN_TRITON_API_KEY", "sesame")  # what the API process inherits
+    log = tmp_path / "api.log"
+    with (
+        EmbeddedTritonServer(models, quiet=True, api_key="sesame") as server,
+        OpenAIServer(server.grpc_url, models, port=free_port(), log_file=log) as api,
+    ):
+        with pytest.raises(openai.AuthenticationError) as err:
+            client(api, "wrong").models.list()
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        answer = client(api, "sesame").completions.create(model="chat", prompt="A", max_tokens=2)
+        assert answer.usage.completion_tokens >= 1  # Triton took the key the API sent on
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{api.url}/health", timeout=10) as reply:  # open to probes
+            assert json.loads(reply.read())["deployments"]["chat"]["ready"] is True
+
+
+# --- slow: more deployments, and `doit serve` ------------------------------------------------
+
+
+def save_cross_encoder(target: Path, minilm_dir: Path) -> Path:
+    """MiniLM with a seeded one-logit head (as tests/test_rerank.py makes it)."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(5)
+    model = BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=1)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.5)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, minilm_dir):
+    """A causal LM without a template (opt), t5, MiniLM embeddings and a reranker, one server."""
+    from tasks.server import EmbeddedTritonServer, OpenAIServer, free_port
+
+    root = tmp_path_factory.mktemp("openai-many")
+    opt, t5 = (save_generation_model(root / family, family) for family in ("opt", "t5"))
+    cross = save_cross_encoder(root / "cross", minilm_dir)
+    project = copy_project(root / "project")
+    project.doit("task=causallm", f"model={opt}", "name=plain", *SHAPES)
+    project.doit("task=t5", f"model={t5}", "name=t5", *SHAPES)
+    project.doit("task=encode", "batch=1,4,8", "seq=1,64,128")
+    project.doit("task=rerank", f"model={cross}", "batch=1,4,8", "seq=1,64,128")
+    models = project.root / "models"
+    with EmbeddedTritonServer(models, quiet=True) as server:
+        api = OpenAIServer(server.grpc_url, models, port=free_port(), log_file=root / "a.log")
+        with api:
+            yield api, {"opt": opt, "t5": t5, "cross": cross}
+
+
+@pytest.mark.slow
+def test_embeddings_and_t5_completions_equal_their_references(many, minilm_dir):
+    import torch
+    from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    api, dirs = many
+    texts = ["The quick brown fox jumps over the lazy dog.", "東京は日本の首都です。"]
+    answer = client(api).embeddings.create(model="encode", input=texts, encoding_format="float")
+    packed = client(api).embeddings.create(model="encode", input=texts)  # base64, the default
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = AutoModel.from_pretrained(minilm_dir)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    for item, vector in zip(answer.data, expected.numpy()):
+        np.testing.assert_allclose(item.embedding, vector, atol=1e-4)
+    for item, floats in zip(packed.data, answer.data):  # base64: the same float32 values
+        assert item.embedding == floats.embedding
+    body = {"model": "encode", "input": texts, "encoding_format": "base64"}  # the same batch
+    _, raw = post(api, "/v1/embeddings", json.dumps(body).encode())
+    wire = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert wire.tolist() == answer.data[0].embedding  # little-endian float32 bytes
+    assert answer.usage.prompt_tokens == int(batch["attention_mask"].sum())
+
+    t5_tokenizer = AutoTokenizer.from_pretrained(dirs["t5"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(dirs["t5"]).eval()
+    prompt = "The quick brown fox"
+    with torch.no_grad():
+        out = model.generate(**t5_tokenizer(prompt, return_tensors="pt"), max_new_tokens=5)
+    expected_text = t5_tokenizer.decode(out[0], skip_special_tokens=True)
+    done = client(api).completions.create(model="t5", prompt=[prompt, prompt], max_tokens=5)
+    assert [c.text for c in done.choices] == [expected_text, expected_text]
+
+
+@pytest.mark.slow
+def test_a_model_without_a_chat_template_points_to_completions(many):
+    import openai
+
+    api, _ = many
+    with pytest.raises(openai.BadRequestError) as err:
+        client(api).chat.completions.create(model="plain", messages=MESSAGES, max_tokens=2)
+    assert "no chat template" in err.value.message and "/v1/completions" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client(api).chat.completions.create(model="t5", messages=MESSAGES, max_tokens=2)
+
+
+@pytest.mark.slow
+def test_rerank_answers_as_text_embeddings_inference_does(many):
+    """TEI's /rerank: scores (CrossEncoder.predict's sigmoid) of each text, best first."""
+    from sentence_transformers import CrossEncoder
+
+    api, dirs = many
+    query = "What does Triton run?"
+    texts = ["Triton runs models on CPUs and GPUs.", "The fox jumps.", "Paris is in France."]
+    status, ranked = post(
+        api, "/rerank", json.dumps({"query": query, "texts": texts, "return_text": True}).encode()
+    )
+    assert status == 200, ranked
+    expected = CrossEncoder(str(dirs["cross"]), device="cpu").predict([(query, t) for t in texts])
+    assert [r["index"] for r in ranked] == list(np.argsort(-expected))
+    for answer in ranked:
+        assert answer["score"] == pytest.approx(float(expected[answer["index"]]), abs=1e-4)
+        assert answer["text"] == texts[answer["index"]]
+    status, body = post(api, "/rerank", json.dumps({"query": query, "texts": []}).encode())
+    assert status == 400 and body["error"]["param"] == "texts"
+
+
+def api_pid(port: int) -> int:
+    """The API process listening on `port` (its command line names the port)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"openai_api/server.py" in b" ".join(argv) and str(port).encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no API process on port {port}")
+
+
+@pytest.mark.slow
+def test_doit_serve_restarts_the_api_when_it_is_killed(chatting, chat_dir):
+    from tasks.server import free_port
+
+    project, _, _ = chatting
+    ports = sorted({free_port() for _ in range(8)})[:4]
+    names = ("http_port", "grpc_port", "metrics_port", "openai_port")
+    variables = [f"{n}={p}" for n, p in zip(names, ports)]
+    deployment = ["task=causallm", f"model={chat_dir}", "name=chat", *CHAT_SHAPES]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "doit", "serve", *deployment, *variables],
+        cwd=project.root,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen = []
+        while "Ctrl-C stops the server" not in "".join(seen):
+            line = process.stdout.readline()
+            assert line, "".join(seen)
+            seen.append(line)
+        api = type("Api", (), {"url": f"127.0.0.1:{ports[3]}"})
+        assert client(api).models.list().data[0].id == "chat"
+        os.kill(api_pid(ports[3]), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert client(api).models.list().data[0].id == "chat"
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the API did not come back"
+                time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=90)
+    assert process.returncode == 0, rest
+    assert "openai api: back" in rest
+
+
+def test_the_chat_template_renders_as_transformers_does(chat_dir):
+    """Templates with what real ones use, rendered here and by apply_chat_template."""
+    from transformers import AutoTokenizer
+
+    chat = artifacts.load_runtime("openai_api", "chat.py")
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    templates = [
+        CHAT_TEMPLATE,
+        # Llama-2's kind: a system prompt folded into the first turn, alternation enforced
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system = false %}{% endif %}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{% if loop.index0 == 0 and system %}{% set content = '<<SYS>>\\n' + system + "
+        "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+        "{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + "
+        "' [/INST]' }}{% else %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}",
+        # tojson, loop controls and the generation tag
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% generation %}{{ m | tojson }}{% endgeneration %}\n{% endfor %}"
+        "{% if add_generation_prompt %}>>{% endif %}",
+    ]
+    messages = [*MESSAGES, {"role": "assistant", "content": "Jumps é 東京"}, MESSAGES[1]]
+    for template in templates:
+        tokenizer.chat_template = template
+        ours = chat.ChatTemplate(template, tokenizer.special_tokens_map).render(messages)
+        assert ours == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    refused = chat.ChatTemplate(templates[1], tokenizer.special_tokens_map)
+    with pytest.raises(chat.TemplateError, match="must alternate"):
+        refused.render([MESSAGES[1], MESSAGES[1]])
