@@ -216,3 +216,42 @@ def test_the_metrics_count_finished_requests(inflight):
     request(server, "llama", PROMPTS[0], MAX_NEW_TOKENS=2)
     assert outcomes(server, "llama_generate")["finished"] == before + 1
     json.dumps(outcomes(server, "llama_generate"))  # plain numbers
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory, generation_models):
+    """A batch of one row and a queue of one request, waiting at most 30 s."""
+    from tasks.server import EmbeddedTritonServer
+
+    project = copy_project(tmp_path_factory.mktemp("bounded") / "project")
+    model = f"model={generation_models['llama']}"
+    project.doit(
+        "task=causallm", model, "name=llamaq", "batch=1,1,1", "seq=1,32,512", "max_queue=1",
+        "queue_timeout_ms=30000", "decoder=models",
+    )  # fmt: skip
+    with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_past_the_batch_and_the_queue_requests_are_rejected_at_once(bounded):
+    """One row decodes, one request waits, the rest of a burst gets Triton's fast rejection
+    (UNAVAILABLE, "Exceeds maximum queue size"); every accepted request is answered."""
+    from tritonclient.utils import InferenceServerException
+
+    def one():
+        began = time.perf_counter()
+        try:
+            request(bounded, "llamaq", PROMPTS[0], MAX_NEW_TOKENS=100)
+            return "answered", time.perf_counter() - began
+        except InferenceServerException as err:
+            return f"{err.status()} {err.message()}", time.perf_counter() - began
+
+    results = staggered([one] * 6, gap=0.02)
+    answered = [t for what, t in results if what == "answered"]
+    rejected = [t for what, t in results if "Exceeds maximum queue size" in what]
+    assert len(answered) >= 2 and len(rejected) >= 1, results
+    assert all("UNAVAILABLE" in what for what, _ in results if what != "answered"), results
+    assert max(rejected) < min(answered), results  # a rejection comes before any answer
+    # the tokenizer step has a queue of one too: some may be refused there, as fast
+    assert outcomes(bounded, "llamaq_generate").get("rejected", 0) <= len(rejected)

@@ -149,6 +149,12 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.stop()
+        seconds = self.loop.seconds
+        share = seconds["decoding"] / seconds["loop"] if seconds["loop"] else 0.0
+        pb_utils.Logger.log_info(
+            f"generation loop: {self.loop.steps} steps, {share:.0%} of its time in the "
+            f"decoding steps; requests {self.outcomes.counts}"
+        )
 
     def _optional(self, request, name, rows, default, cast):
         tensor = pb_utils.get_input_tensor_by_name(request, name)

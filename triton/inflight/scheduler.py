@@ -84,6 +84,7 @@ class Scheduler:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="inflight", daemon=True)
         self.steps = 0
+        self.seconds = {"decoding": 0.0, "loop": 0.0}  # where the loop's time goes
 
     def start(self) -> Scheduler:
         self.thread.start()
@@ -146,6 +147,13 @@ class Scheduler:
 
     def iterate(self) -> None:
         """One step boundary and one step (see module doc)."""
+        began = time.perf_counter()
+        try:
+            self._iterate()
+        finally:
+            self.seconds["loop"] += time.perf_counter() - began
+
+    def _iterate(self) -> None:
         gone = [job for job in self.running if job.cancelled()]
         for job in gone:
             job.cancel()
@@ -155,7 +163,10 @@ class Scheduler:
         if not self.running:
             return
         rows = [row for job in joining for row in job.rows]
-        for row, logits in self.batch.advance(rows):
+        began = time.perf_counter()
+        advanced = self.batch.advance(rows)
+        self.seconds["decoding"] += time.perf_counter() - began
+        for row, logits in advanced:
             row.pick(logits, self.eos)
         self.steps += 1
         finished = []
