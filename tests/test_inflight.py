@@ -76,3 +76,32 @@ def test_held_back_is_the_longest_end_that_may_begin_a_stop():
     assert detokenizer.held_for_stops("the end is ne", ("near", "never")) == 2
     assert detokenizer.held_for_stops("the end", ("near",)) == 0
     assert detokenizer.held_for_stops("abcab", ("abcabd",)) == 5
+
+
+def test_a_joined_and_left_cache_is_as_long_as_its_longest_row():
+    """The profile arithmetic of the causal batch: rows join with caches of other lengths
+    (left-padded under the mask) and leave (the columns nobody reads are cut), and the cache a
+    step reads is always the longest remaining row's own, never the sum of their histories."""
+    import numpy as np
+
+    batch = load_inflight()["batch"]
+
+    def group(lengths: list[int]):
+        width = max(lengths)
+        mask = np.array([[0] * (width - n) + [1] * n for n in lengths], dtype=np.int64)
+        cache = {"0.key": np.arange(len(lengths) * width, dtype=np.float32).reshape(
+            len(lengths), 1, width, 1
+        )}  # fmt: skip
+        return batch.CausalGroup(list(range(len(lengths))), cache, mask, mask.sum(axis=1))
+
+    running = group([5, 3])
+    running.absorb(group([9]))  # a long prompt joins
+    assert running.width == 9 and running.cache["0.key"].shape == (3, 1, 9, 1)
+    assert running.mask.sum(axis=1).tolist() == [5, 3, 9] == running.positions.tolist()
+    assert (running.cache["0.key"][:2, :, :4] == 0).all()  # the padding the mask hides
+    running.keep([0, 1])  # the long one leaves: back to the longest remaining row
+    assert running.width == 5 and running.mask.sum(axis=1).tolist() == [5, 3]
+    running.keep([1])
+    assert running.width == 3 and running.mask.tolist() == [[1, 1, 1]]
+    running.keep([])
+    assert running.rows == []

@@ -116,39 +116,6 @@ def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generat
             assert tuple(np.min(shapes, axis=0)) == low, (part, name)
 
 
-def test_decoders_return_the_last_positions_logits_only(exported):
-    """Decoding reads one position; the first step's every position would be batch x prompt x
-    vocab floats (3.3 GB for OPT-125M at the defaults)."""
-    for task in CASES:
-        for part in ("decoder_model", "decoder_with_past_model"):
-            io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
-            logits = next(o for o in io["outputs"] if o["name"] == "logits")
-            assert logits["shape"][:2] == ["batch_size", 1], (task, part, logits)
-
-
-def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(
-    exported, generation_models
-):
-    """The step models of decoder=models would still be loaded by Triton after a switch."""
-    common = ("task=t5", f"model={generation_models['t5']}", f"seq={SEQ}")
-    exported.doit(*common, "decoder=models")
-    models = exported.root / "models"
-    assert (models / "t5_decoder_past" / "1" / "model.onnx").is_file()
-    exported.doit(*common)  # back to inline
-    assert sorted(p.name for p in models.iterdir() if p.name.startswith("t5")) == [
-        "t5",
-        "t5_generate",
-        "t5_stream",
-        "t5_tokenizer",
-    ]
-    assert not (exported.root / "model_zoo/t5/pbtxt/decoder_model.pbtxt").exists()
-    exported.doit(*common, "decoder=models")
-    exported.doit("clean", *common)  # with the other decoder's variables: still everything
-    exported.doit("clean", "task=causallm", f"model={generation_models['gpt2']}", f"seq={SEQ}")
-    left = exported.git("status", "--ignored", "--short").split("\n")
-    assert [line for line in left if line and ".doit.db" not in line] == []
-
-
 class LocalJob:
     """A request as the in-flight loop takes it, outside Triton: its rows and its outcome."""
 
@@ -228,3 +195,36 @@ def test_in_flight_steps_stay_in_the_profile_and_each_row_decodes_as_alone(
             for name, shape in feed.items():
                 low, _, high = profile[name]
                 assert all(a <= d <= b for a, d, b in zip(low, shape, high)), (part, name, shape)
+
+
+def test_decoders_return_the_last_positions_logits_only(exported):
+    """Decoding reads one position; the first step's every position would be batch x prompt x
+    vocab floats (3.3 GB for OPT-125M at the defaults)."""
+    for task in CASES:
+        for part in ("decoder_model", "decoder_with_past_model"):
+            io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
+            logits = next(o for o in io["outputs"] if o["name"] == "logits")
+            assert logits["shape"][:2] == ["batch_size", 1], (task, part, logits)
+
+
+def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(
+    exported, generation_models
+):
+    """The step models of decoder=models would still be loaded by Triton after a switch."""
+    common = ("task=t5", f"model={generation_models['t5']}", f"seq={SEQ}")
+    exported.doit(*common, "decoder=models")
+    models = exported.root / "models"
+    assert (models / "t5_decoder_past" / "1" / "model.onnx").is_file()
+    exported.doit(*common)  # back to inline
+    assert sorted(p.name for p in models.iterdir() if p.name.startswith("t5")) == [
+        "t5",
+        "t5_generate",
+        "t5_stream",
+        "t5_tokenizer",
+    ]
+    assert not (exported.root / "model_zoo/t5/pbtxt/decoder_model.pbtxt").exists()
+    exported.doit(*common, "decoder=models")
+    exported.doit("clean", *common)  # with the other decoder's variables: still everything
+    exported.doit("clean", "task=causallm", f"model={generation_models['gpt2']}", f"seq={SEQ}")
+    left = exported.git("status", "--ignored", "--short").split("\n")
+    assert [line for line in left if line and ".doit.db" not in line] == []
