@@ -184,7 +184,7 @@ def test_a_cancelled_stream_leaves_the_batch_counted_and_quietly(inflight):
     assert len(pieces) == 3
     deadline = time.monotonic() + 10
     while outcomes(server, "llamabls_stream").get("cancelled", 0) <= before.get("cancelled", 0):
-        assert time.monotonic() < deadline, "the cancelled stream was never counted"
+        assert time.monotonic() < deadline, (before, outcomes(server, "llamabls_stream"))
         time.sleep(0.05)
     after = outcomes(server, "llamabls_stream")
     assert after.get("finished", 0) == before.get("finished", 0)  # it did not run to its end

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-from llm_in_triton_decoding import LOGITS, PAST, PRESENT
+from llm_in_triton_decoding import run_step
 
 
 def array_module(value):
@@ -33,18 +33,6 @@ def array_module(value):
     if isinstance(value, np.ndarray):
         return np
     return importlib.import_module(type(value).__module__.split(".")[0])
-
-
-def run_step(step, feed: dict, cache: dict) -> np.ndarray:
-    """Run one part: feed it the cache it takes, keep the cache it gives; the last position's
-    logits as numpy [rows, vocab]."""
-    full = {**feed, **{n: cache[n[len(PAST) :]] for n in step.inputs if n.startswith(PAST)}}
-    values = step({n: full[n] for n in step.inputs})
-    for name, value in values.items():
-        if name.startswith(PRESENT):
-            cache[name[len(PRESENT) :]] = value
-    logits = values[LOGITS][:, -1, :]
-    return logits if isinstance(logits, np.ndarray) else logits.get()
 
 
 def pad_left(value, width: int, axis: int):
@@ -211,9 +199,21 @@ class RunningBatch:
     def __len__(self) -> int:
         return sum(len(group.rows) for group in self.groups)
 
-    def advance(self, joining: list) -> list[tuple[object, np.ndarray]]:
-        """One decoding step: the running rows' next logits, then the joining rows' first
-        (their prefill); (row, logits) for every row."""
+    def join(self, joining: list) -> list[tuple[object, np.ndarray]]:
+        """Prefill the joining rows (their first token's logits) and add them to the batch;
+        (row, logits) for each."""
+        if self.kind == "causal":
+            group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
+        else:
+            group, logits = Seq2SeqGroup.prefill(self.steps, joining, self.pad_id, self.start_id)
+        if self.kind == "causal" and self.groups:
+            self.groups[0].absorb(group)
+        else:
+            self.groups.append(group)
+        return list(zip(joining, logits))
+
+    def step(self) -> list[tuple[object, np.ndarray]]:
+        """One decoding step of every row: (row, its next token's logits)."""
         out = []
         for group in self.groups:
             if self.cache_limit and group.width > self.cache_limit:
@@ -221,18 +221,6 @@ class RunningBatch:
                     f"a step would read a cache of {group.width} > the profile's {self.cache_limit}"
                 )
             out += list(zip(group.rows, group.step(self.steps)))
-        if joining:
-            if self.kind == "causal":
-                group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
-            else:
-                group, logits = Seq2SeqGroup.prefill(
-                    self.steps, joining, self.pad_id, self.start_id
-                )
-            out += list(zip(joining, logits))
-            if self.kind == "causal" and self.groups:
-                self.groups[0].absorb(group)
-            else:
-                self.groups.append(group)
         return out
 
     def remove(self, leaving: set) -> None:

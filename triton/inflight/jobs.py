@@ -79,6 +79,7 @@ class Job:
             self._send(self._response(texts, ids), 0)
 
     def finish(self) -> None:
+        self.outcomes.count("finished")  # before the answer: a client that reads it sees it
         if self.streaming:
             self._send(None, FINAL)
         else:
@@ -88,19 +89,20 @@ class Job:
                 ids[index, : len(row.tokens)] = row.tokens
             texts = [["".join(pieces).encode("utf-8")] for pieces in self.pieces]
             self._send(self._response(texts, ids), FINAL)
-        self.outcomes.count("finished")
 
     def cancel(self) -> None:
-        self._send(_error("the request was cancelled", "CANCELLED"), FINAL)
-        self.outcomes.count("cancelled")
+        self._end("cancelled", _error("the request was cancelled", "CANCELLED"))
 
     def reject(self, message: str) -> None:
-        self._send(_error(message, "UNAVAILABLE"), FINAL)
-        self.outcomes.count("rejected")
+        self._end("rejected", _error(message, "UNAVAILABLE"))
 
     def fail(self, message: str) -> None:
-        self._send(_error(message, "INTERNAL"), FINAL)
-        self.outcomes.count("failed")
+        self._end("failed", _error(message, "INTERNAL"))
+
+    def _end(self, outcome: str, response) -> None:
+        if not self.answered:  # counted once, before the answer
+            self.outcomes.count(outcome)
+            self._send(response, FINAL)
 
     @staticmethod
     def _response(texts, ids):

@@ -5,9 +5,10 @@ One thread per model instance keeps decoding. At every step boundary:
 - waiting requests join, first come first served, while the batch has room for all the
   rows of the next one (a request's rows join together; the one that does not fit waits,
   and so do the ones behind it);
-- one decoding step runs for every row (batch.py), each row picks its token with its own
-  parameters and its own random generator (seeded from SEED: a sample does not depend on
-  its batch-mates), and rows that finished leave at once.
+- the joining rows are prefilled and their first token goes out at once; then one decoding
+  step runs for every row (batch.py). Each row picks its token with its own parameters and
+  its own random generator (seeded from SEED: a sample does not depend on its batch-mates),
+  and rows that finished leave at once.
 
 A row alone always fits the profile (the model refuses at the door a prompt and
 MAX_NEW_TOKENS that do not), and a step's cache is never longer than its longest row's own
@@ -160,26 +161,31 @@ class Scheduler:
         self._leave(gone)
         joining = self._admit()
         self.running += joining
-        if not self.running:
-            return
-        rows = [row for job in joining for row in job.rows]
+        if joining:  # their first token goes out before the others' step: a short TTFT
+            rows = [row for job in joining for row in job.rows]
+            self._timed_pick(lambda: self.batch.join(rows), joining)
+        if len(self.batch):
+            self._timed_pick(self.batch.step, self.running)
+
+    def _timed_pick(self, run, jobs: list) -> None:
+        """Run a prefill or a step, let each row pick its token, answer `jobs` (the ones
+        that took part), and drop the rows and jobs that are done."""
         began = time.perf_counter()
-        advanced = self.batch.advance(rows)
+        advanced = run()
         self.seconds["decoding"] += time.perf_counter() - began
         for row, logits in advanced:
             row.pick(logits, self.eos)
         self.steps += 1
         finished = []
-        for job in self.running:
+        for job in jobs:
             job.stepped()
             if all(row.done for row in job.rows):
                 job.finish()
                 finished.append(job)
-        self.batch.remove({row for job in self.running for row in job.rows if row.done})
-        for job in self.running:
-            for row in job.rows:
-                if row.done:
-                    row.rest()
+        done = {row for job in jobs for row in job.rows if row.done}
+        self.batch.remove(done)
+        for row in done:
+            row.rest()
         self.running = [job for job in self.running if job not in finished]
 
     def _leave(self, jobs: list) -> None:
