@@ -67,7 +67,10 @@ class Job:
         self.answered = False
 
     def cancelled(self) -> bool:
-        return self.request.is_cancelled()
+        try:
+            return self.request.is_cancelled()
+        except Exception:  # the request is gone with its client: nobody waits for it
+            return True
 
     def stepped(self) -> None:
         for pieces, row in zip(self.pieces, self.rows):
