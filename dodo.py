@@ -9,6 +9,7 @@
     doit serve replicas=2                two servers behind nginx on the same ports; one
                                          that exits is restarted while the other answers
     doit bench                           measure the served deployment against in-process
+    doit bench_model                     the generation benchmark's random Llama, offline
     doit soak                            minutes of mixed traffic, a stub killed midway
     doit test                            run the test suite (suite=all: the slow tests too)
     doit k8s repo=s3://BUCKET/PREFIX     Kubernetes manifests in k8s/ (kubectl apply -k k8s/)
@@ -31,6 +32,7 @@ from doit.exceptions import InvalidCommand
 
 from tasks import artifacts, paths
 from tasks.bench import task_bench  # noqa: F401
+from tasks.bench_model import task_bench_model  # noqa: F401
 from tasks.download import task_download  # noqa: F401
 from tasks.errors import BuildError
 from tasks.export import task_onnx  # noqa: F401

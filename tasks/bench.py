@@ -22,20 +22,13 @@ from __future__ import annotations
 
 import itertools
 import platform
-import statistics
-import threading
 import time
 
-from tasks import artifacts, catalog, openai_bench, paths
+from tasks import artifacts, catalog, generation_bench, openai_bench, paths
 from tasks.errors import BuildError, fails_cleanly
 from tasks.facts import checkpoint_facts
+from tasks.loadgen import WARMUP_SECONDS, closed_loop, summarize
 from tasks.settings import Settings, current
-
-WARMUP_SECONDS = 1.0
-
-
-# Triton's words for a rejection by a full queue (max_queue) or a queue timeout
-REJECTIONS = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
@@ -73,100 +66,6 @@ def bench_texts(settings: Settings) -> list[tuple[str, ...]]:
 def new_tokens(settings: Settings) -> int:
     """New tokens per request on a generation task, every system alike."""
     return min(catalog.BENCH_NEW_TOKENS, settings.max_new_tokens)
-
-
-def percentile_ms(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
-
-
-def summarize(latencies: list[float], elapsed: float, errors: int, concurrency: int) -> dict:
-    """A point of the report; no answer at all gives null statistics, never NaN."""
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float | None:
-        return percentile_ms(ordered, q)
-
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "throughput": round(len(latencies) / elapsed, 2) if elapsed > 0 else 0.0,
-        "p50_ms": pct(0.5),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "mean_ms": round(statistics.fmean(ordered) * 1000, 2) if ordered else None,
-    }
-
-
-def closed_loop(
-    work, concurrency: int, seconds: float, texts: list, setup=None, backoff: float = 0.0
-) -> dict:
-    """`concurrency` threads each run `work(state, text)` back to back, starting requests for
-    `seconds`; throughput divides by the time until the last of them finished.
-
-    `setup(state)` runs before the clock starts (clients connect there, unmeasured). `work`
-    returns True for a good answer; anything else, or an exception, is an error, except a
-    rejection by a full queue (max_queue), which is counted apart with how fast it came; a
-    client waits `backoff` seconds after one, as a client told to retry later does."""
-    order, lock = itertools.count(), threading.Lock()
-    latencies, errors, failures, rejections = [], [0], [], []
-    start_line = threading.Barrier(concurrency + 1)
-    clock = {"start": 0.0, "deadline": 0.0, "last": 0.0}
-
-    def worker() -> None:
-        state: dict = {}
-        if setup is not None:
-            setup(state)
-        start_line.wait()  # everyone is set up
-        start_line.wait()  # the clock is set
-        while True:
-            with lock:
-                text = texts[next(order) % len(texts)]
-            began = time.perf_counter()
-            if began >= clock["deadline"]:
-                break
-            rejected = False
-            try:
-                good = work(state, text)
-            except Exception as err:  # every failure counts, and the first few are shown
-                good = False
-                rejected = any(words in str(err) for words in REJECTIONS)
-                if not rejected:
-                    failures.append(f"{type(err).__name__}: {err}"[:200])
-            ended = time.perf_counter()
-            with lock:
-                clock["last"] = max(clock["last"], ended)
-                if good:
-                    latencies.append(ended - began)
-                elif rejected:
-                    rejections.append(ended - began)
-                else:
-                    errors[0] += 1
-            if rejected and backoff:
-                time.sleep(backoff)
-        state.get("close", lambda: None)()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    start_line.wait()
-    clock["start"] = time.perf_counter()
-    clock["deadline"] = clock["start"] + seconds
-    start_line.wait()
-    for thread in threads:
-        thread.join()
-    point = summarize(latencies, clock["last"] - clock["start"], errors[0], concurrency)
-    if rejections:
-        point["rejected"] = len(rejections)
-        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
-        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
-        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
-    if failures:
-        point["first_errors"] = sorted(set(failures))[:3]
-    return point
 
 
 def good_answer(arrays: list) -> bool:
@@ -226,19 +125,6 @@ def onnxruntime_work(settings: Settings):
     tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
     tokenizer.no_padding()  # as the served tokenizer: a tokenizer.json may pad to a fixed length
     tokenizer.enable_truncation(max_length=settings.seq.max)
-    if settings.task.generation:
-        from tasks.generation_parity import make_generator
-
-        decoding, generator = make_generator(settings, checkpoint_facts(settings.name))
-
-        def generate(state: dict, text: tuple[str, ...]) -> bool:
-            ids = np.array([tokenizer.encode(text[0]).ids], dtype=np.int64)
-            out = generator.generate(
-                ids, np.ones_like(ids), [decoding.RowParams(new_tokens(settings))]
-            )
-            return len(out[0]) >= 1
-
-        return generate
     session = ort.InferenceSession(str(settings.model_file()), providers=["CPUExecutionProvider"])
     fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     names = [i.name for i in session.get_inputs()]
@@ -520,44 +406,35 @@ def measure(settings: Settings) -> None:
 
             storage.check_published(settings.storage.location)
         server = make_server(endpoints, repo=settings.storage.repo).start()  # docker, replicas
-    names = ("triton", "openai", "onnxruntime", "onnxruntime_batched", "pytorch")
-    systems: dict[str, list] = {name: [] for name in names}
+    systems: dict[str, list] = {
+        name: [] for name in ("triton", "openai", "onnxruntime", "onnxruntime_batched", "pytorch")
+    }
+    mix = generation_bench.workload(settings, texts) if settings.task.generation else []
     try:
-        for protocol, address in (("grpc", grpc_url), ("http", url)):
-            if bench.loadgen == "perf_analyzer":
-                from tasks import perf_analyzer
-
-                systems["triton"] += perf_analyzer.sweep(
-                    settings, protocol, address, texts, new_tokens(settings)
-                )
-                continue
-            setup, work = triton_work(settings, protocol, address)
-            systems["triton"] += sweep(
-                f"triton {protocol}",
-                work,
-                bench.concurrency,
-                bench.seconds,
-                texts,
-                {"protocol": protocol},
-                setup,
+        if mix:  # tokens per second, time to first token, inter-token latency
+            systems["triton"] = generation_bench.served(settings, grpc_url, mix)
+            overload, comparison = {}, {}
+        else:
+            overload, comparison = served_sweeps(settings, systems, url, grpc_url, texts)
+            # the same requests through the OpenAI API (generation's served figures are a
+            # stream's, which the API's whole answers are not comparable with)
+            systems["openai"] = openai_bench.measure(
+                settings, grpc_url, sweep, texts, new_tokens(settings)
             )
-        systems["openai"] = openai_bench.measure(
-            settings, grpc_url, sweep, texts, new_tokens(settings)
-        )
-        overload = overload_point(settings, systems["triton"], grpc_url, texts)
-        comparison = compare_against(settings, systems["triton"], grpc_url, url, texts)
     finally:
         if server is not None:
             server.stop()
-    systems["onnxruntime"] = sweep(
-        "onnxruntime in-process",
-        onnxruntime_work(settings),
-        bench.concurrency,
-        bench.seconds,
-        texts,
-        {},
-    )
-    if not settings.task.generation:  # the grouping both the tokenizer and one hop do
+    if mix:
+        systems.update(generation_bench.in_process(settings, mix))
+    else:
+        systems["onnxruntime"] = sweep(
+            "onnxruntime in-process",
+            onnxruntime_work(settings),
+            bench.concurrency,
+            bench.seconds,
+            texts,
+            {},
+        )
         systems["onnxruntime_batched"] = batched_sweep(settings, texts)
     systems["pytorch"] = sweep(
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}
@@ -571,9 +448,10 @@ def measure(settings: Settings) -> None:
         "texts": len(texts),
         "seconds_per_point": bench.seconds,
         "systems": systems,
-        "summary": summary(systems, new_tokens(settings) if settings.task.generation else 0),
+        "summary": summary(systems),
         "overload": overload,
         "comparison": comparison,
+        **({"targets": generation_bench.targets(systems), "workload": len(mix)} if mix else {}),
         "errors": errors,
         "machine": machine(),
         "settings": {
@@ -599,6 +477,32 @@ def measure(settings: Settings) -> None:
         )
 
 
+def served_sweeps(settings: Settings, systems: dict, url: str, grpc_url: str, texts) -> tuple:
+    """The served ensemble over gRPC and HTTP (an encoder task), then its overload point and
+    the `against=` comparison."""
+    bench = settings.bench
+    for protocol, address in (("grpc", grpc_url), ("http", url)):
+        if bench.loadgen == "perf_analyzer":
+            from tasks import perf_analyzer
+
+            systems["triton"] += perf_analyzer.sweep(
+                settings, protocol, address, texts, new_tokens(settings)
+            )
+            continue
+        setup, work = triton_work(settings, protocol, address)
+        systems["triton"] += sweep(
+            f"triton {protocol}",
+            work,
+            bench.concurrency,
+            bench.seconds,
+            texts,
+            {"protocol": protocol},
+            setup,
+        )
+    overload = overload_point(settings, systems["triton"], grpc_url, texts)
+    return overload, compare_against(settings, systems["triton"], grpc_url, url, texts)
+
+
 def load_generator(loadgen: str) -> str:
     if loadgen == "perf_analyzer":
         from tasks.perf_analyzer import LOAD_GENERATOR
@@ -610,9 +514,9 @@ def load_generator(loadgen: str) -> str:
     )
 
 
-def summary(systems: dict, new_tokens_per_request: int = 0) -> dict:
+def summary(systems: dict) -> dict:
     """Best throughput per system, the served one against each in-process one, and p50 at
-    concurrency 1 (gRPC for the served); generation adds tokens per second."""
+    concurrency 1 (gRPC for the served); generation adds new tokens per second."""
     best = {
         name: max((p["throughput"] for p in points), default=0.0)
         for name, points in systems.items()
@@ -643,12 +547,13 @@ def summary(systems: dict, new_tokens_per_request: int = 0) -> dict:
     if systems.get("openai") and best["triton"] and single["triton"] and single["openai"]:
         found["openai_vs_triton"] = round(best["openai"] / best["triton"], 2)
         found["openai_added_p50_ms"] = round(single["openai"] - single["triton"], 2)
-    if new_tokens_per_request:
-        found["best_tokens_per_second"] = {
-            name: round(value * new_tokens_per_request, 1)
-            for name, value in best.items()
-            if systems[name]  # a system this task does not run has no figure, not a zero
-        }
+    tokens = {
+        name: max(p["tokens_per_s"] for p in points if "tokens_per_s" in p)
+        for name, points in systems.items()
+        if any("tokens_per_s" in p for p in points)  # a system without a figure has none
+    }
+    if tokens:
+        found["best_tokens_per_second"] = tokens
     return found
 
 
@@ -696,8 +601,9 @@ def write_reports(name: str, report: dict) -> None:
             f"{s['openai_added_p50_ms']} ms added to p50 at concurrency 1 (over gRPC).",
             "",
         ]
-    if "best_tokens_per_second" in s:  # generation: requests/s x the new tokens each asks
+    if "best_tokens_per_second" in s:  # generation
         lines[-1:-1] = [f"Best new tokens per second: {s['best_tokens_per_second']}.", ""]
+        lines += generation_bench.report_lines(report)
     if report.get("comparison"):
         c = report["comparison"]
         lines += ["| deployment | best req/s (gRPC) | p50 at 1 (ms) | precision | accuracy |"]
@@ -765,7 +671,7 @@ def task_bench():
         "bench",
         "facts",  # max_positions, pad id
         "pbtxt",  # the tokenizer parameters of the in-process batching
-        *(["generation_parity"] if settings.task.generation else []),  # in-process decoding
+        *(["generation_parity", "generation_bench"] if settings.task.generation else []),
         *(["perf_analyzer"] if settings.bench.loadgen == "perf_analyzer" else []),
         "openai_bench",
     ]

@@ -122,6 +122,7 @@ GENERATION_INPUTS = (
     Tensor("TOP_K", "TYPE_INT32", (1,)),
     Tensor("TOP_P", "TYPE_FP32", (1,)),
     Tensor("SEED", "TYPE_INT64", (1,)),
+    Tensor("STOP", "TYPE_STRING", (-1,)),  # stop strings: the answer ends before the first
 )
 GENERATION_OUTPUTS = (
     Tensor("OUTPUT_TEXT", "TYPE_STRING", (1,)),
@@ -137,10 +138,23 @@ GENERATION_PROMPTS = (
     "Numbers like 3.14159 and dates like 2026-11-24 are",
 )
 GENERATION_PARITY_NEW_TOKENS = 8
+# The in-flight loop's modules (triton/inflight/), shipped beside the generation model.py
+INFLIGHT_MODULES = ("batch.py", "detokenizer.py", "scheduler.py", "jobs.py")
 # `doit bench loadgen=perf_analyzer`: the tritonclient release of the bundled tritonserver,
 # whose manylinux wheel carries the perf_analyzer binary.
 PERF_ANALYZER_RELEASE = "2.51.0"
 BENCH_NEW_TOKENS = 8  # `doit bench` on a generation task: new tokens per request, every system
+# `doit bench_model`: the generation benchmark's random Llama-family model (about 23M
+# parameters: grouped-query attention, RoPE, SwiGLU), seeded
+BENCH_MODEL = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1408,
+    "max_position_embeddings": 1024,
+    "vocab_size": 2000,  # at most: the tokenizer is trained on the catalog's few texts
+}
 
 # Extra tokenizer outputs when a task reads long texts in overlapping windows.
 WINDOW_TENSORS = (

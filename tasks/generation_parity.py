@@ -22,6 +22,18 @@ def load_decoding():
     return artifacts.load_runtime("generate", "decoding.py")
 
 
+def load_inflight() -> dict:
+    """The in-flight loop's modules that run outside Triton too (triton/inflight/: all but
+    jobs.py), after the decoding module they import, by name."""
+    import sys
+
+    modules = {"decoding": load_decoding()}
+    runtime = sys.modules["llm_in_triton_runtime"]  # loaded with decoding, as in Triton
+    for name in ("batch", "detokenizer", "scheduler"):
+        modules[name] = runtime.load(paths.runtime_file("inflight", f"{name}.py").parent, name)
+    return modules
+
+
 def close_steps(steps: dict) -> None:
     """Release the steps that hold resources (TensorRT runners); the others have nothing."""
     for step in steps.values():

@@ -139,6 +139,11 @@ def perf_analyzer_dir(release: str) -> Path:
     return TOOLS_CACHE / f"perf_analyzer-{release}"
 
 
+def bench_model_dir() -> Path:
+    """`doit bench_model`: the benchmark's random Llama-family checkpoint."""
+    return MODEL_ZOO / "bench-llama" / "model"
+
+
 def bench_dir(name: str) -> Path:
     return zoo_dir(name) / "bench"
 

@@ -247,6 +247,9 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "max_text_bytes": catalog.MAX_TEXT_BYTES,  # the stream's TEXT: the tokenizer's rules
         # the longest cache a batch may grow: the engines' profile holds no more
         "cache_limit": profiles.cache_limit(settings, facts["max_positions"]),
+        # the in-flight loop's own queue (its requests leave Triton's at once)
+        "max_queue": settings.serving.max_queue,
+        "queue_timeout_ms": settings.serving.queue_timeout_ms,
         "intra_op_threads": settings.serving.ort_threads,
     }
     return {

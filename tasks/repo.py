@@ -5,7 +5,8 @@
                               and the checkpoint files it reads: seqcls, qa)
     models/<name>_tokenizer/  config.pbtxt, 1/model.py, encoding.py, tokenizer.json
     models/<name>_model/      native backends: config.pbtxt, 1/model.plan | 1/model.onnx
-    models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, tokenizer.json, *.onnx
+    models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, the in-flight loop's
+                              modules (triton/inflight/), tokenizer.json, *.onnx
                               (+ chat.json, causal LMs: the chat template)
     models/<name>_stream/     the same files as _generate (the built ones of both are hard
                               links to model_zoo/: no copy on disk), its own config.pbtxt
@@ -131,6 +132,7 @@ def components(settings: Settings) -> list[Component]:
             found += [file_model(settings, part) for part in settings.task.onnx_parts]
         code = (  # the stream model is this code and these files too
             (paths.runtime_file("generate", "decoding.py"), "decoding.py"),
+            *((paths.runtime_file("inflight", f), f) for f in catalog.INFLIGHT_MODULES),
             (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
             *python_code("generate"),
         )

@@ -120,10 +120,11 @@ def ner_dir(tmp_path_factory, minilm_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def generation_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random GPT-2, OPT and T5 checkpoints with tokenizers trained here."""
+    """Tiny random GPT-2, OPT, Llama (grouped-query attention) and T5 checkpoints with
+    tokenizers trained here."""
     return {
         family: save_generation_model(tmp_path_factory.mktemp(family), family)
-        for family in ("gpt2", "opt", "t5")
+        for family in ("gpt2", "opt", "llama", "t5")
     }
 
 

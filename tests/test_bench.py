@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tasks import bench, paths
+from tasks import bench, loadgen, paths
 from tests.helpers.project import doit_bench
 
 
@@ -21,7 +21,7 @@ def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
             raise ConnectionError("server went away")
         return len(calls) % 3 == 1  # every third is a wrong answer, every third an exception
 
-    point = bench.closed_loop(work, concurrency=2, seconds=0.3, texts=[("a",), ("b",)])
+    point = loadgen.closed_loop(work, concurrency=2, seconds=0.3, texts=[("a",), ("b",)])
     assert point["requests"] + point["errors"] == len(calls)
     assert point["errors"] >= len(calls) * 2 // 3 - 2
     assert point["first_errors"] == ["ConnectionError: server went away"]
@@ -29,7 +29,7 @@ def test_the_load_generator_counts_every_failure_and_times_only_good_answers():
 
 
 def test_no_good_answer_gives_null_statistics_not_nan():
-    point = bench.closed_loop(lambda state, text: False, 1, 0.1, [("a",)])
+    point = loadgen.closed_loop(lambda state, text: False, 1, 0.1, [("a",)])
     assert point["requests"] == 0 and point["errors"] > 0
     assert point["p50_ms"] is None and point["throughput"] == 0.0
     json.dumps(point, allow_nan=False)
@@ -40,7 +40,7 @@ def test_clients_connect_before_the_clock_starts():
         time.sleep(0.2)  # a slow connection must not be measured
         state["ready"] = True
 
-    point = bench.closed_loop(lambda state, text: state["ready"], 2, 0.2, [("a",)], setup)
+    point = loadgen.closed_loop(lambda state, text: state["ready"], 2, 0.2, [("a",)], setup)
     assert point["errors"] == 0 and point["p99_ms"] < 100
 
 

@@ -76,7 +76,7 @@ def test_at_four_times_capacity_accepted_requests_keep_their_latency_and_the_res
 ):
     """Closed loop, as `doit bench` measures: at 4x the concurrency of capacity, the accepted
     requests wait within 2x the p99 at capacity, and rejections come faster than answers."""
-    from tasks.bench import closed_loop
+    from tasks.loadgen import closed_loop
 
     text = {"TEXT": ["a sentence of some length " * 8]}
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tasks import artifacts, paths, profiles
+from tasks.generation_parity import load_inflight
 from tests.helpers.project import copy_project
 from tests.helpers.stages import settings_from
 
@@ -113,6 +114,87 @@ def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generat
             shapes = [feed[name] for feed in seen[part]]
             assert tuple(np.max(shapes, axis=0)) == high, (part, name)
             assert tuple(np.min(shapes, axis=0)) == low, (part, name)
+
+
+class LocalJob:
+    """A request as the in-flight loop takes it, outside Triton: its rows and its outcome."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows, self.outcome, self.steps = rows, None, 0
+
+    def cancelled(self) -> bool:
+        return False
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def finish(self) -> None:
+        self.outcome = "finished"
+
+    def cancel(self) -> None:
+        self.outcome = "cancelled"
+
+    def reject(self, message: str) -> None:
+        self.outcome = message
+
+    def fail(self, message: str) -> None:
+        self.outcome = message
+
+
+@pytest.mark.parametrize("case", sorted(WIDEST))
+def test_in_flight_steps_stay_in_the_profile_and_each_row_decodes_as_alone(
+    exported, generation_models, case
+):
+    """Rows at the profile's edges arrive at different steps, more than the batch MAX holds:
+    every step's shapes stay within the profile (the rows that do not fit wait, none is
+    refused), and each row's tokens are the tokens it gets alone."""
+    modules = load_inflight()
+    decoding, batch, scheduler = modules["decoding"], modules["batch"], modules["scheduler"]
+    task = case.split("-")[0]
+    positions = 0
+    if case.endswith("positions"):
+        config = json.loads((generation_models[CASES[task]] / "config.json").read_text())
+        positions = config["n_positions"]
+    chosen = settings_from(task=task, seq="1,50,100" if positions else SEQ, batch="1,2,4")
+    seen = {part: [] for part in chosen.task.onnx_parts}
+    files = {part: exported.path(paths.onnx_file(task, part)) for part in chosen.task.onnx_parts}
+    plain = decoding.onnxruntime_steps(files)
+    steps = {part: Recorder(step, seen[part]) for part, step in plain.items()}
+    limit = profiles.cache_limit(chosen, positions)
+    kind = chosen.task.generation
+    running = batch.RunningBatch(kind, steps, pad_id=0, start_id=0, cache_limit=limit)
+    loop = scheduler.Scheduler(running, eos_ids=[], max_rows=chosen.batch.max)
+    rng = np.random.default_rng(0)
+    arrivals = []  # (step it arrives at, prompt, new tokens)
+    for at, (_, _, lengths, new) in zip((0, 2, 3), (WIDEST[case], WORST[case], SMALLEST)):
+        for offset, (length, n) in enumerate(zip(lengths, new)):
+            arrivals.append((at + offset, rng.integers(3, 200, length).astype(np.int64), n))
+    jobs, widest = {}, 0
+    for step in range(400):
+        for index, (at, prompt, n) in enumerate(arrivals):
+            if at == step:
+                text = modules["detokenizer"].TextStream(lambda ids: "")
+                jobs[index] = LocalJob([scheduler.Row(prompt, decoding.RowParams(n), text)])
+                assert loop.submit(jobs[index])
+        loop.iterate()
+        widest = max(widest, len(running))
+        if len(jobs) == len(arrivals) and all(job.outcome for job in jobs.values()):
+            break
+    assert [jobs[i].outcome for i in range(len(arrivals))] == ["finished"] * len(arrivals)
+    assert widest == chosen.batch.max  # full, so rows had to wait
+    generator = decoding.Generator(kind, plain, eos_ids=[], pad_id=0, start_id=0)
+    for index, (_, prompt, n) in enumerate(arrivals):
+        alone = generator.generate(
+            prompt[None], np.ones((1, len(prompt)), np.int64), [decoding.RowParams(n)]
+        )
+        assert jobs[index].rows[0].tokens == alone[0], (case, len(prompt), n)
+    for part in chosen.task.onnx_parts:
+        io = artifacts.read_json(exported.path(paths.onnx_io(task, part)))
+        profile = profiles.profile_shapes(chosen, part, io, positions)
+        for feed in seen[part]:
+            for name, shape in feed.items():
+                low, _, high = profile[name]
+                assert all(a <= d <= b for a, d, b in zip(low, shape, high)), (part, name, shape)
 
 
 def test_decoders_return_the_last_positions_logits_only(exported):

@@ -31,6 +31,7 @@ GENERATION_OPTIONS = {
     "top_p": ("FP32", float, np.float32),
     "seed": ("INT64", int, np.int64),
 }
+STOP = "STOP"  # generation's optional stop strings (BYTES, not a text to fill)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default=None,
             help=f"sent as {flag.upper()} for every batch item",
         )
+    generation.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="a stop string (repeatable): the answer ends before the first one it makes",
+    )
     args = parser.parse_args(argv)
     if args.url is None:
         args.url = "127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000"
@@ -283,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.protocol, args.url, args.timeout)
     try:
         metadata = client.metadata(args.model)
-        inputs = [i for i in metadata["inputs"] if i["datatype"] == "BYTES"]  # the texts
+        inputs = [  # the texts
+            i for i in metadata["inputs"] if i["datatype"] == "BYTES" and i["name"] != STOP
+        ]
         if args.inputs:
             by_name = {i["name"]: i for i in inputs}
             unknown = [n for n in args.inputs.split(":") if n not in by_name]
@@ -303,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None:
                 arrays[flag.upper()] = np.full((rows, 1), getattr(args, flag), dtype=numpy_type)
                 datatypes[flag.upper()] = datatype
+        if args.stop:
+            stops = [s.encode("utf-8") for s in args.stop]
+            arrays[STOP] = np.array([stops] * rows, dtype=object)
+            datatypes[STOP] = "BYTES"
         if args.stream:
             return print_stream(client.stream(args.model, arrays, datatypes))
         result = client.infer(args.model, arrays, datatypes, outputs)

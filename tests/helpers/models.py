@@ -95,6 +95,14 @@ def save_generation_model(target: Path, family: str, max_positions: int = 128) -
     import transformers
 
     tokenizer = generation_tokenizer("seq2seq" if family == "t5" else "causal")
+    if family == "llama":  # grouped-query attention, RoPE, position_ids; 1024 positions
+        from tasks.bench_model import save_llama
+
+        return save_llama(
+            target, tokenizer, seed=3, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024, initializer_range=0.3,
+        )  # fmt: skip
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     common = {"vocab_size": vocab, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
     config, model_class = {

@@ -1,7 +1,9 @@
 """Decoding with a KV cache over the exported files: greedy and sampling.
 
-Runs inside Triton (loaded by triton/generate/model.py) and in the build's generation parity,
-so the loop that is proven equal to Hugging Face `generate()` is the loop that serves.
+Runs inside Triton (loaded by triton/generate/model.py) and in the build's generation parity.
+Parity proves `Generator` (a batch decoded to its end) equal to Hugging Face `generate()`; the
+server's in-flight loop (triton/inflight/) runs the same steps through `run_step` and the
+same sampling, and its tests prove each row equal to `Generator` alone.
 Imports only numpy, the shared helpers (runtime.py, loaded before this file) and onnxruntime,
 for the steps that run on it.
 
@@ -101,6 +103,18 @@ class OnnxRuntimeStep:
 
 def onnxruntime_steps(files: dict[str, Path], threads: int = 0) -> dict:
     return {part: OnnxRuntimeStep(path, threads) for part, path in files.items()}
+
+
+def run_step(step, feed: dict, cache: dict) -> np.ndarray:
+    """Run one part: feed it the cache it takes, keep the cache it gives; the last position's
+    logits, as numpy [rows, vocab] (a GPU step's are copied over)."""
+    full = {**feed, **{n: cache[n[len(PAST) :]] for n in step.inputs if n.startswith(PAST)}}
+    values = step({n: full[n] for n in step.inputs})
+    for name, value in values.items():
+        if name.startswith(PRESENT):
+            cache[name[len(PRESENT) :]] = value
+    logits = values[LOGITS][:, -1, :]
+    return logits if isinstance(logits, np.ndarray) else logits.get()
 
 
 def cache_need(kind: str, width: int, new_tokens: int) -> int:
@@ -224,14 +238,7 @@ class Generator:
         return produced
 
     def _run(self, part: str, feed: dict, cache: dict) -> np.ndarray:
-        """Run one step; feed it the cache it takes, store the cache it gives; return logits."""
-        step = self.steps[part]
-        full = {**feed, **{n: cache[n[len(PAST) :]] for n in step.inputs if n.startswith(PAST)}}
-        values = step({n: full[n] for n in step.inputs})
-        for name, value in values.items():
-            if name.startswith(PRESENT):
-                cache[name[len(PRESENT) :]] = value
-        return values[LOGITS][:, -1, :]
+        return run_step(self.steps[part], feed, cache)
 
     def _causal_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Left-pad the prompts (as HF generate does), then one token per step."""

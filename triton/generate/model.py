@@ -1,14 +1,20 @@
-"""Triton python-backend model: prompts' tokens in, generated text out (KV-cache decoding).
+"""Triton python-backend model: prompts' tokens in, generated text out (KV-cache decoding,
+batched in flight).
 
 Inputs: `input_ids`, `attention_mask` (from the tokenizer step) and the optional
 `MAX_NEW_TOKENS`, `TEMPERATURE`, `TOP_K`, `TOP_P`, `SEED` ([batch, 1] each; omit TEMPERATURE,
-TOP_K and TOP_P for greedy). Outputs: `OUTPUT_TEXT` (the new text only) and `OUTPUT_IDS`
-(the new token ids, padded with -1). All rows of all requests that arrive together decode
-together; a request with bad parameters gets an error and the others go on.
-The ONNX files, `tokenizer.json` and `decoding.py` sit next to this file; or, with the
-`step_models` parameter (decoder=models, and always on TensorRT), each exported file is a Triton
-model of the deployment that the loop calls through BLS. Imports only numpy, onnxruntime,
-tokenizers, Triton's utilities and the shared helpers (runtime.py, next to this file).
+TOP_K and TOP_P for greedy) and `STOP` ([batch, n] strings; the answer ends before the first
+one). Outputs: `OUTPUT_TEXT` (the new text only) and `OUTPUT_IDS` (the new token ids, padded
+with -1). A request with bad parameters gets an error and the others go on.
+
+`execute` only checks requests and hands them to the in-flight loop (scheduler.py, a thread
+of its own): the loop keeps decoding, rows join and leave it at every step, and each request
+is answered through its response sender when its rows are done (or, decoupled, at every
+step). The ONNX files, `tokenizer.json` and the loop's modules (decoding.py, batch.py,
+detokenizer.py, scheduler.py, jobs.py) sit next to this file; or, with the `step_models`
+parameter (decoder=models, and always on TensorRT), each exported file is a Triton model of
+the deployment that the loop calls through BLS. Imports only numpy, onnxruntime, tokenizers,
+Triton's utilities and the shared helpers (runtime.py, next to this file).
 
 The same code and files, configured decoupled, are `<name>_stream`: it takes TEXT itself and
 sends each decoding step's tokens as they come (gRPC streaming).
@@ -26,6 +32,10 @@ HERE = Path(__file__).resolve().parent
 
 decoding = runtime.load(HERE, "decoding")
 encoding = runtime.load(HERE, "encoding")  # the tokenizer's text rules, for the stream's TEXT
+detokenizer = runtime.load(HERE, "detokenizer")
+batch = runtime.load(HERE, "batch")  # after decoding, which it imports
+scheduler = runtime.load(HERE, "scheduler")
+jobs = runtime.load(HERE, "jobs")
 
 
 def _has_gpu() -> bool:
@@ -63,10 +73,10 @@ class BlsStep:
     """A decoding step served by another Triton model (a TensorRT engine, an ONNX file),
     called through BLS.
 
-    Only the logits come back to numpy. Every other output (the KV cache, the encoder's
-    states) stays a Triton tensor where it is, and is renamed (DLPack) into the next step's
-    input, never converted: on a GPU the cache never leaves it, when CuPy is there to read the
-    logits; without CuPy all outputs are asked for in CPU memory."""
+    Outputs come back as arrays the in-flight batch can cut and join: on a GPU with CuPy,
+    cupy arrays over the outputs' own memory (DLPack: the cache never leaves the GPU, and
+    goes back as the next step's input the same way); otherwise every output is asked for in
+    CPU memory and copied into numpy (a response's memory is not the loop's to keep)."""
 
     def __init__(self, model: str, inputs: list, outputs: list) -> None:
         self.model, self.inputs, self.outputs = model, inputs, outputs
@@ -78,12 +88,12 @@ class BlsStep:
     def _tensor(name: str, value):
         if isinstance(value, np.ndarray):
             return pb_utils.Tensor(name, np.ascontiguousarray(value))
-        return pb_utils.Tensor.from_dlpack(name, value)  # an earlier step's output, renamed
+        return pb_utils.Tensor.from_dlpack(name, value)  # a cupy array, on the GPU
 
-    def _array(self, tensor) -> np.ndarray:
+    def _array(self, tensor):
         if tensor.is_cpu():
-            return tensor.as_numpy()
-        return self.cupy.from_dlpack(tensor)[:, -1:].get()  # the loop reads the last position
+            return np.array(tensor.as_numpy())
+        return self.cupy.from_dlpack(tensor)
 
     def __call__(self, feed: dict) -> dict:
         request = pb_utils.InferenceRequest(
@@ -96,7 +106,7 @@ class BlsStep:
         if response.has_error():
             raise RuntimeError(f"{self.model}: {response.error().message()}")
         tensors = {n: pb_utils.get_output_tensor_by_name(response, n) for n in self.outputs}
-        return {n: self._array(t) if n == decoding.LOGITS else t for n, t in tensors.items()}
+        return {n: self._array(t) for n, t in tensors.items()}
 
 
 class TritonPythonModel:
@@ -104,7 +114,7 @@ class TritonPythonModel:
         config, params, version_dir = runtime.model_args(args)
         # The streaming twin (`<name>_stream`, decoupled) has the same files (its own, so that
         # a repository in object storage, fetched a model at a time, serves it) and tokenizes
-        # TEXT itself: one token per response, as soon as it is decoded.
+        # TEXT itself: one response per step, as soon as it is decoded.
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
         self.max_seq = params.read("max_seq", int)
         self.max_text_bytes = params.read("max_text_bytes", int)
@@ -120,13 +130,30 @@ class TritonPythonModel:
             parts = params.read("parts", json.loads)
             files = {part: version_dir / f"{part}.onnx" for part in parts}
             steps = decoding.onnxruntime_steps(files, params.read("intra_op_threads", int))
-        self.generator = decoding.Generator(
+        running = batch.RunningBatch(
             self.kind,
             steps,
-            eos_ids=params.read("eos_token_ids", json.loads),
             pad_id=params.read("pad_token_id", int),
             start_id=params.read("decoder_start_token_id", int),
             cache_limit=params.read("cache_limit", int),
+        )
+        self.outcomes = jobs.Outcomes(config["name"])
+        self.loop = scheduler.Scheduler(
+            running,
+            eos_ids=params.read("eos_token_ids", json.loads),
+            max_rows=max(int(config["max_batch_size"]), 1),  # the profile's batch MAX
+            max_waiting=params.read("max_queue", int),
+            queue_timeout_s=params.read("queue_timeout_ms", int) / 1000,
+            on_error=lambda err: pb_utils.Logger.log_error(f"generation step failed: {err}"),
+        ).start()
+
+    def finalize(self):
+        self.loop.stop()
+        seconds = self.loop.seconds
+        share = seconds["decoding"] / seconds["loop"] if seconds["loop"] else 0.0
+        pb_utils.Logger.log_info(
+            f"generation loop: {self.loop.steps} steps, {share:.0%} of its time in the "
+            f"decoding steps; requests {self.outcomes.counts}"
         )
 
     def _optional(self, request, name, rows, default, cast):
@@ -155,6 +182,21 @@ class TritonPythonModel:
             for n, t, k, p, s in columns
         ]
 
+    @staticmethod
+    def _stops(request, rows: int) -> list[tuple[str, ...]]:
+        """Each row's stop strings (STOP, [rows, n]; empty ones are padding)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "STOP")
+        if tensor is None:
+            return [()] * rows
+        values = tensor.as_numpy()
+        values = values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)
+        if len(values) != rows:
+            raise decoding.ParameterError(f"STOP has {len(values)} rows for {rows} prompts")
+        try:
+            return [tuple(v.decode("utf-8") for v in row if len(v)) for row in values]
+        except UnicodeDecodeError:
+            raise decoding.ParameterError("a STOP string is not UTF-8 text") from None
+
     def _texts_as_prompts(self, request):
         """TEXT tokenized here (the streaming model has no tokenizer step before it)."""
         texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
@@ -174,46 +216,13 @@ class TritonPythonModel:
                 raise decoding.ParameterError("a TEXT is empty: a causal LM needs a token")
         return prompts
 
-    def _stream(self, request):
-        """Decode one request, sending each step's tokens as a response of their own."""
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            prompts = self._texts_as_prompts(request)
-            params = self._params(request, len(prompts))
-            self._check_positions(prompts, params)
-        except decoding.ParameterError as err:
-            sender.send(runtime.bad_request(str(err)), flags=final)
-            return
-        ids, mask = self._padded(prompts)
-        so_far = [[] for _ in prompts]
-        texts = [""] * len(prompts)
-
-        def send_step(tokens, produced):
-            pieces, out_ids = [], []
-            for row, made in enumerate(produced):
-                piece, token = "", -1
-                if made:
-                    so_far[row].append(int(tokens[row]))
-                    text = self.tokenizer.decode(so_far[row], skip_special_tokens=True)
-                    piece, texts[row], token = text[len(texts[row]) :], text, int(tokens[row])
-                pieces.append([piece.encode("utf-8")])
-                out_ids.append([token])
-            sender.send(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("OUTPUT_TEXT", np.array(pieces, dtype=object)),
-                        pb_utils.Tensor("OUTPUT_IDS", np.array(out_ids, dtype=np.int64)),
-                    ]
-                )
-            )
-
-        try:
-            self.generator.generate(ids, mask, params, on_step=send_step)
-        except Exception as err:  # ONNX Runtime errors end this stream, not the server
-            sender.send(runtime.failed(f"generation failed: {err}"), flags=final)
-            return
-        sender.send(flags=final)
+    def _prompts(self, request):
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+        mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
+        lengths = mask.sum(axis=1)
+        if self.kind == "causal" and (lengths == 0).any():
+            raise decoding.ParameterError("a TEXT is empty: a causal LM needs at least one token")
+        return [ids[row, :length].astype(np.int64) for row, length in enumerate(lengths)]
 
     def _check_positions(self, prompts, params):
         for prompt, p in zip(prompts, params):
@@ -223,61 +232,28 @@ class TritonPythonModel:
                     f"exceeds the model's {self.max_positions} positions"
                 )
 
-    def _padded(self, prompts):
-        width = max(len(prompt) for prompt in prompts)
-        ids = np.full((len(prompts), width), self.generator.pad_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-            mask[row, : len(prompt)] = 1
-        return ids, mask
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _prompts(self, request):
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
-        mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-        lengths = mask.sum(axis=1)
-        if self.kind == "causal" and (lengths == 0).any():
-            raise decoding.ParameterError("a TEXT is empty: a causal LM needs at least one token")
-        return [ids[row, :length] for row, length in enumerate(lengths)]
+    def _job(self, request):
+        """The request's rows, checked: a ParameterError names what is wrong."""
+        prompts = self._texts_as_prompts(request) if self.streaming else self._prompts(request)
+        params = self._params(request, len(prompts))
+        self._check_positions(prompts, params)
+        stops = self._stops(request, len(prompts))
+        rows = [
+            scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
+            for prompt, p, stop in zip(prompts, params, stops)
+        ]
+        return jobs.Job(request, rows, self.streaming, self.outcomes)
 
     def execute(self, requests):
-        if self.streaming:
-            for request in requests:
-                self._stream(request)
-            return None
-        responses = [None] * len(requests)
-        rows = []  # (request index, prompt ids, params)
-        for index, request in enumerate(requests):
+        for request in requests:
             try:
-                prompts = self._prompts(request)
-                params = self._params(request, len(prompts))
-                self._check_positions(prompts, params)
+                job = self._job(request)
             except decoding.ParameterError as err:
-                responses[index] = runtime.bad_request(str(err))
+                request.get_response_sender().send(runtime.bad_request(str(err)), flags=jobs.FINAL)
                 continue
-            rows += [(index, prompt, p) for prompt, p in zip(prompts, params)]
-        if rows:
-            try:
-                self._decode(rows, responses)
-            except Exception as err:  # ONNX Runtime or BLS errors: fail these, keep serving
-                for index in {i for i, _, _ in rows}:
-                    responses[index] = runtime.failed(f"generation failed: {err}")
-        return responses
-
-    def _decode(self, rows, responses):
-        ids, mask = self._padded([prompt for _, prompt, _ in rows])
-        produced = self.generator.generate(ids, mask, [p for _, _, p in rows])
-        for index in sorted({i for i, _, _ in rows}):
-            mine = [tokens for (i, _, _), tokens in zip(rows, produced) if i == index]
-            longest = max(len(t) for t in mine)
-            out_ids = np.full((len(mine), longest), -1, dtype=np.int64)
-            for row, tokens in enumerate(mine):
-                out_ids[row, : len(tokens)] = tokens
-            texts = self.tokenizer.decode_batch(mine, skip_special_tokens=True)
-            out_text = np.array([[t.encode("utf-8")] for t in texts], dtype=object)
-            responses[index] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("OUTPUT_TEXT", out_text),
-                    pb_utils.Tensor("OUTPUT_IDS", out_ids),
-                ]
-            )
+            if not self.loop.submit(job):  # as a full Triton queue refuses: at once
+                job.reject(scheduler.QUEUE_FULL)
+        return None

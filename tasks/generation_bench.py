@@ -1,0 +1,372 @@
+"""`doit bench` on a generation task: what LLM users compare (the bench stage calls this).
+
+A seeded mix of the bench's prompts, each asking 4 to 128 new tokens (as many as the
+deployment and the model's positions allow), closed loop at each concurrency, through:
+- `triton` `grpc_stream`: `<name>_stream`; time to first token and inter-token latency from
+  the responses as they arrive, output tokens per second, request latency;
+- `triton` `grpc`: `<name>` (the ensemble), whole answers: request latency, tokens per second;
+- `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time;
+- `onnxruntime_decode_limit`: the exported `decoder_with_past_model` alone, in-process, at
+  batch = concurrency and a realistic cache (the mix's mean prompt plus half its mean new
+  tokens): the most tokens per second the decode step allows, the served loop's ceiling;
+- `pytorch`: Hugging Face `generate()`, one request at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+
+from tasks import artifacts, paths
+from tasks.facts import checkpoint_facts
+from tasks.loadgen import WARMUP_SECONDS, closed_loop
+from tasks.settings import Settings
+
+SEED = 0
+LEAST_NEW, MOST_NEW = 4, 128
+DECODE_STEPS = 30  # timed steps per decode-limit point (after 3 unmeasured)
+
+
+def workload(settings: Settings, texts: list) -> list[tuple[str, int]]:
+    """(prompt, MAX_NEW_TOKENS) pairs: the bench's prompts, each asking 4 to 128 new tokens,
+    seeded, within the deployment's MAX and the model's positions."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    positions = checkpoint_facts(settings.name)["max_positions"]
+    rng = np.random.default_rng(SEED)
+    mix = []
+    for _ in range(4):
+        for (text,) in texts:
+            most = min(MOST_NEW, settings.max_new_tokens)
+            if settings.task.generation == "causal" and positions:
+                most = min(most, positions - len(tokenizer.encode(text).ids))
+            if most >= LEAST_NEW:
+                mix.append((text, int(rng.integers(LEAST_NEW, most + 1))))
+    rng.shuffle(mix)
+    return mix
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+
+def token_figures(point: dict, records: list[dict]) -> dict:
+    """tokens_per_s, ttft and itl percentiles of a closed-loop point from its requests."""
+    tokens = [r["tokens"] for r in records]
+    found = {"tokens": sum(tokens)}
+    if point["throughput"] and tokens:
+        found["tokens_per_s"] = round(point["throughput"] * statistics.fmean(tokens), 1)
+    if any("ttft" in r for r in records):
+        firsts = [r["ttft"] for r in records if "ttft" in r]
+        gaps = [gap for r in records for gap in r.get("gaps", [])]
+        found.update(
+            ttft_p50_ms=percentile(firsts, 0.5),
+            ttft_p99_ms=percentile(firsts, 0.99),
+            itl_p50_ms=percentile(gaps, 0.5),
+            itl_p99_ms=percentile(gaps, 0.99),
+        )
+    return found
+
+
+def stream_work(settings: Settings, url: str, records: list):
+    """One request through `<name>_stream` (gRPC), each response's arrival timed."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    def setup(state: dict) -> None:
+        state["client"] = client = grpc.InferenceServerClient(url)
+        state["arrived"] = arrived = queue.Queue()
+        client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+
+        def close() -> None:
+            client.stop_stream()
+            client.close()
+
+        state["close"] = close
+
+    def work(state: dict, item: tuple[str, int]) -> bool:
+        text, new = item
+        inputs = [
+            grpc.InferInput("TEXT", [1, 1], "BYTES"),
+            grpc.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"),
+        ]
+        inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([[new]], dtype=np.int32))
+        began = time.perf_counter()
+        state["client"].async_stream_infer(
+            f"{settings.name}_stream", inputs, enable_empty_final_response=True
+        )
+        times = []
+        while True:
+            result, error = state["arrived"].get(timeout=120)
+            if error is not None:
+                raise error
+            response = result.get_response()
+            if response.outputs and int(result.as_numpy("OUTPUT_IDS")[0, 0]) != -1:
+                times.append(time.perf_counter())
+            if response.parameters["triton_final_response"].bool_param:
+                break
+        if not times:
+            return False
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        records.append({"tokens": len(times), "ttft": times[0] - began, "gaps": gaps})
+        return True
+
+    return setup, work
+
+
+def whole_work(settings: Settings, url: str, records: list):
+    """One request through the ensemble `<name>` (gRPC), answered whole."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    def setup(state: dict) -> None:
+        state["client"] = grpc.InferenceServerClient(url)
+        state["close"] = state["client"].close
+
+    def work(state: dict, item: tuple[str, int]) -> bool:
+        text, new = item
+        inputs = [
+            grpc.InferInput("TEXT", [1, 1], "BYTES"),
+            grpc.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"),
+        ]
+        inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([[new]], dtype=np.int32))
+        ids = state["client"].infer(settings.name, inputs).as_numpy("OUTPUT_IDS")
+        made = int((ids[0] != -1).sum())
+        records.append({"tokens": made})
+        return made >= 1
+
+    return setup, work
+
+
+def loop_work(settings: Settings, records: list):
+    """The in-process decoding loop, a request at a time (tokenized as the server does)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from tasks.generation_parity import make_generator
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    decoding, generator = make_generator(settings, checkpoint_facts(settings.name))
+
+    def work(state: dict, item: tuple[str, int]) -> bool:
+        text, new = item
+        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        out = generator.generate(ids, np.ones_like(ids), [decoding.RowParams(new)])
+        records.append({"tokens": len(out[0])})
+        return len(out[0]) >= 1
+
+    return work
+
+
+def decode_feed(io: dict, batch: int, cache: int, prompt: int) -> dict:
+    """Inputs of a decoder_with_past_model at `batch` rows and a `cache`-long past (seq2seq:
+    over a `prompt`-long encoder output), from its io.json: random values, real shapes."""
+    import numpy as np
+
+    sizes = {
+        "batch_size": batch,
+        "past_sequence_length": cache,
+        "past_decoder_sequence_length": cache,
+        "encoder_sequence_length": prompt,
+        "sequence_length": 1,
+        "decoder_sequence_length": 1,
+    }
+    rng = np.random.default_rng(SEED)
+    feed = {}
+    for tensor in io["inputs"]:
+        shape = []
+        for dim in tensor["shape"]:
+            if isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            else:
+                shape.append(sum(sizes.get(t.strip(), 0) or int(t) for t in str(dim).split("+")))
+        name, dtype = tensor["name"], tensor["dtype"]
+        if name in ("attention_mask", "encoder_attention_mask"):
+            feed[name] = np.ones(shape, dtype=np.int64)
+        elif name == "position_ids":
+            feed[name] = np.full(shape, cache, dtype=np.int64)
+        elif dtype == "int64":
+            feed[name] = rng.integers(3, 100, shape).astype(np.int64)
+        else:
+            feed[name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list[dict]:
+    """`onnxruntime_decode_limit`: the decode step alone at batch = each concurrency."""
+    from tokenizers import Tokenizer
+
+    from tasks.generation_parity import load_decoding
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_padding()
+    prompt = round(statistics.fmean(len(tokenizer.encode(t).ids) for t, _ in mix))
+    new = round(statistics.fmean(n for _, n in mix))
+    cache = prompt + new // 2 if settings.task.generation == "causal" else new // 2
+    part = "decoder_with_past_model"
+    step = load_decoding().OnnxRuntimeStep(settings.model_file(part), settings.serving.ort_threads)
+    io = artifacts.read_json(paths.onnx_io(settings.name, part))
+    points = []
+    for batch in levels:
+        feed = decode_feed(io, batch, cache, prompt)
+        for _ in range(3):
+            step(feed)
+        took = []
+        for _ in range(DECODE_STEPS):
+            began = time.perf_counter()
+            step(feed)
+            took.append(time.perf_counter() - began)
+        median = statistics.median(took)
+        points.append({
+            "concurrency": batch,
+            "batch": batch,
+            "cache_length": cache,
+            "requests": DECODE_STEPS,
+            "errors": 0,
+            "throughput": round(1 / median, 2),  # steps per second
+            "p50_ms": percentile(took, 0.5),
+            "p95_ms": percentile(took, 0.95),
+            "p99_ms": percentile(took, 0.99),
+            "tokens_per_s": round(batch / median, 1),
+            "itl_p50_ms": percentile(took, 0.5),
+        })  # fmt: skip
+        print(
+            f"bench: onnxruntime_decode_limit batch {batch}, cache {cache}: "
+            f"{points[-1]['p50_ms']} ms a step, {points[-1]['tokens_per_s']} tokens/s",
+            flush=True,
+        )
+    return points
+
+
+def token_sweep(name: str, make_work, levels, seconds: float, mix: list, extra: dict) -> list:
+    """`closed_loop` at each concurrency with token figures: `make_work(records)` gives
+    (setup, work) that append one record per good request."""
+    points = []
+    for concurrency in levels:
+        records: list = []
+        setup, work = make_work(records)
+        closed_loop(work, concurrency, min(WARMUP_SECONDS, seconds), mix, setup)
+        records.clear()
+        point = closed_loop(work, concurrency, seconds, mix, setup)
+        point = {**extra, **point, **token_figures(point, records)}
+        points.append(point)
+        print(
+            f"bench: {name} concurrency {concurrency}: {point.get('tokens_per_s')} tokens/s, "
+            f"ttft p50 {point.get('ttft_p50_ms')} ms, itl p50 {point.get('itl_p50_ms')} ms, "
+            f"request p50 {point['p50_ms']} ms, {point['errors']} errors",
+            flush=True,
+        )
+    return points
+
+
+def served(settings: Settings, grpc_url: str, mix: list) -> list[dict]:
+    bench = settings.bench
+    points = token_sweep(
+        "triton grpc_stream",
+        lambda records: stream_work(settings, grpc_url, records),
+        bench.concurrency, bench.seconds, mix, {"protocol": "grpc_stream"},
+    )  # fmt: skip
+    points += token_sweep(
+        "triton grpc",
+        lambda records: whole_work(settings, grpc_url, records),
+        bench.concurrency, bench.seconds, mix, {"protocol": "grpc"},
+    )  # fmt: skip
+    return points
+
+
+def in_process(settings: Settings, mix: list) -> dict:
+    """The in-process systems: the decode limit at each concurrency, the loop at 1."""
+    bench = settings.bench
+    loop = token_sweep(
+        "onnxruntime in-process loop, one at a time",
+        lambda records: (None, loop_work(settings, records)),
+        [1], bench.seconds, mix, {},
+    )  # fmt: skip
+    return {
+        "onnxruntime": loop,
+        "onnxruntime_decode_limit": decode_limit(settings, bench.concurrency, mix),
+    }
+
+
+def targets(systems: dict) -> dict:
+    """The issue's targets, from one run: each ratio, and whether it is met."""
+
+    def at(system: str, concurrency: int, key: str, protocol: str | None = None):
+        for p in systems.get(system, []):
+            if p["concurrency"] == concurrency and (
+                protocol is None or p.get("protocol") == protocol
+            ):
+                return p.get(key)
+        return None
+
+    high = max((p["concurrency"] for p in systems.get("triton", [])), default=1)
+
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    served_high = at("triton", high, "tokens_per_s", "grpc_stream")
+    served_one = at("triton", 1, "tokens_per_s", "grpc_stream")
+    found = {
+        f"served_{high}_vs_decode_limit_{high}": (
+            ratio(served_high, at("onnxruntime_decode_limit", high, "tokens_per_s")),
+            0.6,
+        ),
+        f"served_{high}_vs_served_1": (ratio(served_high, served_one), 4.0),
+        f"ttft_p50_{high}_vs_1": (
+            ratio(
+                at("triton", high, "ttft_p50_ms", "grpc_stream"),
+                at("triton", 1, "ttft_p50_ms", "grpc_stream"),
+            ),
+            4.0,
+        ),
+        "served_1_vs_inprocess_loop_1": (
+            ratio(served_one, at("onnxruntime", 1, "tokens_per_s")),
+            0.85,
+        ),
+    }
+    return {
+        name: {
+            "value": value,
+            "target": target,
+            "met": None
+            if value is None
+            else (value <= target if name.startswith("ttft") else value >= target),
+        }
+        for name, (value, target) in found.items()
+    }
+
+
+def report_lines(report: dict) -> list[str]:
+    """report.md's generation table and targets."""
+    lines = [
+        "| system | protocol | concurrency | tokens/s | ttft p50 | ttft p99 | itl p50 | itl p99 "
+        "| request p50 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, points in report["systems"].items():
+        for p in points:
+            if "tokens_per_s" in p:
+                lines.append(
+                    f"| {system} | {p.get('protocol', 'in-process')} | {p['concurrency']} | "
+                    f"{p['tokens_per_s']} | {p.get('ttft_p50_ms')} | {p.get('ttft_p99_ms')} | "
+                    f"{p.get('itl_p50_ms')} | {p.get('itl_p99_ms')} | {p['p50_ms']} |"
+                )
+    lines += ["", "| target | value | wanted | met |", "|---|---|---|---|"]
+    for name, found in report.get("targets", {}).items():
+        wanted = ("<= " if name.startswith("ttft") else ">= ") + str(found["target"])
+        lines.append(f"| {name} | {found['value']} | {wanted} | {found['met']} |")
+    return [*lines, ""]

@@ -1,0 +1,107 @@
+"""The in-flight loop's parts that need no server: the incremental detokenizer (UTF-8 safe,
+stop strings) on a byte-level BPE trained here, and the queue's bound and timeout."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.generation_parity import load_inflight
+
+# Text a byte-level BPE trained on English splits inside characters.
+HARD_TEXT = "café naïve Ünïcödé — 東京は日本の首都です 🙂👍🏽 and ﬁn. 𝔘𝔫𝔦"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tests.helpers.models import generation_tokenizer
+
+    return generation_tokenizer("causal")._tokenizer
+
+
+def pieces_of(tokenizer, ids, stops=()):
+    modules = load_inflight()
+    stream = modules["detokenizer"].TextStream(
+        lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True), stops
+    )
+    pieces = []
+    for token in ids:
+        pieces.append(stream.add(token))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    return pieces, stream
+
+
+def test_pieces_never_end_inside_a_character_and_add_up_to_the_whole(tokenizer):
+    ids = tokenizer.encode(HARD_TEXT).ids
+    whole = tokenizer.decode(ids)
+    assert whole == HARD_TEXT
+    # the naive way, a token at a time, breaks characters (what the stream used to send)
+    assert "\ufffd" in "".join(tokenizer.decode([t]) for t in ids)
+    pieces, _ = pieces_of(tokenizer, ids)
+    assert "".join(pieces) == whole
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_bytes_that_never_complete_a_character_are_flushed_as_the_whole_text_has_them(tokenizer):
+    ids = tokenizer.encode("ok 🙂").ids[:-1]  # the emoji cut: its last byte never comes
+    whole = tokenizer.decode(ids)
+    assert whole.endswith("\ufffd")
+    pieces, _ = pieces_of(tokenizer, ids)
+    assert "".join(pieces) == whole and not any("\ufffd" in p for p in pieces[:-1])
+
+
+@pytest.mark.parametrize(
+    ("stops", "expected"),
+    [
+        (("首都",), "café naïve Ünïcödé — 東京は日本の"),
+        (("Ün", "naïve"), "café "),
+        (("absent",), HARD_TEXT),
+        (("🙂",), "café naïve Ünïcödé — 東京は日本の首都です "),
+    ],
+)
+def test_a_stop_string_ends_the_text_before_it_and_is_never_half_sent(tokenizer, stops, expected):
+    ids = tokenizer.encode(HARD_TEXT).ids
+    pieces, stream = pieces_of(tokenizer, ids, stops)
+    assert "".join(pieces) == expected == stream.text
+    assert stream.stopped == (expected != HARD_TEXT)
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert not any(stop in sent for stop in stops)
+
+
+def test_held_back_is_the_longest_end_that_may_begin_a_stop():
+    detokenizer = load_inflight()["detokenizer"]
+    assert detokenizer.held_for_stops("the end is ne", ("near", "never")) == 2
+    assert detokenizer.held_for_stops("the end", ("near",)) == 0
+    assert detokenizer.held_for_stops("abcab", ("abcabd",)) == 5
+
+
+def test_a_joined_and_left_cache_is_as_long_as_its_longest_row():
+    """The profile arithmetic of the causal batch: rows join with caches of other lengths
+    (left-padded under the mask) and leave (the columns nobody reads are cut), and the cache a
+    step reads is always the longest remaining row's own, never the sum of their histories."""
+    import numpy as np
+
+    batch = load_inflight()["batch"]
+
+    def group(lengths: list[int]):
+        width = max(lengths)
+        mask = np.array([[0] * (width - n) + [1] * n for n in lengths], dtype=np.int64)
+        cache = {"0.key": np.arange(len(lengths) * width, dtype=np.float32).reshape(
+            len(lengths), 1, width, 1
+        )}  # fmt: skip
+        return batch.CausalGroup(list(range(len(lengths))), cache, mask, mask.sum(axis=1))
+
+    running = group([5, 3])
+    running.absorb(group([9]))  # a long prompt joins
+    assert running.width == 9 and running.cache["0.key"].shape == (3, 1, 9, 1)
+    assert running.mask.sum(axis=1).tolist() == [5, 3, 9] == running.positions.tolist()
+    assert (running.cache["0.key"][:2, :, :4] == 0).all()  # the padding the mask hides
+    running.keep([0, 1])  # the long one leaves: back to the longest remaining row
+    assert running.width == 5 and running.mask.sum(axis=1).tolist() == [5, 3]
+    running.keep([1])
+    assert running.width == 3 and running.mask.tolist() == [[1, 1, 1]]
+    running.keep([])
+    assert running.rows == []

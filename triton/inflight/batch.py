@@ -1,0 +1,238 @@
+"""The running batch of the in-flight loop: its rows and their KV cache, joined and left
+between decoding steps.
+
+Each row's tokens must equal what it gets alone, whatever its batch-mates (exactness), so
+the cache of rows that started at different times is laid out as a row alone would see it:
+
+- causal LMs: one group for all rows. A row's cache is right-aligned: its real positions
+  are the last ones, the columns before them are padding its attention mask hides, and its
+  `position_ids` count its own tokens only. A joining row is prefilled (decoder_model, the
+  joiners left-padded together, as Hugging Face pads), then its cache is left-padded to the
+  group's width and concatenated; a leaving row's cache row is dropped, and the columns
+  every remaining row hides are cut. So a step's cache is never longer than its longest
+  row's own cache: a row that fits the TensorRT profile alone fits with any batch-mates.
+- seq2seq (T5): the decoder's self-attention has no mask (relative positions count from
+  the cache's start), so only rows at the same decoding step can share a call. Rows that
+  join together are a group (a cohort) of their own; each group decodes one step per loop
+  step, and the encoder's cache is padded within a group under `encoder_attention_mask`.
+
+Arrays are numpy, or cupy when a BLS step returns GPU arrays: the operations here use the
+array's own module. Imports numpy and the decoding module (loaded before this file).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+from llm_in_triton_decoding import run_step
+
+
+def array_module(value):
+    """numpy for numpy arrays, cupy for cupy arrays (a GPU cache that never left the GPU)."""
+    if isinstance(value, np.ndarray):
+        return np
+    return importlib.import_module(type(value).__module__.split(".")[0])
+
+
+def pad_left(value, width: int, axis: int):
+    """`value` with zeros before it along `axis`, to `width`."""
+    xp = array_module(value)
+    missing = width - value.shape[axis]
+    if missing <= 0:
+        return value
+    shape = list(value.shape)
+    shape[axis] = missing
+    return xp.concatenate([xp.zeros(shape, dtype=value.dtype), value], axis=axis)
+
+
+def pad_right(value, width: int, axis: int):
+    xp = array_module(value)
+    missing = width - value.shape[axis]
+    if missing <= 0:
+        return value
+    shape = list(value.shape)
+    shape[axis] = missing
+    return xp.concatenate([value, xp.zeros(shape, dtype=value.dtype)], axis=axis)
+
+
+def take_rows(value, rows: list[int]):
+    xp = array_module(value)
+    return value[xp.asarray(rows, dtype=xp.int64)]
+
+
+CACHE_AXIS = 2  # [batch, heads, positions, head size], as the exports name `past_sequence_length`
+
+
+class CausalGroup:
+    """All rows of a causal LM and their right-aligned cache (see module doc)."""
+
+    def __init__(self, rows: list, cache: dict, mask: np.ndarray, positions: np.ndarray):
+        self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
+
+    @classmethod
+    def prefill(cls, steps: dict, rows: list, pad_id: int) -> tuple[CausalGroup, np.ndarray]:
+        """Joining rows' prompts through decoder_model, left-padded together."""
+        width = max(len(row.prompt) for row in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row.prompt) :] = row.prompt
+            mask[index, width - len(row.prompt) :] = 1
+        positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+        cache: dict = {}
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        logits = run_step(steps["decoder_model"], feed, cache)
+        return cls(list(rows), cache, mask, mask.sum(axis=1)), logits
+
+    @property
+    def width(self) -> int:
+        """The cache's length: what the next step reads."""
+        return self.mask.shape[1]
+
+    def step(self, steps: dict) -> np.ndarray:
+        """Each row's last token in, the next token's logits out."""
+        tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        feed = {
+            "input_ids": tokens,
+            "attention_mask": mask,
+            "position_ids": self.positions[:, None].copy(),
+        }
+        logits = run_step(steps["decoder_with_past_model"], feed, self.cache)
+        self.mask, self.positions = mask, self.positions + 1
+        return logits
+
+    def absorb(self, other: CausalGroup) -> None:
+        """`other`'s rows after this group's, both caches left-padded to the longer."""
+        width = max(self.width, other.width)
+        for name in self.cache:
+            mine, theirs = self.cache[name], other.cache[name]
+            xp = array_module(mine)
+            self.cache[name] = xp.concatenate(
+                [pad_left(mine, width, CACHE_AXIS), pad_left(theirs, width, CACHE_AXIS)], axis=0
+            )
+        self.mask = np.concatenate(
+            [pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)], axis=0
+        )
+        self.positions = np.concatenate([self.positions, other.positions])
+        self.rows += other.rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Only these rows stay; the columns all of them hide are cut."""
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return
+        mask = self.mask[indices]
+        hidden = int((mask.cumsum(axis=1) == 0).sum(axis=1).min())
+        self.mask, self.positions = mask[:, hidden:], self.positions[indices]
+        self.cache = {
+            name: take_rows(value, indices)[:, :, hidden:] for name, value in self.cache.items()
+        }
+
+
+class Seq2SeqGroup:
+    """Rows of a seq2seq model that joined together: one cohort (see module doc)."""
+
+    def __init__(self, rows: list, cache: dict, encoder_mask: np.ndarray) -> None:
+        self.rows, self.cache, self.encoder_mask = rows, cache, encoder_mask
+        self.steps_done = 1
+
+    @classmethod
+    def prefill(
+        cls, steps: dict, rows: list, pad_id: int, start_id: int
+    ) -> tuple[Seq2SeqGroup, np.ndarray]:
+        """The encoder over the joining rows' prompts (right-padded), then the first step."""
+        width = max(len(row.prompt) for row in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for index, row in enumerate(rows):
+            ids[index, : len(row.prompt)] = row.prompt
+            mask[index, : len(row.prompt)] = 1
+        hidden = steps["encoder_model"]({"input_ids": ids, "attention_mask": mask})
+        cache: dict = {}
+        feed = {
+            "encoder_attention_mask": mask,
+            "encoder_hidden_states": hidden["last_hidden_state"],
+            "input_ids": np.full((len(rows), 1), start_id, np.int64),
+        }
+        logits = run_step(steps["decoder_model"], feed, cache)
+        return cls(list(rows), cache, mask), logits
+
+    @property
+    def width(self) -> int:
+        """The decoder cache's length: what the next step reads."""
+        return self.steps_done
+
+    def step(self, steps: dict) -> np.ndarray:
+        tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
+        feed = {"encoder_attention_mask": self.encoder_mask, "input_ids": tokens}
+        logits = run_step(steps["decoder_with_past_model"], feed, self.cache)
+        self.steps_done += 1
+        return logits
+
+    def keep(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+        self.encoder_mask = self.encoder_mask[indices]
+        self.cache = {name: take_rows(value, indices) for name, value in self.cache.items()}
+
+
+class RunningBatch:
+    """The rows decoding now, in groups (one for a causal LM, a cohort each for seq2seq)."""
+
+    def __init__(
+        self,
+        kind: str,
+        steps: dict,
+        pad_id: int,
+        start_id: int | None = None,
+        cache_limit: int = 0,
+    ) -> None:
+        self.kind, self.steps, self.pad_id, self.start_id = kind, steps, pad_id, start_id
+        self.cache_limit = cache_limit  # the profile's longest cache (0: none): a guard
+        self.groups: list = []
+
+    @property
+    def rows(self) -> list:
+        return [row for group in self.groups for row in group.rows]
+
+    def __len__(self) -> int:
+        return sum(len(group.rows) for group in self.groups)
+
+    def join(self, joining: list) -> list[tuple[object, np.ndarray]]:
+        """Prefill the joining rows (their first token's logits) and add them to the batch;
+        (row, logits) for each."""
+        if self.kind == "causal":
+            group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
+        else:
+            group, logits = Seq2SeqGroup.prefill(self.steps, joining, self.pad_id, self.start_id)
+        if self.kind == "causal" and self.groups:
+            self.groups[0].absorb(group)
+        else:
+            self.groups.append(group)
+        return list(zip(joining, logits))
+
+    def step(self) -> list[tuple[object, np.ndarray]]:
+        """One decoding step of every row: (row, its next token's logits)."""
+        out = []
+        for group in self.groups:
+            if self.cache_limit and group.width > self.cache_limit:
+                raise RuntimeError(  # cannot happen when the door checks each row alone
+                    f"a step would read a cache of {group.width} > the profile's {self.cache_limit}"
+                )
+            out += list(zip(group.rows, group.step(self.steps)))
+        return out
+
+    def remove(self, leaving: set) -> None:
+        """Drop these rows (finished or cancelled) and their cache."""
+        for group in self.groups:
+            if any(row in leaving for row in group.rows):
+                group.keep([i for i, row in enumerate(group.rows) if row not in leaving])
+        self.groups = [group for group in self.groups if group.rows]
+
+    def clear(self) -> None:
+        self.groups = []
+
+    def widths(self) -> list[int]:
+        """Each group's cache length (what its next step reads): the profile arithmetic."""
+        return [group.width for group in self.groups]

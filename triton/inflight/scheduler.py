@@ -1,0 +1,194 @@
+"""The in-flight loop: admission, batch membership, the profile's limits, the queue's bound.
+
+One thread per model instance keeps decoding. At every step boundary:
+- rows whose request was cancelled (or, still waiting, outlived `queue_timeout_ms`) leave;
+- waiting requests join, first come first served, while the batch has room for all the
+  rows of the next one (a request's rows join together; the one that does not fit waits,
+  and so do the ones behind it);
+- the joining rows are prefilled and their first token goes out at once; then one decoding
+  step runs for every row (batch.py). Each row picks its token with its own parameters and
+  its own random generator (seeded from SEED: a sample does not depend on its batch-mates),
+  and rows that finished leave at once.
+
+A row alone always fits the profile (the model refuses at the door a prompt and
+MAX_NEW_TOKENS that do not), and a step's cache is never longer than its longest row's own
+(batch.py), so `max_rows` (the profile's batch MAX) is the only limit a row waits for.
+`submit` refuses at once when `max_waiting` requests already wait.
+
+A job is what the loop needs of a request (model.py's, or any object): `rows`,
+`cancelled()`, `stepped()` after each step it took part in, `finish()`, `cancel()`,
+`reject(message)` and `fail(message)`. Imports numpy and the sibling modules only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from llm_in_triton_decoding import RowParams, sample_token
+
+TIMED_OUT = "Request timeout expired"  # Triton's words for a queue timeout
+QUEUE_FULL = "Exceeds maximum queue size"  # and for a full queue: clients count rejections
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt decoding: its tokens so far and this step's token and text piece."""
+
+    prompt: np.ndarray
+    params: RowParams
+    text: object  # detokenizer.TextStream
+    tokens: list = field(default_factory=list)
+    done: bool = False
+    token: int = -1  # this step's token (-1: none)
+    piece: str = ""  # this step's text
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def pick(self, logits: np.ndarray, eos: set) -> None:
+        p = self.params
+        token = sample_token(logits, p, self.rng) if p.sample else int(logits.argmax())
+        self.tokens.append(token)
+        self.token, self.piece = token, self.text.add(token)
+        self.done = token in eos or len(self.tokens) >= p.max_new_tokens or self.text.stopped
+        if self.done:
+            self.piece += self.text.finish()
+
+    def rest(self) -> None:
+        """This step made nothing for this row."""
+        self.token, self.piece = -1, ""
+
+
+class Scheduler:
+    """Runs the loop in a thread of its own (see module doc)."""
+
+    def __init__(
+        self,
+        batch,
+        eos_ids,
+        max_rows: int,
+        max_waiting: int = 0,
+        queue_timeout_s: float = 0.0,
+        on_error=None,
+    ) -> None:
+        self.batch, self.eos = batch, set(eos_ids)
+        self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.queue_timeout_s = queue_timeout_s
+        self.on_error = on_error or (lambda err: None)
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="inflight", daemon=True)
+        self.steps = 0
+        self.seconds = {"decoding": 0.0, "loop": 0.0}  # where the loop's time goes
+
+    def start(self) -> Scheduler:
+        self.thread.start()
+        return self
+
+    def submit(self, job) -> bool:
+        """Queue a job; False when `max_waiting` jobs already wait (reject it at once)."""
+        with self.condition:
+            if self.stopping or (self.max_waiting and len(self.waiting) >= self.max_waiting):
+                return False
+            job.queued_at = time.monotonic()
+            self.waiting.append(job)
+            self.condition.notify()
+        return True
+
+    def stop(self, message: str = "the model is unloading") -> None:
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+        for job in [*self.running, *self.waiting]:
+            job.fail(message)
+        self.running, self.waiting = [], deque()
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.condition.wait()
+                if self.stopping:
+                    return
+            try:
+                self.iterate()
+            except Exception as err:  # a failed step fails its rows' requests, not the loop
+                self.on_error(err)
+                for job in self.running:
+                    job.fail(f"generation failed: {err}")
+                self.running = []
+                self.batch.clear()
+
+    def _admit(self) -> list:
+        """Waiting jobs that join now; cancelled and timed-out ones are answered."""
+        room = self.max_rows - len(self.batch)
+        joining, now = [], time.monotonic()
+        with self.condition:
+            kept: deque = deque()
+            for job in self.waiting:
+                if job.cancelled():
+                    job.cancel()
+                elif self.queue_timeout_s and now - job.queued_at > self.queue_timeout_s:
+                    job.reject(TIMED_OUT)
+                elif not kept and len(job.rows) <= room:
+                    joining.append(job)
+                    room -= len(job.rows)
+                else:
+                    kept.append(job)  # first come, first served: nobody passes a waiting job
+            self.waiting = kept
+        return joining
+
+    def iterate(self) -> None:
+        """One step boundary and one step (see module doc)."""
+        began = time.perf_counter()
+        try:
+            self._iterate()
+        finally:
+            self.seconds["loop"] += time.perf_counter() - began
+
+    def _iterate(self) -> None:
+        gone = [job for job in self.running if job.cancelled()]
+        for job in gone:
+            job.cancel()
+        self._leave(gone)
+        joining = self._admit()
+        self.running += joining
+        if joining:  # their first token goes out before the others' step: a short TTFT
+            rows = [row for job in joining for row in job.rows]
+            self._timed_pick(lambda: self.batch.join(rows), joining)
+        if len(self.batch):
+            self._timed_pick(self.batch.step, self.running)
+
+    def _timed_pick(self, run, jobs: list) -> None:
+        """Run a prefill or a step, let each row pick its token, answer `jobs` (the ones
+        that took part), and drop the rows and jobs that are done."""
+        began = time.perf_counter()
+        advanced = run()
+        self.seconds["decoding"] += time.perf_counter() - began
+        for row, logits in advanced:
+            row.pick(logits, self.eos)
+        self.steps += 1
+        finished = []
+        for job in jobs:
+            job.stepped()
+            if all(row.done for row in job.rows):
+                job.finish()
+                finished.append(job)
+        done = {row for job in jobs for row in job.rows if row.done}
+        self.batch.remove(done)
+        for row in done:
+            row.rest()
+        self.running = [job for job in self.running if job not in finished]
+
+    def _leave(self, jobs: list) -> None:
+        if jobs:
+            self.batch.remove({row for job in jobs for row in job.rows})
+            self.running = [job for job in self.running if job not in jobs]
