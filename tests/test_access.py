@@ -23,8 +23,7 @@ from tasks import paths
 from tasks.server import EmbeddedTritonServer, ReplicaSet, access, free_port, make_server
 from tasks.settings import Endpoints
 from tests.helpers.client import Client
-from tests.helpers.project import OFFLINE_ENV
-from tests.helpers.serving import SERVED_SHAPES, needs_nginx
+from tests.helpers.serving import SERVED_SHAPES, doit_serve, needs_nginx
 
 pytestmark = pytest.mark.server
 EVIL_CODE = """\
@@ -358,33 +357,17 @@ def test_an_api_key_comes_only_from_the_environment_and_a_bad_one_is_refused(tmp
 
 def test_doit_serve_keeps_its_secrets_out_of_ps_logs_and_doit_state(served, tmp_path):
     project, _ = served
-    ports = sorted({free_port() for _ in range(6)})[:3]
     api_key = f"api-{os.getpid()}-{time.time_ns()}"
-    variables = [f"{kind}_port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports)]
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "doit",
-                "serve",
-                "task=encode",
-                *SERVED_SHAPES,
-                *variables,
-                "openai_port=0",
-            ],
-            cwd=project.root,
-            env={**os.environ, **OFFLINE_ENV, access().API_KEY_VARIABLE: api_key},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    process, server, _ = doit_serve(
+        project,
+        log_path,
+        "task=encode",
+        *SERVED_SHAPES,
+        environment={access().API_KEY_VARIABLE: api_key},
+    )
     try:
-        deadline = time.monotonic() + 180
-        while "Ctrl-C stops the server" not in (output := log_path.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, output
-            time.sleep(0.2)
+        output = log_path.read_text()
         secret_file = project.root / ".secrets" / "admin-key"
         admin = access().read_secret(secret_file)
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
@@ -393,7 +376,6 @@ def test_doit_serve_keeps_its_secrets_out_of_ps_logs_and_doit_state(served, tmp_
         assert "need the admin secret in .secrets/admin-key" in output
         ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
         assert "@ADMIN_KEY@" in ps  # the server is there, its placeholder only
-        server = type("Served", (), {"http_url": f"127.0.0.1:{ports[0]}"})
         with Client(server) as client:
             assert refusal(lambda: client.infer("encode", {"TEXT": ["x"]})) == "403"
             assert refusal(lambda: client.client.unload_model("encode")) == "403"

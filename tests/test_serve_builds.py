@@ -3,19 +3,14 @@ meanwhile, and the running server loads what they change in models/ without a re
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from tasks.server import free_port
 from tests.helpers.client import Client
-from tests.helpers.project import OFFLINE_ENV, copy_project
-from tests.helpers.serving import SERVED_SHAPES
+from tests.helpers.project import copy_project
+from tests.helpers.serving import SERVED_SHAPES, doit_serve
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -36,33 +31,9 @@ def max_batch_size(server, model: str) -> int:
 def test_while_serve_serves_others_read_build_and_are_served(tmp_path):
     project = copy_project(tmp_path / "project")  # its own: the build adds to models/
     project.doit("task=encode", *SERVED_SHAPES)
-    ports = []
-    while len(ports) < 3:
-        if (port := free_port()) not in ports:
-            ports.append(port)
-    variables = [f"{k}_port={p}" for k, p in zip(("http", "grpc", "metrics"), ports)]
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        serving = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "doit",
-                "serve",
-                "task=encode",
-                *SERVED_SHAPES,
-                *variables,
-                "openai_port=0",
-            ],
-            cwd=project.root,
-            env={**os.environ, **OFFLINE_ENV},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    server = SimpleNamespace(http_url=f"127.0.0.1:{ports[0]}", grpc_url=f"127.0.0.1:{ports[1]}")
+    serving, server, variables = doit_serve(project, log_path, "task=encode", *SERVED_SHAPES)
     try:
-        wait_for(log_path, "Ctrl-C stops the server", serving)
         assert "other doit runs may build here now" in log_path.read_text()
         # what only reads, and what writes beside models/, runs while it serves
         assert "repo:encode_model" in project.doit("list", "--all").output
@@ -71,7 +42,13 @@ def test_while_serve_serves_others_read_build_and_are_served(tmp_path):
         )
         project.doit("graph", "task=encode", *SERVED_SHAPES)
         bench = project.doit(
-            "bench", "task=encode", *SERVED_SHAPES, *variables, "seconds=0.3", "concurrency=1"
+            "bench",
+            "task=encode",
+            *SERVED_SHAPES,
+            *variables,
+            "seconds=0.3",
+            "concurrency=1",
+            "openai_port=0",
         )
         assert "reus" in bench.output.lower(), bench.output  # the running server, not its own
         # a second deployment, built meanwhile, is answered with no restart

@@ -64,3 +64,39 @@ def nginx_missing() -> bool:
 needs_nginx = pytest.mark.skipif(
     nginx_missing(), reason="no nginx: apt-get install nginx (.ci/run does)"
 )
+
+
+def doit_serve(project, log_path, *args: str, environment: dict | None = None):
+    """`doit serve ARGS...` in `project` on free ports (the OpenAI API off), its output to
+    `log_path`, once it says it serves: (the process, the server's URLs, the port variables).
+    The caller stops it (SIGTERM)."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from tasks.server import free_port
+    from tests.helpers.project import OFFLINE_ENV
+
+    ports: list[int] = []
+    while len(ports) < 3:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    variables = [f"{k}_port={p}" for k, p in zip(("http", "grpc", "metrics"), ports)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "doit", "serve", *args, *variables, "openai_port=0"],
+            cwd=project.root,
+            env={**os.environ, **OFFLINE_ENV, **(environment or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 300
+    while "Ctrl-C stops the server" not in (output := log_path.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(output)
+        time.sleep(0.2)
+    server = SimpleNamespace(http_url=f"127.0.0.1:{ports[0]}", grpc_url=f"127.0.0.1:{ports[1]}")
+    return process, server, variables
