@@ -268,6 +268,15 @@ VARIABLES: dict[str, Variable] = {
             "how TensorRT engines (and `backend=onnxruntime` files) are served",
             chosen="`inline` on python, else `models`",
         ),
+        Variable(
+            "exporter",
+            "auto",
+            _choice(catalog.EXPORTERS),
+            "how the onnx stage exports: `optimum` (its per-family configs), `torch` (the "
+            "generic `torch.onnx` path, causallm only: any decoder transformers runs with a "
+            "per-layer key/value cache); `auto` = optimum where it lists the model type for "
+            "the task, else torch; see [docs/decoders.md](docs/decoders.md)",
+        ),
         Variable("host", "127.0.0.1", _text, "the address `doit serve` binds"),
         Variable("http_port", "8000", _port, "HTTP port of `doit serve`"),
         Variable("grpc_port", "8001", _port, "gRPC port of `doit serve`"),

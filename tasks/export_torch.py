@@ -1,0 +1,173 @@
+"""The generic exporter: torch.onnx.export (dynamo) of any transformers decoder with a per-layer
+key/value cache, for the model types optimum does not list (tasks/export.py calls it).
+
+It writes what optimum's causal-LM export writes, so every later stage reads it unchanged:
+`decoder_model` (the prompt, no past) and `decoder_with_past_model`, inputs `input_ids`,
+`attention_mask`, `position_ids` (when the forward takes them), `past_key_values.{i}.key|value`,
+outputs `logits` (the last position) and `present.{i}.key|value`, with optimum's axis names.
+
+The wrapper takes the past as flat tensors and builds a transformers `DynamicCache` inside
+`forward`; with no config that cache keeps every layer whole, sliding-window layers included
+(their mask, not the cache, limits what they see), so the cache grows by one position per token
+on every layer, as a full-attention model's does. Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# optimum's axis names: the pbtxt, plan profiles (catalog.PROFILE_DIMS) and parity read them
+BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQUENCE}"
+# the sizes of the example inputs: none 0 or 1, which the exporter would specialise on
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 3, 5
+
+
+def cache_shape(config) -> tuple[int, int]:
+    """(key/value heads, head size) of each layer's cache, from the config."""
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return heads, head_dim
+
+
+def takes_positions(model) -> bool:
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def make_wrapper(model, layers: int, positions: bool, with_past: bool):
+    """A module from flat tensors to (logits of the last position, *flat present)."""
+    import torch
+    from transformers import DynamicCache
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, *rest):
+            position_ids = rest[0] if positions else None
+            past = rest[1:] if positions else rest
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)] if with_past else None
+            cache = DynamicCache(pairs) if pairs else DynamicCache()
+            extra = {"position_ids": position_ids} if positions else {}
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                return_dict=True,
+                **extra,
+            )
+            cache = out.past_key_values
+            flat = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *flat)
+
+    return Step().eval()
+
+
+def io_names(layers: int, positions: bool, with_past: bool) -> tuple[list[str], list[str]]:
+    cache = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", *(["position_ids"] if positions else [])]
+    if with_past:
+        inputs += [f"past_key_values.{c}" for c in cache]
+    return inputs, ["logits", *(f"present.{c}" for c in cache)]
+
+
+def example_inputs(config, layers: int, positions: bool, with_past: bool) -> tuple:
+    import torch
+
+    heads, head_dim = cache_shape(config)
+    batch, seq = EXAMPLE_BATCH, EXAMPLE_SEQUENCE
+    past = EXAMPLE_PAST if with_past else 0
+    vocab = config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    inputs = [ids, mask]
+    if positions:
+        inputs.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
+    if with_past:
+        inputs += [torch.randn(batch, heads, past, head_dim) for _ in range(2 * layers)]
+    return tuple(inputs)
+
+
+def dynamic_shapes(layers: int, positions: bool, with_past: bool) -> tuple:
+    from torch.export import Dim
+
+    batch, seq = Dim(BATCH, min=1), Dim(SEQUENCE, min=1)
+    tokens = {0: batch, 1: seq}
+    mask = {0: batch, 1: Dim("attention_length", min=1)} if with_past else tokens
+    shapes = [tokens, mask, *([tokens] if positions else [])]
+    if with_past:
+        past = Dim(PAST, min=1)
+        shapes += [{0: batch, 2: past} for _ in range(2 * layers)]
+    # one entry per forward argument: `*rest` takes a tuple (a list is refused)
+    return (shapes[0], shapes[1], tuple(shapes[2:]))
+
+
+def name_axes(model, positions: bool, with_past: bool) -> None:
+    """Give the graph's inputs and outputs optimum's axis names (the exporter's own differ)."""
+    length = TOTAL if with_past else SEQUENCE
+
+    def set_dims(value, names: dict[int, str]) -> None:
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in names.items():
+            dims[axis].Clear()
+            dims[axis].dim_param = name
+
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            set_dims(value, {0: BATCH, 2: PAST})
+        elif value.name == "attention_mask":
+            set_dims(value, {0: BATCH, 1: length})
+        else:
+            set_dims(value, {0: BATCH, 1: SEQUENCE})
+    for value in model.graph.output:
+        if value.name.startswith("present."):
+            set_dims(value, {0: BATCH, 2: length})
+        else:
+            set_dims(value, {0: BATCH})
+    del model.graph.value_info[:]  # the exporter's symbols: ONNX Runtime infers its own
+
+
+def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
+    """decoder_model.onnx and decoder_with_past_model.onnx in `staged`: part -> file."""
+    import warnings
+
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
+    config = model.config
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    positions = takes_positions(model)
+    files = {}
+    for part, with_past in (("decoder_model", False), ("decoder_with_past_model", True)):
+        wrapper = make_wrapper(model, layers, positions, with_past)
+        inputs, outputs = io_names(layers, positions, with_past)
+        target = staged / f"{part}.onnx"
+        print(f"onnx: exporting {part} with torch.onnx (dynamo, opset {opset})", flush=True)
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper,
+                example_inputs(config, layers, positions, with_past),
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic_shapes(layers, positions, with_past),
+                external_data=True,
+                optimize=True,
+                verbose=False,
+            )
+        program.save(str(target), external_data=True)
+        graph = onnx.load(str(target))
+        name_axes(graph, positions, with_past)
+        onnx.save(graph, str(target), save_as_external_data=True, location=f"{part}.onnx.data")
+        files[part] = target
+    return files
