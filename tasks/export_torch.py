@@ -14,7 +14,76 @@ on every layer, as a full-attention model's does. Heavy imports stay inside the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MoeBlock:
+    """How to read one of transformers' mixture-of-experts blocks (attribute names).
+
+    Routing as transformers does it: softmax over `router`'s logits, the `top_k` largest,
+    renormalised to sum to 1 when `normalize` says so ("always", or the name of a boolean
+    attribute); then a `shared` expert for every token, scaled by sigmoid(`shared_gate`)."""
+
+    router: str = "gate"
+    experts: str = "experts"
+    top_k: str = "top_k"
+    normalize: str = "always"
+    shared: str | None = None
+    shared_gate: str | None = None
+
+
+# transformers' blocks loop over the experts the batch hit, a loop whose length is data, which
+# torch.export cannot trace; during export each block below runs `fixed_loop_forward` instead.
+MOE_BLOCKS: dict[str, MoeBlock] = {
+    "MixtralSparseMoeBlock": MoeBlock(),
+    "Qwen2MoeSparseMoeBlock": MoeBlock(
+        normalize="norm_topk_prob", shared="shared_expert", shared_gate="shared_expert_gate"
+    ),
+    "Qwen3MoeSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
+    "OlmoeSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
+    "FlexOlmoSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
+}
+
+
+def fixed_loop_forward(block, hidden_states):
+    """A mixture-of-experts block as one fixed graph: every expert runs on every token and is
+    weighted by its routing weight, zero unless it is among the token's top k. The same sums
+    as transformers' sparse loop, at num_experts / top_k times the experts' compute."""
+    import torch
+
+    spec = MOE_BLOCKS[type(block).__name__]
+    batch, sequence, width = hidden_states.shape
+    tokens = hidden_states.reshape(-1, width)
+    router_logits = getattr(block, spec.router)(tokens)
+    probabilities = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+    top, chosen = torch.topk(probabilities, getattr(block, spec.top_k), dim=-1)
+    if spec.normalize == "always" or getattr(block, spec.normalize, False):
+        top = top / top.sum(dim=-1, keepdim=True)
+    weights = torch.zeros_like(probabilities).scatter(1, chosen, top).to(tokens.dtype)
+    out = torch.zeros_like(tokens)
+    for index, expert in enumerate(getattr(block, spec.experts)):
+        out = out + expert(tokens) * weights[:, index : index + 1]
+    if spec.shared:
+        shared = getattr(block, spec.shared)(tokens)
+        if spec.shared_gate:
+            shared = torch.sigmoid(getattr(block, spec.shared_gate)(tokens)) * shared
+        out = out + shared
+    return out.reshape(batch, sequence, width), router_logits
+
+
+def patch_moe_blocks(model) -> int:
+    """Give each known MoE block of the model the fixed-loop forward; how many were patched."""
+    import types
+
+    patched = 0
+    for module in model.modules():
+        if type(module).__name__ in MOE_BLOCKS:
+            module.forward = types.MethodType(fixed_loop_forward, module)
+            patched += 1
+    return patched
+
 
 # optimum's axis names: the pbtxt, plan profiles (catalog.PROFILE_DIMS) and parity read them
 BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
@@ -110,7 +179,7 @@ def dynamic_shapes(layers: int, positions: bool, with_past: bool) -> tuple:
 
 def name_axes(model, positions: bool, with_past: bool) -> None:
     """Give the graph's inputs and outputs optimum's axis names (the exporter's own differ)."""
-    length = TOTAL if with_past else SEQUENCE
+    mask_length = TOTAL if with_past else SEQUENCE
 
     def set_dims(value, names: dict[int, str]) -> None:
         dims = value.type.tensor_type.shape.dim
@@ -122,12 +191,12 @@ def name_axes(model, positions: bool, with_past: bool) -> None:
         if value.name.startswith("past_key_values."):
             set_dims(value, {0: BATCH, 2: PAST})
         elif value.name == "attention_mask":
-            set_dims(value, {0: BATCH, 1: length})
+            set_dims(value, {0: BATCH, 1: mask_length})
         else:
             set_dims(value, {0: BATCH, 1: SEQUENCE})
     for value in model.graph.output:
         if value.name.startswith("present."):
-            set_dims(value, {0: BATCH, 2: length})
+            set_dims(value, {0: BATCH, 2: TOTAL})  # the first step's past is empty
         else:
             set_dims(value, {0: BATCH})
     del model.graph.value_info[:]  # the exporter's symbols: ONNX Runtime infers its own
@@ -141,10 +210,12 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     config = model.config
     layers = config.get_text_config(decoder=True).num_hidden_layers
     positions = takes_positions(model)
+    if blocks := patch_moe_blocks(model):
+        print(f"onnx: {blocks} mixture-of-experts blocks run every expert (fixed loop)", flush=True)
     files = {}
     for part, with_past in (("decoder_model", False), ("decoder_with_past_model", True)):
         wrapper = make_wrapper(model, layers, positions, with_past)

@@ -28,6 +28,9 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"  # its server stage's FROM line: the image k8s/ runs
 SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"  # what python-backend models import
 README = ROOT / "README.md"  # its table of variables is made from tasks/variables.py
+DECODERS_DOC = ROOT / "docs" / "decoders.md"  # made by `python -m tasks.decoders`
+# tiny random decoders built through parity (python -m tests.helpers.decoder_parity TYPE...)
+DECODER_PARITY = TASKS_DIR / "data" / "decoder_parity.json"
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"

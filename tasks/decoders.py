@@ -1,0 +1,91 @@
+"""docs/decoders.md: every causal-LM model type of the installed transformers, the exporter
+`exporter=auto` takes for it (or why it is refused), and what a tiny random model of it did at
+the parity gate when one was built (tasks/data/decoder_parity.json, written by
+`python -m tests.helpers.decoder_parity TYPE...`).
+
+    python -m tasks.decoders        # writes docs/decoders.md afresh; a test keeps it equal
+"""
+
+from __future__ import annotations
+
+from tasks import artifacts, catalog, exporters, paths
+from tasks.errors import ModelSourceError
+
+HEADER = """\
+# Decoders: which exporter, and what parity said
+
+Made by `python -m tasks.decoders` from the installed transformers {transformers} and
+optimum-onnx {optimum_onnx}; a test keeps it equal to a recomputation. `exporter=auto` (the
+default) takes optimum where it lists the model type for text generation with a cache, else
+the generic `torch.onnx` path (tasks/export_torch.py); a `doit task=causallm` build proves
+either with the parity gate (each file at the profile's shapes, then greedy decoding against
+`generate()`).
+
+The parity column records the builds that were run: a tiny random model of the type (2 layers,
+32 wide, sliding window 8 where the family has one, 4 experts with 2 per token where it has
+experts), built by `python -m tests.helpers.decoder_parity TYPE...` through the parity stage
+(batch=1,4,8 seq=1,32,64), with the date and transformers version in
+tasks/data/decoder_parity.json. "not run" means no build was tried: the exporter column
+says what would run. Some types in transformers' causal-LM list are encoders with a language
+modelling head (bert, roberta...), which task=causallm does not serve well.
+
+Mixture-of-experts blocks that tasks/export_torch.py's `MOE_BLOCKS` table knows
+({moe}) run every expert on every token during export, weighted by the routing (zero outside
+the top k): the same sums as the sparse loop at num_experts / top_k times the experts' compute
+(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). Other
+MoE blocks stop the export at transformers' loop over the experts a batch hit.
+
+Sliding-window layers are exact: the exported files keep every layer's cache whole (the
+mask, not the cache, limits what a sliding layer sees), so past the window the cache still
+grows by one position per token, to at most the prompt plus the new tokens, as a full-attention
+model's does.
+
+| model type | exporter (auto) | tiny random model at the parity gate |
+|---|---|---|
+"""
+
+
+def exporter_of(model_type: str) -> str:
+    """What `exporter=auto` does with a causal-LM model type: the path, or the refusal."""
+    try:
+        return exporters.choose(catalog.TASKS["causallm"], model_type, "auto").path
+    except ModelSourceError as err:
+        reason = catalog.UNSUPPORTED_CACHES.get(model_type)
+        return f"refused: {reason}" if reason else f"refused: {err}"
+
+
+def parity_cell(model_type: str, results: dict) -> str:
+    cells = []
+    for key, record in results.items():
+        if key.split(" ")[0] != model_type:
+            continue
+        asked = "" if " " not in key else f" ({key.split(' ', 1)[1]})"
+        outcome = record["parity"]
+        if outcome != "passed":
+            outcome += f": {record.get('error', '?')}".replace("|", "/").replace("\n", " ")
+        cells.append(f"{outcome}{asked}, {record.get('date', '?')}")
+    return "; ".join(cells) or "not run"
+
+
+def decoders_table() -> str:
+    results = artifacts.read_json(paths.DECODER_PARITY) if paths.DECODER_PARITY.is_file() else {}
+    versions = artifacts.versions("transformers", "optimum-onnx")
+    moe = ", ".join(f"`{name}`" for name in _moe_blocks())
+    rows = [
+        f"| `{t}` | {exporter_of(t)} | {parity_cell(t, results)} |"
+        for t in exporters.causal_lm_types()
+    ]
+    header = HEADER.format(
+        transformers=versions["transformers"], optimum_onnx=versions["optimum-onnx"], moe=moe
+    )
+    return header + "\n".join(rows) + "\n"
+
+
+def _moe_blocks() -> list[str]:
+    from tasks.export_torch import MOE_BLOCKS
+
+    return list(MOE_BLOCKS)
+
+
+if __name__ == "__main__":
+    artifacts.write_text(paths.DECODERS_DOC, decoders_table())
