@@ -28,6 +28,8 @@ from tasks import artifacts, catalog, exporters, paths
 from tasks.errors import ExportError, fails_cleanly
 from tasks.settings import Settings, current
 
+PROTOBUF_LIMIT = 2**31  # bytes: protobuf's cap on one message, so on one ONNX file
+
 
 def describe_io(model) -> dict:
     """Names, numpy dtypes and shapes (symbolic dims as strings) of graph inputs/outputs."""
@@ -182,6 +184,13 @@ def install_part(settings: Settings, part: str, exported: Path, exporter: str) -
     if not exported.is_file():
         raise ExportError(f"{exporter} wrote no {exported.name}")
     model = onnx.load(str(exported))
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights >= PROTOBUF_LIMIT:
+        raise ExportError(
+            f"{exported.name} holds {weights / 2**30:.1f} GiB of weights: one ONNX file takes "
+            "under 2 GiB, and this build does not yet carry external data through quantize, "
+            "repo and plan; pick a model under about 500M parameters (fp32 under 2 GiB)"
+        )
     if spec.mean_pooling:
         add_mean_pooling(model)
     if spec.generation:

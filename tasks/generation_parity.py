@@ -91,8 +91,11 @@ def _torch(feed: dict, names: set[str]) -> dict:
     return {k: torch.from_numpy(v) for k, v in feed.items() if k in names}
 
 
-def causal_steps(model, ids, mask) -> dict:
-    """decoder_model: the prompt without a cache; decoder_with_past_model: a token reading it."""
+def causal_steps(model, ids, mask, whole_cache: bool = False) -> dict:
+    """decoder_model: the prompt without a cache; decoder_with_past_model: a token reading it.
+
+    `whole_cache`: the files keep sliding-window layers' cache whole, as the generic exporter's
+    do (their mask, not their cache, limits what those layers see)."""
     import numpy as np
     from transformers import DynamicCache
 
@@ -103,9 +106,8 @@ def causal_steps(model, ids, mask) -> dict:
         left_mask[row, width - length :] = 1
     positions = np.where(left_mask == 1, left_mask.cumsum(axis=1) - 1, 1)
     feed = {"input_ids": left_ids, "attention_mask": left_mask, "position_ids": positions}
-    # a cache made without the config keeps sliding-window layers whole, as the exported files
-    # do (the mask limits what those layers see): the same present.* to compare
-    out = model(**_torch(feed, set(feed)), past_key_values=DynamicCache(), use_cache=True)
+    cache = {"past_key_values": DynamicCache()} if whole_cache else {}  # no config: whole
+    out = model(**_torch(feed, set(feed)), use_cache=True, **cache)
     first = {"logits": last(out.logits), **cache_tensors(out.past_key_values, "causal")}
     feed2 = {
         "input_ids": out.logits[:, -1].argmax(-1, keepdim=True).numpy(),
@@ -183,7 +185,7 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         for part in spec.onnx_parts
     }
     if spec.generation == "causal":
-        steps = causal_steps(model, ids, mask)
+        steps = causal_steps(model, ids, mask, whole_cache=exported_by(settings) == "torch")
     else:
         steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"]))
     report = {}
@@ -249,6 +251,12 @@ def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bo
     return {"prompts": len(ids), "new_tokens": new, "equal": True, "tokens": served}
 
 
+def exported_by(settings: Settings) -> str | None:
+    """Which exporter wrote the files (their io.json says): "torch", "optimum (...)"."""
+    io = artifacts.read_json(paths.onnx_io(settings.name, settings.task.onnx_parts[0]))
+    return io.get("exporter")
+
+
 def reference_model(settings: Settings):
     """The Hugging Face model in fp32. Files of the generic exporter are judged against eager
     attention, which they compute: transformers' sdpa path lets a left-padded row's padding
@@ -258,8 +266,7 @@ def reference_model(settings: Settings):
     import transformers
 
     name, spec = settings.name, settings.task
-    exporter = artifacts.read_json(paths.onnx_io(name, spec.onnx_parts[0])).get("exporter")
-    attention = {"attn_implementation": "eager"} if exporter == "torch" else {}
+    attention = {"attn_implementation": "eager"} if exported_by(settings) == "torch" else {}
     model_class = getattr(transformers, spec.auto_class)
     return model_class.from_pretrained(
         paths.source_dir(name), dtype=torch.float32, **attention
