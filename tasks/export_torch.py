@@ -14,8 +14,11 @@ on every layer, as a full-attention model's does. Heavy imports stay inside the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -100,16 +103,19 @@ def cache_shape(config) -> tuple[int, int]:
     return heads, head_dim
 
 
-def takes_positions(model) -> bool:
+def takes(model, argument: str) -> bool:
+    """Whether the model's forward has this argument (older families lack some)."""
     import inspect
 
-    return "position_ids" in inspect.signature(model.forward).parameters
+    return argument in inspect.signature(model.forward).parameters
 
 
 def make_wrapper(model, layers: int, positions: bool, with_past: bool):
     """A module from flat tensors to (logits of the last position, *flat present)."""
     import torch
     from transformers import DynamicCache
+
+    last_only = takes(model, "logits_to_keep")
 
     class Step(torch.nn.Module):
         def __init__(self) -> None:
@@ -122,12 +128,13 @@ def make_wrapper(model, layers: int, positions: bool, with_past: bool):
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)] if with_past else None
             cache = DynamicCache(pairs) if pairs else DynamicCache()
             extra = {"position_ids": position_ids} if positions else {}
+            if last_only:  # else the onnx stage slices the last position out of all
+                extra["logits_to_keep"] = 1
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
                 return_dict=True,
                 **extra,
             )
@@ -202,6 +209,21 @@ def name_axes(model, positions: bool, with_past: bool) -> None:
     del model.graph.value_info[:]  # the exporter's symbols: ONNX Runtime infers its own
 
 
+@contextmanager
+def explained(model_type: str, part: str):
+    """torch.export's errors run to pages: one line, and what usually causes it."""
+    try:
+        yield
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ExportError(
+            f"torch.onnx could not export {part} of a '{model_type}' model "
+            f"({type(err).__name__}: {first}); a mixture-of-experts block missing from "
+            "tasks/export_torch.py's MOE_BLOCKS stops it at its loop over the experts a batch "
+            "hit (add a row), and exporter=optimum may take a type optimum lists"
+        ) from err
+
+
 def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     """decoder_model.onnx and decoder_with_past_model.onnx in `staged`: part -> file."""
     import warnings
@@ -213,7 +235,7 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     config = model.config
     layers = config.get_text_config(decoder=True).num_hidden_layers
-    positions = takes_positions(model)
+    positions = takes(model, "position_ids")
     if blocks := patch_moe_blocks(model):
         print(f"onnx: {blocks} mixture-of-experts blocks run every expert (fixed loop)", flush=True)
     files = {}
@@ -222,7 +244,7 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
         inputs, outputs = io_names(layers, positions, with_past)
         target = staged / f"{part}.onnx"
         print(f"onnx: exporting {part} with torch.onnx (dynamo, opset {opset})", flush=True)
-        with warnings.catch_warnings(), torch.inference_mode():
+        with warnings.catch_warnings(), torch.inference_mode(), explained(config.model_type, part):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
