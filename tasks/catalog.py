@@ -330,6 +330,12 @@ POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 EXPORTERS = ("auto", "optimum", "torch")
 TORCH_EXPORT_GENERATION = ("causal",)  # the generation kinds the generic path exports
 
+# Types optimum lists whose optimum export failed the parity gate here while the generic path
+# passed it (docs/decoders.md): `exporter=auto` takes the generic path for them.
+TORCH_OVER_OPTIMUM: dict[str, str] = {
+    "gemma3_text": "optimum's files differ from PyTorch in the cache (parity failed)",
+}
+
 # Causal-LM model types whose cache is not a list of per-layer key/value pairs, which the
 # exported files and the decoding loop pass on: refused at download, before any work.
 _STATE_SPACE = "a state-space or hybrid model: its cache holds recurrent states, not keys+values"

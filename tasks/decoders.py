@@ -11,6 +11,7 @@ from __future__ import annotations
 from tasks import artifacts, catalog, exporters, paths
 from tasks.errors import ModelSourceError
 
+ERROR_CHARS = 140  # of a failed build's error in the table (all of it in the .json)
 HEADER = """\
 # Decoders: which exporter, and what parity said
 
@@ -58,15 +59,16 @@ def exporter_of(model_type: str) -> str:
 
 
 def parity_cell(model_type: str, results: dict) -> str:
+    """Each recorded build of this type: outcome (exporter that ran), date, error if any."""
     cells = []
     for key, record in results.items():
         if key.split(" ")[0] != model_type:
             continue
-        asked = "" if " " not in key else f" ({key.split(' ', 1)[1]})"
-        outcome = record["parity"]
-        if outcome != "passed":
-            outcome += f": {record.get('error', '?')}".replace("|", "/").replace("\n", " ")
-        cells.append(f"{outcome}{asked}, {record.get('date', '?')}")
+        cell = f"{record['parity']} ({record.get('exporter') or 'no export'}), {record['date']}"
+        if record["parity"] != "passed":
+            error = record.get("error", "?")[:ERROR_CHARS].replace("|", "/").replace("\n", " ")
+            cell += f": {error}"
+        cells.append(cell)
     return "; ".join(cells) or "not run"
 
 

@@ -54,13 +54,19 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
     supported = optimum_tasks_for(model_type)
     missing = [task for task in spec.optimum_tasks if task not in supported]
     generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
-    if exporter == "torch" or (exporter == "auto" and missing and generic):
+    preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
+    if exporter == "torch" or (exporter == "auto" and (missing or preferred) and generic):
         if model_type not in causal_lm_types():
             raise ModelSourceError(
                 f"task={spec.name}: '{model_type}' is no causal LM that transformers "
                 "(AutoModelForCausalLM) knows; pick a decoder-only model"
             )
-        why = "asked for" if exporter == "torch" else f"optimum does not list '{model_type}'"
+        if exporter == "torch":
+            why = "asked for"
+        elif missing:
+            why = f"optimum does not list '{model_type}'"
+        else:
+            why = f"'{model_type}': {catalog.TORCH_OVER_OPTIMUM[model_type]}"
         return Choice("torch", f"{why}: the generic torch.onnx (dynamo) path")
     if not missing:
         listed = ", ".join(spec.optimum_tasks)
