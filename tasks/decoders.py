@@ -36,8 +36,15 @@ the top k): the same sums as the sparse loop at num_experts / top_k times the ex
 (Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). Measured
 in PyTorch on one thread of a shared 2-core AMD EPYC (rough): a Mixtral-shaped block (512 wide,
 8 experts, top 2) took 1.17x the sparse loop's time for 16 tokens (a decode step of 16 rows hits
-nearly every expert anyway) and 5.6x for 256 tokens (a prompt). Other MoE blocks stop the
-export at transformers' loop over the experts a batch hit.
+nearly every expert anyway) and 5.6x for 256 tokens (a prompt). Other MoE blocks either
+trace as they are (granitemoe's) or stop the export at transformers' loop over the experts a
+batch hit, and the build says to add a row to the table.
+
+`exporter=auto` also takes the generic path for the types in catalog.TORCH_OVER_OPTIMUM
+({preferred}): optimum lists them, but its files failed the parity gate here while the
+generic path's passed. The generic path's files are judged against transformers' eager
+attention, which they compute: its sdpa path lets the padding positions of a left-padded row
+attend to everything, which changes only cache entries that no query reads.
 
 Sliding-window layers are exact: the exported files keep every layer's cache whole (the
 mask, not the cache, limits what a sliding layer sees), so past the window the cache still
@@ -81,7 +88,10 @@ def decoders_table() -> str:
         for t in exporters.causal_lm_types()
     ]
     header = HEADER.format(
-        transformers=versions["transformers"], optimum_onnx=versions["optimum-onnx"], moe=moe
+        transformers=versions["transformers"],
+        optimum_onnx=versions["optimum-onnx"],
+        moe=moe,
+        preferred=", ".join(f"`{t}`" for t in catalog.TORCH_OVER_OPTIMUM),
     )
     return header + "\n".join(rows) + "\n"
 
