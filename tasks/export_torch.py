@@ -25,7 +25,9 @@ from tasks.errors import ExportError
 class MoeBlock:
     """How to read one of transformers' mixture-of-experts blocks (attribute names).
 
-    Routing as transformers does it: softmax over `router`'s logits, the `top_k` largest,
+    Either the block keeps its own routing and only its `expert_loop` method, (tokens, top-k
+    indices, top-k weights) -> mixed tokens, is replaced; or the whole forward is replaced,
+    routing as transformers does it: softmax over `router`'s logits, the `top_k` largest,
     renormalised to sum to 1 when `normalize` says so ("always", or the name of a boolean
     attribute); then a `shared` expert for every token, scaled by sigmoid(`shared_gate`)."""
 
@@ -35,10 +37,12 @@ class MoeBlock:
     normalize: str = "always"
     shared: str | None = None
     shared_gate: str | None = None
+    expert_loop: str | None = None
 
 
 # transformers' blocks loop over the experts the batch hit, a loop whose length is data, which
-# torch.export cannot trace; during export each block below runs `fixed_loop_forward` instead.
+# torch.export cannot trace; during export each block below runs a fixed loop instead.
+_OWN_ROUTING = MoeBlock(expert_loop="moe")
 MOE_BLOCKS: dict[str, MoeBlock] = {
     "MixtralSparseMoeBlock": MoeBlock(),
     "Qwen2MoeSparseMoeBlock": MoeBlock(
@@ -47,13 +51,36 @@ MOE_BLOCKS: dict[str, MoeBlock] = {
     "Qwen3MoeSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
     "OlmoeSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
     "FlexOlmoSparseMoeBlock": MoeBlock(normalize="norm_topk_prob"),
+    "DeepseekV2MoE": _OWN_ROUTING,
+    "DeepseekV3MoE": _OWN_ROUTING,
+    "Dots1MoE": _OWN_ROUTING,
+    "Glm4MoeMoE": _OWN_ROUTING,
+    "LongcatFlashMoE": _OWN_ROUTING,
 }
 
 
+def every_expert(experts, tokens, weights):
+    """Every expert on every token, weighted ([tokens, experts], zero outside a token's top k):
+    the sparse loop's sums at num_experts / top_k times the experts' compute."""
+    out = None
+    for index, expert in enumerate(experts):
+        term = expert(tokens) * weights[:, index : index + 1]
+        out = term if out is None else out + term
+    return out
+
+
+def fixed_loop_experts(block, tokens, indices, weights):
+    """A block's own `expert_loop` as a fixed loop (the block keeps its routing)."""
+    import torch
+
+    experts = getattr(block, MOE_BLOCKS[type(block).__name__].experts)
+    dense = torch.zeros(tokens.shape[0], len(experts), dtype=weights.dtype, device=tokens.device)
+    dense = dense.scatter(1, indices, weights)
+    return every_expert(experts, tokens.to(weights.dtype), dense).type(tokens.dtype)
+
+
 def fixed_loop_forward(block, hidden_states):
-    """A mixture-of-experts block as one fixed graph: every expert runs on every token and is
-    weighted by its routing weight, zero unless it is among the token's top k. The same sums
-    as transformers' sparse loop, at num_experts / top_k times the experts' compute."""
+    """A mixture-of-experts block as one fixed graph, routing as transformers does."""
     import torch
 
     spec = MOE_BLOCKS[type(block).__name__]
@@ -65,9 +92,7 @@ def fixed_loop_forward(block, hidden_states):
     if spec.normalize == "always" or getattr(block, spec.normalize, False):
         top = top / top.sum(dim=-1, keepdim=True)
     weights = torch.zeros_like(probabilities).scatter(1, chosen, top).to(tokens.dtype)
-    out = torch.zeros_like(tokens)
-    for index, expert in enumerate(getattr(block, spec.experts)):
-        out = out + expert(tokens) * weights[:, index : index + 1]
+    out = every_expert(getattr(block, spec.experts), tokens, weights)
     if spec.shared:
         shared = getattr(block, spec.shared)(tokens)
         if spec.shared_gate:
@@ -82,9 +107,14 @@ def patch_moe_blocks(model) -> int:
 
     patched = 0
     for module in model.modules():
-        if type(module).__name__ in MOE_BLOCKS:
+        spec = MOE_BLOCKS.get(type(module).__name__)
+        if spec is None:
+            continue
+        if spec.expert_loop:
+            setattr(module, spec.expert_loop, types.MethodType(fixed_loop_experts, module))
+        else:
             module.forward = types.MethodType(fixed_loop_forward, module)
-            patched += 1
+        patched += 1
     return patched
 
 
@@ -93,14 +123,6 @@ BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = f"{PAST} + {SEQUENCE}"
 # the sizes of the example inputs: none 0 or 1, which the exporter would specialise on
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 3, 5
-
-
-def cache_shape(config) -> tuple[int, int]:
-    """(key/value heads, head size) of each layer's cache, from the config."""
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return heads, head_dim
 
 
 def takes(model, argument: str) -> bool:
@@ -153,20 +175,30 @@ def io_names(layers: int, positions: bool, with_past: bool) -> tuple[list[str], 
     return inputs, ["logits", *(f"present.{c}" for c in cache)]
 
 
-def example_inputs(config, layers: int, positions: bool, with_past: bool) -> tuple:
+def example_inputs(model, layers: int, positions: bool, with_past: bool) -> tuple:
+    """Inputs to trace with; the past is the model's own cache of a first step, so its shapes
+    (heads, key and value sizes) are whatever the family's attention makes."""
     import torch
+    from transformers import DynamicCache
 
-    heads, head_dim = cache_shape(config)
     batch, seq = EXAMPLE_BATCH, EXAMPLE_SEQUENCE
     past = EXAMPLE_PAST if with_past else 0
-    vocab = config.get_text_config(decoder=True).vocab_size
-    ids = torch.randint(0, vocab, (batch, seq))
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, past + seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    inputs = [ids, mask]
+    inputs = [ids[:, past:], mask]
     if positions:
         inputs.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
     if with_past:
-        inputs += [torch.randn(batch, heads, past, head_dim) for _ in range(2 * layers)]
+        with torch.inference_mode():
+            cache = model(input_ids=ids[:, :past], past_key_values=DynamicCache()).past_key_values
+        if len(cache.layers) != layers:
+            raise ExportError(
+                f"the model's cache has {len(cache.layers)} layers, not one per layer "
+                f"({layers}): a cache shared across layers, which the exported files cannot pass"
+            )
+        inputs += [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
     return tuple(inputs)
 
 
@@ -248,7 +280,7 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
-                example_inputs(config, layers, positions, with_past),
+                example_inputs(model, layers, positions, with_past),
                 dynamo=True,
                 opset_version=opset,
                 input_names=inputs,

@@ -255,6 +255,15 @@ TINY_DECODER = {
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 16,
     "shared_expert_intermediate_size": 16,
+    # DeepSeek-style: one expert group, a dense first layer, small latent attention
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
     # GPT-style names
     "n_embd": 32,
     "n_layer": 2,
