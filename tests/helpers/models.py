@@ -261,8 +261,8 @@ TINY_DECODER = {
     "first_k_dense_replace": 1,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
-    "qk_rope_head_dim": 4,
-    "qk_nope_head_dim": 4,
+    "qk_rope_head_dim": 8,  # = head_dim, which its rotary embedding takes
+    "qk_nope_head_dim": 8,
     "v_head_dim": 8,
     # GPT-style names
     "n_embd": 32,
