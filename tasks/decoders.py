@@ -77,7 +77,8 @@ def parity_cell(model_type: str, results: dict) -> str:
     for key, record in results.items():
         if key.split(" ")[0] != model_type:
             continue
-        cell = f"{record['parity']} ({record.get('exporter') or 'no export'}), {record['date']}"
+        ran = record.get("exporter") or "no export"
+        cell = f"{record['parity']} ({ran}), {record.get('date', '?')}"
         if record["parity"] != "passed":
             error = record.get("error", "?")[:ERROR_CHARS].replace("|", "/").replace("\n", " ")
             cell += f": {error}"

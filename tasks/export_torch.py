@@ -247,12 +247,14 @@ def explained(model_type: str, part: str):
     try:
         yield
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
+        # torch.onnx's own text starts with advice; its summary line names the cause
+        first = next((line for line in lines if line.startswith("<class '")), lines[0])[:300]
         raise ExportError(
             f"torch.onnx could not export {part} of a '{model_type}' model "
             f"({type(err).__name__}: {first}); a mixture-of-experts block missing from "
             "tasks/export_torch.py's MOE_BLOCKS stops it at its loop over the experts a batch "
-            "hit (add a row), and exporter=optimum may take a type optimum lists"
+            "hit (add a row); exporter=optimum may take a type optimum lists"
         ) from err
 
 

@@ -42,8 +42,6 @@ def run_one(model_type: str, exporter: str, work: Path) -> dict:
     record = {
         "exporter": chosen.group(1) if chosen else None,
         "parity": "passed" if run.returncode == 0 else "failed",
-        "transformers": artifacts.versions("transformers")["transformers"],
-        "date": datetime.date.today().isoformat(),
     }
     if run.returncode != 0:
         errors = ERROR.findall(run.output)
@@ -63,6 +61,8 @@ def main(argv: list[str]) -> None:
             except Exception as err:  # the tiny model itself could not be made
                 record = {"parity": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
         record["asked"] = args.exporter
+        record["transformers"] = artifacts.versions("transformers")["transformers"]
+        record["date"] = datetime.date.today().isoformat()
         results = (
             artifacts.read_json(paths.DECODER_PARITY) if paths.DECODER_PARITY.is_file() else {}
         )
