@@ -44,7 +44,10 @@ batch hit, and the build says to add a row to the table.
 ({preferred}): optimum lists them, but its files failed the parity gate here while the
 generic path's passed. The generic path's files are judged against transformers' eager
 attention, which they compute: its sdpa path lets the padding positions of a left-padded row
-attend to everything, which changes only cache entries that no query reads.
+attend to everything, which changes only cache entries that no query reads. gpt2 on the
+generic path fails the gate for that reason alone (checked by hand: its logits match to 5e-6,
+its cache differs only at a left-padded row's padding positions, which eager attention there
+also computes differently): the file parity compares every position of the cache.
 
 Sliding-window layers are exact: the exported files keep every layer's cache whole (the
 mask, not the cache, limits what a sliding layer sees), so past the window the cache still
