@@ -338,6 +338,47 @@ PART_SUFFIXES = {
 # max_position_embeddings - (pad_token_id + 1) tokens.
 POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 
+# How the onnx stage exports (the `exporter` variable): optimum's configs, or the generic
+# torch.onnx path for decoders (tasks/export_torch.py); `auto` takes optimum where it lists the
+# model type for the task, else the generic path where the task is a causal LM.
+EXPORTERS = ("auto", "optimum", "torch")
+TORCH_EXPORT_GENERATION = ("causal",)  # the generation kinds the generic path exports
+
+# Types optimum lists whose optimum export failed the parity gate here while the generic path
+# passed it (docs/decoders.md): `exporter=auto` takes the generic path for them.
+TORCH_OVER_OPTIMUM: dict[str, str] = {
+    "gemma3_text": "optimum's files differ from PyTorch in the cache (parity failed)",
+}
+
+# Causal-LM model types whose cache is not a list of per-layer key/value pairs, which the
+# exported files and the decoding loop pass on: refused at download, before any work.
+_STATE_SPACE = "a state-space or hybrid model: its cache holds recurrent states, not keys+values"
+_SHARED_KV = "keys and values shared across layers (its last layers read earlier layers' cache)"
+UNSUPPORTED_CACHES: dict[str, str] = {
+    **{
+        model_type: _STATE_SPACE
+        for model_type in (
+            "mamba",
+            "mamba2",
+            "falcon_mamba",
+            "jamba",
+            "bamba",
+            "falcon_h1",
+            "granitemoehybrid",
+            "lfm2",
+            "qwen3_next",
+            "zamba",
+            "zamba2",
+            "recurrent_gemma",
+            "rwkv",
+            "xlstm",
+            "minimax",
+        )
+    },
+    "gemma3n": _SHARED_KV,
+    "gemma3n_text": _SHARED_KV,
+}
+
 # Hub ids that resolve to a copy shipped in a Python package when the Hub is unreachable:
 # id -> (importable package, attribute holding the model directory).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {

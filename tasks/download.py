@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from doit.tools import config_changed
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, exporters, paths
 from tasks.errors import ModelSourceError, fails_cleanly
 from tasks.settings import (
     ModelSource,
@@ -106,27 +106,6 @@ def copy_checkpoint(source: ModelSource, staged: Path) -> str:
     return f"package:{packaged}"
 
 
-def check_task_support(spec: catalog.TaskSpec, model_type: str) -> None:
-    """Refuse, with the alternatives, a model whose architecture the task cannot export."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
-    from optimum.exporters.tasks import TasksManager
-
-    try:
-        supported = TasksManager.get_supported_tasks_for_model_type(
-            model_type, exporter="onnx", library_name="transformers"
-        )
-    except KeyError:
-        supported = {}
-    missing = [task for task in spec.optimum_tasks if task not in supported]
-    if missing:
-        fits = [t for t, s in catalog.TASKS.items() if all(o in supported for o in s.optimum_tasks)]
-        hint = f"use task={' or task='.join(fits)}" if fits else "use a model of another family"
-        raise ModelSourceError(
-            f"task={spec.name}: a '{model_type}' model cannot be exported for "
-            f"{', '.join(missing)}; {hint}, or pick a model made for {spec.name}"
-        )
-
-
 def ensure_fast_tokenizer(staged: Path) -> None:
     if (staged / "tokenizer.json").is_file():
         return
@@ -199,7 +178,8 @@ def fetch(settings: Settings) -> None:
             raise ModelSourceError(
                 f"model={settings.source.ref}: the checkpoint has no config.json"
             )
-        check_task_support(settings.task, artifacts.read_json(config_path).get("model_type", "?"))
+        model_type = artifacts.read_json(config_path).get("model_type", "?")
+        exporters.choose(settings.task, model_type, settings.exporter)  # refuses before any work
         check_shapes_fit_model(settings, config_path, "seq" in command_line())
         ensure_fast_tokenizer(staged)
         ensure_task_head(settings.task, staged)

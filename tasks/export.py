@@ -1,4 +1,6 @@
-"""Stage `onnx`: optimum exports the checkpoint to model_zoo/<name>/onnx/<part>.onnx.
+"""Stage `onnx`: the checkpoint to model_zoo/<name>/onnx/<part>.onnx, by optimum, or for the
+decoders optimum does not list by the generic torch.onnx path (tasks/export_torch.py), which
+writes the same files (tasks/exporters.py chooses, the `exporter` variable decides).
 
 Dynamic batch and sequence axes. Encoder tasks export one `model.onnx`; generation tasks
 export unmerged decoders (T5: encoder, decoder, decoder with past; causal LMs: the first step
@@ -22,9 +24,11 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import artifacts, catalog, paths
+from tasks import artifacts, catalog, exporters, paths
 from tasks.errors import ExportError, fails_cleanly
 from tasks.settings import Settings, current
+
+PROTOBUF_LIMIT = 2**31  # bytes: protobuf's cap on one message, so on one ONNX file
 
 
 def describe_io(model) -> dict:
@@ -129,45 +133,64 @@ def first_step_config(source: Path, optimum_task: str):
 
 
 def export(settings: Settings) -> None:
-    from optimum.exporters.onnx import main_export
-
-    name, spec = settings.name, settings.task
-    source = paths.source_dir(name)
+    name = settings.name
+    model_type = artifacts.read_json(paths.source_config(name)).get("model_type", "?")
+    choice = exporters.choose(settings.task, model_type, settings.exporter)
+    print(f"onnx: exporter {choice.path} ({choice.reason})", flush=True)
     staged = artifacts.staging_dir(paths.onnx_staging(name))
     try:
-        for run, job in enumerate(spec.exports):
-            what = f"{job.optimum_task}{' (first step)' if job.first_step else ''}"
-            print(f"onnx: exporting {what} with optimum (opset {settings.opset})", flush=True)
-            output = staged / str(run)
-            custom = (
-                {"model": first_step_config(source, job.optimum_task)} if job.first_step else {}
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about constants: expected
-                main_export(
-                    str(source),
-                    output=output,
-                    task=job.optimum_task,
-                    opset=settings.opset,
-                    local_files_only=True,
-                    do_validation=False,
-                    library_name="transformers",
-                    custom_onnx_configs=custom or None,
-                )
-            for filename, part in job.files:  # each file in place only once it is complete
-                install_part(settings, part, output / filename, job.optimum_task)
+        if choice.path == "torch":
+            from tasks.export_torch import export_causal
+
+            files = export_causal(paths.source_dir(name), staged, settings.opset)
+            for part, exported in files.items():
+                install_part(settings, part, exported, "torch")
+        else:
+            export_with_optimum(settings, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def install_part(settings: Settings, part: str, exported: Path, optimum_task: str) -> None:
+def export_with_optimum(settings: Settings, staged: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    source = paths.source_dir(settings.name)
+    for run, job in enumerate(settings.task.exports):
+        what = f"{job.optimum_task}{' (first step)' if job.first_step else ''}"
+        print(f"onnx: exporting {what} with optimum (opset {settings.opset})", flush=True)
+        output = staged / str(run)
+        custom = {"model": first_step_config(source, job.optimum_task)} if job.first_step else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constants: expected
+            main_export(
+                str(source),
+                output=output,
+                task=job.optimum_task,
+                opset=settings.opset,
+                local_files_only=True,
+                do_validation=False,
+                library_name="transformers",
+                custom_onnx_configs=custom or None,
+            )
+        for filename, part in job.files:  # each file in place only once it is complete
+            install_part(settings, part, output / filename, f"optimum ({job.optimum_task})")
+
+
+def install_part(settings: Settings, part: str, exported: Path, exporter: str) -> None:
     """Check one exported file, add what the task needs, write it and its io record."""
     import onnx
 
     name, spec = settings.name, settings.task
     if not exported.is_file():
-        raise ExportError(f"optimum wrote no {exported.name} for task {optimum_task}")
+        raise ExportError(f"{exporter} wrote no {exported.name}")
     model = onnx.load(str(exported))
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights >= PROTOBUF_LIMIT:
+        raise ExportError(
+            f"{exported.name} holds {weights / 2**30:.1f} GiB of weights: one ONNX file takes "
+            "under 2 GiB, and this build does not yet carry external data through quantize, "
+            "repo and plan; pick a model under about 500M parameters (fp32 under 2 GiB)"
+        )
     if spec.mean_pooling:
         add_mean_pooling(model)
     if spec.generation:
@@ -180,14 +203,14 @@ def install_part(settings: Settings, part: str, exported: Path, optimum_task: st
     target = paths.onnx_file(name, part)
     with artifacts.atomic_target(target) as tmp:
         onnx.save(model, str(tmp))
-    io.update(artifacts.file_record(target), opset=settings.opset)
+    io.update(artifacts.file_record(target), opset=settings.opset, exporter=exporter)
     artifacts.write_json(paths.onnx_io(name, part), io)
     size = target.stat().st_size / 2**20
     print(f"onnx: {target.relative_to(paths.ROOT)} ({size:.1f} MiB)", flush=True)
 
 
 def task_onnx():
-    """ONNX export with optimum into model_zoo/<name>/onnx/ (dynamic batch and sequence axes)."""
+    """ONNX export (optimum, or torch.onnx for other decoders) into model_zoo/<name>/onnx/."""
     settings = current()
     name = settings.name
     params = {
@@ -195,14 +218,22 @@ def task_onnx():
         "mean_pooling": settings.task.mean_pooling,
         "last_position_logits": catalog.GENERATION_LOGITS if settings.task.generation else None,
         "opset": settings.opset,
-        "versions": artifacts.versions("optimum", "optimum-onnx", "onnx", "transformers", "torch"),
+        "exporter": settings.exporter,
+        "versions": artifacts.versions(
+            "optimum", "optimum-onnx", "onnx", "onnxscript", "transformers", "torch"
+        ),
     }
     parts = settings.task.onnx_parts
     targets = [f(name, part) for part in parts for f in (paths.onnx_file, paths.onnx_io)]
     yield {
         "name": name,
         "actions": [(fails_cleanly(export), [settings])],
-        "file_dep": [paths.source_manifest(name), paths.stage_module("export")],
+        "file_dep": [
+            paths.source_manifest(name),
+            paths.stage_module("export"),
+            paths.stage_module("export_torch"),
+            paths.stage_module("exporters"),
+        ],
         "targets": targets,
         "uptodate": [
             config_changed(params),

@@ -103,9 +103,13 @@ def _torch(feed: dict, names: set[str]) -> dict:
     return {k: torch.from_numpy(v) for k, v in feed.items() if k in names}
 
 
-def causal_steps(model, ids, mask) -> dict:
-    """decoder_model: the prompt without a cache; decoder_with_past_model: a token reading it."""
+def causal_steps(model, ids, mask, whole_cache: bool = False) -> dict:
+    """decoder_model: the prompt without a cache; decoder_with_past_model: a token reading it.
+
+    `whole_cache`: the files keep sliding-window layers' cache whole, as the generic exporter's
+    do (their mask, not their cache, limits what those layers see)."""
     import numpy as np
+    from transformers import DynamicCache
 
     width, lengths = ids.shape[1], mask.sum(axis=1)
     left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
@@ -114,7 +118,8 @@ def causal_steps(model, ids, mask) -> dict:
         left_mask[row, width - length :] = 1
     positions = np.where(left_mask == 1, left_mask.cumsum(axis=1) - 1, 1)
     feed = {"input_ids": left_ids, "attention_mask": left_mask, "position_ids": positions}
-    out = model(**_torch(feed, set(feed)), use_cache=True)
+    cache = {"past_key_values": DynamicCache()} if whole_cache else {}  # no config: whole
+    out = model(**_torch(feed, set(feed)), use_cache=True, **cache)
     first = {"logits": last(out.logits), **cache_tensors(out.past_key_values, "causal")}
     feed2 = {
         "input_ids": out.logits[:, -1].argmax(-1, keepdim=True).numpy(),
@@ -192,7 +197,7 @@ def file_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         for part in spec.onnx_parts
     }
     if spec.generation == "causal":
-        steps = causal_steps(model, ids, mask)
+        steps = causal_steps(model, ids, mask, whole_cache=exported_by(settings) == "torch")
     else:
         steps = seq2seq_steps(model, ids, mask, int(facts["decoder_start_id"]))
     report = {}
@@ -258,12 +263,34 @@ def greedy_parity(settings: Settings, model, ids, mask, facts: dict, engines: bo
     return {"prompts": len(ids), "new_tokens": new, "equal": True, "tokens": served}
 
 
+def exported_by(settings: Settings) -> str | None:
+    """Which exporter wrote the files (their io.json says): "torch", "optimum (...)"."""
+    io = artifacts.read_json(paths.onnx_io(settings.name, settings.task.onnx_parts[0]))
+    return io.get("exporter")
+
+
+def reference_model(settings: Settings):
+    """The Hugging Face model in fp32. Files of the generic exporter are judged against eager
+    attention, which they compute: transformers' sdpa path lets a left-padded row's padding
+    positions attend to everything, so the cache at those positions (which no later query reads)
+    differs, while every logit and every cache entry a query reads are the same."""
+    import torch
+    import transformers
+
+    name, spec = settings.name, settings.task
+    attention = {"attn_implementation": "eager"} if exported_by(settings) == "torch" else {}
+    model_class = getattr(transformers, spec.auto_class)
+    return model_class.from_pretrained(
+        paths.source_dir(name), dtype=torch.float32, **attention
+    ).eval()
+
+
 def check(settings: Settings) -> dict:
     import numpy as np
     import torch
     import transformers
 
-    name, spec = settings.name, settings.task
+    name = settings.name
     source = paths.source_dir(name)
     facts = checkpoint_facts(name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
@@ -278,8 +305,7 @@ def check(settings: Settings) -> dict:
     )
     ids = encoded["input_ids"].astype(np.int64)
     mask = encoded["attention_mask"].astype(np.int64)
-    model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
-    model.eval()
+    model = reference_model(settings)
     with torch.inference_mode():
         files = file_parity(settings, model, ids, mask, facts)
         generation = greedy_parity(settings, model, ids, mask, facts, engines=False)
@@ -317,8 +343,7 @@ def check_gated(settings: Settings) -> dict:
         prompts, padding=True, truncation=True, max_length=longest, return_tensors="np"
     )
     ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
-    model = getattr(transformers, spec.auto_class).from_pretrained(source, dtype=torch.float32)
-    model.eval()
+    model = reference_model(settings)
     engines = settings.backend == "tensorrt"  # what is served: the engines, or the files
     decoding, generator = make_generator(settings, facts, engines)
     try:

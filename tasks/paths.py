@@ -30,6 +30,9 @@ SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"  # what python-backen
 README = ROOT / "README.md"  # the one page; the manual is docs/, one file per subject
 DOCS = ROOT / "docs"
 VARIABLES_DOC = DOCS / "variables.md"  # its table of variables is made from tasks/variables.py
+DECODERS_DOC = DOCS / "decoders.md"  # made by `python -m tasks.decoders`
+# tiny random decoders built through parity (python -m tests.helpers.decoder_parity TYPE...)
+DECODER_PARITY = TASKS_DIR / "data" / "decoder_parity.json"
 
 # Tools fetched once for the user (not build artifacts): outside the tree, in their cache.
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-in-triton"

@@ -195,6 +195,7 @@ class Settings:
     backend: str  # resolved: tensorrt | onnxruntime | python
     decoder: str | None = None  # generation only: inline | models
     trt_compat: str = "none"  # catalog.TRT_COMPAT
+    exporter: str = "auto"  # catalog.EXPORTERS; resolved per model type (tasks/exporters.py)
     endpoints: Endpoints = field(default_factory=Endpoints)
     serving: Serving = field(default_factory=Serving)
     storage: Storage = field(default_factory=Storage)
@@ -207,7 +208,7 @@ class Settings:
     tolerance: catalog.Tolerance = field(init=False)
 
     def __post_init__(self) -> None:
-        for var in ("precision", "trt_compat"):
+        for var in ("precision", "trt_compat", "exporter"):
             VARIABLES[var].check(getattr(self, var))
         self._check_combination()
         # a quantized model's element-wise differences are recorded against fp32's tolerance,
@@ -242,6 +243,11 @@ class Settings:
                 f"precision={self.precision}: task={self.task.name} has no quantization gate "
                 "(catalog.GATES), so nothing would prove its quantized answers; use "
                 "precision=fp32 or fp16"
+            )
+        if self.exporter == "torch" and self.task.generation not in catalog.TORCH_EXPORT_GENERATION:
+            raise SettingsError(
+                f"exporter=torch: the generic path exports causal LMs (task=causallm); "
+                f"use exporter=optimum or exporter=auto for task={self.task.name}"
             )
         if self.serving.gpus and backend == "python":
             raise SettingsError(
@@ -505,6 +511,7 @@ def load_settings(given: Mapping[str, str]) -> Settings:
         task=spec,
         name=name,
         trt_compat=VARIABLES["trt_compat"].read(given),
+        exporter=VARIABLES["exporter"].read(given),
         source=source,
         batch=VARIABLES["batch"].read(given),
         seq=fitted_seq(given, known_config(source, name)),

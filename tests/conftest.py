@@ -11,6 +11,7 @@ from tests.helpers.models import (
     IDENTITY_MODEL,
     MARKERS,
     add_model,
+    save_decoder_model,
     save_generation_model,
     save_ner_model,
     tiny_roberta_config,
@@ -126,6 +127,21 @@ def generation_models(tmp_path_factory) -> dict[str, Path]:
         family: save_generation_model(tmp_path_factory.mktemp(family), family)
         for family in ("gpt2", "opt", "llama", "t5")
     }
+
+
+@pytest.fixture(scope="session")
+def decoder_models(tmp_path_factory):
+    """Tiny random causal LMs of any family transformers knows, made on first use:
+    decoder_models("starcoder2") -> its directory."""
+    made: dict[str, Path] = {}
+
+    def model(model_type: str) -> Path:
+        if model_type not in made:
+            target = tmp_path_factory.mktemp(model_type)
+            made[model_type] = save_decoder_model(target, model_type)
+        return made[model_type]
+
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ def built_files(project) -> list[str]:
         (["batch=0"], "ERROR: batch=0: sizes must be at least 1"),
         (["precision=fp16", "block_size=32"], "ERROR: block_size=32: only 4-bit recipes take"),
         (["backend=tensorrt"], "ERROR: backend=tensorrt: TensorRT and an NVIDIA GPU are needed"),
+        (["exporter=onnx"], "ERROR: exporter=onnx: unknown exporter; choose one of"),
+        (["exporter=torch"], "ERROR: exporter=torch: the generic path exports causal LMs"),
     ],
 )
 def test_bad_variables_stop_doit_before_any_task(project, variables, message):
@@ -58,6 +60,35 @@ def test_a_model_whose_architecture_does_not_fit_the_task_fails_at_download(proj
         "ModelSourceError: task=qa: a 't5' model cannot be exported for question-answering"
         in run.output
     )
+    assert "Traceback" not in run.output
+    assert built_files(project) == []
+
+
+@pytest.mark.parametrize(
+    ("model_type", "variables", "message"),
+    [
+        # a state-space model's cache is no list of per-layer keys and values
+        ("mamba", (), "a 'mamba' model is not supported: a state-space or hybrid model"),
+        ("gemma3n", (), "a 'gemma3n' model is not supported: keys and values shared"),
+        # the generic path exports it, but optimum was asked for
+        (
+            "starcoder2",
+            ("exporter=optimum",),
+            "exporter=optimum: optimum does not list a 'starcoder2' model for text-generation, "
+            "text-generation-with-past; use exporter=torch",
+        ),
+    ],
+)
+def test_a_decoder_no_exporter_takes_fails_at_download_with_the_reason(
+    project, tmp_path, model_type, variables, message
+):
+    model = tmp_path / model_type
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": model_type}))
+    run = project.doit("task=causallm", f"model={model}", *variables, check=False)
+    assert run.returncode == 1
+    assert run.executed == ["download:causallm"]
+    assert message in run.output
     assert "Traceback" not in run.output
     assert built_files(project) == []
 

@@ -31,6 +31,8 @@ DEPLOYMENTS = {  # name: (task, family, more variables)
     # each exported file a Triton model of its own, called through BLS (as on TensorRT)
     "optbls": ("causallm", "opt", ("decoder=models",)),
     "t5bls": ("t5", "t5", ("decoder=models",)),
+    # a family optimum does not list: the generic torch.onnx path (exporter=auto)
+    "sc2": ("causallm", "starcoder2", ()),
 }
 PARTS = {  # the unmerged decoders TensorRT takes, exported for every backend
     "causallm": ["decoder_model", "decoder_with_past_model"],
@@ -76,18 +78,21 @@ def eos_variant(source, target) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module")
-def generating(tmp_path_factory, generation_models):
+def generating(tmp_path_factory, generation_models, decoder_models):
     from tasks.server import EmbeddedTritonServer
 
     project = copy_project(tmp_path_factory.mktemp("generation") / "project")
+    models = dict(generation_models)
     for name, (task, family, more) in DEPLOYMENTS.items():
-        model = f"model={generation_models[family]}"
+        if family not in models:  # a family of no generation_models fixture
+            models[family] = decoder_models(family)
+        model = f"model={models[family]}"
         project.doit(f"task={task}", model, f"name={name}", *SHAPES, *more)
     eos_dir = tmp_path_factory.mktemp("eos") / "gpt2-eos"
     stops = eos_variant(generation_models["gpt2"], eos_dir)
     project.doit("task=causallm", f"model={eos_dir}", "name=gpteos", *SHAPES)
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
-        yield project, server, generation_models, stops
+        yield project, server, models, stops
 
 
 def generate(server, model: str, prompts: list[str], **options):
@@ -135,6 +140,26 @@ def test_served_greedy_output_equals_generate_token_for_token(generating, name):
     report = json.loads(project.path(paths.parity_report(name)).read_text())
     assert report["generation"]["equal"] is True
     assert set(report["files"]) == set(PARTS[task])
+
+
+def test_the_generic_exporter_writes_the_files_optimum_writes(generating):
+    """starcoder2 (torch.onnx) and gpt2 (optimum): the same inputs, outputs and axis names,
+    up to the layer sizes, so every later stage reads either."""
+    project = generating[0]
+
+    def axes(name: str, part: str) -> tuple[dict, str]:
+        io = json.loads(project.path(paths.onnx_io(name, part)).read_text())
+        shapes = {
+            t["name"]: [d if isinstance(d, str) else "n" for d in t["shape"]]
+            for t in io["inputs"] + io["outputs"]
+        }
+        return shapes, io["exporter"]
+
+    for part in PARTS["causallm"]:
+        torch_axes, torch_path = axes("sc2", part)
+        optimum_axes, optimum_path = axes("gpt", part)
+        assert torch_path == "torch" and optimum_path.startswith("optimum (text-generation")
+        assert torch_axes == optimum_axes
 
 
 def test_max_new_tokens_is_respected(generating):

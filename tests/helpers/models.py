@@ -262,3 +262,74 @@ def add_model(repo: Path, name: str, code: str) -> None:
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "1" / "model.py").write_text(code)
     (repo / name / "config.pbtxt").write_text(PYTHON_MODEL_CONFIG.format(name=name))
+
+
+# Sizes of the tiny random decoders of any family (tiny_decoder_config): each set only where
+# the family's config has the field. A window of 8 is passed by every parity prompt and its
+# new tokens; layer_types alternate sliding and full layers where a family has both.
+TINY_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "initializer_range": 0.3,
+    # mixture of experts: 4 experts, 2 per token
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    # DeepSeek-style: one expert group, a dense first layer, small latent attention
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,  # = head_dim, which its rotary embedding takes
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    # GPT-style names
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 128,
+}
+
+
+def tiny_decoder_config(model_type: str, tokenizer):
+    """A tiny random config of any causal-LM family transformers knows."""
+    import transformers
+
+    defaults = transformers.AutoConfig.for_model(model_type).to_dict()
+    sizes = {k: v for k, v in TINY_DECODER.items() if k in defaults}
+    if defaults.get("layer_types") is None:
+        sizes.pop("layer_types", None)
+    eos = tokenizer.eos_token_id
+    return transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+
+
+def save_decoder_model(target: Path, model_type: str) -> Path:
+    """A tiny random causal LM of any family, with a tokenizer trained here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = generation_tokenizer("causal")
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(tiny_decoder_config(model_type, tokenizer)).save_pretrained(
+        target
+    )
+    tokenizer.save_pretrained(target)
+    return target

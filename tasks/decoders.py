@@ -1,0 +1,116 @@
+"""docs/decoders.md: every causal-LM model type of the installed transformers, the exporter
+`exporter=auto` takes for it (or why it is refused), and what a tiny random model of it did at
+the parity gate when one was built (tasks/data/decoder_parity.json, written by
+`python -m tests.helpers.decoder_parity TYPE...`).
+
+    python -m tasks.decoders        # writes docs/decoders.md afresh; a test keeps it equal
+"""
+
+from __future__ import annotations
+
+from tasks import artifacts, catalog, exporters, paths
+from tasks.errors import ModelSourceError
+
+ERROR_CHARS = 140  # of a failed build's error in the table (all of it in the .json)
+HEADER = """\
+# Decoders: which exporter, and what parity said
+
+Made by `python -m tasks.decoders` from the installed transformers {transformers} and
+optimum-onnx {optimum_onnx}; a test keeps it equal to a recomputation. `exporter=auto` (the
+default) takes optimum where it lists the model type for text generation with a cache, else
+the generic `torch.onnx` path (tasks/export_torch.py); a `doit task=causallm` build proves
+either with the parity gate (each file at the profile's shapes, then greedy decoding against
+`generate()`).
+
+The parity column records the builds that were run: a tiny random model of the type (2 layers,
+32 wide, sliding window 8 where the family has one, 4 experts with 2 per token where it has
+experts), built by `python -m tests.helpers.decoder_parity TYPE...` through the parity stage
+(batch=1,4,8 seq=1,32,64), with the date and transformers version in
+tasks/data/decoder_parity.json. "not run" means no build was tried: the exporter column
+says what would run. Some types in transformers' causal-LM list are encoders with a language
+modelling head (bert, roberta...), which task=causallm does not serve well.
+
+Mixture-of-experts blocks that tasks/export_torch.py's `MOE_BLOCKS` table knows
+({moe}) run every expert on every token during export, weighted by the routing (zero outside
+the top k): the same sums as the sparse loop at num_experts / top_k times the experts' compute
+(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). Measured
+in PyTorch on one thread of a shared 2-core AMD EPYC (rough): a Mixtral-shaped block (512 wide,
+8 experts, top 2) took 1.17x the sparse loop's time for 16 tokens (a decode step of 16 rows hits
+nearly every expert anyway) and 5.6x for 256 tokens (a prompt). Other MoE blocks either
+trace as they are (granitemoe's) or stop the export at transformers' loop over the experts a
+batch hit, and the build says to add a row to the table.
+
+`exporter=auto` also takes the generic path for the types in catalog.TORCH_OVER_OPTIMUM
+({preferred}): optimum lists them, but its files failed the parity gate here while the
+generic path's passed. The generic path's files are judged against transformers' eager
+attention, which they compute: its sdpa path lets the padding positions of a left-padded row
+attend to everything, which changes only cache entries that no query reads. gpt2 on the
+generic path fails the gate for that reason alone (checked by hand: its logits match to 5e-6,
+its cache differs only at a left-padded row's padding positions, which eager attention there
+also computes differently): the file parity compares every position of the cache.
+
+Sliding-window layers are exact: the exported files keep every layer's cache whole (the
+mask, not the cache, limits what a sliding layer sees), so past the window the cache still
+grows by one position per token, to at most the prompt plus the new tokens, as a full-attention
+model's does.
+
+Exporting a random 125M-parameter Llama (12 layers, 768 wide, 476 MB in fp32), the onnx stage
+(both files) took 60 s and 3.7 GB peak memory with optimum, 85 s and 3.1 GB with the generic
+path (`/usr/bin/time -v`; a 2-core AMD EPYC shared with other jobs, so rough). Weights over
+2 GiB are refused at the onnx stage, on both paths, with the reason: one ONNX file takes under
+2 GiB, and external data is not yet carried through quantize, repo and plan.
+
+| model type | exporter (auto) | tiny random model at the parity gate |
+|---|---|---|
+"""
+
+
+def exporter_of(model_type: str) -> str:
+    """What `exporter=auto` does with a causal-LM model type: the path, or the refusal."""
+    try:
+        return exporters.choose(catalog.TASKS["causallm"], model_type, "auto").path
+    except ModelSourceError as err:
+        reason = catalog.UNSUPPORTED_CACHES.get(model_type)
+        return f"refused: {reason}" if reason else f"refused: {err}"
+
+
+def parity_cell(model_type: str, results: dict) -> str:
+    """Each recorded build of this type: outcome (exporter that ran), date, error if any."""
+    cells = []
+    for key, record in results.items():
+        if key.split(" ")[0] != model_type:
+            continue
+        ran = record.get("exporter") or "no export"
+        cell = f"{record['parity']} ({ran}), {record.get('date', '?')}"
+        if record["parity"] != "passed":
+            error = record.get("error", "?")[:ERROR_CHARS].replace("|", "/").replace("\n", " ")
+            cell += f": {error}"
+        cells.append(cell)
+    return "; ".join(cells) or "not run"
+
+
+def decoders_table() -> str:
+    results = artifacts.read_json(paths.DECODER_PARITY) if paths.DECODER_PARITY.is_file() else {}
+    versions = artifacts.versions("transformers", "optimum-onnx")
+    moe = ", ".join(f"`{name}`" for name in _moe_blocks())
+    rows = [
+        f"| `{t}` | {exporter_of(t)} | {parity_cell(t, results)} |"
+        for t in exporters.causal_lm_types()
+    ]
+    header = HEADER.format(
+        transformers=versions["transformers"],
+        optimum_onnx=versions["optimum-onnx"],
+        moe=moe,
+        preferred=", ".join(f"`{t}`" for t in catalog.TORCH_OVER_OPTIMUM),
+    )
+    return header + "\n".join(rows) + "\n"
+
+
+def _moe_blocks() -> list[str]:
+    from tasks.export_torch import MOE_BLOCKS
+
+    return list(MOE_BLOCKS)
+
+
+if __name__ == "__main__":
+    artifacts.write_text(paths.DECODERS_DOC, decoders_table())

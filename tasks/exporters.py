@@ -1,0 +1,84 @@
+"""Which exporter makes a model's ONNX files, and why: optimum where it lists the model type
+for the task, else the generic torch.onnx path for causal LMs (tasks/export_torch.py).
+
+The download stage asks before any work (a refusal names the fix); the onnx stage asks again
+and prints the answer. Both read the model type from the checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks import catalog
+from tasks.errors import ModelSourceError
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: str  # "optimum" | "torch"
+    reason: str
+
+
+def optimum_tasks_for(model_type: str) -> set[str]:
+    """The tasks optimum's ONNX exporter lists for a model type (as main_export spells it)."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    for spelling in dict.fromkeys((model_type, model_type.replace("_", "-"))):
+        try:
+            return set(
+                TasksManager.get_supported_tasks_for_model_type(
+                    spelling, exporter="onnx", library_name="transformers"
+                )
+            )
+        except KeyError:
+            continue
+    return set()
+
+
+def causal_lm_types() -> tuple[str, ...]:
+    """Every model type the installed transformers loads with AutoModelForCausalLM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return tuple(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+
+
+def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
+    """The exporter for this task and model type; a ModelSourceError naming the fix if none."""
+    if spec.generation == "causal" and model_type in catalog.UNSUPPORTED_CACHES:
+        raise ModelSourceError(
+            f"task={spec.name}: a '{model_type}' model is not supported: "
+            f"{catalog.UNSUPPORTED_CACHES[model_type]}; the exported decoders pass on per-layer "
+            "keys and values only. Pick a decoder with a key/value cache (llama, qwen2, ...)"
+        )
+    supported = optimum_tasks_for(model_type)
+    missing = [task for task in spec.optimum_tasks if task not in supported]
+    generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
+    preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
+    if exporter == "torch" or (exporter == "auto" and (missing or preferred) and generic):
+        if model_type not in causal_lm_types():
+            raise ModelSourceError(
+                f"task={spec.name}: '{model_type}' is no causal LM that transformers "
+                "(AutoModelForCausalLM) knows; pick a decoder-only model"
+            )
+        if exporter == "torch":
+            why = "asked for"
+        elif missing:
+            why = f"optimum does not list '{model_type}'"
+        else:
+            why = f"'{model_type}': {catalog.TORCH_OVER_OPTIMUM[model_type]}"
+        return Choice("torch", f"{why}: the generic torch.onnx (dynamo) path")
+    if not missing:
+        listed = ", ".join(spec.optimum_tasks)
+        return Choice("optimum", f"optimum lists '{model_type}' for {listed}")
+    if generic:  # exporter=optimum on a type only the generic path exports
+        raise ModelSourceError(
+            f"exporter=optimum: optimum does not list a '{model_type}' model for "
+            f"{', '.join(missing)}; use exporter=torch (or exporter=auto), the generic path"
+        )
+    fits = [t for t, s in catalog.TASKS.items() if all(o in supported for o in s.optimum_tasks)]
+    hint = f"use task={' or task='.join(fits)}" if fits else "use a model of another family"
+    raise ModelSourceError(
+        f"task={spec.name}: a '{model_type}' model cannot be exported for "
+        f"{', '.join(missing)}; {hint}, or pick a model made for {spec.name}"
+    )

@@ -1,0 +1,71 @@
+"""The generic exporter's pieces that need no export: which path a model type takes, the
+fixed-loop mixture-of-experts forward against transformers' own, the coverage table."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import catalog, exporters, paths
+from tasks.errors import ModelSourceError
+
+CAUSAL = catalog.TASKS["causallm"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "exporter", "path"),
+    [
+        ("llama", "auto", "optimum"),
+        ("gpt2", "auto", "optimum"),
+        ("starcoder2", "auto", "torch"),
+        ("mixtral", "auto", "torch"),
+        ("llama", "torch", "torch"),
+        ("llama", "optimum", "optimum"),
+        ("gemma3_text", "auto", "torch"),  # optimum lists it, but its files failed parity
+        ("gemma3_text", "optimum", "optimum"),
+    ],
+)
+def test_auto_takes_optimum_where_it_lists_the_type_else_torch(model_type, exporter, path):
+    choice = exporters.choose(CAUSAL, model_type, exporter)
+    assert choice.path == path
+    assert model_type in choice.reason or exporter == "torch"
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "jamba", "bamba", "falcon_h1", "lfm2", "gemma3n"])
+def test_caches_that_are_not_key_value_pairs_are_refused_with_the_reason(model_type):
+    with pytest.raises(ModelSourceError, match=catalog.UNSUPPORTED_CACHES[model_type][:20]):
+        exporters.choose(CAUSAL, model_type, "auto")
+
+
+def test_an_encoder_task_keeps_optimum_and_its_hint():
+    with pytest.raises(ModelSourceError, match="cannot be exported for question-answering"):
+        exporters.choose(catalog.TASKS["qa"], "starcoder2", "auto")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_the_fixed_loop_moe_blocks_equal_transformers_sparse_loop(decoder_models, model_type):
+    """Both kinds of MOE_BLOCKS row: the whole forward (mixtral, qwen2_moe with its shared
+    expert), or only the expert loop under the family's own routing (deepseek_v3)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.export_torch import MOE_BLOCKS, patch_moe_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(decoder_models(model_type)).eval()
+    blocks = [m for m in model.modules() if type(m).__name__ in MOE_BLOCKS]
+    assert blocks
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, model.config.hidden_size)
+    with torch.inference_mode():
+        theirs = [block(hidden) for block in blocks]
+        assert patch_moe_blocks(model) == len(blocks)
+        mine = [block(hidden) for block in blocks]
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_decoders_table_is_what_the_command_makes():
+    from tasks.decoders import decoders_table
+
+    assert paths.DECODERS_DOC.read_text() == decoders_table(), (
+        "docs/decoders.md is stale: run `python -m tasks.decoders`"
+    )
