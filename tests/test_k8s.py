@@ -224,7 +224,7 @@ def test_the_pods_run_as_the_images_non_root_user_with_nothing_to_escalate_or_wr
 
 
 def test_the_network_policy_admits_the_served_ports_of_the_triton_pods_only():
-    manifests = rendered(http_port="9000", grpc_port="9001", metrics_port="9002")
+    manifests = rendered(http_port="9000", grpc_port="9001", metrics_port="9002", openai_port="0")
     policy = manifests["networkpolicy"]["spec"]
     assert policy["podSelector"] == manifests["deployment"]["spec"]["selector"]
     assert policy["policyTypes"] == ["Ingress"]
