@@ -132,8 +132,8 @@ def wait_for(proc, marker: str, lines: list[str], timeout: float = 300) -> None:
     raise AssertionError(f"no {marker!r} within {timeout}s")
 
 
-# two stages in the lean run (the first file-targeted one after the download, and the last);
-# the other three are the same path through other tasks
+# one stage in the lean run (the first file-targeted one after the download); the other four
+# are the same path through other tasks (suite=slow)
 @pytest.mark.parametrize(
     "stage",
     [
@@ -141,7 +141,7 @@ def wait_for(proc, marker: str, lines: list[str], timeout: float = 300) -> None:
         "onnx",
         pytest.param("parity", marks=pytest.mark.slow),
         pytest.param("pbtxt", marks=pytest.mark.slow),
-        "repo",
+        pytest.param("repo", marks=pytest.mark.slow),
     ],
 )
 def test_a_build_killed_inside_a_task_ends_correct_when_run_again(project, stage):

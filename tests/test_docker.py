@@ -200,7 +200,10 @@ def test_every_stage_states_its_python_and_installs_project_files():
         assert all(f.is_file() for f in stage.requirement_files), stage
 
 
-@pytest.mark.parametrize("stage_name", ["server", "exporter"])
+@pytest.mark.parametrize(
+    "stage_name",
+    ["server", pytest.param("exporter", marks=pytest.mark.slow)],  # 41 s
+)
 def test_pip_resolves_each_stage_for_its_python_and_platform_from_wheels(tmp_path, stage_name):
     """pip's own resolver, for the stage's Python and glibc, wheels only (no build from source)."""
     stage = dockerfile_stages()[stage_name]

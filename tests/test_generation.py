@@ -415,6 +415,7 @@ def test_the_stream_model_refuses_bad_prompts_in_words(generating):
         assert error is not None and words in str(error), (value, error)
 
 
+@pytest.mark.slow  # publishes and serves from a moto bucket: 40 s; test_s3 keeps the encoder's
 def test_generation_deployments_serve_from_a_bucket_whole_and_streamed(generating, tmp_path):
     """Published to a real S3 server (moto) and served from it: Triton fetches each model of a
     bucket alone, so the stream model has its own files, copied inside the bucket."""

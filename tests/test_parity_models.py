@@ -43,7 +43,17 @@ def test_task_heads_on_minilm_weights_pass_parity(project, minilm_dir, task):
 ENCODER_TASKS = sorted(n for n, spec in catalog.TASKS.items() if not spec.generation)
 
 
-@pytest.mark.parametrize("task", ENCODER_TASKS)
+# encode and qa in the lean run; the served fixture builds seqcls and ner through parity too
+LEAN_PARITY_TASKS = ("encode", "qa")
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        t if t in LEAN_PARITY_TASKS else pytest.param(t, marks=pytest.mark.slow)
+        for t in ENCODER_TASKS
+    ],
+)
 def test_a_tiny_random_roberta_passes_parity_for_every_task(
     project, tiny_roberta_dir, task, tmp_path
 ):

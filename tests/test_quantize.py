@@ -73,6 +73,7 @@ def test_a_bad_recipe_fails_its_gate_naming_the_metric_and_never_re_exports(int8
     assert not project.path(paths.parity_report("encode")).exists()  # nothing passes as good
 
 
+@pytest.mark.slow  # 24 s: ModelOpt's Q/DQ, for TensorRT only
 def test_modelopts_qdq_file_for_tensorrt_passes_onnx_runtime_parity_here(int8_project):
     project = int8_project
     run = project.doit(

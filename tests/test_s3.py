@@ -295,6 +295,7 @@ def test_a_publish_killed_part_way_leaves_the_previous_version_served(
         np.testing.assert_allclose(embeddings(server), local_answers["second"], atol=1e-6)
 
 
+@pytest.mark.slow  # a bench run: 40 s
 @needs_nginx
 def test_bench_through_nginx_keeps_failures_of_a_killed_replica_to_its_requests_in_flight(
     s3, tmp_path, first, local_answers
