@@ -41,7 +41,9 @@ def folder_manifest(repository: Path) -> dict:
         if not config.is_file() or not versions:
             continue  # not a model the repo stage wrote
         stamps = []
-        for file in sorted(f for f in model.rglob("*") if f.is_file()):
+        # not what the python backend writes there itself when it loads model.py (bytecode)
+        files = [f for f in model.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        for file in sorted(files):
             info = file.stat()
             stamps.append(
                 f"{file.relative_to(model)} {info.st_size} {info.st_ino} {info.st_mtime_ns}"
