@@ -223,7 +223,7 @@ def mount_tmpfs(where, megabytes: int) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.parametrize("stage", ["onnx", "repo"])
+@pytest.mark.parametrize("stage", [pytest.param("onnx", marks=pytest.mark.slow), "repo"])
 def test_a_full_disk_fails_with_one_line_and_leaves_no_half_written_target(project, stage):
     """The target folder on a 20 MiB tmpfs: MiniLM's 86 MiB ONNX file cannot fit."""
     where = {

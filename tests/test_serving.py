@@ -327,6 +327,7 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str
     raise AssertionError(f"no {marker!r} in:\n{''.join(seen)}")
 
 
+@pytest.mark.slow  # 21 s; tests/test_access.py's doit serve stops on SIGTERM in the lean run
 def test_serve_stops_cleanly_on_sigterm_and_starts_again(served):
     from tasks.server import port_is_free
 
