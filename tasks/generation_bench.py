@@ -21,6 +21,7 @@ import time
 from tasks import artifacts, paths
 from tasks.facts import checkpoint_facts
 from tasks.loadgen import WARMUP_SECONDS, closed_loop
+from tasks.server import authorize
 from tasks.settings import Settings
 
 SEED = 0
@@ -80,11 +81,11 @@ def stream_work(settings: Settings, url: str, records: list):
     """One request through `<name>_stream` (gRPC), each response's arrival timed."""
     import queue
 
-    import numpy as np
     import tritonclient.grpc as grpc
 
     def setup(state: dict) -> None:
         state["client"] = client = grpc.InferenceServerClient(url)
+        authorize(client, "grpc")
         state["arrived"] = arrived = queue.Queue()
         client.start_stream(callback=lambda result, error: arrived.put((result, error)))
 
@@ -96,12 +97,7 @@ def stream_work(settings: Settings, url: str, records: list):
 
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
-        inputs = [
-            grpc.InferInput("TEXT", [1, 1], "BYTES"),
-            grpc.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"),
-        ]
-        inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([[new]], dtype=np.int32))
+        inputs = prompt_inputs(text, new)
         began = time.perf_counter()
         state["client"].async_stream_infer(
             f"{settings.name}_stream", inputs, enable_empty_final_response=True
@@ -125,23 +121,32 @@ def stream_work(settings: Settings, url: str, records: list):
     return setup, work
 
 
+def prompt_inputs(text: str, new: int) -> list:
+    """One prompt and the new tokens it asks for, as gRPC inputs of `<name>` and `_stream`."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    inputs = [
+        grpc.InferInput("TEXT", [1, 1], "BYTES"),
+        grpc.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[new]], dtype=np.int32))
+    return inputs
+
+
 def whole_work(settings: Settings, url: str, records: list):
     """One request through the ensemble `<name>` (gRPC), answered whole."""
-    import numpy as np
     import tritonclient.grpc as grpc
 
     def setup(state: dict) -> None:
         state["client"] = grpc.InferenceServerClient(url)
+        authorize(state["client"], "grpc")
         state["close"] = state["client"].close
 
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
-        inputs = [
-            grpc.InferInput("TEXT", [1, 1], "BYTES"),
-            grpc.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32"),
-        ]
-        inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([[new]], dtype=np.int32))
+        inputs = prompt_inputs(text, new)
         ids = state["client"].infer(settings.name, inputs).as_numpy("OUTPUT_IDS")
         made = int((ids[0] != -1).sum())
         records.append({"tokens": made})

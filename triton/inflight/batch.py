@@ -46,16 +46,6 @@ def pad_left(value, width: int, axis: int):
     return xp.concatenate([xp.zeros(shape, dtype=value.dtype), value], axis=axis)
 
 
-def pad_right(value, width: int, axis: int):
-    xp = array_module(value)
-    missing = width - value.shape[axis]
-    if missing <= 0:
-        return value
-    shape = list(value.shape)
-    shape[axis] = missing
-    return xp.concatenate([value, xp.zeros(shape, dtype=value.dtype)], axis=axis)
-
-
 def take_rows(value, rows: list[int]):
     xp = array_module(value)
     return value[xp.asarray(rows, dtype=xp.int64)]
