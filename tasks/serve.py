@@ -217,7 +217,7 @@ def start_watchers(server, read_manifest, interval: float, baseline: dict, guard
     if isinstance(server, ReplicaSet):
         watched = [(m, server.supervisor_of(i)) for i, m in enumerate(server.members)]
     else:
-        watched = [(server, getattr(server, "supervisor", None))]
+        watched = [(server, server if hasattr(server, "forget") else None)]  # docker: none
     return [
         RepositoryWatcher(
             member.http_url,

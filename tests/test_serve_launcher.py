@@ -286,6 +286,60 @@ def test_the_supervisor_as_a_container_entrypoint_heals_the_server_it_starts(
     assert not supervision().stubs(prefix)
 
 
+def test_the_entrypoint_ends_the_server_when_a_held_model_loses_a_stub(tmp_path):
+    """A model whose requests outlive execute (the generation loop's config says so): a reload
+    would leave its requests hanging, so the image's supervisor ends the server and exits for
+    the container to be started again (compose's restart policy, Kubernetes)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tasks import paths
+    from tasks.server import http_ready, supervision
+    from tests.helpers.models import IDENTITY_MODEL, add_model
+
+    repo = tmp_path / "repo"
+    add_model(repo, "held", IDENTITY_MODEL)
+    config = repo / "held" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + 'parameters { key: "requests_outlive_execute" value { string_value: "true" } }\n'
+    )
+    install = find_tritonserver()
+    backend_dir = prepare_backend_dir(tmp_path / "backends", install)
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    prefix = f"llm_in_triton_held_{os.getpid()}_"
+    command = [
+        sys.executable, str(paths.runtime_file("supervisor", "supervisor.py")),
+        "--url", f"127.0.0.1:{http}", "--shm-prefix", prefix, "--",
+        str(install.server), f"--model-repository={repo}", f"--backend-directory={backend_dir}",
+        f"--backend-config=python,shm-region-prefix-name={prefix}",
+        f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+    ]  # fmt: skip
+    log = tmp_path / "entry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, env=server_environment(), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not http_ready(f"127.0.0.1:{http}", "held"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1)  # a look at the stubs as loaded
+        os.kill(next(iter(supervision().stubs(prefix))), signal.SIGKILL)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert code != 0, text
+    assert "the requests it held are answered by no one now" in text
+    assert "so that it restarts" in text and "is back in" not in text
+
+
 def test_a_stub_name_gives_its_model_with_or_without_an_instance_group():
     from tasks.server import supervision
 

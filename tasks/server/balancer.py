@@ -238,9 +238,7 @@ class ReplicaSet(Listening):
 
         class Current:
             def forget(self, name: str) -> None:
-                supervisor = getattr(replicas.members[index], "supervisor", None)
-                if supervisor is not None:
-                    supervisor.forget(name)
+                replicas.members[index].forget(name)
 
         return Current()
 

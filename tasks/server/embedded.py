@@ -2,7 +2,9 @@
 
 It starts the server in its own process group, waits until it is ready, fails fast with
 Triton's own reason lines when a model does not load, and on `stop()` leaves no stub process
-and no `/dev/shm` region behind.
+and no `/dev/shm` region behind. When its supervisor finds that only a restart answers the
+requests a dead stub held (triton/supervisor/supervisor.py), it restarts in place, on the same
+ports, and counts as running meanwhile.
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ class EmbeddedTritonServer(Listening):
         self._process: subprocess.Popen | None = None
         self._terminated = False
         self._workdir: Path | None = None
+        self._stopping = threading.Event()  # stop() was called: a restart under way ends
+        self._restarted = threading.Event()  # set but while a restart in place runs
+        self._restarted.set()
+        self._restarter: threading.Thread | None = None  # the thread restarting in place
+        self.restarts: list[dict] = []  # why, old pid, new pid, seconds to ready
 
     @property
     def metrics_url(self) -> str:
@@ -152,7 +159,9 @@ class EmbeddedTritonServer(Listening):
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """Serving, or restarting in place (see the module)."""
+        alive = self._process is not None and self._process.poll() is None
+        return alive or not self._restarted.is_set()
 
     @property
     def returncode(self) -> int | None:
@@ -172,6 +181,10 @@ class EmbeddedTritonServer(Listening):
 
     def start(self) -> EmbeddedTritonServer:
         """Launch the server and wait until it and every model in the repository are ready."""
+        self._stopping.clear()
+        return self._start()
+
+    def _start(self) -> EmbeddedTritonServer:
         if self._process is not None:
             raise ServerError(f"this tritonserver is already running (pid {self._process.pid})")
         if not is_remote(self.model_repository) and not Path(self.model_repository).is_dir():
@@ -195,7 +208,11 @@ class EmbeddedTritonServer(Listening):
                 access().verify(self.http_url, self.admin_key)
             if self.supervise:
                 supervisor = supervision().Supervisor(
-                    self.http_url, self.shm_prefix, log=self._echo, headers=self.admin_headers
+                    self.http_url,
+                    self.shm_prefix,
+                    log=self._echo,
+                    headers=self.admin_headers,
+                    restart=self._restart_in_place,
                 )
                 self.supervisor = supervisor.start()
         except BaseException:
@@ -206,6 +223,38 @@ class EmbeddedTritonServer(Listening):
             f"HTTP {self.http_url}, gRPC {self.grpc_url}, metrics {self.metrics_url}/metrics"
         )
         return self
+
+    def forget(self, model: str) -> None:
+        """A model loaded anew on purpose: the supervisor of now counts its stubs afresh."""
+        if self.supervisor is not None:
+            self.supervisor.forget(model)
+
+    def _restart_in_place(self, reason: str) -> None:
+        """Kill the server and start it again on the same ports (the supervisor's thread calls
+        this): every connection drops, so a request in flight gets an error, not a hang."""
+        process, began = self._process, time.monotonic()
+        self._restarter = threading.current_thread()
+        self._restarted.clear()
+        try:
+            self._echo(f"tritonserver: restarting (pid {process.pid}): {reason}")
+            supervisor, self.supervisor = self.supervisor, None
+            supervisor.stop()  # this very thread: it only stops looking
+            self._signal_group(process, signal.SIGKILL)
+            wait_for_exit(process, KILL_TIMEOUT)
+            self._process = None
+            self._remove_leftovers()
+            kept = self.log_path.with_name(f"{self.log_path.stem}.{process.pid}.log")
+            with contextlib.suppress(OSError):  # the new server writes a log of the same name
+                self.log_path.replace(kept)
+                self._echo(f"tritonserver: the log of pid {process.pid} is now {kept}")
+            if not self._stopping.is_set():
+                self._start()
+                record = {"reason": reason, "pid": process.pid, "new_pid": self.pid}
+                self.restarts.append({**record, "seconds": round(time.monotonic() - began, 1)})
+        except ServerError as err:  # not running now: the owner reports it as a failure
+            self._echo(f"tritonserver: did not restart: {err}")
+        finally:
+            self._restarted.set()
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -225,7 +274,11 @@ class EmbeddedTritonServer(Listening):
 
     def stop(self) -> None:
         """Stop the server and clean up after it. Idempotent and safe from a signal handler:
-        it takes no lock, and a nested call simply finishes the job."""
+        it takes no lock, and a nested call simply finishes the job. A restart in place that
+        is under way ends first."""
+        self._stopping.set()
+        if threading.current_thread() is not self._restarter:
+            self._restarted.wait(self.load_timeout + KILL_TIMEOUT)
         supervisor, self.supervisor = self.supervisor, None
         if supervisor is not None:  # first: the stubs that leave now leave on purpose
             supervisor.stop()

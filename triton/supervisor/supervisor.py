@@ -11,6 +11,14 @@ not-ready (with --strict-readiness), then loaded again through the repository AP
 starts new stubs; models unloaded with it (an ensemble that calls it) are loaded again too.
 Each recovery is logged with its cause and its duration.
 
+A model whose config says `requests_outlive_execute` (the in-flight generation loop answers
+through response senders after `execute` returned) cannot be recovered that way: Triton
+2.51's python backend never fails the requests a dead stub held, and a reload (which succeeds)
+does not either, so they would wait for their clients' deadlines. When such a model loses a
+stub the supervisor asks its owner to restart the whole server (`restart`): every connection
+drops, so each request in flight gets an error, never a hang. Without an owner that can (a
+sidecar), it reloads the model as any other and the held requests wait.
+
 The server must run with --model-control-mode=explicit --load-model=* --strict-readiness=true.
 Imports only the standard library. It runs as a thread beside `doit serve`; in a container it
 starts the server itself and watches it (signals are passed on, its exit code is the server's):
@@ -44,6 +52,7 @@ STUB_NAME = "triton_python_backend_stub"
 SERVER_ARGS = ("--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true")
 INTERVAL = 0.5  # seconds between looks at the stubs: the longest readiness may be stale
 LOAD_TIMEOUT = 300.0
+HELD = "requests_outlive_execute"  # the config parameter that marks such a model
 RETRY_AFTER = 5.0  # seconds before a failed reload is tried again
 # argv of a stub: model.py path, shm region, sizes, parent pid, library dir, ipc handle, name
 _NAME_ARG = 8
@@ -100,11 +109,14 @@ class Supervisor:
         log=print,
         interval: float = INTERVAL,
         headers: dict[str, str] | None = None,
+        restart=None,
     ):
+        self.restart = restart  # restart(reason): the owner restarts the server (see the module)
         self.url = url if "://" in url else f"http://{url}"
         self.headers = dict(headers or {})  # the admin secret's: model control is restricted
         self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
         self.expected: dict[str, int] = {}  # ready model -> stubs it runs (0: not python)
+        self.held: set[str] = set()  # ready models whose requests outlive execute
         self.retry_at: dict[str, float] = {}  # model whose reload failed -> when to try again
         self.with_it: dict[str, set[str]] = {}  # that model -> what was unloaded with it
         self.recoveries: list[dict] = []  # what was done: model, cause, seconds, ok
@@ -133,6 +145,9 @@ class Supervisor:
             config = json.loads(reply.read())
         if config.get("backend") != "python":
             return 0
+        self.held.discard(model)
+        if config.get("parameters", {}).get(HELD, {}).get("string_value") == "true":
+            self.held.add(model)
         groups = config.get("instance_group", [])
         # `count` instances per GPU listed (an unlisted GPU group: at least `count`)
         return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups) or 1
@@ -158,8 +173,19 @@ class Supervisor:
             have, want = counts.get(model, 0), self.expected.get(model, 0)
             if have < want and time.monotonic() >= self.retry_at.get(model, 0.0):
                 self.recover(model, f"{want - have} of its {want} stub process(es) died", ready)
+                if self._stop.is_set():  # restarted, or stopping
+                    return
 
     def recover(self, model: str, cause: str, ready: set[str]) -> bool:
+        if model in self.held and self.restart is not None:
+            self.log(
+                f"supervisor: '{model}': {cause}; the requests it held are answered by no one "
+                "now: restarting the server (each request in flight gets an error)"
+            )
+            self.recoveries.append({"model": model, "cause": cause, "ok": True, "restart": True})
+            self._stop.set()  # this server is gone: nothing more to look at
+            self.restart(f"'{model}': {cause}")
+            return True
         started = time.monotonic()
         self.log(f"supervisor: '{model}': {cause}; unloading it (not ready) and loading it again")
         # what must be ready again: what was ready (its ensemble is unloaded with it), and
@@ -290,6 +316,11 @@ def run_server(
     )
     server = subprocess.Popen(command, env=environment)
 
+    def restart(reason: str) -> None:  # the container exits; its orchestrator starts it again
+        log(f"supervisor: ending {command[0]} so that it restarts: {reason}")
+        server.kill()
+
+    supervisor.restart = restart
     stopping = threading.Event()
 
     def forward(signum, _frame) -> None:
