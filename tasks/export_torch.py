@@ -172,12 +172,25 @@ def takes(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the cache: transformers 5 renamed `past_key_values` to `cache`
+    (the old name works until 5.40, then would fall silently into **kwargs)."""
+    return "cache" if takes(model, "cache") else "past_key_values"
+
+
+def present(out):
+    """The cache a forward returned (transformers 5 names the output `cache` too)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def make_wrapper(model, layers: int, positions: bool, with_past: bool):
     """A module from flat tensors to (logits of the last position, *flat present)."""
     import torch
     from transformers import DynamicCache
 
     last_only = takes(model, "logits_to_keep")
+    keyword = cache_keyword(model)
 
     class Step(torch.nn.Module):
         def __init__(self) -> None:
@@ -189,18 +202,17 @@ def make_wrapper(model, layers: int, positions: bool, with_past: bool):
             past = rest[1:] if positions else rest
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)] if with_past else None
             cache = DynamicCache(pairs) if pairs else DynamicCache()
-            extra = {"position_ids": position_ids} if positions else {}
+            extra = {keyword: cache, **({"position_ids": position_ids} if positions else {})}
             if last_only:  # else the onnx stage slices the last position out of all
                 extra["logits_to_keep"] = 1
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 use_cache=True,
                 return_dict=True,
                 **extra,
             )
-            cache = out.past_key_values
+            cache = present(out)
             flat = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (out.logits, *flat)
 
@@ -232,7 +244,8 @@ def example_inputs(model, layers: int, positions: bool, with_past: bool) -> tupl
         inputs.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
     if with_past:
         with torch.inference_mode():
-            cache = model(input_ids=ids[:, :past], past_key_values=DynamicCache()).past_key_values
+            empty = {cache_keyword(model): DynamicCache()}
+            cache = present(model(input_ids=ids[:, :past], **empty))
         if len(cache.layers) != layers:
             raise ExportError(
                 f"the model's cache has {len(cache.layers)} layers, not one per layer "
