@@ -65,6 +65,82 @@ path (`/usr/bin/time -v`; a 2-core AMD EPYC shared with other jobs, so rough). W
 """
 
 
+# Measured in a venv of its own, never the project's; written by hand (tasks/decoders.py),
+# outside the table, which is the installed transformers' own.
+TRANSFORMERS_5 = """
+## transformers 5
+
+What moving the pin from transformers 4.57.6 to 5.x would take, measured on 2026-12-06 in a
+separate venv: Python 3.11.7, requirements.txt with **transformers 5.25.0** (the newest on the
+index) in place of 4.57.6, everything else as pinned (torch 2.13.0+cpu, onnx 1.23.2,
+onnxscript 0.7.2, onnxruntime 1.23.2, optimum 2.1.0), except what transformers 5.25 requires:
+tokenizers 0.23.3 (it needs >=0.23.1,<0.24; requirements/server.txt pins 0.22.2 for the
+served tokenizers too), huggingface-hub 2.4.0 (was 0.36.2) and a new `kernels` 0.19.1. It
+installed in 3 min, `pip check` clean. transformers 5.25 needs Python 3.11 or later (here 3.11,
+the images 3.12). It knows 200 causal-LM model types (4.57.6: 139).
+
+**What blocks: optimum-onnx.** 0.1.0 is the newest release and requires transformers<4.58, so
+pip refuses it beside 5.25 (ResolutionImpossible). Forced in with `--no-deps` it fails at
+import: `cannot import name '_CAN_RECORD_REGISTRY' from 'transformers.utils.generic'`. Without
+it nothing exports the encoder tasks (encode, seqcls, qa, ner, rerank) nor t5: their builds
+stop at download, naming the fix. Decoders take the generic path. optimum-onnx's own tracker
+asks for transformers 5 (its issues 114 and 141, open); no release on the index has it. So
+the pin can move only with a release of optimum-onnx for transformers 5, or a generic
+torch.onnx path for the encoder heads and T5 (not built); the whole suite was not run on 5.x
+(a shared 2-core machine), and it cannot pass without one of the two.
+
+**Generic path on 5.25.0: every family tried exported and passed the parity gate**
+(`exporter=torch`, tiny random models as in the table above, batch=1,4,8 seq=1,32,64, each
+file at min, opt and max, then greedy decoding against `generate()`): llama, qwen2,
+starcoder2, glm4, cohere2 (sliding and full layers), ministral, gemma3_text, gpt2, and the
+mixtures of experts mixtral, qwen2_moe (gated shared expert), qwen3_moe, olmoe and gpt_oss
+(transposed, biased experts with their own gate): 13 of 13. gpt2 passes on 5.25 where it
+fails on 4.57.6 (the padding positions of its cache, above). A build (the tiny model made,
+then `doit parity`) took about a minute: 7 of them 7.6 min, a tiny llama alone 33 s, on a
+2-core AMD EPYC (AVX2) shared with three other jobs (load average 6 to 9).
+tests/test_decoders.py on 5.25 (glm4, cohere2, ministral, mixtral,
+qwen2_moe and llama built, served by the real tritonserver, greedy output equal to
+`generate()`): 6 passed, and 1 failed only because `exporter=auto` cannot take optimum for
+llama there. tests/test_inflight_serving.py (in-flight batching of a llama, here through the
+generic path): 7 passed. To repeat: a copy of requirements.txt and requirements/ with
+`transformers==5.25.0` and `tokenizers==0.23.3` and without optimum-onnx, installed into a new
+venv; then, in a clone of the project, that venv's `python -m tests.helpers.decoder_parity
+--exporter torch llama mixtral ...` (it writes the clone's tasks/data/decoder_parity.json).
+
+**What broke on 5.x, and what the code does now** (each fix runs on 4.57.6 and 5.25.0):
+- tasks/exporters.py imported optimum's ONNX exporter to choose, even for `exporter=torch`.
+  Now `exporter=torch` asks nothing of optimum, and without optimum-onnx `exporter=auto` takes
+  the generic path, saying why; `exporter=optimum` and the encoder tasks fail naming the fix.
+- Mixture-of-experts blocks were rewritten: the router is a module returning (logits, top-k
+  weights, top-k indices), and the experts are one module of 3D weights (`gate_up_proj`,
+  `down_proj`, optional biases, transposed or not) behind `@use_experts_implementation`, whose
+  implementations loop over the experts a batch hit (`eager`), sort tokens by expert
+  (`grouped_mm`, the default on CPU) or gather each token's expert weights (`batched_mm`).
+  `MOE_BLOCKS`' forwards broke at the router's tuple. Now the experts module itself gets the
+  fixed loop over every expert, reading its layout flags as `batched_mm` does, and the block
+  keeps transformers' routing: one rule for the 72 model folders of 5.25 that use the
+  decorator; `MOE_BLOCKS` serves 4.57. Against transformers' own forward on tiny models the
+  logits differ by at most 4e-6 (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe,
+  granitemoe, flex_olmo, phimoe, ernie4_5_moe, hunyuan_v1_moe; deepseek_v3 by its blocks).
+  `batched_mm` would trace as it is, but it copies two weight matrices per token and expert
+  (a Mixtral-8x7B expert's `gate_up_proj` alone is 470 MB in fp32): not for real sizes.
+- The cache argument is `cache` now (`past_key_values` is renamed by a decorator until 5.40,
+  after which it would fall unread into `**kwargs`), and outputs carry `cache` too. The generic
+  exporter passes it by the forward's own name; tasks/generation_parity.py still says
+  `past_key_values` and must follow before 5.40.
+- Not transformers' doing, but found here: the tiny qwen2 (and qwen3, smollm3) configs had
+  sliding layers with `use_sliding_window` off, so no window: forward failed on both versions.
+  tests/helpers/models.py turns it on with the layer types.
+
+**Unchanged on 5.25**: in the lean suite's quick modules (settings, docs, architecture,
+runtime helpers, decoding against transformers' logits warpers, the in-flight detokenizer,
+encoding against the fast tokenizer, ner against the pipeline, k8s, graph, lint, ...), 239
+passed; every one of the 19 failures and 8 errors is a build that needs optimum-onnx (t5,
+MiniLM, RoBERTa heads, `exporter=optimum`), a test expecting `exporter=auto` to choose
+optimum, or this table, which is made from the installed versions.
+"""
+
+
 def exporter_of(model_type: str) -> str:
     """What `exporter=auto` does with a causal-LM model type: the path, or the refusal."""
     try:
@@ -103,7 +179,7 @@ def decoders_table() -> str:
         moe=moe,
         preferred=", ".join(f"`{t}`" for t in catalog.TORCH_OVER_OPTIMUM),
     )
-    return header + "\n".join(rows) + "\n"
+    return header + "\n".join(rows) + "\n" + TRANSFORMERS_5
 
 
 def _moe_blocks() -> list[str]:

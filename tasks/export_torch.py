@@ -101,14 +101,54 @@ def fixed_loop_forward(block, hidden_states):
     return out.reshape(batch, sequence, width), router_logits
 
 
+def is_fused_experts(module) -> bool:
+    """transformers 5 keeps a block's experts in one module of 3D weights whose forward takes
+    (tokens, top-k indices, top-k weights) and routes nothing: the flags are what its
+    `@use_experts_implementation` sets (4.57 has no such module)."""
+    return all(hasattr(module, f) for f in ("num_experts", "has_gate", "has_bias", "is_transposed"))
+
+
+def every_fused_expert(experts, tokens, indices, weights):
+    """transformers 5's experts as a fixed loop: its `batched_mm` sums, reading the layout flags
+    as it does, but each expert's weights applied to every token rather than gathered per
+    token (a copy of two matrices per token and expert)."""
+    import torch
+
+    def linear(x, name: str, index: int):
+        weight = getattr(experts, name)[index]
+        out = x @ weight if experts.is_transposed else x @ weight.T
+        return out + getattr(experts, f"{name}_bias")[index] if experts.has_bias else out
+
+    count = experts.num_experts
+    dense = torch.zeros(tokens.shape[0], count + 1, dtype=weights.dtype, device=tokens.device)
+    dense = dense.scatter(1, indices, weights)[:, :count]  # index `count`: no expert (as eager)
+    out = None
+    for index in range(count):
+        if experts.has_gate:
+            hidden = experts._apply_gate(linear(tokens, "gate_up_proj", index))
+        else:
+            hidden = experts.act_fn(linear(tokens, "up_proj", index))
+        hidden = linear(hidden, "down_proj", index)
+        if getattr(experts, "has_post_expert_norm", False):
+            hidden = experts.post_expert_norm(hidden)
+        term = hidden * dense[:, index : index + 1]
+        out = term if out is None else out + term
+    return out.to(tokens.dtype)
+
+
 def patch_moe_blocks(model) -> int:
-    """Give each known MoE block of the model the fixed-loop forward; how many were patched."""
+    """Give each mixture-of-experts block of the model a fixed loop over its experts: the
+    experts module's forward (transformers 5), else the block's by MOE_BLOCKS; how many."""
     import types
 
     patched = 0
     for module in model.modules():
+        if is_fused_experts(module):  # the block keeps its own routing
+            module.forward = types.MethodType(every_fused_expert, module)
+            patched += 1
+            continue
         spec = MOE_BLOCKS.get(type(module).__name__)
-        if spec is None:
+        if spec is None or is_fused_experts(getattr(module, spec.experts, None)):
             continue
         if spec.expert_loop:
             setattr(module, spec.expert_loop, types.MethodType(fixed_loop_experts, module))
@@ -132,12 +172,25 @@ def takes(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the cache: transformers 5 renamed `past_key_values` to `cache`
+    (the old name works until 5.40, then would fall silently into **kwargs)."""
+    return "cache" if takes(model, "cache") else "past_key_values"
+
+
+def present(out):
+    """The cache a forward returned (transformers 5 names the output `cache` too)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def make_wrapper(model, layers: int, positions: bool, with_past: bool):
     """A module from flat tensors to (logits of the last position, *flat present)."""
     import torch
     from transformers import DynamicCache
 
     last_only = takes(model, "logits_to_keep")
+    keyword = cache_keyword(model)
 
     class Step(torch.nn.Module):
         def __init__(self) -> None:
@@ -149,18 +202,17 @@ def make_wrapper(model, layers: int, positions: bool, with_past: bool):
             past = rest[1:] if positions else rest
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)] if with_past else None
             cache = DynamicCache(pairs) if pairs else DynamicCache()
-            extra = {"position_ids": position_ids} if positions else {}
+            extra = {keyword: cache, **({"position_ids": position_ids} if positions else {})}
             if last_only:  # else the onnx stage slices the last position out of all
                 extra["logits_to_keep"] = 1
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 use_cache=True,
                 return_dict=True,
                 **extra,
             )
-            cache = out.past_key_values
+            cache = present(out)
             flat = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (out.logits, *flat)
 
@@ -192,7 +244,8 @@ def example_inputs(model, layers: int, positions: bool, with_past: bool) -> tupl
         inputs.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
     if with_past:
         with torch.inference_mode():
-            cache = model(input_ids=ids[:, :past], past_key_values=DynamicCache()).past_key_values
+            empty = {cache_keyword(model): DynamicCache()}
+            cache = present(model(input_ids=ids[:, :past], **empty))
         if len(cache.layers) != layers:
             raise ExportError(
                 f"the model's cache has {len(cache.layers)} layers, not one per layer "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks import catalog
+from tasks import artifacts, catalog
 from tasks.errors import ModelSourceError
 
 
@@ -19,8 +19,30 @@ class Choice:
     reason: str
 
 
+def optimum_onnx_missing() -> str | None:
+    """Why optimum's ONNX exporter cannot run here, or None when it is installed. optimum-onnx
+    0.1.0 requires transformers<4.58, so a venv with transformers 5 has none (docs/decoders.md,
+    "transformers 5")."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("optimum.exporters.onnx") is not None
+    except ModuleNotFoundError:  # no optimum at all
+        found = False
+    if not found:
+        installed = artifacts.versions("transformers")["transformers"]
+        return (
+            f"optimum-onnx is not installed (it requires transformers<4.58; this venv has "
+            f"transformers {installed})"
+        )
+    return None
+
+
 def optimum_tasks_for(model_type: str) -> set[str]:
-    """The tasks optimum's ONNX exporter lists for a model type (as main_export spells it)."""
+    """The tasks optimum's ONNX exporter lists for a model type (as main_export spells it);
+    none when optimum-onnx is not installed."""
+    if optimum_onnx_missing():
+        return set()
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
@@ -51,7 +73,8 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
             f"{catalog.UNSUPPORTED_CACHES[model_type]}; the exported decoders pass on per-layer "
             "keys and values only. Pick a decoder with a key/value cache (llama, qwen2, ...)"
         )
-    supported = optimum_tasks_for(model_type)
+    absent = optimum_onnx_missing()
+    supported = set() if exporter == "torch" else optimum_tasks_for(model_type)
     missing = [task for task in spec.optimum_tasks if task not in supported]
     generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
     preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
@@ -63,6 +86,8 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
             )
         if exporter == "torch":
             why = "asked for"
+        elif absent:
+            why = absent
         elif missing:
             why = f"optimum does not list '{model_type}'"
         else:
@@ -71,6 +96,11 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
     if not missing:
         listed = ", ".join(spec.optimum_tasks)
         return Choice("optimum", f"optimum lists '{model_type}' for {listed}")
+    if absent:
+        raise ModelSourceError(
+            f"task={spec.name}: {absent}; install requirements/build.txt's versions "
+            "(transformers 4.57), or use exporter=torch for a decoder"
+        )
     if generic:  # exporter=optimum on a type only the generic path exports
         raise ModelSourceError(
             f"exporter=optimum: optimum does not list a '{model_type}' model for "

@@ -63,6 +63,44 @@ def test_the_fixed_loop_moe_blocks_equal_transformers_sparse_loop(decoder_models
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-by-in", "in-by-out"])
+def test_the_fused_experts_loop_sums_as_the_experts_it_was_made_of(decoder_models, transposed):
+    """transformers 5's layout (one module of 3D weights, read by its flags), made here from
+    4.57's mixtral experts: the fixed loop over it equals the loop over those experts."""
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.export_torch import every_expert, every_fused_expert, is_fused_experts
+
+    model = AutoModelForCausalLM.from_pretrained(decoder_models("mixtral")).eval()
+    block = next(m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock")
+    if is_fused_experts(block.experts):
+        pytest.skip("transformers 5: the MoE test above runs its own fused experts")
+    experts = block.experts
+    gate_up = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
+    down = torch.stack([e.w2.weight for e in experts])
+    act = experts[0].act_fn
+    fused = types.SimpleNamespace(
+        num_experts=len(experts),
+        has_gate=True,
+        has_bias=False,
+        is_transposed=transposed,
+        gate_up_proj=gate_up.transpose(1, 2) if transposed else gate_up,
+        down_proj=down.transpose(1, 2) if transposed else down,
+        _apply_gate=lambda x: act(x.chunk(2, dim=-1)[0]) * x.chunk(2, dim=-1)[1],
+    )
+    torch.manual_seed(0)
+    tokens = torch.randn(7, model.config.hidden_size)
+    weights, indices = torch.topk(torch.softmax(torch.randn(7, len(experts)), dim=-1), 2)
+    dense = torch.zeros(7, len(experts)).scatter(1, indices, weights)
+    with torch.inference_mode():
+        mine = every_fused_expert(fused, tokens, indices, weights)
+        theirs = every_expert(experts, tokens, dense)
+    torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
 def test_the_decoders_table_is_what_the_command_makes():
     from tasks.decoders import decoders_table
 

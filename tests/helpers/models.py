@@ -310,6 +310,8 @@ def tiny_decoder_config(model_type: str, tokenizer):
     sizes = {k: v for k, v in TINY_DECODER.items() if k in defaults}
     if defaults.get("layer_types") is None:
         sizes.pop("layer_types", None)
+    elif "use_sliding_window" in defaults:  # qwen2, qwen3...: else the window is None, and
+        sizes["use_sliding_window"] = True  # a sliding layer without one fails in forward
     eos = tokenizer.eos_token_id
     return transformers.AutoConfig.for_model(
         model_type,
