@@ -52,6 +52,48 @@ def closed_loop(
     returns True for a good answer; anything else, or an exception, is an error, except a
     rejection by a full queue (max_queue), which is counted apart with how fast it came; a
     client waits `backoff` seconds after one, as a client told to retry later does."""
+    return point_of(run_loop(work, concurrency, seconds, texts, setup, backoff), concurrency)
+
+
+def alternating(systems: dict, concurrency: int, seconds: float, texts: list, slices: int) -> dict:
+    """Each system (name: (setup, work)) measured as `closed_loop` does for `seconds`, in
+    `slices` turns taken in alternation (A B A B ...), their answers pooled: a point per
+    system that a load moving on a shared machine weighs on alike."""
+    runs: dict[str, list] = {name: [] for name in systems}
+    for _ in range(slices):
+        for name, (setup, work) in systems.items():
+            runs[name].append(run_loop(work, concurrency, seconds / slices, texts, setup))
+    pooled = {}
+    for name, parts in runs.items():
+        raw = {key: [item for part in parts for item in part[key]] for key in RAW_LISTS}
+        raw["elapsed"] = sum(part["elapsed"] for part in parts)
+        raw["errors"] = sum(part["errors"] for part in parts)
+        pooled[name] = point_of(raw, concurrency)
+    return pooled
+
+
+RAW_LISTS = ("latencies", "rejections", "failures")
+
+
+def point_of(raw: dict, concurrency: int) -> dict:
+    """A point of the report from one loop's (or pooled loops') raw figures."""
+    latencies, rejections, failures = raw["latencies"], raw["rejections"], raw["failures"]
+    point = summarize(latencies, raw["elapsed"], raw["errors"], concurrency)
+    if rejections:
+        point["rejected"] = len(rejections)
+        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
+        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
+        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
+    if failures:
+        point["first_errors"] = sorted(set(failures))[:3]
+    return point
+
+
+def run_loop(
+    work, concurrency: int, seconds: float, texts: list, setup=None, backoff: float = 0.0
+) -> dict:
+    """`closed_loop`'s run, its figures raw: latencies, rejections and failures (lists),
+    elapsed seconds, errors."""
     order, lock = itertools.count(), threading.Lock()
     latencies, errors, failures, rejections = [], [0], [], []
     start_line = threading.Barrier(concurrency + 1)
@@ -99,12 +141,11 @@ def closed_loop(
     start_line.wait()
     for thread in threads:
         thread.join()
-    point = summarize(latencies, clock["last"] - clock["start"], errors[0], concurrency)
-    if rejections:
-        point["rejected"] = len(rejections)
-        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
-        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
-        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
-    if failures:
-        point["first_errors"] = sorted(set(failures))[:3]
-    return point
+    elapsed = max(clock["last"] - clock["start"], 0.0)  # 0: nothing answered
+    return {
+        "latencies": latencies,
+        "rejections": rejections,
+        "failures": failures,
+        "elapsed": elapsed,
+        "errors": errors[0],
+    }

@@ -35,6 +35,28 @@ def test_no_good_answer_gives_null_statistics_not_nan():
     json.dumps(point, allow_nan=False)
 
 
+def test_systems_compared_side_by_side_take_turns_and_pool_their_answers():
+    order = []
+
+    def work_of(name, seconds):
+        def work(state, text):
+            order.append(name)
+            time.sleep(seconds)
+            return name != "b" or len(order) % 5 != 0  # b answers wrong now and then
+
+        return None, work
+
+    systems = {"a": work_of("a", 0.002), "b": work_of("b", 0.004)}
+    found = loadgen.alternating(systems, concurrency=2, seconds=0.4, texts=[("t",)], slices=4)
+    turns = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert turns == ["a", "b"] * 4  # A B A B: a moving load weighs on both alike
+    for name, point in found.items():
+        assert point["requests"] + point["errors"] == order.count(name)
+        assert 0.8 * point["requests"] / 0.4 <= point["throughput"] <= 1.5 * point["requests"] / 0.4
+    assert found["b"]["errors"] > 0 and found["a"]["errors"] == 0
+    assert found["a"]["p50_ms"] < found["b"]["p50_ms"]
+
+
 def test_clients_connect_before_the_clock_starts():
     def setup(state):
         time.sleep(0.2)  # a slow connection must not be measured
