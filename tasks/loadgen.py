@@ -76,11 +76,11 @@ def alternating(systems: dict, concurrency: int, seconds: float, texts: list, sl
 
 def in_step(systems: dict, seconds: float, texts: list) -> dict:
     """Concurrency 1 with the systems (name: (setup, work)) in step: each text goes to every
-    system in turn, request by request, for about `seconds` each. Each point has
-    `added_p50_ms`: the median over the texts sent of its latency less the first system's
-    for the same text, a moment before. Paired so, what one system adds to a request shows
-    even where the load moves more than that from one second to the next, and the texts'
-    lengths (one sentence to four) cannot tip the p50 from one length to another."""
+    system in turn, request by request (the first system first, then last, and so on), for
+    about `seconds` each. Each point has `added_p50_ms`: the median over the texts sent of
+    its latency less the first system's for the same text, a moment apart. Paired so, what
+    one system adds to a request shows even where the load moves more than that from one
+    second to the next, and texts of mixed lengths cannot tip the p50 from one to another."""
     states = {name: {} for name in systems}
     for name, (setup, _) in systems.items():
         if setup is not None:
@@ -89,8 +89,9 @@ def in_step(systems: dict, seconds: float, texts: list) -> dict:
     rounds, began, position = [], time.perf_counter(), 0
     while time.perf_counter() - began < seconds * len(systems):
         text, answered = texts[position % len(texts)], {}
+        turns = list(systems.items())
         position += 1
-        for name, (_, work) in systems.items():
+        for name, (_, work) in turns if position % 2 else reversed(turns):
             kind, took, failure = attempt(work, states[name], text)
             raws[name]["elapsed"] += took
             record(raws[name], kind, took, failure)
