@@ -52,8 +52,117 @@ def closed_loop(
     returns True for a good answer; anything else, or an exception, is an error, except a
     rejection by a full queue (max_queue), which is counted apart with how fast it came; a
     client waits `backoff` seconds after one, as a client told to retry later does."""
-    order, lock = itertools.count(), threading.Lock()
-    latencies, errors, failures, rejections = [], [0], [], []
+    return point_of(run_loop(work, concurrency, seconds, texts, setup, backoff), concurrency)
+
+
+def alternating(systems: dict, concurrency: int, seconds: float, texts: list, slices: int) -> dict:
+    """Each system (name: (setup, work)) measured as `closed_loop` does for `seconds`, in
+    `slices` turns taken in alternation (A B A B ...), their answers pooled: a point per
+    system that a load moving on a shared machine weighs on alike. Each system's turns go on
+    through the texts where its last turn stopped, so all send the same mix."""
+    runs: dict[str, list] = {name: [] for name in systems}
+    for _ in range(slices):
+        for name, (setup, work) in systems.items():
+            start = sum(part["started"] for part in runs[name])
+            runs[name].append(run_loop(work, concurrency, seconds / slices, texts, setup, 0, start))
+    pooled = {}
+    for name, parts in runs.items():
+        raw = {key: [item for part in parts for item in part[key]] for key in RAW_LISTS}
+        raw["elapsed"] = sum(part["elapsed"] for part in parts)
+        raw["errors"] = sum(part["errors"] for part in parts)
+        pooled[name] = point_of(raw, concurrency)
+    return pooled
+
+
+def in_step(systems: dict, seconds: float, texts: list) -> dict:
+    """Concurrency 1 with the systems (name: (setup, work)) in step: each text goes to every
+    system in turn, request by request (the first system first, then last, and so on), for
+    about `seconds` each. Each point has `added_p50_ms`: the median over the texts sent of
+    its latency less the first system's for the same text, a moment apart. Paired so, what
+    one system adds to a request shows even where the load moves more than that from one
+    second to the next, and texts of mixed lengths cannot tip the p50 from one to another."""
+    states = {name: {} for name in systems}
+    for name, (setup, _) in systems.items():
+        if setup is not None:
+            setup(states[name])
+    raws = {name: new_raw() for name in systems}
+    rounds, began, position = [], time.perf_counter(), 0
+    while time.perf_counter() - began < seconds * len(systems):
+        text, answered = texts[position % len(texts)], {}
+        turns = list(systems.items())
+        position += 1
+        for name, (_, work) in turns if position % 2 else reversed(turns):
+            kind, took, failure = attempt(work, states[name], text)
+            raws[name]["elapsed"] += took
+            record(raws[name], kind, took, failure)
+            if kind == "good":
+                answered[name] = took
+        rounds.append(answered)
+    for state in states.values():
+        state.get("close", lambda: None)()
+    first, points = next(iter(systems)), {}
+    for name, raw in raws.items():
+        points[name] = point_of(raw, 1)
+        added = [r[name] - r[first] for r in rounds if name in r and first in r]
+        points[name]["added_p50_ms"] = percentile_ms(added, 0.5)
+    return points
+
+
+RAW_LISTS = ("latencies", "rejections", "failures")
+
+
+def new_raw() -> dict:
+    return {"latencies": [], "rejections": [], "failures": [], "errors": 0, "elapsed": 0.0}
+
+
+def attempt(work, state: dict, text) -> tuple[str, float, str]:
+    """One request: good, rejected (by a full queue) or error; its seconds; what failed."""
+    began = time.perf_counter()
+    try:
+        kind, failure = ("good" if work(state, text) else "error"), ""
+    except Exception as err:  # every failure counts, and the first few are shown
+        rejected = any(words in str(err) for words in REJECTIONS)
+        kind, failure = ("rejected", "") if rejected else ("error", f"{type(err).__name__}: {err}")
+    return kind, time.perf_counter() - began, failure[:200]
+
+
+def record(raw: dict, kind: str, took: float, failure: str) -> None:
+    if kind == "good":
+        raw["latencies"].append(took)
+    elif kind == "rejected":
+        raw["rejections"].append(took)
+    else:
+        raw["errors"] += 1
+    if failure:
+        raw["failures"].append(failure)
+
+
+def point_of(raw: dict, concurrency: int) -> dict:
+    """A point of the report from one loop's (or pooled loops') raw figures."""
+    latencies, rejections, failures = raw["latencies"], raw["rejections"], raw["failures"]
+    point = summarize(latencies, raw["elapsed"], raw["errors"], concurrency)
+    if rejections:
+        point["rejected"] = len(rejections)
+        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
+        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
+        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
+    if failures:
+        point["first_errors"] = sorted(set(failures))[:3]
+    return point
+
+
+def run_loop(
+    work,
+    concurrency: int,
+    seconds: float,
+    texts: list,
+    setup=None,
+    backoff: float = 0.0,
+    start: int = 0,
+) -> dict:
+    """`closed_loop`'s run, from the text at `start`, its figures raw (`new_raw`'s) and how
+    many requests were started."""
+    order, lock, raw = itertools.count(start), threading.Lock(), new_raw()
     start_line = threading.Barrier(concurrency + 1)
     clock = {"start": 0.0, "deadline": 0.0, "last": 0.0}
 
@@ -66,27 +175,13 @@ def closed_loop(
         while True:
             with lock:
                 text = texts[next(order) % len(texts)]
-            began = time.perf_counter()
-            if began >= clock["deadline"]:
+            if time.perf_counter() >= clock["deadline"]:
                 break
-            rejected = False
-            try:
-                good = work(state, text)
-            except Exception as err:  # every failure counts, and the first few are shown
-                good = False
-                rejected = any(words in str(err) for words in REJECTIONS)
-                if not rejected:
-                    failures.append(f"{type(err).__name__}: {err}"[:200])
-            ended = time.perf_counter()
+            kind, took, failure = attempt(work, state, text)
             with lock:
-                clock["last"] = max(clock["last"], ended)
-                if good:
-                    latencies.append(ended - began)
-                elif rejected:
-                    rejections.append(ended - began)
-                else:
-                    errors[0] += 1
-            if rejected and backoff:
+                clock["last"] = max(clock["last"], time.perf_counter())
+                record(raw, kind, took, failure)
+            if kind == "rejected" and backoff:
                 time.sleep(backoff)
         state.get("close", lambda: None)()
 
@@ -99,12 +194,6 @@ def closed_loop(
     start_line.wait()
     for thread in threads:
         thread.join()
-    point = summarize(latencies, clock["last"] - clock["start"], errors[0], concurrency)
-    if rejections:
-        point["rejected"] = len(rejections)
-        point["rejected_share"] = round(len(rejections) / (len(rejections) + len(latencies)), 3)
-        point["reject_p50_ms"] = percentile_ms(rejections, 0.5)
-        point["reject_p99_ms"] = percentile_ms(rejections, 0.99)
-    if failures:
-        point["first_errors"] = sorted(set(failures))[:3]
-    return point
+    raw["elapsed"] = max(clock["last"] - clock["start"], 0.0)  # 0: nothing answered
+    raw["started"] = len(raw["latencies"]) + raw["errors"] + len(raw["rejections"])
+    return raw

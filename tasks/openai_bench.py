@@ -15,6 +15,7 @@ from tasks.settings import Settings
 
 ROUTES = {"causallm": "/v1/completions", "t5": "/v1/completions"}
 ROUTES |= {"encode": "/v1/embeddings", "rerank": "/rerank"}
+TURN_SECONDS = 0.5  # the API and gRPC beside it take turns this long
 
 
 def body(settings: Settings, text: tuple[str, ...], new_tokens: int) -> dict:
@@ -48,10 +49,18 @@ def work(settings: Settings, url: str, new_tokens: int):
     return setup, request
 
 
-def measure(settings: Settings, grpc_url: str, sweep, texts: list, new_tokens: int) -> list:
+def measure(settings: Settings, grpc_url: str, texts: list, new_tokens: int, grpc_work) -> list:
     """The `openai` system's points: an API started on `openai_port` for the bench (or the
-    one `doit serve` runs there), against the server at `grpc_url`; [] where there is none."""
+    one `doit serve` runs there), against the server at `grpc_url`; [] where there is none.
+
+    Each point carries `grpc_beside`: Triton over gRPC directly (`grpc_work`: setup, work) at
+    the same concurrency and texts, taken in turns with the API (half a second each; at
+    concurrency 1 request by request, and `added_p50_ms` the median of what the API added to
+    each text). The API's cost is the difference of the two, which on a shared machine only
+    points taken side by side can tell: the load moves more between two sweeps than the API
+    costs."""
     from tasks import storage
+    from tasks.loadgen import WARMUP_SECONDS, alternating, in_step
     from tasks.server import OpenAIServer
     from tasks.server.openai_api import answers
 
@@ -64,9 +73,27 @@ def measure(settings: Settings, grpc_url: str, sweep, texts: list, new_tokens: i
     if started:
         api.start()
     try:
-        setup, request = work(settings, api.url, new_tokens)
-        levels, seconds = settings.bench.concurrency, settings.bench.seconds
-        return sweep("openai", request, levels, seconds, texts, {"protocol": "http"}, setup)
+        systems = {"grpc": grpc_work, "openai": work(settings, api.url, new_tokens)}
+        points, seconds = [], settings.bench.seconds
+        slices = max(1, round(seconds / TURN_SECONDS))
+        for level in settings.bench.concurrency:
+            alternating(systems, level, min(WARMUP_SECONDS, seconds), texts, 1)  # warm up
+            if level == 1:
+                found = in_step(systems, seconds, texts)
+            else:
+                found = alternating(systems, level, seconds, texts, slices)
+            beside, point = found["grpc"], {"protocol": "http", **found["openai"]}
+            kept = ("throughput", "p50_ms", "p99_ms", "errors")
+            point["grpc_beside"] = {k: beside[k] for k in kept}
+            added = f"; added {point['added_p50_ms']} ms (p50)" if level == 1 else ""
+            print(
+                f"bench: openai concurrency {level}: {point['throughput']:.1f} req/s, p50 "
+                f"{point['p50_ms']} ms, {point['errors']} errors; gRPC beside it "
+                f"{beside['throughput']:.1f} req/s, p50 {beside['p50_ms']} ms{added}",
+                flush=True,
+            )
+            points.append(point)
+        return points
     finally:
         if started:
             api.stop()

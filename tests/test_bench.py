@@ -35,6 +35,53 @@ def test_no_good_answer_gives_null_statistics_not_nan():
     json.dumps(point, allow_nan=False)
 
 
+def test_systems_compared_side_by_side_take_turns_and_pool_their_answers():
+    order, texts = [], [(str(i),) for i in range(5)]
+
+    def work_of(name, seconds):
+        def work(state, text):
+            order.append((name, text[0]))
+            time.sleep(seconds * (1 + int(text[0])))
+            return name != "b" or len(order) % 5 != 0  # b answers wrong now and then
+
+        return None, work
+
+    systems = {"a": work_of("a", 0.002), "b": work_of("b", 0.004)}
+    found = loadgen.alternating(systems, concurrency=2, seconds=0.4, texts=texts, slices=4)
+    names = [name for name, _ in order]
+    turns = [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+    assert turns == ["a", "b"] * 4  # A B A B: a moving load weighs on both alike
+    for name, point in found.items():
+        sent = [text for n, text in order if n == name]
+        assert point["requests"] + point["errors"] == len(sent)
+        assert 0.8 * point["requests"] / 0.4 <= point["throughput"] <= 1.5 * point["requests"] / 0.4
+        counts = [sent.count(text) for (text,) in texts]  # each turn goes on where one stopped
+        assert max(counts) - min(counts) <= 3, counts
+    assert found["b"]["errors"] > 0 and found["a"]["errors"] == 0
+    assert found["a"]["p50_ms"] < found["b"]["p50_ms"]
+
+
+def test_at_concurrency_one_systems_go_in_step_and_what_one_adds_is_paired():
+    order = []
+
+    def work_of(name, extra):
+        def work(state, text):
+            order.append((name, text[0]))
+            time.sleep(0.002 * (1 + int(text[0])) + extra)  # one text 2 ms, the next 4...
+            return True
+
+        return None, work
+
+    texts = [(str(i),) for i in range(4)]
+    systems = {"grpc": work_of("grpc", 0.0), "api": work_of("api", 0.003)}
+    found = loadgen.in_step(systems, seconds=0.3, texts=texts)
+    assert order[:4] == [("grpc", "0"), ("api", "0"), ("api", "1"), ("grpc", "1")]
+    assert found["grpc"]["added_p50_ms"] == 0
+    assert 2.5 <= found["api"]["added_p50_ms"] <= 4.5  # the 3 ms it adds, whatever the text
+    assert found["api"]["requests"] == found["grpc"]["requests"] == len(order) // 2
+    assert found["api"]["throughput"] < found["grpc"]["throughput"]
+
+
 def test_clients_connect_before_the_clock_starts():
     def setup(state):
         time.sleep(0.2)  # a slow connection must not be measured

@@ -188,6 +188,8 @@ class API:
             }
             return (await self.triton.infer(deployment.target, inputs))[output]
 
+        if rows <= size:  # one call, awaited here: no task to schedule
+            return list(await call(0))
         parts = await asyncio.gather(*(call(s) for s in range(0, rows, size)))
         return [row for part in parts for row in part]
 
