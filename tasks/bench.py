@@ -419,7 +419,7 @@ def measure(settings: Settings) -> None:
             # the same requests through the OpenAI API (generation's served figures are a
             # stream's, which the API's whole answers are not comparable with)
             systems["openai"] = openai_bench.measure(
-                settings, grpc_url, sweep, texts, new_tokens(settings)
+                settings, grpc_url, sweep, texts, new_tokens(settings), server
             )
     finally:
         if server is not None:

@@ -48,25 +48,31 @@ def work(settings: Settings, url: str, new_tokens: int):
     return setup, request
 
 
-def measure(settings: Settings, grpc_url: str, sweep, texts: list, new_tokens: int) -> list:
+def measure(
+    settings: Settings, grpc_url: str, sweep, texts: list, new_tokens: int, server=None
+) -> list:
     """The `openai` system's points: an API started on `openai_port` for the bench (or the
-    one `doit serve` runs there), against the server at `grpc_url`; [] where there is none."""
+    one `doit serve` runs there), against the server at `grpc_url` (the bench's own `server`,
+    if it started one: behind its nginx, if nginx fronts it); [] where there is none."""
+    from types import SimpleNamespace
+
     from tasks import storage
-    from tasks.server import OpenAIServer
-    from tasks.server.openai_api import answers
+    from tasks.server import openai_api
+    from tasks.server.network import client_host
 
     port, endpoints = settings.endpoints.openai_port, settings.endpoints
     if settings.task.name not in ROUTES or not port or settings.storage.location is not None:
         return []
     repository = storage.served_repository(settings.storage.repo)[0]
-    api = OpenAIServer(grpc_url, repository, endpoints.host, port)
-    started = not answers(api.url)
-    if started:
-        api.start()
+    url = f"{client_host(endpoints.host)}:{port}"  # where clients reach it: nginx, if in front
+    api = None
+    if not openai_api.answers(url):
+        triton = server or SimpleNamespace(grpc_url=grpc_url)
+        api = openai_api.for_server(triton, repository, endpoints).start()
     try:
-        setup, request = work(settings, api.url, new_tokens)
+        setup, request = work(settings, url, new_tokens)
         levels, seconds = settings.bench.concurrency, settings.bench.seconds
         return sweep("openai", request, levels, seconds, texts, {"protocol": "http"}, setup)
     finally:
-        if started:
+        if api is not None:
             api.stop()

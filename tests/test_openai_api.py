@@ -5,9 +5,11 @@ embeddings equal the model's, errors come with their status, the process is kept
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import pytest
 from tasks import artifacts
 from tests.helpers.models import CHAT_TEMPLATE, save_chat_model, save_generation_model
 from tests.helpers.project import OFFLINE_ENV, copy_project
+from tests.helpers.serving import needs_nginx
 
 pytestmark = pytest.mark.server
 
@@ -386,6 +389,77 @@ def test_doit_serve_restarts_the_api_when_it_is_killed(chatting, chat_dir):
         rest, _ = process.communicate(timeout=90)
     assert process.returncode == 0, rest
     assert "openai api: back" in rest
+
+
+@contextlib.contextmanager
+def raw_request(url: str, route: str, body: dict):
+    """A socket that sent one POST of `body` (JSON) over HTTP/1.1: its reader sees the answer
+    as it arrives, and closing it is a client gone."""
+    host, port = url.rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    try:
+        sock.sendall(head.encode() + payload)
+        yield sock
+    finally:
+        sock.close()
+
+
+def deployment_requests(member, name: str) -> float:
+    """Requests a replica's Triton counted for the deployment `name`'s models (its metrics)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{member.metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    prefix = f'nv_inference_request_success{{model="{name}'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+@pytest.mark.slow
+@needs_nginx
+def test_with_replicas_the_api_is_behind_nginx_spread_and_streamed_unbuffered(chatting, tmp_path):
+    """replicas=2 as `doit serve` runs it: nginx on openai_port, the API's process on a
+    loopback port behind it, its gRPC through nginx's balanced front to both replicas."""
+    from tasks.server import free_port, make_server, openai_api
+    from tasks.settings import Endpoints
+
+    models = chatting[0].root / "models"
+    ports = sorted({free_port() for _ in range(8)})[:4]
+    names = ("http_port", "grpc_port", "metrics_port", "openai_port")
+    endpoints = Endpoints(replicas=2, **dict(zip(names, ports)))
+    server = make_server(endpoints, log_file=tmp_path / "triton.log", repo=str(models))
+    server.start()
+    try:
+        api = openai_api.for_server(server, models, endpoints, log_file=tmp_path / "api.log")
+        with api:
+            assert api.host == "127.0.0.1" and api.port not in ports
+            assert api.triton_grpc == server.grpc_url  # nginx's gRPC front, not a replica
+            front = type("Front", (), {"url": f"127.0.0.1:{endpoints.openai_port}"})
+            assert [m.id for m in client(front).models.list().data] == ["chat"]
+            for _ in range(4):
+                done = client(front).completions.create(model="chat", prompt="A", max_tokens=3)
+                assert done.usage.completion_tokens >= 1
+            too_large = {"Content-Length": str(5 << 20)}  # over max_body_mb=4, at nginx
+            status, refusal = post(front, "/v1/completions", b"{}", too_large)
+            assert status == 413 and refusal["error"]["code"] == "request_too_large"
+            counts = [deployment_requests(m, "chat") for m in server.members]
+            assert all(count > 0 for count in counts), counts  # spread over both replicas
+            body = {"model": "chat", "prompt": "The quick brown fox", "max_tokens": 100}
+            with raw_request(front.url, "/v1/completions", {**body, "stream": True}) as sock:
+                reads = []
+                while not reads or b"data: [DONE]" not in reads[-1]:
+                    data = sock.recv(1 << 16)
+                    assert data, reads
+                    reads.append(data)
+            # as they come, not buffered into one piece at the end
+            assert sum(b"data: {" in read for read in reads) >= 3, reads
+    finally:
+        server.stop()
 
 
 def test_the_chat_template_renders_as_transformers_does(chat_dir):
