@@ -23,7 +23,7 @@ import pytest
 from tasks import artifacts
 from tests.helpers.models import CHAT_TEMPLATE, save_chat_model, save_generation_model
 from tests.helpers.project import OFFLINE_ENV, copy_project
-from tests.helpers.serving import needs_nginx
+from tests.helpers.serving import generation_outcomes, needs_nginx
 
 pytestmark = pytest.mark.server
 
@@ -230,6 +230,57 @@ def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"http://{api.url}/health", timeout=10) as reply:  # open to probes
             assert json.loads(reply.read())["deployments"]["chat"]["ready"] is True
+
+
+LONG = {"model": "chat", "prompt": "The quick brown fox", "max_tokens": 112}  # the limit
+
+
+def leave_early(api, stream: bool, wait: float) -> float:
+    """Ask LONG and go: after its first event (streamed), or after `wait` seconds (whole).
+    Returns the seconds from the request to the socket's close."""
+    began = time.monotonic()
+    with raw_request(api.url, "/v1/completions", {**LONG, "stream": stream}) as sock:
+        if stream:
+            received = b""
+            while b"data: {" not in received:
+                received += sock.recv(1 << 16)
+                assert b"[DONE]" not in received
+        else:
+            time.sleep(wait)
+    return time.monotonic() - began
+
+
+def test_a_client_that_disconnects_stops_its_decoding_streamed_or_not(chatting):
+    """Triton's own HTTP frontend cannot pass a disconnect on; the API cancels its stream, so
+    the row leaves the batch (`cancelled` in Triton's metrics at once, never `finished`)."""
+    _, server, api = chatting
+    began = time.monotonic()  # uncancelled, it runs every step (and warms the stream up)
+    chunks = list(client(api).completions.create(**LONG, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    seconds = time.monotonic() - began
+    for stream in (True, False):
+        # on a loaded machine a first event can come late, with the generation nearly done:
+        # only a client gone in the first half of the uncancelled time tells
+        for _ in range(3):
+            counts = generation_outcomes(server, "chat_stream")
+            before = {k: counts.get(k, 0) for k in ("cancelled", "finished")}
+            logs = (len(server.log_path.read_text()), len(api.log_path.read_text()))
+            if leave_early(api, stream, min(0.05, seconds / 4)) < seconds / 2:
+                break
+            time.sleep(seconds)  # its end, before the next try
+        else:
+            raise AssertionError(f"no first event in the first half of {seconds:.2f} s")
+        left = time.monotonic()
+        while generation_outcomes(server, "chat_stream").get("cancelled", 0) <= before["cancelled"]:
+            assert time.monotonic() - left < 1.0, generation_outcomes(server, "chat_stream")
+            time.sleep(0.01)
+        assert generation_outcomes(server, "chat_stream").get("finished", 0) == before["finished"]
+        for path, size in zip((server.log_path, api.log_path), logs):  # nothing alarming
+            new_lines = path.read_text()[size:]
+            for word in ("Traceback", "rror", "xception", "WARN"):
+                assert word not in new_lines, new_lines[-2000:]
+    again = client(api).completions.create(**{**LONG, "max_tokens": 4})
+    assert again.usage.completion_tokens >= 1  # the server keeps serving
 
 
 # --- slow: more deployments, and `doit serve` ------------------------------------------------

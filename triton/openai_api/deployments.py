@@ -43,7 +43,6 @@ class Deployment:
     name: str
     task: str
     target: str  # the Triton model requests go to: the ensemble <name>
-    inputs: frozenset[str]  # its input names (STOP, where the model takes it)
     models: tuple[str, ...]  # every Triton model it needs: what /health asks
     tokenizer: Tokenizer
     max_batch: int
@@ -56,7 +55,7 @@ class Deployment:
     max_positions: int = 0  # causal: prompt + new tokens; 0: no limit
     chat_error: str = ""  # a chat template that does not compile
     stream: str = ""  # generation: the streaming model, <name>_stream
-    stream_inputs: frozenset[str] = frozenset()
+    stream_inputs: frozenset[str] = frozenset()  # its input names (STOP, where it takes it)
 
     def count(self, text: str) -> int:
         """Tokens of `text` as the deployment's tokenizer makes them (special tokens too)."""
@@ -89,7 +88,6 @@ def load(repository: Path, ensemble) -> Deployment:
             name=name,
             task=task,
             target=name,
-            inputs=frozenset(t.name for t in ensemble.input),
             stream=stream,
             stream_inputs=frozenset(t.name for t in config.input),
             models=(name, *steps, stream),
@@ -110,7 +108,6 @@ def load(repository: Path, ensemble) -> Deployment:
         name=name,
         task=task,
         target=name,
-        inputs=frozenset(t.name for t in ensemble.input),
         models=(name, *steps),
         tokenizer=load_tokenizer(repository / first / "1" / "tokenizer.json"),
         max_batch=ensemble.max_batch_size,

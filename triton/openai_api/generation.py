@@ -1,15 +1,14 @@
-"""Generated choices: whole, from the deployment's ensemble (`whole`: one response per request,
-every choice a row), or piece by piece from its streaming model (`choice`: a request per
-choice, so that each can end on its own; in-flight batching puts them together).
+"""Generated choices, piece by piece from the deployment's streaming model (`choice`: a request
+per choice, so that each can end on its own, and be cancelled on its own; in-flight batching
+puts them together). A whole answer is its pieces put together.
 
 `stop` strings go to the model as its STOP input where the model takes one, and the text is
-cut before them here (`StopCut`). FALLBACK for a model without STOP: such requests go through
-the stream, which is cancelled when a stop string shows up.
+cut before them here (`StopCut`). FALLBACK for a model without STOP: the stream is cancelled
+when a stop string shows up.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -89,29 +88,6 @@ def model_inputs(
 def finish_reason(deployment: Deployment, ids: list[int], wanted: int, stopped: bool) -> str:
     ended = stopped or (ids and ids[-1] in deployment.eos_ids)
     return "length" if len(ids) >= wanted and not ended else "stop"
-
-
-async def whole(
-    triton: Triton, deployment: Deployment, rows: list[tuple[str, int]], sampling: Sampling
-) -> list[Piece]:
-    """Every row's whole answer from the deployment's ensemble (one response per request, at
-    most its batch of rows each), as final Pieces."""
-    size, wanted = max(deployment.max_batch, 1), max_tokens(deployment, sampling)
-
-    async def call(part):
-        inputs = model_inputs(deployment, part, sampling, deployment.inputs)
-        out = await triton.infer(deployment.target, inputs, wanted=("OUTPUT_IDS",))
-        return out["OUTPUT_IDS"]
-
-    found = await asyncio.gather(*(call(rows[s : s + size]) for s in range(0, len(rows), size)))
-    pieces = []
-    for (_, index), row in zip(rows, (row for part in found for row in part)):
-        ids = [int(i) for i in row if i >= 0]
-        text = deployment.tokenizer.decode(ids, skip_special_tokens=True)
-        text, stopped = StopCut(sampling.stop).feed(text) if sampling.stop else (text, False)
-        finish = finish_reason(deployment, ids, wanted, stopped)
-        pieces.append(Piece(index, text, finish, len(ids)))
-    return pieces
 
 
 class StopCut:
