@@ -235,12 +235,12 @@ def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
 LONG = {"model": "chat", "prompt": "The quick brown fox", "max_tokens": 112}  # the limit
 
 
-def leave_early(api, stream: bool, wait: float) -> float:
-    """Ask LONG and go: after its first event (streamed), or after `wait` seconds (whole).
+def leave_early(api, body: dict, wait: float) -> float:
+    """Ask `body` and go: after its first event (streamed), or after `wait` seconds (whole).
     Returns the seconds from the request to the socket's close."""
     began = time.monotonic()
-    with raw_request(api.url, "/v1/completions", {**LONG, "stream": stream}) as sock:
-        if stream:
+    with raw_request(api.url, "/v1/completions", body) as sock:
+        if body.get("stream"):
             received = b""
             while b"data: {" not in received:
                 received += sock.recv(1 << 16)
@@ -251,30 +251,34 @@ def leave_early(api, stream: bool, wait: float) -> float:
 
 
 def test_a_client_that_disconnects_stops_its_decoding_streamed_or_not(chatting):
-    """Triton's own HTTP frontend cannot pass a disconnect on; the API cancels its stream, so
-    the row leaves the batch (`cancelled` in Triton's metrics at once, never `finished`)."""
+    """Triton's own HTTP frontend cannot pass a disconnect on; the API cancels its call to the
+    stream model (streamed), or to the generate model (whole: the ensemble's step), so the rows
+    leave the batch: `cancelled` in Triton's metrics at once, never `finished`."""
     _, server, api = chatting
-    began = time.monotonic()  # uncancelled, it runs every step (and warms the stream up)
-    chunks = list(client(api).completions.create(**LONG, stream=True))
-    assert chunks[-1].choices[0].finish_reason == "length"
-    seconds = time.monotonic() - began
-    for stream in (True, False):
+    # a whole answer of 8 rows decodes long enough to leave in the middle
+    cases = [("chat_stream", {**LONG, "stream": True}), ("chat_generate", {**LONG, "n": 8})]
+    for model, body in cases:
+        began = time.monotonic()  # uncancelled, it runs every step (and warms the path up)
+        done = client(api).completions.create(**body)
+        reasons = [c.choices[0].finish_reason for c in done] if body.get("stream") else []
+        assert (reasons or [c.finish_reason for c in done.choices])[-1] == "length"
+        seconds = time.monotonic() - began
         # on a loaded machine a first event can come late, with the generation nearly done:
         # only a client gone in the first half of the uncancelled time tells
         for _ in range(3):
-            counts = generation_outcomes(server, "chat_stream")
+            counts = generation_outcomes(server, model)
             before = {k: counts.get(k, 0) for k in ("cancelled", "finished")}
             logs = (len(server.log_path.read_text()), len(api.log_path.read_text()))
-            if leave_early(api, stream, min(0.05, seconds / 4)) < seconds / 2:
+            if leave_early(api, body, seconds / 4) < seconds / 2:
                 break
             time.sleep(seconds)  # its end, before the next try
         else:
             raise AssertionError(f"no first event in the first half of {seconds:.2f} s")
         left = time.monotonic()
-        while generation_outcomes(server, "chat_stream").get("cancelled", 0) <= before["cancelled"]:
-            assert time.monotonic() - left < 1.0, generation_outcomes(server, "chat_stream")
+        while generation_outcomes(server, model).get("cancelled", 0) <= before["cancelled"]:
+            assert time.monotonic() - left < 1.0, (model, generation_outcomes(server, model))
             time.sleep(0.01)
-        assert generation_outcomes(server, "chat_stream").get("finished", 0) == before["finished"]
+        assert generation_outcomes(server, model).get("finished", 0) == before["finished"]
         for path, size in zip((server.log_path, api.log_path), logs):  # nothing alarming
             new_lines = path.read_text()[size:]
             for word in ("Traceback", "rror", "xception", "WARN"):

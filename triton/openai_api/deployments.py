@@ -38,11 +38,22 @@ def parameters(config) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+@dataclass(frozen=True)
+class Step:
+    """A step of an ensemble: its model, and its tensors' names in the ensemble (the model's
+    input or output name -> the ensemble tensor's)."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
 @dataclass
 class Deployment:
     name: str
     task: str
     target: str  # the Triton model requests go to: the ensemble <name>
+    inputs: frozenset[str]  # its input names (STOP, where the model takes it)
     models: tuple[str, ...]  # every Triton model it needs: what /health asks
     tokenizer: Tokenizer
     max_batch: int
@@ -55,7 +66,8 @@ class Deployment:
     max_positions: int = 0  # causal: prompt + new tokens; 0: no limit
     chat_error: str = ""  # a chat template that does not compile
     stream: str = ""  # generation: the streaming model, <name>_stream
-    stream_inputs: frozenset[str] = frozenset()  # its input names (STOP, where it takes it)
+    stream_inputs: frozenset[str] = frozenset()
+    steps: tuple[Step, ...] = ()  # generation: the ensemble's steps, which whole answers call
 
     def count(self, text: str) -> int:
         """Tokens of `text` as the deployment's tokenizer makes them (special tokens too)."""
@@ -88,8 +100,13 @@ def load(repository: Path, ensemble) -> Deployment:
             name=name,
             task=task,
             target=name,
+            inputs=frozenset(t.name for t in ensemble.input),
             stream=stream,
             stream_inputs=frozenset(t.name for t in config.input),
+            steps=tuple(
+                Step(step.model_name, dict(step.input_map), dict(step.output_map))
+                for step in ensemble.ensemble_scheduling.step
+            ),
             models=(name, *steps, stream),
             tokenizer=load_tokenizer(folder / "tokenizer.json"),
             max_batch=config.max_batch_size,
@@ -108,6 +125,7 @@ def load(repository: Path, ensemble) -> Deployment:
         name=name,
         task=task,
         target=name,
+        inputs=frozenset(t.name for t in ensemble.input),
         models=(name, *steps),
         tokenizer=load_tokenizer(repository / first / "1" / "tokenizer.json"),
         max_batch=ensemble.max_batch_size,

@@ -21,7 +21,7 @@ import parsing
 from api_errors import APIError, model_not_found, wrong_task
 from chat import TemplateError
 from deployments import GENERATION, Deployment, Repository
-from generation import Piece, check_limits, choice
+from generation import Piece, check_limits, choice, whole
 from inference import Triton
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -202,8 +202,11 @@ class API:
         answer = Answer(deployment.name, chat, sum(counts))
         # (prompt, choice index): OpenAI numbers the n choices of each prompt in turn
         rows = [(p, k * sampling.n + i) for k, p in enumerate(prompts) for i in range(sampling.n)]
-        # whole answers too come from the stream model: a cancelled stream leaves the batch
-        # within a step, a cancelled request to the ensemble does not (Triton 2.51)
+        # whole answers in one request to the ensemble's steps, unless stop strings need the
+        # stream (the ensemble takes no STOP: the stream model's, or the fallback's cut)
+        if not sampling.stream and (not sampling.stop or "STOP" in deployment.inputs):
+            finals = await whole(self.triton, deployment, rows, sampling)
+            return JSON(await answer.whole(finals[0], iterate(finals[1:]), len(rows)))
         streams = [choice(self.triton, deployment, p, sampling, i) for p, i in rows]
         pieces = streams[0] if len(streams) == 1 else merged(streams)
         first = await anext(pieces)  # a refusal before any text is an error status
@@ -214,6 +217,11 @@ class API:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return JSON(await answer.whole(first, pieces, len(rows)))
+
+
+async def iterate(items: list) -> AsyncIterator:
+    for item in items:
+        yield item
 
 
 async def client_gone(request: Request) -> None:
@@ -227,7 +235,7 @@ async def answered(request: Request, answering: Coroutine) -> Response:
     """The response `answering` makes, unless the client disconnects first: then it is
     cancelled at once, and its calls to Triton with it, so their rows leave the in-flight
     batch within a step (Triton counts them cancelled). A streamed answer is watched here
-    until its first piece; then Starlette's StreamingResponse cancels it the same way."""
+    until its first piece; then Starlette's StreamingResponse stops it the same way (Events)."""
     work = asyncio.ensure_future(answering)
     gone = asyncio.ensure_future(client_gone(request))
     try:
