@@ -424,6 +424,7 @@ def measure(settings: Settings) -> None:
                 texts,
                 new_tokens(settings),
                 triton_work(settings, "grpc", grpc_url),
+                server,
             )
     finally:
         if server is not None:

@@ -17,6 +17,11 @@ admin key of Triton's restricted APIs and the optional client API key come from 
 Secrets the manifests name but never hold; `doit k8s` prints the commands that create them
 (values never pass through doit).
 
+With `openai_port` (not 0) each pod also runs the OpenAI-compatible API (triton/openai_api/,
+from the ConfigMap, on the packages server.txt pins) beside Triton, on the same hardening, with
+a readiness probe on its /health; an init container copies what it reads of the repository
+(configs, tokenizers, chat templates) from the bucket first (triton/openai_api/bucket.py).
+
 Templates are strict Jinja (StrictUndefined), like the pbtxt stage's. The manifests are stale
 when the settings they render from change (a digest of them in config_changed) or when a file
 they read does (file_dep: templates, this module, the Dockerfile, the supervisor, server.txt).
@@ -93,6 +98,15 @@ FILES_DIR = "/opt/llm-in-triton/files"  # the ConfigMap: the supervisor's files,
 BIN_DIR = "/opt/llm-in-triton/bin"
 COMPILER_IMAGE = "docker.io/library/gcc:14"  # Debian 12's glibc 2.36: runs on 24.04's 2.39
 SUPERVISOR_FILES = ("supervisor.py", "access.py", "secret_args.c")
+# The OpenAI API's container (openai_port): its package from the ConfigMap, laid out as in the
+# project (server.py reads ../supervisor/access.py), and the repository files it reads, copied
+# from the bucket by an init container with boto3 at the build's pin.
+API_DIR = "/opt/llm-in-triton/api"
+API_REPOSITORY = "/opt/llm-in-triton/repository"
+API_FILE_PREFIX = "openai_api."  # ConfigMap keys (no '/' in a key)
+API_CPU = (0.5, 1)  # request, limit: asyncio, one process (what one API needs at full load)
+API_MEMORY_MIB = (512, 1024)  # the deployments' tokenizers, and answers in flight
+API_REPOSITORY_MIB = 256  # its emptyDir: configs and tokenizers (a large one is 10-20 MiB)
 
 
 def object_name(name: str) -> str:
@@ -162,6 +176,52 @@ def secret_names(name: str) -> dict[str, str]:
     return {"storage": f"{name}-storage", "admin": f"{name}-admin", "api_key": f"{name}-api-key"}
 
 
+def pinned(package: str) -> str:
+    """`package==VERSION` as requirements/build.txt pins it (one pin for the build and pods)."""
+    text = paths.BUILD_REQUIREMENTS.read_text()
+    found = re.search(rf"^{re.escape(package)}==([\w.]+)", text, re.M)
+    if found is None:
+        raise ConfigError(f"requirements/build.txt pins no {package}==VERSION; k8s/ needs it")
+    return f"{package}=={found.group(1)}"
+
+
+def api_files() -> dict[str, str]:
+    """The OpenAI API's modules as ConfigMap keys -> their text."""
+    return {
+        f"{API_FILE_PREFIX}{path.name}": path.read_text()
+        for path in paths.runtime_modules("openai_api")
+    }
+
+
+def openai_params(settings: Settings) -> dict | None:
+    """What the API's container renders from (None: openai_port=0, no API)."""
+    endpoints = settings.endpoints
+    if not endpoints.openai_port:
+        return None
+    return {
+        "dir": API_DIR,
+        "repository": API_REPOSITORY,
+        "max_body_mb": endpoints.max_body_mb,
+        "cpu": list(API_CPU),
+        "memory": list(API_MEMORY_MIB),
+        "repository_mib": API_REPOSITORY_MIB,
+        "setup": api_repository_setup(settings.storage.repo),
+    }
+
+
+def api_repository_setup(repo: str) -> str:
+    """The API's init container's shell command: boto3 (the build's pin) into /tmp, then the
+    files the API reads copied from the bucket into API_REPOSITORY."""
+    import shlex
+
+    boto3, fetch = "/tmp/boto3", f"{API_DIR}/openai_api/bucket.py"
+    return (
+        f"pip install --no-cache-dir --disable-pip-version-check --quiet --target {boto3} "
+        f"{pinned('boto3')} && PYTHONPATH={boto3} python3 {fetch} {shlex.quote(repo)} "
+        f"{API_REPOSITORY}"
+    )
+
+
 def k8s_params(settings: Settings) -> dict:
     """Everything the manifests render from that the settings decide (JSON-safe): what
     config_changed sees. The files they read are the task's file_dep."""
@@ -188,7 +248,9 @@ def k8s_params(settings: Settings) -> dict:
             "http": endpoints.http_port,
             "grpc": endpoints.grpc_port,
             "metrics": endpoints.metrics_port,
+            **({"openai": endpoints.openai_port} if endpoints.openai_port else {}),
         },
+        "openai": openai_params(settings),
         "resources": pod_resources(settings),
         "gpus": gpus,  # nvidia.com/gpu: TensorRT engines only
         "shm_mib": SHM_MIB,
@@ -212,6 +274,8 @@ def render_context(settings: Settings) -> dict:
     and their digest (a pod annotation, so a changed supervisor rolls the pods)."""
     files = {name: paths.runtime_file("supervisor", name).read_text() for name in SUPERVISOR_FILES}
     files["server.txt"] = paths.SERVER_REQUIREMENTS.read_text()
+    if settings.endpoints.openai_port:
+        files.update(api_files())
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     params = k8s_params(settings)
     return {
@@ -221,6 +285,8 @@ def render_context(settings: Settings) -> dict:
         "files_digest": digest,
         "secret_commands": secret_commands(params),
         "supervisor_setup": supervisor_setup(),
+        "api_files": sorted(api_files()),
+        "api_file_prefix": API_FILE_PREFIX,
     }
 
 
@@ -301,7 +367,9 @@ def task_k8s():
             paths.stage_module("k8s"),
             paths.DOCKERFILE,
             *(paths.runtime_file("supervisor", name) for name in SUPERVISOR_FILES),
+            *paths.runtime_modules("openai_api"),
             paths.SERVER_REQUIREMENTS,
+            paths.BUILD_REQUIREMENTS,
         ],
         "targets": targets,
         "uptodate": [config_changed(k8s_params(settings))],

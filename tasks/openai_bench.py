@@ -49,9 +49,12 @@ def work(settings: Settings, url: str, new_tokens: int):
     return setup, request
 
 
-def measure(settings: Settings, grpc_url: str, texts: list, new_tokens: int, grpc_work) -> list:
+def measure(
+    settings: Settings, grpc_url: str, texts: list, new_tokens: int, grpc_work, server=None
+) -> list:
     """The `openai` system's points: an API started on `openai_port` for the bench (or the
-    one `doit serve` runs there), against the server at `grpc_url`; [] where there is none.
+    one `doit serve` runs there), against the server at `grpc_url` (the bench's own `server`,
+    if it started one: behind its nginx, if nginx fronts it); [] where there is none.
 
     Each point carries `grpc_beside`: Triton over gRPC directly (`grpc_work`: setup, work) at
     the same concurrency and texts, taken in turns with the API (half a second each; at
@@ -59,21 +62,24 @@ def measure(settings: Settings, grpc_url: str, texts: list, new_tokens: int, grp
     each text). The API's cost is the difference of the two, which on a shared machine only
     points taken side by side can tell: the load moves more between two sweeps than the API
     costs."""
+    from types import SimpleNamespace
+
     from tasks import storage
     from tasks.loadgen import WARMUP_SECONDS, alternating, in_step
-    from tasks.server import OpenAIServer
-    from tasks.server.openai_api import answers
+    from tasks.server import openai_api
+    from tasks.server.network import client_host
 
     port, endpoints = settings.endpoints.openai_port, settings.endpoints
     if settings.task.name not in ROUTES or not port or settings.storage.location is not None:
         return []
     repository = storage.served_repository(settings.storage.repo)[0]
-    api = OpenAIServer(grpc_url, repository, endpoints.host, port)
-    started = not answers(api.url)
-    if started:
-        api.start()
+    url = f"{client_host(endpoints.host)}:{port}"  # where clients reach it: nginx, if in front
+    api = None
+    if not openai_api.answers(url):
+        triton = server or SimpleNamespace(grpc_url=grpc_url)
+        api = openai_api.for_server(triton, repository, endpoints).start()
     try:
-        systems = {"grpc": grpc_work, "openai": work(settings, api.url, new_tokens)}
+        systems = {"grpc": grpc_work, "openai": work(settings, url, new_tokens)}
         points, seconds = [], settings.bench.seconds
         slices = max(1, round(seconds / TURN_SECONDS))
         for level in settings.bench.concurrency:
@@ -95,5 +101,5 @@ def measure(settings: Settings, grpc_url: str, texts: list, new_tokens: int, grp
             points.append(point)
         return points
     finally:
-        if started:
+        if api is not None:
             api.stop()

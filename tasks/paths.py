@@ -27,6 +27,7 @@ CLIENT = ROOT / "triton" / "send_request.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"  # its server stage's FROM line: the image k8s/ runs
 SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"  # what python-backend models import
+BUILD_REQUIREMENTS = ROOT / "requirements" / "build.txt"  # the build's pins (boto3 among them)
 README = ROOT / "README.md"  # the one page; the manual is docs/, one file per subject
 DOCS = ROOT / "docs"
 VARIABLES_DOC = DOCS / "variables.md"  # its table of variables is made from tasks/variables.py
@@ -221,6 +222,11 @@ NGINX_TEMPLATE = TEMPLATES_DIR / "nginx.conf.j2"  # the balancer of replicas=N
 def runtime_file(component: str, filename: str) -> Path:
     """Code that runs inside Triton (imports nothing from `tasks/`)."""
     return TRITON_DIR / component / filename
+
+
+def runtime_modules(component: str) -> list[Path]:
+    """Every Python module of a runtime component (triton/<component>/*.py), sorted."""
+    return sorted((TRITON_DIR / component).glob("*.py"))
 
 
 def runtime_model_code(component: str) -> Path:

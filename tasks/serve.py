@@ -149,25 +149,25 @@ def serve_foreground(settings: Settings) -> None:
 
 
 def start_openai_api(settings: Settings, server):
-    """The OpenAI-compatible API on `openai_port` (0: none), in front of `server`, started
-    again if it exits (tasks/server/openai_api.py); None when there is none."""
+    """The OpenAI-compatible API on `openai_port` (0: none), in front of `server` (behind
+    nginx where nginx fronts the server), started again if it exits
+    (tasks/server/openai_api.py); None when there is none."""
     from tasks import storage
-    from tasks.server import OpenAIServer
+    from tasks.server import openai_api
+    from tasks.server.network import client_host
 
-    port = settings.endpoints.openai_port
-    if not port:
+    endpoints = settings.endpoints
+    if not endpoints.openai_port:
         return None
     if settings.storage.location is not None:
         print("serve: no OpenAI API for a bucket (it reads a repository folder)", flush=True)
         return None
     repository, _ = storage.served_repository(settings.storage.repo)
-    endpoints = settings.endpoints
-    api = OpenAIServer(
-        server.grpc_url, repository, endpoints.host, port, max_body_mb=endpoints.max_body_mb
-    ).start()
+    api = openai_api.for_server(server, repository, endpoints).start()
+    url = f"{client_host(endpoints.host)}:{endpoints.openai_port}"  # nginx's, if in front
     print(
-        f"serve: OpenAI-compatible API on http://{api.url}/v1 (log {api.log_path}):\n"
-        f"  curl -s http://{api.url}/v1/models",
+        f"serve: OpenAI-compatible API on http://{url}/v1 (log {api.log_path}):\n"
+        f"  curl -s http://{url}/v1/models",
         flush=True,
     )
     return api

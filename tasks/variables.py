@@ -343,8 +343,9 @@ VARIABLES: dict[str, Variable] = {
             "openai_port",
             "9000",
             _port_or_off,
-            "`doit serve`: the OpenAI-compatible API's port (`/v1/chat/completions`, "
-            "`/v1/completions`, `/v1/embeddings`, `/rerank`); `0` turns it off",
+            "`doit serve`, `k8s`: the OpenAI-compatible API's port (`/v1/chat/completions`, "
+            "`/v1/completions`, `/v1/embeddings`, `/rerank`; behind nginx where nginx fronts "
+            "Triton; a container beside Triton in k8s's pods); `0` turns it off",
         ),
         Variable(
             "server",

@@ -84,6 +84,36 @@ def test_with_no_replica_up_the_balancer_answers_502_and_stops_leaving_nothing()
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
+def test_the_openai_api_is_fronted_unbuffered_with_the_same_body_limit():
+    replicas = [{"http": "127.0.0.1:1001", "grpc": "127.0.0.1:1002"}]
+    plain = NginxBalancer("127.0.0.1", 8000, 8001, replicas, 4).config()
+    assert "openai" not in plain
+    config = NginxBalancer("127.0.0.1", 8000, 8001, replicas, 4, (9000, "127.0.0.1:4321")).config()
+    front = config[config.index("upstream openai_api") : config.index("# gRPC (HTTP/2")]
+    assert "server 127.0.0.1:4321;" in front and "listen 127.0.0.1:9000;" in front
+    for line in ("proxy_buffering off;", "proxy_read_timeout 300s;", "proxy_send_timeout 300s;"):
+        assert line in front
+    assert "client_max_body_size 4m;" in config  # for every server, this one too
+    assert "error_page 413 @too_large;" in front  # in OpenAI's error object
+
+
+@needs_nginx
+def test_with_no_api_behind_it_the_openai_port_answers_502_and_counts_as_no_api():
+    from tasks.server.openai_api import answers
+
+    dead = [{"http": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}"}]
+    port, backend = free_port(), free_port()
+    balancer = NginxBalancer("127.0.0.1", *two_ports(), dead, 4, (port, f"127.0.0.1:{backend}"))
+    balancer.start()  # nginx -t took the config
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert caught.value.code == 502
+        assert not answers(f"127.0.0.1:{port}")  # the bench starts an API behind it
+    finally:
+        balancer.stop()
+
+
 @needs_nginx
 def test_a_balancer_on_a_taken_port_is_refused_before_nginx_starts():
     http, grpc = two_ports()

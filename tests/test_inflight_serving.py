@@ -10,13 +10,13 @@ import json
 import queue
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 
 from tests.helpers.client import Client, infer
 from tests.helpers.project import copy_project
+from tests.helpers.serving import generation_outcomes as outcomes
 
 pytestmark = pytest.mark.server
 
@@ -91,19 +91,6 @@ def stream(server, model: str, prompt: str, cancel_after: int = 0, **options):
         grpc.client.stop_stream()
         grpc.client.close()
     return pieces, ids
-
-
-def outcomes(server, model: str) -> dict[str, float]:
-    """llm_in_triton_generation_requests of a model, by outcome (Triton's metrics)."""
-    text = (
-        urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10).read().decode()
-    )
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("llm_in_triton_generation_requests{") and f'model="{model}"' in line:
-            outcome = line.split('outcome="')[1].split('"')[0]
-            found[outcome] = float(line.rsplit(" ", 1)[1])
-    return found
 
 
 def staggered(jobs: list, gap: float = 0.03) -> list:

@@ -20,9 +20,10 @@ def rendered(**variables) -> dict[str, dict]:
     return {kind: yaml.safe_load(k8s.render(kind, context)) for kind in k8s.RENDERED}
 
 
-def container(manifests: dict) -> dict:
-    (triton,) = manifests["deployment"]["spec"]["template"]["spec"]["containers"]
-    return triton
+def container(manifests: dict, name: str = "triton") -> dict:
+    containers = manifests["deployment"]["spec"]["template"]["spec"]["containers"]
+    (found,) = [c for c in containers if c["name"] == name]
+    return found
 
 
 @pytest.mark.parametrize(
@@ -205,7 +206,7 @@ def test_the_pods_run_as_the_images_non_root_user_with_nothing_to_escalate_or_wr
     # NVIDIA's image) and the uid the exporter stage gives its own user
     dockerfile = paths.DOCKERFILE.read_text()
     assert "USER triton-server" in dockerfile and "useradd --uid 1000 --gid 1000" in dockerfile
-    for each in (*spec["initContainers"], container(manifests)):
+    for each in (*spec["initContainers"], *spec["containers"]):  # the OpenAI API's too
         assert each["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -230,6 +231,81 @@ def test_the_network_policy_admits_the_served_ports_of_the_triton_pods_only():
     assert policy["policyTypes"] == ["Ingress"]
     (rule,) = policy["ingress"]
     assert rule == {"ports": [{"port": p, "protocol": "TCP"} for p in (9000, 9001, 9002)]}
+
+
+def test_the_openai_api_runs_beside_triton_with_its_port_probe_and_service_port():
+    manifests = rendered(grpc_port="9001", openai_port="9100", max_body_mb="8")
+    api = container(manifests, "openai")
+    assert api["image"] == container(manifests)["image"]  # NVIDIA's, on server.txt's packages
+    assert {e["name"]: e["value"] for e in api["env"]} == {"PYTHONPATH": k8s.SITE_PACKAGES}
+    command = api["command"]
+    assert command[:2] == ["python3", f"{k8s.API_DIR}/openai_api/server.py"]
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags == {
+        "--triton": "127.0.0.1:9001",  # Triton's gRPC in the pod
+        "--repository": k8s.API_REPOSITORY,
+        "--host": "0.0.0.0",
+        "--port": "9100",
+        "--max-body-mb": "8",
+        "--api-key-file": f"{k8s.SECRETS_DIR}/{k8s.API_KEY_FILE}",  # optional, as Triton's
+    }
+    assert api["ports"] == [{"name": "openai", "containerPort": 9100}]
+    assert api["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert api["livenessProbe"]["tcpSocket"] == {"port": "openai"}
+    service = {p["name"]: p for p in manifests["service"]["spec"]["ports"]}
+    assert service["openai"] == {
+        "name": "openai",
+        "port": 9100,
+        "targetPort": "openai",
+        "protocol": "TCP",
+        "appProtocol": "http",
+    }
+    (rule,) = manifests["networkpolicy"]["spec"]["ingress"]
+    assert {"port": 9100, "protocol": "TCP"} in rule["ports"]
+    assert set(api["resources"]) == {"requests", "limits"}
+    # its package comes from the ConfigMap, laid out as in the project
+    files = manifests["configmap"]["data"]
+    items = {i["path"]: i["key"] for i in volume_of(manifests, "api")["configMap"]["items"]}
+    for module in paths.runtime_modules("openai_api"):
+        assert files[items[f"openai_api/{module.name}"]] == module.read_text(), module.name
+    assert items["supervisor/access.py"] == "access.py"  # server.py reads ../supervisor/
+    mounted = mounts(api)
+    assert mounted[k8s.API_DIR]["name"] == "api" and mounted[k8s.API_DIR]["readOnly"]
+    assert mounted[k8s.API_REPOSITORY]["readOnly"] and mounted[k8s.SITE_PACKAGES]["readOnly"]
+    # what it reads of the repository is copied from the bucket first, with the build's boto3
+    setup = {c["name"]: c for c in pod_spec(manifests)["initContainers"]}["api-repository"]
+    script = setup["command"][2]
+    assert "boto3==" in script and k8s.pinned("boto3") in paths.BUILD_REQUIREMENTS.read_text()
+    assert f"openai_api/bucket.py {REPO} {k8s.API_REPOSITORY}" in script
+    assert mounts(setup)[k8s.API_REPOSITORY]["name"] == "api-repository"
+    env = {e["name"]: e["value"] for e in setup["env"]}
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{k8s.SECRETS_DIR}/{k8s.AWS_CREDENTIALS_FILE}"
+
+
+@pytest.mark.parametrize(
+    "repo, expected",
+    [
+        ("s3://bucket/prefix", (None, "bucket", "prefix")),
+        ("s3://bucket", (None, "bucket", "")),
+        ("s3://bkt/deep/prefix/", (None, "bkt", "deep/prefix")),
+        ("s3://minio:9000/bkt/p", ("http://minio:9000", "bkt", "p")),
+        ("s3://https://s3.example.com:443/bkt/p", ("https://s3.example.com:443", "bkt", "p")),
+    ],
+)
+def test_the_apis_copy_reads_the_repository_as_triton_names_it(repo, expected):
+    from tasks import artifacts
+
+    bucket = artifacts.load_runtime("openai_api", "bucket.py")
+    assert bucket.location(repo) == expected
+
+
+def test_openai_port_0_renders_no_api():
+    manifests = rendered(openai_port="0")
+    containers = pod_spec(manifests)["containers"]
+    assert [c["name"] for c in containers] == ["triton"]
+    assert "api-repository" not in {c["name"] for c in pod_spec(manifests)["initContainers"]}
+    assert "openai" not in {p["name"] for p in manifests["service"]["spec"]["ports"]}
+    assert not [key for key in manifests["configmap"]["data"] if key.startswith("openai_api.")]
 
 
 def resources(**variables) -> dict:

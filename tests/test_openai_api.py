@@ -5,9 +5,11 @@ embeddings equal the model's, errors come with their status, the process is kept
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import pytest
 from tasks import artifacts
 from tests.helpers.models import CHAT_TEMPLATE, save_chat_model, save_generation_model
 from tests.helpers.project import OFFLINE_ENV, copy_project
+from tests.helpers.serving import generation_outcomes, needs_nginx
 
 pytestmark = pytest.mark.server
 
@@ -229,6 +232,90 @@ def test_an_api_key_is_required_when_one_is_set_and_sent_on_to_triton(
             assert json.loads(reply.read())["deployments"]["chat"]["ready"] is True
 
 
+def test_a_published_repository_is_read_at_the_version_its_configs_name(chatting, tmp_path):
+    """As `doit publish` leaves a bucket (and k8s's pods copy it): version folders past 1,
+    each config naming the one to serve. The API reads the tokenizer and chat template there."""
+    import shutil
+
+    from tasks.publish import published_config
+    from tasks.server import OpenAIServer, free_port
+
+    project, server, _ = chatting
+    copy = tmp_path / "published"
+    shutil.copytree(project.root / "models", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for model in ("chat_stream", "chat_tokenizer"):
+        (copy / model / "1").rename(copy / model / "3")
+        config = copy / model / "config.pbtxt"
+        config.write_text(published_config(config.read_text(), 3))
+    log = tmp_path / "api.log"
+    with OpenAIServer(server.grpc_url, copy, port=free_port(), log_file=log) as api:
+        assert [m.id for m in client(api).models.list().data] == ["chat"], log.read_text()
+        answer = client(api).chat.completions.create(model="chat", messages=MESSAGES, max_tokens=2)
+        assert answer.usage.prompt_tokens > 0  # counted with the tokenizer of version 3
+    assert "skipping" not in log.read_text()
+
+
+LONG = {"model": "chat", "prompt": "The quick brown fox", "max_tokens": 112}  # the limit
+
+
+def leave_early(api, body: dict, wait: float) -> float:
+    """Ask `body` and go: after its first event (streamed), or after `wait` seconds (whole).
+    Returns the seconds from the request to the socket's close."""
+    began = time.monotonic()
+    with raw_request(api.url, "/v1/completions", body) as sock:
+        if body.get("stream"):
+            received = b""
+            while b"data: {" not in received:
+                received += sock.recv(1 << 16)
+                assert b"[DONE]" not in received
+        else:
+            time.sleep(wait)
+    return time.monotonic() - began
+
+
+def test_a_client_that_disconnects_stops_its_decoding_streamed_or_not(chatting):
+    """Triton's own HTTP frontend cannot pass a disconnect on; the API cancels its call to the
+    stream model (streamed), or to the generate model (whole: the ensemble's step), so the rows
+    leave the batch: `cancelled` in Triton's metrics at once, and not run to their end."""
+    _, server, api = chatting
+    # more rows than the deployment's batch (8), so that they decode a batch after another,
+    # long enough to leave in the middle on any machine: 16 streams (a request per choice), or
+    # a whole answer of 64 rows (8 requests of 8 rows)
+    streams = {**LONG, "n": 16, "stream": True}
+    whole = {**LONG, "prompt": [LONG["prompt"]] * 4, "n": 16}
+    cases = [("chat_stream", streams, 16), ("chat_generate", whole, 8)]
+    for model, body, calls in cases:
+        began = time.monotonic()  # uncancelled, it runs every step (and warms the path up)
+        done = client(api).completions.create(**body)
+        reasons = [c.choices[0].finish_reason for c in done] if body.get("stream") else []
+        assert (reasons or [c.finish_reason for c in done.choices])[-1] == "length"
+        seconds = time.monotonic() - began
+        # on a loaded machine a first event can come late, with the generation nearly done:
+        # only a client gone in the first half of the uncancelled time tells
+        for _ in range(3):
+            counts = generation_outcomes(server, model)
+            before = {k: counts.get(k, 0) for k in ("cancelled", "finished")}
+            logs = (len(server.log_path.read_text()), len(api.log_path.read_text()))
+            if leave_early(api, body, seconds / 4) < seconds / 2:
+                break
+            time.sleep(seconds)  # its end, before the next try
+        else:
+            raise AssertionError(f"no first event in the first half of {seconds:.2f} s")
+        left = time.monotonic()
+        while generation_outcomes(server, model).get("cancelled", 0) <= before["cancelled"]:
+            assert time.monotonic() - left < 1.0, (model, generation_outcomes(server, model))
+            time.sleep(0.01)
+        time.sleep(seconds)  # what was left of it, had it not stopped
+        finished = generation_outcomes(server, model).get("finished", 0) - before["finished"]
+        assert finished < calls, (model, finished)  # not every call ran to its end
+        for path, size in zip((server.log_path, api.log_path), logs):  # nothing alarming
+            new_lines = path.read_text()[size:]
+            for word in ("Traceback", "rror", "xception", "WARN"):
+                assert word not in new_lines, new_lines[-2000:]
+    again = client(api).completions.create(**{**LONG, "max_tokens": 4})
+    assert again.usage.completion_tokens >= 1  # the server keeps serving
+
+
 # --- slow: more deployments, and `doit serve` ------------------------------------------------
 
 
@@ -386,6 +473,77 @@ def test_doit_serve_restarts_the_api_when_it_is_killed(chatting, chat_dir):
         rest, _ = process.communicate(timeout=90)
     assert process.returncode == 0, rest
     assert "openai api: back" in rest
+
+
+@contextlib.contextmanager
+def raw_request(url: str, route: str, body: dict):
+    """A socket that sent one POST of `body` (JSON) over HTTP/1.1: its reader sees the answer
+    as it arrives, and closing it is a client gone."""
+    host, port = url.rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    try:
+        sock.sendall(head.encode() + payload)
+        yield sock
+    finally:
+        sock.close()
+
+
+def deployment_requests(member, name: str) -> float:
+    """Requests a replica's Triton counted for the deployment `name`'s models (its metrics)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{member.metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    prefix = f'nv_inference_request_success{{model="{name}'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+@pytest.mark.slow
+@needs_nginx
+def test_with_replicas_the_api_is_behind_nginx_spread_and_streamed_unbuffered(chatting, tmp_path):
+    """replicas=2 as `doit serve` runs it: nginx on openai_port, the API's process on a
+    loopback port behind it, its gRPC through nginx's balanced front to both replicas."""
+    from tasks.server import free_port, make_server, openai_api
+    from tasks.settings import Endpoints
+
+    models = chatting[0].root / "models"
+    ports = sorted({free_port() for _ in range(8)})[:4]
+    names = ("http_port", "grpc_port", "metrics_port", "openai_port")
+    endpoints = Endpoints(replicas=2, **dict(zip(names, ports)))
+    server = make_server(endpoints, log_file=tmp_path / "triton.log", repo=str(models))
+    server.start()
+    try:
+        api = openai_api.for_server(server, models, endpoints, log_file=tmp_path / "api.log")
+        with api:
+            assert api.host == "127.0.0.1" and api.port not in ports
+            assert api.triton_grpc == server.grpc_url  # nginx's gRPC front, not a replica
+            front = type("Front", (), {"url": f"127.0.0.1:{endpoints.openai_port}"})
+            assert [m.id for m in client(front).models.list().data] == ["chat"]
+            for _ in range(4):
+                done = client(front).completions.create(model="chat", prompt="A", max_tokens=3)
+                assert done.usage.completion_tokens >= 1
+            too_large = {"Content-Length": str(5 << 20)}  # over max_body_mb=4, at nginx
+            status, refusal = post(front, "/v1/completions", b"{}", too_large)
+            assert status == 413 and refusal["error"]["code"] == "request_too_large"
+            counts = [deployment_requests(m, "chat") for m in server.members]
+            assert all(count > 0 for count in counts), counts  # spread over both replicas
+            body = {"model": "chat", "prompt": "The quick brown fox", "max_tokens": 100}
+            with raw_request(front.url, "/v1/completions", {**body, "stream": True}) as sock:
+                reads = []
+                while not reads or b"data: [DONE]" not in reads[-1]:
+                    data = sock.recv(1 << 16)
+                    assert data, reads
+                    reads.append(data)
+            # as they come, not buffered into one piece at the end
+            assert sum(b"data: {" in read for read in reads) >= 3, reads
+    finally:
+        server.stop()
 
 
 def test_the_chat_template_renders_as_transformers_does(chat_dir):

@@ -140,6 +140,55 @@ def test_publish_to_an_empty_bucket_serves_the_answers_of_the_local_build(s3, fi
         np.testing.assert_allclose(embeddings(server), local_answers["first"], atol=1e-6)
 
 
+def test_the_files_the_openai_api_reads_are_copied_from_the_bucket_and_served(s3, first, tmp_path):
+    """What `doit k8s`'s pods do before the API starts (triton/openai_api/bucket.py, with the
+    credentials as a file, as the pods mount them), then the API on the copy."""
+    import urllib.request
+
+    from tasks import paths
+    from tasks.server import OpenAIServer
+
+    s3.client().create_bucket(Bucket="api")
+    publish(first, s3, "api")
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(
+        f"[default]\naws_access_key_id = {s3.key_id}\naws_secret_access_key = {s3.secret}\n"
+    )
+    variables = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    environment = {k: v for k, v in os.environ.items() if k not in variables}
+    environment.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(credentials),
+        AWS_ENDPOINT_URL=s3.url,
+        AWS_DEFAULT_REGION=s3.environment()["AWS_DEFAULT_REGION"],
+    )
+    copy = tmp_path / "repository"
+    fetch = [sys.executable, str(paths.runtime_file("openai_api", "bucket.py"))]
+    done = subprocess.run(
+        [*fetch, "s3://api/prod", str(copy)], env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    local = first.root / "models"
+    copied = sorted(str(f.relative_to(copy)) for f in copy.rglob("*") if f.is_file())
+    expected = [
+        str(f.relative_to(local))
+        for f in local.rglob("*")
+        if f.name in ("config.pbtxt", "tokenizer.json", "chat.json")
+    ]
+    assert copied == sorted(expected) and "encode/config.pbtxt" in copied  # no weights
+    log = tmp_path / "api.log"
+    with OpenAIServer(f"127.0.0.1:{free_port()}", copy, port=free_port(), log_file=log) as api:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{api.url}/v1/models", timeout=10) as reply:
+            assert [m["id"] for m in json.loads(reply.read())["data"]] == ["encode"]
+    empty = subprocess.run(
+        [*fetch, "s3://api/nothing-here", str(tmp_path / "none")],
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert empty.returncode == 1 and "publish there first" in empty.stderr
+
+
 def test_a_second_publish_with_nothing_changed_uploads_nothing(s3, first):
     s3.client().create_bucket(Bucket="again")
     publish(first, s3, "again")

@@ -90,7 +90,8 @@ def make_server(
     .secrets/admin-key (made on first use), and inference behind the API key when the
     environment gives one. The bundled 2.51 predates NVIDIA's August 2025 fixes, so it never
     faces a network itself: with `replicas=N`, or a `host` that is not loopback, it listens on
-    loopback behind nginx, which refuses the admin paths."""
+    loopback behind nginx, which refuses the admin paths; nginx fronts `openai_port` too
+    (`openai_api.for_server` starts the API's process behind it)."""
     if endpoints.server == "docker":
         if repo is not None and storage.s3_location(repo) is not None:
             raise ServerError(
@@ -127,6 +128,7 @@ def make_server(
             log = log_file.with_name(f"{log_file.stem}-{index + 1}{log_file.suffix}")
         return embedded(log, "127.0.0.1", ports or {})  # loopback: only nginx reaches it
 
+    bucket = repo is not None and storage.s3_location(repo) is not None  # no API for one
     return ReplicaSet(
         endpoints.replicas,
         replica,
@@ -134,6 +136,7 @@ def make_server(
         endpoints.http_port,
         endpoints.grpc_port,
         endpoints.max_body_mb,
+        openai_port=0 if bucket else endpoints.openai_port,
     )
 
 

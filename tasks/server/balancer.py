@@ -3,6 +3,9 @@ One replica behind nginx is how a server faces a network (a `host` that is not l
 
 `ReplicaSet` starts the replicas on free loopback ports, one after another, then an
 `NginxBalancer` on the ports users know (HTTP and gRPC upstreams, templates/nginx.conf.j2).
+With an `openai_port`, nginx also fronts the OpenAI-compatible API there: the API process
+listens on a loopback port of its own (`openai_backend`) and speaks gRPC to nginx's balanced
+front, so its requests spread over the replicas too.
 A replica that exits is restarted on its own ports while the others answer; nginx skips it
 meanwhile (a refused connection is retried on another replica). What fails is what the dead
 replica had in flight: nginx does not resend a request a replica took.
@@ -26,7 +29,13 @@ from pathlib import Path
 from tasks import artifacts, paths
 from tasks.errors import ServerError
 from tasks.server.embedded import parent_death_signal
-from tasks.server.network import Listening, check_ports_free, port_is_free, wait_until_ready
+from tasks.server.network import (
+    Listening,
+    check_ports_free,
+    free_port,
+    port_is_free,
+    wait_until_ready,
+)
 
 NGINX_FALLBACK = Path("/usr/sbin/nginx")  # Debian's, when /usr/sbin is not on PATH
 BALANCER = {  # the template's settings
@@ -72,11 +81,20 @@ class NginxBalancer(Listening):
     """nginx in a folder of its own (config, pid, log, temp files), in the foreground."""
 
     def __init__(
-        self, host: str, http_port: int, grpc_port: int, replicas: list[dict], max_body_mb: int
+        self,
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        replicas: list[dict],
+        max_body_mb: int,
+        openai: tuple[int, str] | None = None,
     ) -> None:
         self.host, self.ports = host, {"http": http_port, "grpc": grpc_port}
         self.replicas = replicas  # [{"http": "127.0.0.1:PORT", "grpc": "127.0.0.1:PORT"}]
         self.max_body_mb = max_body_mb
+        self.openai_upstream = None  # the OpenAI API's "127.0.0.1:PORT", fronted on its port
+        if openai is not None:
+            self.ports["openai"], self.openai_upstream = openai
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
 
@@ -91,6 +109,7 @@ class NginxBalancer(Listening):
             **BALANCER,
             "listen": listen,
             "replicas": self.replicas,
+            "openai_upstream": self.openai_upstream,
             "max_body_mb": self.max_body_mb,
             "admin_http_paths": [ADMIN_HTTP_PATHS, ADMIN_HTTP_MODEL_PATHS],
             "admin_grpc_methods": "|".join(ADMIN_GRPC_METHODS),
@@ -165,8 +184,9 @@ class NginxBalancer(Listening):
 
 class ReplicaSet(Listening):
     """`count` servers made by `make_replica(index, ports)` behind an NginxBalancer on
-    `host`'s `http_port` and `grpc_port`. `ports` is None for a new replica (free ports are
-    picked), or the ports of the one it replaces."""
+    `host`'s `http_port` and `grpc_port` (and `openai_port`, unless 0, passed to the API's
+    process on `openai_backend`). `ports` is None for a new replica (free ports are picked),
+    or the ports of the one it replaces."""
 
     def __init__(
         self,
@@ -177,9 +197,12 @@ class ReplicaSet(Listening):
         grpc_port: int,
         max_body_mb: int,
         log=print,
+        openai_port: int = 0,
     ) -> None:
         self.count, self.make_replica, self.log = count, make_replica, log
         self.max_body_mb = max_body_mb
+        self.openai_port = openai_port
+        self.openai_backend: int | None = None  # the loopback port the API listens on
         self.members: list = []
         self.restarts: list[dict] = []  # replica, pid, seconds to ready
         self.balancer: NginxBalancer | None = None
@@ -198,14 +221,24 @@ class ReplicaSet(Listening):
         return self.balancer.failure()
 
     def start(self) -> ReplicaSet:
-        check_ports_free(self.host, self.ports)  # before loading, not after
+        fronted = {"openai": self.openai_port} if self.openai_port else {}
+        check_ports_free(self.host, {**self.ports, **fronted})  # before loading, not after
         try:
             for index in range(self.count):
                 self.log(f"replicas: starting replica {index + 1} of {self.count}")
                 self.members.append(self.make_replica(index, None).start())
             upstreams = [{"http": m.http_url, "grpc": m.grpc_url} for m in self.members]
+            openai = None
+            if self.openai_port:  # nginx answers 502 there until the API's process is up
+                self.openai_backend = free_port()
+                openai = (self.openai_port, f"127.0.0.1:{self.openai_backend}")
             self.balancer = NginxBalancer(
-                self.host, self.ports["http"], self.ports["grpc"], upstreams, self.max_body_mb
+                self.host,
+                self.ports["http"],
+                self.ports["grpc"],
+                upstreams,
+                self.max_body_mb,
+                openai,
             ).start()
         except BaseException:
             self.stop()
@@ -227,6 +260,11 @@ class ReplicaSet(Listening):
                 f"replicas: nginx balances {self.count} replicas on HTTP {self.http_url} and "
                 f"gRPC {self.grpc_url}; one that exits is restarted; it refuses the admin "
                 f"paths, bounds bodies to {self.max_body_mb} MB, passes none on chunked"
+            )
+        if self.openai_port:
+            self.log(
+                f"nginx: the OpenAI API's port {self.openai_port} passes to its process on "
+                f"127.0.0.1:{self.openai_backend}, which speaks gRPC to {self.grpc_url}"
             )
         self._thread = threading.Thread(target=self._keep_up, name="replicas", daemon=True)
         self._thread.start()

@@ -29,16 +29,30 @@ CHECK_INTERVAL = 0.5  # seconds between looks at the process
 RETRY_AFTER = 5.0  # seconds before a start that failed is tried again
 
 
+GATEWAY_ERRORS = (502, 504)  # nginx in front, with no API behind it (yet)
+
+
 def answers(url: str) -> bool:
-    """The API answers /health (any status: a Triton model not ready yet is still an answer)."""
+    """The API answers /health (any status: a Triton model not ready yet is still an answer;
+    not nginx's 502 for an API that is not up behind it)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(f"http://{url}/health", timeout=1.0):
             return True
-    except urllib.error.HTTPError:
-        return True
+    except urllib.error.HTTPError as err:
+        return err.code not in GATEWAY_ERRORS
     except (urllib.error.URLError, OSError):
         return False
+
+
+def for_server(server, repository: Path, endpoints, **options) -> OpenAIServer:
+    """The API's process for a started `server` (not started itself): on the endpoints'
+    `host:openai_port`; or, where nginx fronts that port (a ReplicaSet's `openai_backend`),
+    on loopback behind it, speaking gRPC to nginx's balanced front (`server.grpc_url`)."""
+    backend = getattr(server, "openai_backend", None)
+    host, port = ("127.0.0.1", backend) if backend else (endpoints.host, endpoints.openai_port)
+    options.setdefault("max_body_mb", endpoints.max_body_mb)
+    return OpenAIServer(server.grpc_url, repository, host, port, **options)
 
 
 class OpenAIServer:

@@ -49,6 +49,21 @@ def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> fl
     raise AssertionError(f"{model} did not answer again within {timeout:.0f} s of its stub kill")
 
 
+def generation_outcomes(server, model: str) -> dict[str, float]:
+    """llm_in_triton_generation_requests of a model, by outcome (Triton's metrics)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{server.metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("llm_in_triton_generation_requests{") and f'model="{model}"' in line:
+            outcome = line.split('outcome="')[1].split('"')[0]
+            found[outcome] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def nginx_missing() -> bool:
     """No nginx for replicas=N here (the tests that need it skip, naming the package)."""
     from tasks.errors import ServerError

@@ -38,6 +38,16 @@ def parameters(config) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+@dataclass(frozen=True)
+class Step:
+    """A step of an ensemble: its model, and its tensors' names in the ensemble (the model's
+    input or output name -> the ensemble tensor's)."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
 @dataclass
 class Deployment:
     name: str
@@ -57,6 +67,7 @@ class Deployment:
     chat_error: str = ""  # a chat template that does not compile
     stream: str = ""  # generation: the streaming model, <name>_stream
     stream_inputs: frozenset[str] = frozenset()
+    steps: tuple[Step, ...] = ()  # generation: the ensemble's steps, which whole answers call
 
     def count(self, text: str) -> int:
         """Tokens of `text` as the deployment's tokenizer makes them (special tokens too).
@@ -71,6 +82,16 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
+def version_folder(model_dir: Path, config) -> Path:
+    """The version of a model Triton serves: the one its version_policy names (a published
+    repository's config names exactly one), else the latest, Triton's default policy."""
+    named = list(config.version_policy.specific.versions)
+    if named:
+        return model_dir / str(max(named))
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return model_dir / str(max(versions, default=1))
+
+
 def load(repository: Path, ensemble) -> Deployment:
     """A Deployment from its ensemble's config and the configs and files of its parts."""
     name, task = ensemble.name, parameters(ensemble)["task"]
@@ -80,7 +101,7 @@ def load(repository: Path, ensemble) -> Deployment:
         stream = f"{name}{STREAM_SUFFIX}"
         config = read_config(repository / stream / "config.pbtxt")
         params = parameters(config)
-        folder = repository / stream / "1"
+        folder = version_folder(repository / stream, config)
         chat, chat_error = None, ""
         try:
             chat = ChatTemplate.load(folder / CHAT_FILE)
@@ -93,6 +114,10 @@ def load(repository: Path, ensemble) -> Deployment:
             inputs=frozenset(t.name for t in ensemble.input),
             stream=stream,
             stream_inputs=frozenset(t.name for t in config.input),
+            steps=tuple(
+                Step(step.model_name, dict(step.input_map), dict(step.output_map))
+                for step in ensemble.ensemble_scheduling.step
+            ),
             models=(name, *steps, stream),
             tokenizer=load_tokenizer(folder / "tokenizer.json"),
             max_batch=config.max_batch_size,
@@ -106,14 +131,15 @@ def load(repository: Path, ensemble) -> Deployment:
             max_positions=int(params.get("max_positions") or 0),
         )
     first = steps[0]  # the tokenizer step, or the python backend's one hop
-    params = parameters(read_config(repository / first / "config.pbtxt"))
+    config = read_config(repository / first / "config.pbtxt")
+    params = parameters(config)
     return Deployment(
         name=name,
         task=task,
         target=name,
         inputs=frozenset(t.name for t in ensemble.input),
         models=(name, *steps),
-        tokenizer=load_tokenizer(repository / first / "1" / "tokenizer.json"),
+        tokenizer=load_tokenizer(version_folder(repository / first, config) / "tokenizer.json"),
         max_batch=ensemble.max_batch_size,
         max_seq=int(params["max_seq"]),
         created=created,

@@ -1,10 +1,10 @@
-"""Generated choices: whole, from the deployment's ensemble (`whole`: one response per request,
-every choice a row), or piece by piece from its streaming model (`choice`: a request per
-choice, so that each can end on its own; in-flight batching puts them together).
+"""Generated choices: whole, from the deployment's ensemble steps (`whole`: one response per
+request, every choice a row), or piece by piece from its streaming model (`choice`: a request
+per choice, so that each can end on its own; in-flight batching puts them together).
 
 `stop` strings go to the model as its STOP input where the model takes one, and the text is
-cut before them here (`StopCut`). FALLBACK for a model without STOP: such requests go through
-the stream, which is cancelled when a stop string shows up.
+cut before them here (`StopCut`). FALLBACK for a model without STOP: the stream is cancelled
+when a stop string shows up.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from api_errors import bad_value
-from deployments import Deployment
+from deployments import Deployment, Step
 from inference import Triton
 from parsing import Sampling
 from tokenizers.decoders import DecodeStream
@@ -94,14 +94,14 @@ def finish_reason(deployment: Deployment, ids: list[int], wanted: int, stopped: 
 async def whole(
     triton: Triton, deployment: Deployment, rows: list[tuple[str, int]], sampling: Sampling
 ) -> list[Piece]:
-    """Every row's whole answer from the deployment's ensemble (one response per request, at
-    most its batch of rows each), as final Pieces."""
+    """Every row's whole answer (one response per request, at most its batch of rows each), as
+    final Pieces: from the ensemble's steps, called here one after the other (`ensemble`), so
+    that a request cancelled by its client is cancelled in the generate model itself."""
     size, wanted = max(deployment.max_batch, 1), max_tokens(deployment, sampling)
 
     async def call(part):
         inputs = model_inputs(deployment, part, sampling, deployment.inputs)
-        out = await triton.infer(deployment.target, inputs, wanted=("OUTPUT_IDS",))
-        return out["OUTPUT_IDS"]
+        return (await ensemble(triton, deployment.steps, inputs, ("OUTPUT_IDS",)))["OUTPUT_IDS"]
 
     found = await asyncio.gather(*(call(rows[s : s + size]) for s in range(0, len(rows), size)))
     pieces = []
@@ -112,6 +112,25 @@ async def whole(
         finish = finish_reason(deployment, ids, wanted, stopped)
         pieces.append(Piece(index, text, finish, len(ids)))
     return pieces
+
+
+async def ensemble(
+    triton: Triton, steps: tuple[Step, ...], tensors: dict[str, np.ndarray], wanted: tuple
+) -> dict[str, np.ndarray]:
+    """What Triton's ensemble scheduler does, step by step: each step's model gets the tensors
+    its input map names (optional ones left out when absent) and adds its mapped outputs, only
+    those a later step or `wanted` needs. Triton 2.51 does not pass a cancelled ensemble
+    request on to its steps; a cancelled call to a step is cancelled in that model."""
+    tensors = dict(tensors)
+    for number, step in enumerate(steps):
+        later = {source for s in steps[number + 1 :] for source in s.inputs.values()}
+        asked = {name: to for name, to in step.outputs.items() if to in later or to in wanted}
+        inputs = {
+            name: tensors[source] for name, source in step.inputs.items() if source in tensors
+        }
+        out = await triton.infer(step.model, inputs, tuple(asked))
+        tensors.update({asked[name]: value for name, value in out.items() if name in asked})
+    return {name: tensors[name] for name in wanted}
 
 
 class StopCut:

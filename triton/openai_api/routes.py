@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 
 import numpy as np
 import parsing
@@ -117,7 +118,8 @@ class API:
     async def completions(self, request: Request) -> Response:
         generation = parsing.completion_request(await self.body(request))
         deployment = self.deployment(generation.model, GENERATION, "/v1/completions")
-        return await self.generate(deployment, list(generation.prompts), generation, chat=False)
+        prompts = list(generation.prompts)
+        return await answered(request, self.generate(deployment, prompts, generation, chat=False))
 
     async def chat(self, request: Request) -> Response:
         generation = parsing.chat_request(await self.body(request))
@@ -137,7 +139,7 @@ class API:
         except TemplateError as err:
             refusal = f"the chat template refused the messages: {err}"
             raise APIError(400, refusal, param="messages") from None
-        return await self.generate(deployment, [prompt], generation, chat=True)
+        return await answered(request, self.generate(deployment, [prompt], generation, chat=True))
 
     async def embeddings(self, request: Request) -> Response:
         wanted = parsing.embedding_request(await self.body(request))
@@ -202,8 +204,8 @@ class API:
         answer = Answer(deployment.name, chat, sum(counts))
         # (prompt, choice index): OpenAI numbers the n choices of each prompt in turn
         rows = [(p, k * sampling.n + i) for k, p in enumerate(prompts) for i in range(sampling.n)]
-        # whole answers in one request to the ensemble, unless stop strings need the stream
-        # (the ensemble takes no STOP: the stream model's, or the fallback's cut and cancel)
+        # whole answers in one request to the ensemble's steps, unless stop strings need the
+        # stream (the ensemble takes no STOP: the stream model's, or the fallback's cut)
         if not sampling.stream and (not sampling.stop or "STOP" in deployment.inputs):
             finals = await whole(self.triton, deployment, rows, sampling)
             return JSON(await answer.whole(finals[0], iterate(finals[1:]), len(rows)))
@@ -211,7 +213,7 @@ class API:
         pieces = streams[0] if len(streams) == 1 else merged(streams)
         first = await anext(pieces)  # a refusal before any text is an error status
         if sampling.stream:
-            return StreamingResponse(
+            return Events(
                 answer.events(first, pieces, sampling.include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -222,6 +224,33 @@ class API:
 async def iterate(items: list) -> AsyncIterator:
     for item in items:
         yield item
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects: its body is read already, so the next message on
+    the ASGI receive channel is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answered(request: Request, answering: Coroutine) -> Response:
+    """The response `answering` makes, unless the client disconnects first: then it is
+    cancelled at once, and its calls to Triton with it, so their rows leave the in-flight
+    batch within a step (Triton counts them cancelled). A streamed answer is watched here
+    until its first piece; then Starlette's StreamingResponse stops it the same way (Events)."""
+    work = asyncio.ensure_future(answering)
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.cancelled() and work.done():
+        return work.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work  # its Triton calls cancelled
+    return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
 
 async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
@@ -327,6 +356,18 @@ class Answer:
         finally:
             await pieces.aclose()
         yield b"data: [DONE]\n\n"
+
+
+class Events(StreamingResponse):
+    """Server-Sent Events whose source is closed as soon as the response ends, a client gone
+    included: Starlette leaves a body iterator it stopped to the garbage collector, and its
+    Triton streams would decode on until then."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # its Triton calls cancelled
 
 
 class RequireKey:
