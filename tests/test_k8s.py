@@ -313,14 +313,15 @@ def resources(**variables) -> dict:
 
 
 def test_cpu_and_memory_are_sized_from_instances_and_the_weights_in_models(monkeypatch, tmp_path):
-    # models/ without this deployment: a stated guess for memory; cpu from the instances
+    # models/ without this deployment (whatever the developer's own models/ holds): a stated
+    # guess for memory; cpu from the instances
+    monkeypatch.setattr(paths, "MODELS", tmp_path)
     assert resources() == {
         "requests": {"cpu": "2", "memory": "4Gi"},
         "limits": {"cpu": "4", "memory": "8Gi"},
     }
     assert resources(instances="3")["requests"]["cpu"] == "4"
     # the deployment's model files in models/: 300 MiB of weights
-    monkeypatch.setattr(paths, "MODELS", tmp_path)
     for model in settings_from(repo=REPO).triton_models.values():
         paths.repo_version_dir(model).mkdir(parents=True)
     paths.repo_version_file("encode_model", "model.onnx").write_bytes(b"\0" * 300 * 2**20)
