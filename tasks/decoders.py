@@ -33,10 +33,14 @@ modelling head (bert, roberta...), which task=causallm does not serve well.
 Mixture-of-experts blocks that tasks/export_torch.py's `MOE_BLOCKS` table knows
 ({moe}) run every expert on every token during export, weighted by the routing (zero outside
 the top k): the same sums as the sparse loop at num_experts / top_k times the experts' compute
-(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). Measured
-in PyTorch on one thread of a shared 2-core AMD EPYC (rough): a Mixtral-shaped block (512 wide,
-8 experts, top 2) took 1.17x the sparse loop's time for 16 tokens (a decode step of 16 rows hits
-nearly every expert anyway) and 5.6x for 256 tokens (a prompt). Other MoE blocks either
+(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). `doit
+bench` on such a deployment measures it on the checkpoint's own block (report.json's
+`moe_dense_vs_topk`, [docs/benchmark.md](benchmark.md)): PyTorch, one thread, CPU time of that
+thread, the sparse top-k forward against the fixed loop. On a Mixtral-shaped block (512 wide,
+1408 in the experts, 8 experts, top 2; AMD EPYC, 2 cores shared, load average 8) the fixed loop
+took 4.1x the top-k forward's time for 1 token (one decode row: the FLOPs ratio), 1.4x for 16
+tokens (a decode step of 16 rows hits nearly every expert anyway) and 2.9x for 256 (a prompt).
+Other MoE blocks either
 trace as they are (granitemoe's) or stop the export at transformers' loop over the experts a
 batch hit, and the build says to add a row to the table.
 
