@@ -91,3 +91,28 @@ def test_the_repo_ships_the_data_file_beside_a_renamed_onnx_file(tmp_path, monke
     assert not component.data_in_place(None, {})
     repo.install(component, config)
     assert not shipped.exists()
+
+
+def test_a_quantized_copy_keeps_its_sources_external_layout(tmp_path, monkeypatch):
+    """int8 of a part whose weights are beside it: the copy's weights are beside it too, under
+    its own name, its record hashes both, and ONNX Runtime runs it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tasks import quantize
+    from tests.helpers.stages import settings_from
+
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    monkeypatch.setattr(paths, "MODEL_ZOO", tmp_path / "model_zoo")
+    chosen = settings_from(task="encode", precision="int8", recipe="int8-dynamic")
+    source = paths.onnx_file(chosen.name)
+    source.parent.mkdir(parents=True)
+    artifacts.save_onnx(tiny_onnx(), source, external=True)
+    quantize.quantize(chosen, "model")
+    copy = paths.quant_file(chosen.name)
+    record = artifacts.read_json(paths.quant_record(chosen.name))
+    assert record["external_data"]["file"] == "model.onnx.data"
+    assert paths.external_data_file(copy).stat().st_size == record["external_data"]["size"]
+    assert record["quantized_ops"] and record["fp32_bytes"] == artifacts.onnx_bytes(source)
+    (y,) = ort.InferenceSession(str(copy)).run(None, {"x": np.ones((1, 64), np.float32)})
+    assert y.shape == (1, 64) and np.isfinite(y).all()  # its numbers: the parity gates' job
