@@ -390,6 +390,16 @@ UNSUPPORTED_CACHES: dict[str, str] = {
     "gemma3n_text": _SHARED_KV,
 }
 
+# Model types the generic path cannot export, for a reason found here: refused at download
+# when the generic path would run (optimum lists none of them), before any work.
+TORCH_EXPORT_REFUSED: dict[str, str] = {
+    "deepseek_v2": (
+        "its rotary embedding multiplies complex numbers (torch.view_as_complex), and ONNX has "
+        "no complex type: torch.onnx stops at the first op on one (no decomposition for a "
+        "complex-valued input)"
+    ),
+}
+
 # Hub ids that resolve to a copy shipped in a Python package when the Hub is unreachable:
 # id -> (importable package, attribute holding the model directory).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {

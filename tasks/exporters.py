@@ -80,6 +80,11 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
     generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
     preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
     if exporter == "torch" or (exporter == "auto" and (missing or preferred) and generic):
+        if model_type in catalog.TORCH_EXPORT_REFUSED:
+            raise ModelSourceError(
+                f"task={spec.name}: the generic path cannot export a '{model_type}' model: "
+                f"{catalog.TORCH_EXPORT_REFUSED[model_type]}. Pick another family"
+            )
         if model_type not in causal_lm_types():
             raise ModelSourceError(
                 f"task={spec.name}: '{model_type}' is no causal LM that transformers "

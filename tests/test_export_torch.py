@@ -36,6 +36,11 @@ def test_caches_that_are_not_key_value_pairs_are_refused_with_the_reason(model_t
         exporters.choose(CAUSAL, model_type, "auto")
 
 
+def test_a_type_the_generic_path_cannot_export_is_refused_with_the_cause():
+    with pytest.raises(ModelSourceError, match="complex numbers"):
+        exporters.choose(CAUSAL, "deepseek_v2", "auto")
+
+
 def test_an_encoder_task_keeps_optimum_and_its_hint():
     with pytest.raises(ModelSourceError, match="cannot be exported for question-answering"):
         exporters.choose(catalog.TASKS["qa"], "starcoder2", "auto")

@@ -310,6 +310,8 @@ def tiny_decoder_config(model_type: str, tokenizer):
     sizes = {k: v for k, v in TINY_DECODER.items() if k in defaults}
     if defaults.get("layer_types") is None:
         sizes.pop("layer_types", None)
+    if "kv_lora_rank" in defaults:  # latent attention (DeepSeek): a key per query head, as the
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]  # real configs have it
     eos = tokenizer.eos_token_id
     return transformers.AutoConfig.for_model(
         model_type,
