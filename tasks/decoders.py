@@ -57,7 +57,8 @@ eager attention exported it passes).
 DeepSeek's latent attention: its keys have one head per query head, so its tiny random models
 here take as many key/value heads as query heads, as the real configs do (with fewer, eager
 attention cannot run them even in PyTorch: what stopped deepseek_v3's eager export here).
-deepseek_v3 then exports on the generic path and matches PyTorch to 5e-6; deepseek_v2 is
+deepseek_v3 then passes the parity gate on both paths (optimum's, which `auto` takes, and the
+generic one); deepseek_v2 is
 refused before any work (catalog.TORCH_EXPORT_REFUSED): its rotary embedding multiplies complex
 numbers, which ONNX has no type for.
 
