@@ -37,9 +37,10 @@ the top k): the same sums as the sparse loop at num_experts / top_k times the ex
 bench` on such a deployment measures it on the checkpoint's own block (report.json's
 `moe_dense_vs_topk`, [docs/benchmark.md](benchmark.md)): PyTorch, one thread, CPU time of that
 thread, the sparse top-k forward against the fixed loop. On a Mixtral-shaped block (512 wide,
-1408 in the experts, 8 experts, top 2; AMD EPYC, 2 cores shared, load average 8) the fixed loop
-took 4.1x the top-k forward's time for 1 token (one decode row: the FLOPs ratio), 1.4x for 16
-tokens (a decode step of 16 rows hits nearly every expert anyway) and 2.9x for 256 (a prompt).
+1408 in the experts, 8 experts, top 2; AMD EPYC, 2 cores shared) the fixed loop took 4.1x to
+5.9x the top-k forward's time for 1 token (one decode row), 1.4x for 16 tokens (a decode step of
+16 rows hits nearly every expert anyway) and 2.9x to 3.1x for 256 (a prompt), in runs at load
+average 8 and 3 ([docs/benchmark.md](benchmark.md) has the times).
 Other MoE blocks either
 trace as they are (granitemoe's) or stop the export at transformers' loop over the experts a
 batch hit, and the build says to add a row to the table.
