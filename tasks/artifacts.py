@@ -157,36 +157,92 @@ def file_record(path: Path) -> dict:
 
 
 def file_matches_record(path: Path, record: Path):
-    """A doit `uptodate` check: the file is still the one its record describes.
+    """A doit `uptodate` check: the file is still the one its record describes, and so is its
+    external data file when the record lists one (an ONNX file's weights beside it).
 
     Unchanged size and mtime are trusted; otherwise the file is hashed, so a file replaced,
     truncated or corrupted after its build is rebuilt."""
 
-    def check(task, values) -> bool:
-        if not (path.is_file() and record.is_file()):
+    def matches(file: Path, saved: dict) -> bool:
+        if not file.is_file():
             return False
-        saved, stat = read_json(record), path.stat()
+        stat = file.stat()
         if saved.get("size") == stat.st_size and saved.get("mtime_ns") == stat.st_mtime_ns:
             return True
-        return saved.get("sha256") == sha256(path)
+        return saved.get("sha256") == sha256(file)
+
+    def check(task, values) -> bool:
+        if not record.is_file():
+            return False
+        saved = read_json(record)
+        data = saved.get("external_data")
+        if data is None and paths.external_data_file(path).exists():
+            return False  # a data file the record does not know: not what was built
+        return matches(path, saved) and (
+            data is None or matches(paths.external_data_file(path), data)
+        )
 
     return check
 
 
-def load_onnx(path: Path, name: str):
-    """Load and check an ONNX file; a broken one is an error that says how to rebuild it."""
+def onnx_record(path: Path) -> dict:
+    """file_record of an ONNX file, and of its external data file under `external_data`."""
+    data = paths.external_data_file(path)
+    found = file_record(path)
+    if data.is_file():
+        found["external_data"] = {"file": data.name, **file_record(data)}
+    return found
+
+
+def onnx_bytes(path: Path) -> int:
+    """An ONNX file's size with its external data file's."""
+    data = paths.external_data_file(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def save_onnx(model, target: Path, external: bool) -> None:
+    """Write an ONNX model, checked, with its weights inside it or (external) in
+    paths.external_data_file(target) beside it. Both are written in a temporary folder; the
+    data file is renamed into place first and the .onnx last, so a crash leaves no pair that
+    looks whole (the stage's record, written after, names both files' hashes). Writing one
+    inline removes a data file an earlier external export left. The model's tensors are
+    moved out of it when external: do not reuse it."""
+    import onnx
+
+    data = paths.external_data_file(target)
+    staged = staging_dir(data)  # its own temporary name: not one atomic_target(target) takes
+    try:
+        onnx.save(
+            model,
+            str(staged / target.name),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data.name,
+        )
+        onnx.checker.check_model(str(staged / target.name))  # by path: past 2 GiB too
+        if external:  # onnx makes it owner-only: readable as the .onnx is, by the server
+            shutil.copymode(staged / target.name, staged / data.name)
+            os.replace(staged / data.name, data)
+        os.replace(staged / target.name, target)
+        if not external:
+            data.unlink(missing_ok=True)
+    finally:
+        _remove(staged)
+
+
+def check_onnx(path: Path, name: str) -> None:
+    """Check an ONNX file (with its external data); a broken one is an error that says how
+    to rebuild it. Checked by path, which takes files past protobuf's 2 GiB."""
     import onnx
 
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))
     except Exception as err:  # protobuf DecodeError, ValidationError, OSError...
         raise ExportError(
             f"{path.relative_to(paths.ROOT)} is not a valid ONNX model ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); run doit again to "
             f"re-export it, or `doit forget onnx:{name}` first if it was replaced by hand"
         ) from err
-    return model
 
 
 def load_runtime(component: str, filename: str):

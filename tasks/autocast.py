@@ -135,7 +135,9 @@ def autocast_into(settings: Settings, part: str, source, target) -> dict:
             keep_io_types=True,
             calibration_data=str(work),
         )
-        onnx.save(model, str(target))
+        external = paths.external_data_file(Path(source)).is_file()  # past 2 GiB
+        data = f"{Path(target).name}.data"
+        onnx.save(model, str(target), save_as_external_data=external, location=data)
     finally:
         log.removeHandler(handler)
         log.setLevel(before[0])

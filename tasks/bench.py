@@ -13,7 +13,9 @@ gRPC and HTTP) against what they would run instead, on the same texts, in one ru
   in-process, the same texts `concurrency` at a time, tokenized and grouped by length as the
   served pipeline groups requests that arrive together (triton/tokenizer/encoding.py), each
   group one ONNX Runtime call;
-- `pytorch`: the Hugging Face model in-process, one request at a time.
+- `pytorch`: the Hugging Face model in-process, one request at a time;
+- `moe_dense_vs_topk` (a mixture-of-experts decoder the generic path exported): one MoE block
+  in PyTorch on one thread, the exported fixed loop against top-k routing (tasks/moe_bench.py).
 
 Writes model_zoo/<name>/bench/report.json, report.md and throughput.png.
 """
@@ -24,7 +26,7 @@ import itertools
 import platform
 import time
 
-from tasks import artifacts, catalog, generation_bench, openai_bench, paths
+from tasks import artifacts, catalog, generation_bench, moe_bench, openai_bench, paths
 from tasks.errors import BuildError, fails_cleanly
 from tasks.facts import checkpoint_facts
 from tasks.loadgen import WARMUP_SECONDS, closed_loop, summarize
@@ -444,6 +446,7 @@ def measure(settings: Settings) -> None:
     systems["pytorch"] = sweep(
         "pytorch in-process, one at a time", pytorch_work(settings), [1], bench.seconds, texts, {}
     )
+    moe = moe_bench.measure(settings) if mix else None
     points = [p for found in systems.values() for p in found]
     errors = sum(p["errors"] + p.get("grpc_beside", {}).get("errors", 0) for p in points)
     errors += overload.get("errors", 0)
@@ -458,6 +461,7 @@ def measure(settings: Settings) -> None:
         "overload": overload,
         "comparison": comparison,
         **({"targets": generation_bench.targets(systems), "workload": len(mix)} if mix else {}),
+        **({"moe_dense_vs_topk": moe} if moe else {}),
         "errors": errors,
         "machine": machine(),
         "settings": {
@@ -615,6 +619,8 @@ def write_reports(name: str, report: dict) -> None:
     if "best_tokens_per_second" in s:  # generation
         lines[-1:-1] = [f"Best new tokens per second: {s['best_tokens_per_second']}.", ""]
         lines += generation_bench.report_lines(report)
+    if "moe_dense_vs_topk" in report:
+        lines += [f"Mixture of experts: {moe_bench.report_line(report['moe_dense_vs_topk'])}.", ""]
     if report.get("comparison"):
         c = report["comparison"]
         lines += ["| deployment | best req/s (gRPC) | p50 at 1 (ms) | precision | accuracy |"]
@@ -682,7 +688,11 @@ def task_bench():
         "bench",
         "facts",  # max_positions, pad id
         "pbtxt",  # the tokenizer parameters of the in-process batching
-        *(["generation_parity", "generation_bench"] if settings.task.generation else []),
+        *(
+            ["generation_parity", "generation_bench", "moe_bench", "export_torch"]
+            if settings.task.generation
+            else []
+        ),
         *(["perf_analyzer"] if settings.bench.loadgen == "perf_analyzer" else []),
         "openai_bench",
     ]

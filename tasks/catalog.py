@@ -344,6 +344,17 @@ POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 EXPORTERS = ("auto", "optimum", "torch")
 TORCH_EXPORT_GENERATION = ("causal",)  # the generation kinds the generic path exports
 
+# Protobuf caps one message, so one ONNX file, at 2 GiB. A checkpoint whose weights, as the fp32
+# the onnx stage exports, reach EXTERNAL_DATA_BYTES (the cap less room for the graph) is exported
+# with its weights in `<part>.onnx.data` beside each `<part>.onnx` (ONNX external data); every
+# later stage reads and copies the pair (docs/decoders.md). EXTERNAL_DATA_BYTES_VARIABLE is an
+# internal knob, read by the onnx stage only, that lowers it (the tests' tiny external export).
+PROTOBUF_LIMIT = 2**31
+EXTERNAL_DATA_BYTES = PROTOBUF_LIMIT - 2**26
+EXTERNAL_DATA_BYTES_VARIABLE = "LLM_IN_TRITON_EXTERNAL_DATA_BYTES"
+CHECKPOINT_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # the files weights are in
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
 # Types optimum lists whose optimum export failed the parity gate here while the generic path
 # passed it (docs/decoders.md): `exporter=auto` takes the generic path for them.
 TORCH_OVER_OPTIMUM: dict[str, str] = {
@@ -377,6 +388,16 @@ UNSUPPORTED_CACHES: dict[str, str] = {
     },
     "gemma3n": _SHARED_KV,
     "gemma3n_text": _SHARED_KV,
+}
+
+# Model types the generic path cannot export, for a reason found here: refused at download
+# when the generic path would run (optimum lists none of them), before any work.
+TORCH_EXPORT_REFUSED: dict[str, str] = {
+    "deepseek_v2": (
+        "its rotary embedding multiplies complex numbers (torch.view_as_complex), and ONNX has "
+        "no complex type: torch.onnx stops at the first op on one (no decomposition for a "
+        "complex-valued input)"
+    ),
 }
 
 # Hub ids that resolve to a copy shipped in a Python package when the Hub is unreachable:

@@ -33,21 +33,35 @@ modelling head (bert, roberta...), which task=causallm does not serve well.
 Mixture-of-experts blocks that tasks/export_torch.py's `MOE_BLOCKS` table knows
 ({moe}) run every expert on every token during export, weighted by the routing (zero outside
 the top k): the same sums as the sparse loop at num_experts / top_k times the experts' compute
-(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). Measured
-in PyTorch on one thread of a shared 2-core AMD EPYC (rough): a Mixtral-shaped block (512 wide,
-8 experts, top 2) took 1.17x the sparse loop's time for 16 tokens (a decode step of 16 rows hits
-nearly every expert anyway) and 5.6x for 256 tokens (a prompt). Other MoE blocks either
+(Mixtral 8/2 = 4x, Qwen3-MoE 128/8 = 16x the expert FLOPs; attention is unchanged). `doit
+bench` on such a deployment measures it on the checkpoint's own block (report.json's
+`moe_dense_vs_topk`, [docs/benchmark.md](benchmark.md)): PyTorch, one thread, CPU time of that
+thread, the sparse top-k forward against the fixed loop. On a Mixtral-shaped block (512 wide,
+1408 in the experts, 8 experts, top 2; AMD EPYC, 2 cores shared) the fixed loop took 4.1x to
+5.9x the top-k forward's time for 1 token (one decode row), 1.4x for 16 tokens (a decode step of
+16 rows hits nearly every expert anyway) and 2.9x to 3.1x for 256 (a prompt), in runs at load
+average 8 and 3 ([docs/benchmark.md](benchmark.md) has the times).
+Other MoE blocks either
 trace as they are (granitemoe's) or stop the export at transformers' loop over the experts a
 batch hit, and the build says to add a row to the table.
 
 `exporter=auto` also takes the generic path for the types in catalog.TORCH_OVER_OPTIMUM
 ({preferred}): optimum lists them, but its files failed the parity gate here while the
-generic path's passed. The generic path's files are judged against transformers' eager
-attention, which they compute: its sdpa path lets the padding positions of a left-padded row
-attend to everything, which changes only cache entries that no query reads. gpt2 on the
-generic path fails the gate for that reason alone (checked by hand: its logits match to 5e-6,
-its cache differs only at a left-padded row's padding positions, which eager attention there
-also computes differently): the file parity compares every position of the cache.
+generic path's passed. The generic path exports transformers' eager attention and parity
+judges its files against the same: the sdpa path drops a family's attention logit soft-capping
+(Gemma 2's, VaultGemma's: vaultgemma failed parity by 5e-4 for that alone until the export
+took eager attention too), and lets the padding positions of a left-padded row attend to
+everything, which changes only cache entries that no query reads (gpt2 on the generic path
+failed the gate for that alone, as file parity compares every position of the cache; with
+eager attention exported it passes).
+
+DeepSeek's latent attention: its keys have one head per query head, so its tiny random models
+here take as many key/value heads as query heads, as the real configs do (with fewer, eager
+attention cannot run them even in PyTorch: what stopped deepseek_v3's eager export here).
+deepseek_v3 then passes the parity gate on both paths (optimum's, which `auto` takes, and the
+generic one); deepseek_v2 is
+refused before any work (catalog.TORCH_EXPORT_REFUSED): its rotary embedding multiplies complex
+numbers, which ONNX has no type for.
 
 Sliding-window layers are exact: the exported files keep every layer's cache whole (the
 mask, not the cache, limits what a sliding layer sees), so past the window the cache still
@@ -56,12 +70,50 @@ model's does.
 
 Exporting a random 125M-parameter Llama (12 layers, 768 wide, 476 MB in fp32), the onnx stage
 (both files) took 60 s and 3.7 GB peak memory with optimum, 85 s and 3.1 GB with the generic
-path (`/usr/bin/time -v`; a 2-core AMD EPYC shared with other jobs, so rough). Weights over
-2 GiB are refused at the onnx stage, on both paths, with the reason: one ONNX file takes under
-2 GiB, and external data is not yet carried through quantize, repo and plan.
+path (`/usr/bin/time -v`; a 2-core AMD EPYC shared with other jobs, so rough).
+
+## Weights past 2 GiB
+
+Protobuf caps one ONNX file at 2 GiB. The onnx stage decides before exporting, from the
+checkpoint's weight files counted as the fp32 it exports (`exporters.external_data`,
+`catalog.EXTERNAL_DATA_BYTES`: 2 GiB less 64 MiB for the graph), and past it writes each part
+with external data on either path: the weights in `<part>.onnx.data` beside `<part>.onnx`,
+written in a temporary folder and renamed into place (the data file first, the `.onnx` last),
+both hashed in `<part>.io.json`, so a changed data file re-exports and rebuilds what follows.
+Every later stage reads the pair: parity (ONNX Runtime and Polygraphy load it by path), the
+`fp16` copy and the ONNX Runtime quantization recipes (their copies are laid out as their
+source; ModelOpt's recipes refuse such a file, naming the ones that take it), the plan stage
+(TensorRT's parser reads the data file from the `.onnx`'s folder), the repository (the data
+file sits beside the `.onnx` under the name its graph refers to, also where the file is served
+as `model.onnx`: ONNX Runtime in the python backend reads it from there), and `doit publish`,
+which uploads every file of a model's folder. The tests lower the limit through an environment
+variable only the onnx stage reads (`LLM_IN_TRITON_EXTERNAL_DATA_BYTES`, an internal knob) to
+build and serve a tiny Llama with external data on both paths.
+
+{external_figures}
+
+## Every causal-LM model type
 
 | model type | exporter (auto) | tiny random model at the parity gate |
 |---|---|---|
+"""
+
+EXTERNAL_FIGURES = """\
+Measured once on a random Llama of 602M parameters (24 layers, 1536 wide, 4096 in the MLP,
+grouped-query attention; 2.42 GB of fp32 safetensors, made with `save_pretrained`): `doit onnx`,
+then `doit parity` (batch=1,1,2 seq=1,8,16), each under `/usr/bin/time -v`, one path after the
+other, on a 2-core AMD EPYC (AVX2) with 24 GB, shared with other sessions' builds and tests (load
+average 3 at the start, 7 to 10 for most of it). The wall times are mostly waiting for a core:
+the CPU time (user + system) says more; the peak memory does not depend on the load.
+
+| exporter | onnx stage, wall (CPU) | peak memory | parity | wall (CPU) | peak memory |
+|---|---|---|---|---|---|
+| optimum | 4 min 38 s (95 s) | 9.7 GB | passed | 2 min 55 s (42 s) | 7.6 GB |
+| torch | 20 min 18 s (214 s) | 7.9 GB | passed | 4 min 1 s (43 s) | 7.6 GB |
+
+Both wrote 1.1 MB `.onnx` files beside 2.42 GB data files; the greedy ids equalled `generate()`.
+The 24 GB held either path. The peaks are 4.0x (optimum) and 3.3x (torch) the weights; at those
+ratios, not measured, about 1.5B parameters would fill 24 GB on optimum's path, 1.8B on torch's.
 """
 
 
@@ -147,6 +199,7 @@ def exporter_of(model_type: str) -> str:
         return exporters.choose(catalog.TASKS["causallm"], model_type, "auto").path
     except ModelSourceError as err:
         reason = catalog.UNSUPPORTED_CACHES.get(model_type)
+        reason = reason or catalog.TORCH_EXPORT_REFUSED.get(model_type)
         return f"refused: {reason}" if reason else f"refused: {err}"
 
 
@@ -178,6 +231,7 @@ def decoders_table() -> str:
         optimum_onnx=versions["optimum-onnx"],
         moe=moe,
         preferred=", ".join(f"`{t}`" for t in catalog.TORCH_OVER_OPTIMUM),
+        external_figures=EXTERNAL_FIGURES.rstrip(),
     )
     return header + "\n".join(rows) + "\n" + TRANSFORMERS_5
 

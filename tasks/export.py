@@ -14,6 +14,9 @@ graph): decoding reads nothing else, and every position of a 512-token prompt wo
 shared memory.
 `io.json` records the graph's inputs and outputs (the one description later stages read)
 and the file's sha256, so a model.onnx changed after the export is noticed and rebuilt.
+A checkpoint whose fp32 weights pass protobuf's 2 GiB (catalog.EXTERNAL_DATA_BYTES, decided
+before exporting: exporters.external_data) is exported with external data: each part's weights
+in `<part>.onnx.data` beside it, hashed in its io.json too.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from doit.tools import config_changed
 from tasks import artifacts, catalog, exporters, paths
 from tasks.errors import ExportError, fails_cleanly
 from tasks.settings import Settings, current
-
-PROTOBUF_LIMIT = 2**31  # bytes: protobuf's cap on one message, so on one ONNX file
 
 
 def describe_io(model) -> dict:
@@ -137,6 +138,14 @@ def export(settings: Settings) -> None:
     model_type = artifacts.read_json(paths.source_config(name)).get("model_type", "?")
     choice = exporters.choose(settings.task, model_type, settings.exporter)
     print(f"onnx: exporter {choice.path} ({choice.reason})", flush=True)
+    external = exporters.external_data(paths.source_dir(name))
+    if external:
+        size = exporters.fp32_weight_bytes(paths.source_dir(name)) / 2**30
+        print(
+            f"onnx: {size:.2f} GiB of fp32 weights: each part's weights go to <part>.onnx.data "
+            "beside it (external data; one ONNX file holds under 2 GiB)",
+            flush=True,
+        )
     staged = artifacts.staging_dir(paths.onnx_staging(name))
     try:
         if choice.path == "torch":
@@ -144,14 +153,14 @@ def export(settings: Settings) -> None:
 
             files = export_causal(paths.source_dir(name), staged, settings.opset)
             for part, exported in files.items():
-                install_part(settings, part, exported, "torch")
+                install_part(settings, part, exported, "torch", external)
         else:
-            export_with_optimum(settings, staged)
+            export_with_optimum(settings, staged, external)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def export_with_optimum(settings: Settings, staged: Path) -> None:
+def export_with_optimum(settings: Settings, staged: Path, external: bool) -> None:
     from optimum.exporters.onnx import main_export
 
     source = paths.source_dir(settings.name)
@@ -173,40 +182,41 @@ def export_with_optimum(settings: Settings, staged: Path) -> None:
                 custom_onnx_configs=custom or None,
             )
         for filename, part in job.files:  # each file in place only once it is complete
-            install_part(settings, part, output / filename, f"optimum ({job.optimum_task})")
+            exporter = f"optimum ({job.optimum_task})"
+            install_part(settings, part, output / filename, exporter, external)
 
 
-def install_part(settings: Settings, part: str, exported: Path, exporter: str) -> None:
-    """Check one exported file, add what the task needs, write it and its io record."""
+def install_part(
+    settings: Settings, part: str, exported: Path, exporter: str, external: bool
+) -> None:
+    """Check one exported file, add what the task needs, write it (with its weights beside it
+    when `external`) and its io record."""
     import onnx
 
     name, spec = settings.name, settings.task
     if not exported.is_file():
         raise ExportError(f"{exporter} wrote no {exported.name}")
-    model = onnx.load(str(exported))
+    model = onnx.load(str(exported))  # and the weights the exporter may have put beside it
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weights >= PROTOBUF_LIMIT:
-        raise ExportError(
-            f"{exported.name} holds {weights / 2**30:.1f} GiB of weights: one ONNX file takes "
-            "under 2 GiB, and this build does not yet carry external data through quantize, "
-            "repo and plan; pick a model under about 500M parameters (fp32 under 2 GiB)"
-        )
+    if weights >= catalog.PROTOBUF_LIMIT and not external:  # the checkpoint's size misled
+        print(f"onnx: {part} holds {weights / 2**30:.2f} GiB: external data", flush=True)
+        external = True
     if spec.mean_pooling:
         add_mean_pooling(model)
     if spec.generation:
         keep_last_position(model, catalog.GENERATION_LOGITS)
-    onnx.checker.check_model(model)
     io = describe_io(model)
     missing = {o.onnx_name for o in spec.outputs} - {o["name"] for o in io["outputs"]}
     if missing:
         raise ExportError(f"the exported model lacks outputs {sorted(missing)}")
     target = paths.onnx_file(name, part)
-    with artifacts.atomic_target(target) as tmp:
-        onnx.save(model, str(tmp))
-    io.update(artifacts.file_record(target), opset=settings.opset, exporter=exporter)
+    paths.onnx_io(name, part).unlink(missing_ok=True)  # the record comes back last
+    artifacts.save_onnx(model, target, external)
+    io.update(artifacts.onnx_record(target), opset=settings.opset, exporter=exporter)
     artifacts.write_json(paths.onnx_io(name, part), io)
-    size = target.stat().st_size / 2**20
-    print(f"onnx: {target.relative_to(paths.ROOT)} ({size:.1f} MiB)", flush=True)
+    size = artifacts.onnx_bytes(target) / 2**20
+    beside = f" with {paths.external_data_file(target).name}" if external else ""
+    print(f"onnx: {target.relative_to(paths.ROOT)}{beside} ({size:.1f} MiB)", flush=True)
 
 
 def task_onnx():
@@ -219,12 +229,16 @@ def task_onnx():
         "last_position_logits": catalog.GENERATION_LOGITS if settings.task.generation else None,
         "opset": settings.opset,
         "exporter": settings.exporter,
+        "external_data_bytes": exporters.external_data_bytes(),  # where weights go beside
         "versions": artifacts.versions(
             "optimum", "optimum-onnx", "onnx", "onnxscript", "transformers", "torch"
         ),
     }
     parts = settings.task.onnx_parts
     targets = [f(name, part) for part in parts for f in (paths.onnx_file, paths.onnx_io)]
+    # written only when the weights pass 2 GiB: not targets (doit would take one never made
+    # for a stale build), but checked against io.json (file_matches_record) and cleaned
+    data = [paths.external_data_file(paths.onnx_file(name, part)) for part in parts]
     yield {
         "name": name,
         "actions": [(fails_cleanly(export), [settings])],
@@ -242,5 +256,5 @@ def task_onnx():
                 for p in parts
             ),
         ],
-        "clean": [(artifacts.remove_artifacts, [targets, [paths.onnx_staging(name)]])],
+        "clean": [(artifacts.remove_artifacts, [[*targets, *data], [paths.onnx_staging(name)]])],
     }

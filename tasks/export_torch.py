@@ -319,7 +319,11 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    # eager attention, what parity judges the files against: sdpa drops a family's attention
+    # logit soft-capping (Gemma 2's, VaultGemma's) and attends from padding positions
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     config = model.config
     layers = config.get_text_config(decoder=True).num_hidden_layers
     positions = takes(model, "position_ids")

@@ -7,7 +7,9 @@ and prints the answer. Both read the model type from the checkpoint's config.jso
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from tasks import artifacts, catalog
 from tasks.errors import ModelSourceError
@@ -36,6 +38,28 @@ def optimum_onnx_missing() -> str | None:
             f"transformers {installed})"
         )
     return None
+
+
+def fp32_weight_bytes(source: Path) -> int:
+    """The bytes a checkpoint's weights take as the fp32 the onnx stage exports: its weight
+    files' size, scaled from the dtype config.json says they are stored in."""
+    config = artifacts.read_json(source / "config.json")
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    size = sum(f.stat().st_size for p in catalog.CHECKPOINT_WEIGHTS for f in source.glob(p))
+    return size * 4 // catalog.DTYPE_BYTES.get(str(stored), 4)
+
+
+def external_data_bytes() -> int:
+    """catalog.EXTERNAL_DATA_BYTES, or the lower figure its internal knob (an environment
+    variable, read by the onnx stage only) sets for a test."""
+    given = os.environ.get(catalog.EXTERNAL_DATA_BYTES_VARIABLE, "")
+    return int(given) if given.isdigit() else catalog.EXTERNAL_DATA_BYTES
+
+
+def external_data(source: Path) -> bool:
+    """Whether the onnx stage writes this checkpoint's ONNX files with external data (their
+    weights in `<part>.onnx.data` beside them), decided before any export."""
+    return fp32_weight_bytes(source) >= external_data_bytes()
 
 
 def optimum_tasks_for(model_type: str) -> set[str]:
@@ -79,6 +103,11 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
     generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
     preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
     if exporter == "torch" or (exporter == "auto" and (missing or preferred) and generic):
+        if model_type in catalog.TORCH_EXPORT_REFUSED:
+            raise ModelSourceError(
+                f"task={spec.name}: the generic path cannot export a '{model_type}' model: "
+                f"{catalog.TORCH_EXPORT_REFUSED[model_type]}. Pick another family"
+            )
         if model_type not in causal_lm_types():
             raise ModelSourceError(
                 f"task={spec.name}: '{model_type}' is no causal LM that transformers "

@@ -82,7 +82,7 @@ def check(settings: Settings) -> None:
     name = settings.name
     paths.parity_report(name).unlink(missing_ok=True)  # the report exists only while it is true
     for part in settings.task.onnx_parts:
-        artifacts.load_onnx(paths.onnx_file(name, part), name)
+        artifacts.check_onnx(paths.onnx_file(name, part), name)
     tol = settings.tolerance
     if settings.precision_note:
         print(f"parity: {settings.precision_note}", flush=True)
@@ -207,6 +207,7 @@ def task_parity():
             *(  # a quantized or fp16 copy is what is compared, on the held texts, by the gates
                 [
                     *(paths.quant_file(name, part) for part in settings.task.onnx_parts),
+                    *(paths.quant_record(name, part) for part in settings.task.onnx_parts),
                     paths.HELD_TEXTS,
                     paths.stage_module("gates"),
                 ]

@@ -95,6 +95,12 @@ def onnx_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
+def external_data_file(onnx_file: Path) -> Path:
+    """Where an ONNX file's weights are when they are not inside it (catalog.EXTERNAL_DATA_BYTES):
+    beside it, under the name its graph refers to, wherever the pair is copied."""
+    return onnx_file.with_name(f"{onnx_file.name}.data")
+
+
 def quant_file(name: str, part: str = "model") -> Path:
     """A part's quantized ONNX file (int8, int4, nf4, fp4), made from `onnx_file`."""
     return zoo_dir(name) / "quant" / f"{part}.onnx"

@@ -201,7 +201,7 @@ def build_engine(settings: Settings, part: str) -> None:
     found = gpus()
     check_placement(settings, found)
     source = settings.model_file(part)  # the exported file, or its fp16 or Q/DQ copy
-    artifacts.load_onnx(source, name)  # a clear error for a broken file
+    artifacts.check_onnx(source, name)  # a clear error for a broken file
     io = artifacts.read_json(paths.onnx_io(name, part))
     positions = checkpoint_facts(name)["max_positions"] if settings.task.generation else 0
     limits = {trt.MemoryPoolType.WORKSPACE: catalog.TENSORRT_WORKSPACE_MIB << 20}
@@ -291,8 +291,8 @@ def task_plan():
             "name": plan_task_name(settings, part),
             "actions": [(fails_cleanly(build_engine), [settings, part])],
             "file_dep": [
-                settings.model_file(part),
-                paths.onnx_io(name, part),
+                settings.model_file(part),  # TensorRT's parser reads its .data beside it
+                *dict.fromkeys([settings.model_record(part), paths.onnx_io(name, part)]),
                 paths.source_manifest(name),  # max_positions caps a causal LM's cache
                 paths.stage_module("facts"),  # which reads it
                 paths.stage_module("plan"),

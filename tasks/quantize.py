@@ -16,6 +16,10 @@ and with NVIDIA ModelOpt's ONNX quantization, for TensorRT's explicit quantizati
   strongly typed, with no precision flag; the onnxruntime and python backends run them as
   they are.
 
+A part exported with external data (its weights in `<part>.onnx.data`, past 2 GiB) gets a copy
+laid out the same: the quantizers are told so, and the copy is saved with its own data file.
+ModelOpt's recipes refuse such a part (this build does not pass ModelOpt external data).
+
 The fp32 file stays the reference: parity compares the copy with fp32 PyTorch on task-level
 gates. Changing the precision or the recipe re-quantizes (re-casts) and never re-exports.
 """
@@ -219,6 +223,7 @@ def quantize_into(settings: Settings, part: str, source, target) -> dict:
 
     recipe = settings.recipe
     op_types = list(recipe.op_types) or None
+    external = paths.external_data_file(source).is_file()  # weights beside: past 2 GiB
     if recipe.method == "dynamic":
         quantize_dynamic(
             str(source),
@@ -226,6 +231,7 @@ def quantize_into(settings: Settings, part: str, source, target) -> dict:
             per_channel=recipe.per_channel,
             weight_type=QuantType.QInt8,  # uint8 activations, int8 weights: U8S8
             op_types_to_quantize=op_types,
+            use_external_data_format=external,
         )
     elif recipe.method == "static":
         quantize_static(
@@ -237,6 +243,7 @@ def quantize_into(settings: Settings, part: str, source, target) -> dict:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=op_types,
+            use_external_data_format=external,
         )
     elif recipe.method == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -245,8 +252,14 @@ def quantize_into(settings: Settings, part: str, source, target) -> dict:
         gemm_to_matmul(model)
         quantizer = MatMulNBitsQuantizer(model, block_size=settings.block_size, is_symmetric=True)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(target))
+        quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
     elif recipe.method == "modelopt":
+        if external:
+            raise ExportError(
+                f"recipe={recipe.name}: {part}'s weights are beside it (external data, past "
+                "2 GiB) and this build does not pass ModelOpt external data; use an ONNX "
+                "Runtime recipe (precision=int8 recipe=int8-dynamic, precision=int4)"
+            )
         modelopt_quantize(settings, part, source, target)
     elif recipe.method == "autocast":
         from tasks import autocast
@@ -260,23 +273,28 @@ def quantize_into(settings: Settings, part: str, source, target) -> dict:
         gemm_to_matmul(model)
         quantizer = MatMulBnb4Quantizer(model, kind, settings.block_size)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(target))
+        quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
     return {}
 
 
 def quantize(settings: Settings, part: str) -> None:
     import logging
+    import shutil
 
     import onnx
 
     name, recipe = settings.name, settings.recipe
     source, target = paths.onnx_file(name, part), paths.quant_file(name, part)
+    external = paths.external_data_file(source).is_file()
     what = recipe.name + (f", block {settings.block_size}" if settings.block_size else "")
     print(f"quantize: {part} ({what}) from {source.relative_to(paths.ROOT)}", flush=True)
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's advice on every weight
-    with artifacts.atomic_target(target) as tmp:
+    paths.quant_record(name, part).unlink(missing_ok=True)  # the record comes back last
+    staged = artifacts.staging_dir(target)  # the quantizers' files (and data files) go here
+    try:
+        made = staged / target.name
         try:
-            added = quantize_into(settings, part, source, tmp)
+            added = quantize_into(settings, part, source, made)
         except ExportError:
             raise
         except Exception as err:
@@ -284,46 +302,58 @@ def quantize(settings: Settings, part: str) -> None:
                 f"quantizing {part} with recipe={recipe.name} failed: {type(err).__name__}: "
                 f"{err}; try {recipe.next_try}"
             ) from None
-        made = onnx.load(str(tmp))
-        if recipe.method == "autocast":
-            from tasks.autocast import fp16_summary
+        model = onnx.load(str(made))
+        record = describe_copy(settings, part, source, model)
+        artifacts.save_onnx(model, target, external)  # laid out as its source
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    record.update(added, **artifacts.onnx_record(target))
+    record["size_ratio"] = round(artifacts.onnx_bytes(target) / record["fp32_bytes"], 3)
+    artifacts.write_json(paths.quant_record(name, part), record)
+    said = (
+        f"{len(added['kept_fp32'])} of {record['fp16']['nodes']} nodes kept in fp32"
+        if recipe.method == "autocast"
+        else str(record["quantized_ops"])
+    )
+    print(
+        f"quantize: {target.relative_to(paths.ROOT)} "
+        f"({artifacts.onnx_bytes(target) / 2**20:.1f} MiB, "
+        f"{record['size_ratio']}x the fp32 file; {said})",
+        flush=True,
+    )
 
-            summary = fp16_summary(made)
-        else:
-            summary = quantized_ops(made)
-        if not summary or summary.get("fp16_initializers") == 0:
-            raise ExportError(
-                f"recipe={recipe.name} left {part} without a {recipe.precision} weight (it has "
-                f"no weights this recipe converts); try {recipe.next_try}"
-            )
+
+def describe_copy(settings: Settings, part: str, source: Path, made) -> dict:
+    """What the quantize record says of a copy (raises if it holds no converted weight)."""
+    import onnx
+
+    recipe = settings.recipe
+    if recipe.method == "autocast":
+        from tasks.autocast import fp16_summary
+
+        summary = fp16_summary(made)
+    else:
+        summary = quantized_ops(made)
+    if not summary or summary.get("fp16_initializers") == 0:
+        raise ExportError(
+            f"recipe={recipe.name} left {part} without a {recipe.precision} weight (it has "
+            f"no weights this recipe converts); try {recipe.next_try}"
+        )
     record = {
         "recipe": recipe.name,
         "method": recipe.method,
         "per_channel": recipe.per_channel,
         "block_size": settings.block_size,
         "calibration": modelopt_calibration(settings, part) if recipe.method == "modelopt" else "",
-        "fp32_bytes": source.stat().st_size,
-        **added,
-        **artifacts.file_record(target),
+        "fp32_bytes": artifacts.onnx_bytes(source),
+        "fp16" if recipe.method == "autocast" else "quantized_ops": summary,
     }
-    if recipe.method == "autocast":
-        record["fp16"] = summary
-        said = f"{len(added['kept_fp32'])} of {summary['nodes']} nodes kept in fp32"
-    else:
-        record["quantized_ops"] = summary
-        said = str(summary)
-    record["size_ratio"] = round(target.stat().st_size / source.stat().st_size, 3)
     if recipe.precision in ("int4", "nf4", "fp4"):  # what 4 bits buy: the MatMuls' weights
         before = matmul_weight_bytes(onnx.load(str(source)), ("MatMul", "Gemm"))
         four_bit = ("MatMulNBits", "MatMulBnb4", "DequantizeLinear", "MatMul", "Gemm")
         after = matmul_weight_bytes(made, four_bit)
         record["matmul_weight_ratio"] = round(after / before, 3) if before else None
-    artifacts.write_json(paths.quant_record(name, part), record)
-    print(
-        f"quantize: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB, "
-        f"{record['size_ratio']}x the fp32 file; {said})",
-        flush=True,
-    )
+    return record
 
 
 def task_quantize():
@@ -348,6 +378,7 @@ def task_quantize():
     )
     for part in settings.task.onnx_parts:
         targets = [paths.quant_file(name, part), paths.quant_record(name, part)]
+        data = paths.external_data_file(targets[0])  # made when its source has one
         yield {
             "name": f"{name}-{part}" if part != "model" else name,
             "actions": [(fails_cleanly(quantize), [settings, part])],
@@ -368,5 +399,5 @@ def task_quantize():
                     }
                 )
             ],
-            "clean": [(artifacts.remove_artifacts, [targets])],
+            "clean": [(artifacts.remove_artifacts, [[*targets, data]])],
         }

@@ -23,6 +23,12 @@ name is one no installed package takes.
 Each Triton model is a subtask, so a change rebuilds only the models it touches. Files are
 copied atomically and config.pbtxt is written last: a server polling the repository never
 sees a config whose files are not all in place. The model part waits for parity.
+
+An ONNX file exported with external data (past 2 GiB) brings its `<part>.onnx.data` along,
+under that name (the one its graph refers to) beside it, even where the file is renamed
+(model.onnx): ONNX Runtime, in the python backend or Triton's own, reads it from the file's
+folder. The data file is made only for such models, so it is no doit target: the file's
+record (io.json, or the quantize record) is a dependency, and a check sees the copy in place.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ class Component:
     part: str
     triton_model: str
     files: tuple[tuple[Path | None, str], ...]  # (source or None for an empty marker, filename)
-    checks: tuple[Path, ...]  # reports that must exist first (parity)
+    # reports that must exist first (parity), and the records of the ONNX files it ships (their
+    # hashes, and their data files' when the weights are beside them)
+    checks: tuple[Path, ...]
     link: bool = False  # hard-link the built files (a second model on them), not copy
 
     def targets(self) -> list[Path]:
@@ -55,6 +63,25 @@ class Component:
             *(paths.repo_version_file(self.triton_model, f) for _, f in self.files),
             paths.repo_config(self.triton_model),
         ]
+
+    def external_data(self) -> list[tuple[Path, Path]]:
+        """(data file in model_zoo/, its place here) of each ONNX file this model ships,
+        whether or not the build made one (a model over 2 GiB)."""
+        return [
+            (data, paths.repo_version_file(self.triton_model, data.name))
+            for source, _ in self.files
+            if source is not None and source.suffix == ".onnx"
+            for data in [paths.external_data_file(source)]
+        ]
+
+    def data_in_place(self, task, values) -> bool:
+        """doit `uptodate`: every data file the build made has its copy here, and no copy
+        is left of one it no longer makes."""
+        return all(
+            target.is_file() == data.is_file()
+            and (not data.is_file() or target.stat().st_size == data.stat().st_size)
+            for data, target in self.external_data()
+        )
 
 
 def python_code(component: str) -> tuple:
@@ -78,7 +105,8 @@ def file_model(settings: Settings, part: str) -> Component:
         files = ((settings.model_file(part), settings.model_filename),)
     else:
         files = ((settings.model_file(part), settings.model_filename), *python_code("onnx_model"))
-    return Component(part, settings.triton_models[part], files, (paths.parity_report(name),))
+    checks = (paths.parity_report(name), settings.model_record(part))
+    return Component(part, settings.triton_models[part], files, checks)
 
 
 def answer_files(settings: Settings) -> tuple:
@@ -105,7 +133,9 @@ def one_hop(settings: Settings) -> list[Component]:
     # a file both the tokenizing and the answer step read (tokenizer.json) is shipped once
     files = tuple({filename: (source, filename) for source, filename in files}.values())
     return [
-        Component("model", names["model"], files, (paths.parity_report(name),)),
+        Component(
+            "model", names["model"], files, (paths.parity_report(name), settings.model_record())
+        ),
         Component("ensemble", names["ensemble"], ((None, ENSEMBLE_MARKER),), ()),
     ]
 
@@ -151,7 +181,10 @@ def components(settings: Settings) -> list[Component]:
             ),
             *code,
         )
-        checks = (paths.parity_report(name),)
+        checks = (
+            paths.parity_report(name),
+            *(settings.model_record(part) for part in settings.task.onnx_parts if inline),
+        )
         found.append(Component("generate", names["generate"], files, checks, link=True))
         # its own files, not a path to _generate's: Triton fetches a bucket's models one by one
         found.append(Component("stream", names["stream"], files, checks, link=True))
@@ -191,7 +224,8 @@ def remove_other_parts(settings: Settings) -> None:
 
 def install(component: Component, config_source: Path) -> None:
     version_dir = paths.repo_version_dir(component.triton_model)
-    wanted = {filename for _, filename in component.files}
+    data_files = [(d, t) for d, t in component.external_data() if d.is_file()]
+    wanted = {filename for _, filename in component.files} | {t.name for _, t in data_files}
     if version_dir.is_dir():  # files of another backend (model.plan after backend=python)
         for stale in version_dir.iterdir():
             if stale.name not in wanted and stale.is_file():
@@ -205,6 +239,8 @@ def install(component: Component, config_source: Path) -> None:
             artifacts.link_file(source, target)
         else:
             artifacts.copy_file(source, target)
+    for data, target in data_files:  # built files: linked where the file system can
+        artifacts.link_file(data, target)
     artifacts.copy_file(config_source, paths.repo_config(component.triton_model))
     print(
         f"repo: {paths.repo_model_dir(component.triton_model).relative_to(paths.ROOT)}", flush=True
@@ -217,6 +253,7 @@ def task_repo():
     for component in components(settings):
         config_source = paths.rendered_config(settings.name, component.part)
         targets = component.targets()
+        data = [target for _, target in component.external_data()]
         yield {
             "name": component.triton_model,
             "actions": [
@@ -242,12 +279,16 @@ def task_repo():
                             else {}
                         ),
                     }
-                )
+                ),
+                component.data_in_place,
             ],
             "clean": [
                 (
                     artifacts.remove_artifacts,
-                    [targets, other_parts(settings) if component.part == "ensemble" else []],
+                    [
+                        [*targets, *data],
+                        other_parts(settings) if component.part == "ensemble" else [],
+                    ],
                 )
             ],
         }

@@ -266,6 +266,14 @@ class Settings:
             return paths.quant_file(self.name, part)
         return paths.onnx_file(self.name, part)
 
+    def model_record(self, part: str = "model") -> Path:
+        """The record of `model_file(part)`: its sha256, and its external data file's when its
+        weights are beside it (a stage that reads the file depends on this record too, as the
+        file's bytes alone do not change when only its weights do)."""
+        if self.recipe is not None:
+            return paths.quant_record(self.name, part)
+        return paths.onnx_io(self.name, part)
+
     def plan_file(self, part: str = "model") -> Path | None:
         """The TensorRT engine a part is served from on backend=tensorrt; else None."""
         return paths.plan_file(self.name, part) if self.backend == "tensorrt" else None

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tasks import bench, loadgen, paths
+from tasks import bench, loadgen, moe_bench, paths
 from tests.helpers.project import doit_bench
 
 
@@ -152,6 +152,21 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
     report = json.loads(project.path(paths.bench_report("causallm")).read_text())
     assert 0 < report["texts"] < 16 and report["errors"] == 0
     assert all(p["requests"] > 0 for points in report["systems"].values() for p in points)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_bench_on_a_mixture_of_experts_reports_the_fixed_loops_cost(project, decoder_models):
+    """A mixtral the generic path exported: the report holds the fixed loop against top-k
+    routing at each token count (their values are the machine's)."""
+    model = f"model={decoder_models('mixtral')}"
+    run = doit_bench(project, "task=causallm", model, "batch=1,4,8", "seq=1,32,64")
+    report = json.loads(project.path(paths.bench_report("causallm")).read_text())
+    moe = report["moe_dense_vs_topk"]
+    assert moe["block"] == "MixtralSparseMoeBlock" and moe["threads"] == 1
+    assert [p["tokens"] for p in moe["points"]] == list(moe_bench.TOKENS)
+    assert all(p["topk_ms"] > 0 and p["fixed_loop_ms"] > 0 for p in moe["points"])
+    assert "Mixture of experts: MixtralSparseMoeBlock" in run.output
 
 
 @pytest.mark.server

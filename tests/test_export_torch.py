@@ -36,6 +36,11 @@ def test_caches_that_are_not_key_value_pairs_are_refused_with_the_reason(model_t
         exporters.choose(CAUSAL, model_type, "auto")
 
 
+def test_a_type_the_generic_path_cannot_export_is_refused_with_the_cause():
+    with pytest.raises(ModelSourceError, match="complex numbers"):
+        exporters.choose(CAUSAL, "deepseek_v2", "auto")
+
+
 def test_an_encoder_task_keeps_optimum_and_its_hint():
     with pytest.raises(ModelSourceError, match="cannot be exported for question-answering"):
         exporters.choose(catalog.TASKS["qa"], "starcoder2", "auto")
@@ -107,3 +112,23 @@ def test_the_decoders_table_is_what_the_command_makes():
     assert paths.DECODERS_DOC.read_text() == decoders_table(), (
         "docs/decoders.md is stale: run `python -m tasks.decoders`"
     )
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_the_bench_times_the_fixed_loop_against_top_k_routing(decoder_models, model_type):
+    """What `doit bench` reports as moe_dense_vs_topk, on the checkpoint's own block (the
+    figures' values are the machine's: only that they are there)."""
+    from tasks.moe_bench import block_cost, report_line
+
+    found = block_cost(decoder_models(model_type), tokens=(1, 16))
+    assert found["experts"] == 4 and found["top_k"] == 2 and found["expert_flops_ratio"] == 2
+    assert [p["tokens"] for p in found["points"]] == [1, 16]
+    for point in found["points"]:
+        assert point["topk_ms"] > 0 and point["fixed_loop_ms"] > 0 and point["ratio"] > 0
+    assert "x at 16 tokens" in report_line(found)
+
+
+def test_a_dense_decoder_has_no_moe_cost(decoder_models):
+    from tasks.moe_bench import block_cost
+
+    assert block_cost(decoder_models("llama")) is None

@@ -389,14 +389,14 @@ def test_a_missing_template_value_fails_the_render():
 
 
 def test_a_broken_onnx_file_is_an_error_that_says_how_to_rebuild(tmp_path, monkeypatch):
-    from tasks.artifacts import load_onnx
+    from tasks.artifacts import check_onnx
     from tasks.errors import ExportError
 
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     broken = tmp_path / "model.onnx"
     broken.write_bytes(b"\x08\x07garbage that is not a protobuf")
     with pytest.raises(ExportError) as caught:
-        load_onnx(broken, "encode")
+        check_onnx(broken, "encode")
     message = str(caught.value)
     assert message.startswith("model.onnx is not a valid ONNX model (")
     assert "run doit again to re-export it, or `doit forget onnx:encode` first" in message

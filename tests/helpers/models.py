@@ -312,6 +312,8 @@ def tiny_decoder_config(model_type: str, tokenizer):
         sizes.pop("layer_types", None)
     elif "use_sliding_window" in defaults:  # qwen2, qwen3...: else the window is None, and
         sizes["use_sliding_window"] = True  # a sliding layer without one fails in forward
+    if "kv_lora_rank" in defaults:  # latent attention (DeepSeek): a key per query head, as the
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]  # real configs have it
     eos = tokenizer.eos_token_id
     return transformers.AutoConfig.for_model(
         model_type,
