@@ -347,10 +347,19 @@ def test_streaming_responses_arrive_one_per_token(generating):
     assert [s[1] for s in steps] == whole[1]
 
 
-@pytest.mark.parametrize("model", ["gpt_tokenizer", "gpt_generate", "gpt_stream"])
+# A generation model's stub killed restarts the whole server (test_inflight_serving.py kills
+# one mid-decode): the two cases repeat that path with more models, so they run in suite=slow.
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt_tokenizer",
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("gpt_generate", "gpt_stream")),
+    ],
+)
 def test_a_killed_generation_stub_is_replaced_and_generates_again(generating, model):
-    """SIGKILL of a generation deployment's python process: not-ready, then reloaded, and the
-    same tokens again, whole and streamed."""
+    """SIGKILL of a generation deployment's python process: not-ready, then reloaded (the
+    tokenizer) or the server restarted (the decoding loop's models), and the same tokens
+    again, whole and streamed."""
     _, server, _, _ = generating
     before = generate(server, "gpt", PROMPTS[:1], MAX_NEW_TOKENS=4)
 
