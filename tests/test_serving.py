@@ -181,7 +181,7 @@ def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(s
             before = model_counts(server, f"{deployment}_model")
             with ThreadPoolExecutor(len(requests)) as pool:
                 together = list(pool.map(send, range(len(requests))))
-            after = model_counts(server, f"{deployment}_model")
+            after = model_counts(server, f"{deployment}_model", before[0] + len(requests))
             inferences, executions = np.subtract(after, before)
             for index, answer in enumerate(together):  # every attempt answers right
                 expected = alone[index % len(alone)]
@@ -201,16 +201,25 @@ def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(s
     assert inferences >= len(requests) and executions < len(requests)
 
 
-def model_counts(server, model: str) -> tuple[int, int]:
-    """(requests answered, calls that answered them) by a model so far."""
+def model_counts(server, model: str, at_least: int = 0) -> tuple[int, int]:
+    """(requests answered, calls that answered them) by a model so far; with `at_least`, once
+    the first reaches it or 5 s have passed (Triton counts a request when it releases it,
+    which can be just after its client has the answer)."""
+    import time
+
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.http_url)
+    deadline = time.monotonic() + 5
     try:
-        stats = client.get_inference_statistics(model)["model_stats"][0]
+        while True:
+            stats = client.get_inference_statistics(model)["model_stats"][0]
+            counts = int(stats["inference_count"]), int(stats["execution_count"])
+            if counts[0] >= at_least or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.05)
     finally:
         client.close()
-    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 @pytest.mark.parametrize(
