@@ -289,7 +289,7 @@ class ReplicaSet(Listening):
     def _restart(self, index: int, member) -> None:
         code, pid, ports = member.returncode, member.pid, dict(member.ports)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        kept = member.log_path.with_name(f"{member.log_path.stem}.{pid}{member.log_path.suffix}")
+        kept = member.kept_log(pid)
         self.log(
             f"replicas: replica {index + 1} (pid {pid}) exited ({how}; its log: {kept}); "
             f"restarting it, {self.count - 1} of {self.count} answer meanwhile"

@@ -224,6 +224,10 @@ class EmbeddedTritonServer(Listening):
         )
         return self
 
+    def kept_log(self, pid: int) -> Path:
+        """Where the log of an exited server (pid) is kept when a new one starts on its name."""
+        return self.log_path.with_name(f"{self.log_path.stem}.{pid}{self.log_path.suffix}")
+
     def forget(self, model: str) -> None:
         """A model loaded anew on purpose: the supervisor of now counts its stubs afresh."""
         if self.supervisor is not None:
@@ -243,7 +247,7 @@ class EmbeddedTritonServer(Listening):
             wait_for_exit(process, KILL_TIMEOUT)
             self._process = None
             self._remove_leftovers()
-            kept = self.log_path.with_name(f"{self.log_path.stem}.{process.pid}.log")
+            kept = self.kept_log(process.pid)
             with contextlib.suppress(OSError):  # the new server writes a log of the same name
                 self.log_path.replace(kept)
                 self._echo(f"tritonserver: the log of pid {process.pid} is now {kept}")
