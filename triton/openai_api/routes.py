@@ -345,6 +345,9 @@ class Answer:
                 started.add(piece.index)
                 tokens += piece.tokens
                 yield self.chunk(piece, include_usage, role)
+                # the loop's turn: a client gone is marked so before the next write (asyncio
+                # warns "socket.send() raised exception" from a lost socket's 5th write on)
+                await asyncio.sleep(0)
                 piece = await anext(pieces, None)
         except APIError as err:  # mid-stream: the status is sent already; the error is an event
             yield b"data: " + dumps(err.body()) + b"\n\n"
