@@ -207,6 +207,7 @@ def test_decoders_return_the_last_positions_logits_only(exported):
             assert logits["shape"][:2] == ["batch_size", 1], (task, part, logits)
 
 
+@pytest.mark.slow  # 11 s; the pruning of parts a switch leaves: test_parity_models' switch
 def test_switching_decoder_leaves_no_step_models_behind_and_clean_removes_all(
     exported, generation_models
 ):
