@@ -16,7 +16,6 @@ Standard library only at import (`doit list` imports tasks.server).
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from tasks import artifacts, paths
 from tasks.errors import ServerError
-from tasks.server.embedded import parent_death_signal
+from tasks.server.embedded import end_group, parent_death_signal
 from tasks.server.network import (
     Listening,
     check_ports_free,
@@ -168,15 +167,8 @@ class NginxBalancer(Listening):
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGQUIT)  # graceful: in-flight requests finish
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        if process is not None:  # SIGQUIT is graceful: in-flight requests finish
+            end_group(process, signal.SIGQUIT, STOP_TIMEOUT)
         workdir, self._workdir = self._workdir, None
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -10,7 +9,7 @@ import subprocess
 
 from tasks import paths
 from tasks.errors import ServerError
-from tasks.server.embedded import access, access_errors, wait_for_exit
+from tasks.server.embedded import access, access_errors, end_group
 from tasks.server.network import check_ports_free, client_host, http_ready, wait_until_ready
 from tasks.settings import Endpoints
 
@@ -94,8 +93,6 @@ class DockerTritonServer:
         subprocess.run(
             self.command("down"), env=self.environment(), check=False, capture_output=True
         )
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signal.SIGTERM)
-        wait_for_exit(self._process, 30)
+        end_group(self._process, signal.SIGTERM, 30)
         self._process = None
         print("tritonserver (docker): stopped", flush=True)

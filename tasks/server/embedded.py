@@ -243,7 +243,7 @@ class EmbeddedTritonServer(Listening):
             self._echo(f"tritonserver: restarting (pid {process.pid}): {reason}")
             supervisor, self.supervisor = self.supervisor, None
             supervisor.stop()  # this very thread: it only stops looking
-            self._signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             wait_for_exit(process, KILL_TIMEOUT)
             self._process = None
             self._remove_leftovers()
@@ -291,9 +291,9 @@ class EmbeddedTritonServer(Listening):
             if process.poll() is None:
                 if not self._terminated:
                     self._terminated = True
-                    self._signal_group(process, signal.SIGTERM)
+                    signal_group(process, signal.SIGTERM)
                 if not wait_for_exit(process, self.exit_timeout + KILL_MARGIN):
-                    self._signal_group(process, signal.SIGKILL)
+                    signal_group(process, signal.SIGKILL)
                     wait_for_exit(process, KILL_TIMEOUT)
             self._process = None
             self._echo(f"tritonserver: stopped (pid {process.pid}, exit {process.returncode})")
@@ -368,10 +368,6 @@ class EmbeddedTritonServer(Listening):
         lines = [line for line in lines if line.strip() and not line.startswith(("+", "|"))]
         return "\n".join(f"  {line}" for line in lines[-count:]) or "  (empty log)"
 
-    def _signal_group(self, process: subprocess.Popen, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signum)
-
     def _remove_leftovers(self) -> None:
         """Kill this server's orphaned stubs, remove its shm regions and its backend folder."""
         for pid in stub_pids(self.shm_prefix):
@@ -403,6 +399,22 @@ def repository_argument(repository: Path | str) -> str:
     """--model-repository as tritonserver takes it: a URL as given, a folder made absolute."""
     text = str(repository)
     return text if is_remote(text) else str(Path(text).resolve())
+
+
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """`signum` to `process`'s group (it was started in a session of its own); gone is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def end_group(process: subprocess.Popen, signum: int, timeout: float) -> None:
+    """`signum` to `process`'s group, and SIGKILL if it has not exited within `timeout` s."""
+    if process.poll() is not None:
+        return
+    signal_group(process, signum)
+    if not wait_for_exit(process, timeout):
+        signal_group(process, signal.SIGKILL)
+        wait_for_exit(process, KILL_TIMEOUT)
 
 
 def wait_for_exit(process: subprocess.Popen, timeout: float) -> bool:

@@ -6,8 +6,6 @@ Standard library only at import (`doit list` imports tasks.server).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 from tasks import paths
 from tasks.errors import ServerError
-from tasks.server.embedded import parent_death_signal
+from tasks.server.embedded import end_group, parent_death_signal
 from tasks.server.network import check_ports_free, client_host, wait_until_ready
 
 START_TIMEOUT = 30.0
@@ -172,16 +170,8 @@ class OpenAIServer:
 
     def _end_process(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None:
+            end_group(process, signal.SIGTERM, STOP_TIMEOUT)
 
     def stop(self) -> None:
         self._stop.set()
