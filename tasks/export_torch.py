@@ -464,8 +464,11 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
                 verbose=False,
             )
         program.save(str(target), external_data=True)
-        graph = onnx.load(str(target))
+        graph = onnx.load(str(target))  # the weights too, into memory
         name_axes(graph, positions, with_past)
-        onnx.save(graph, str(target), save_as_external_data=True, location=f"{part}.onnx.data")
+        data = f"{part}.onnx.data"
+        # onnx.save appends to the file torch wrote: the weights would be in it twice
+        (staged / data).unlink(missing_ok=True)
+        onnx.save(graph, str(target), save_as_external_data=True, location=data)
         files[part] = target
     return files
