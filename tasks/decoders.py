@@ -55,6 +55,18 @@ everything, which changes only cache entries that no query reads (gpt2 on the ge
 failed the gate for that alone, as file parity compares every position of the cache; with
 eager attention exported it passes).
 
+Grouped-query attention (fewer key/value heads than query heads) is exported without
+transformers' `repeat_kv`, which copies each key/value head's cache to every query head of its
+group at every step (Expand nodes: 19% of the bench model's decoding step at batch 16). The
+queries of a group ride as extra rows against their key/value head instead
+(`grouped_query_attention` in tasks/export_torch.py, under a name of its own in transformers'
+attention interface; MatMul, Reshape, Add, Softmax: TensorRT takes it). It follows eager's
+scaling, soft-capping (Gemma 2) and sink logits (gpt-oss), and each model takes it only if a
+step with a past and a left-padded row gives eager's logits and cache (within 1e-5 of their
+largest value); otherwise the export stays eager and the build's log says why (in 4.57,
+diffllama, olmoe, phimoe and qwen2_moe do not go through the interface). Every tiny model of the
+table that took it gave eager's outputs exactly, and passed the gate again.
+@@GQA@@
 DeepSeek's latent attention: its keys have one head per query head, so its tiny random models
 here take as many key/value heads as query heads, as the real configs do (with fewer, eager
 attention cannot run them even in PyTorch: what stopped deepseek_v3's eager export here).

@@ -210,10 +210,10 @@ def register_grouped_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, eager_mask)
 
 
-def grouped_differs(model, layers: int, positions: bool) -> float | None:
-    """How far grouped_query_attention moves a step with a past and a left-padded row from
-    the family's eager attention (logits and cache, relative to each one's largest value);
-    None if no attention of the model called it. The model is left on grouped attention."""
+def why_not_grouped(model, layers: int, positions: bool) -> str | None:
+    """Why grouped_query_attention would not give what the family's eager attention gives on
+    this model, or None: a step with a past and a left-padded row, its logits and cache within
+    GROUPED_ATTENTION_RTOL of eager's. The model is left on grouped attention."""
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -237,37 +237,32 @@ def grouped_differs(model, layers: int, positions: bool) -> float | None:
     finally:
         ALL_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, grouped_query_attention)
     if not calls:
-        return None
-    return max(
-        float((a - b).abs().max() / a.abs().max().clamp(min=1)) for a, b in zip(eager, grouped)
-    )
+        return "its attention does not go through transformers' attention interface"
+    scale = [a.abs().max().clamp(min=1) for a in eager]
+    differs = max(float((a - b).abs().max() / s) for a, b, s in zip(eager, grouped, scale))
+    if differs > GROUPED_ATTENTION_RTOL:
+        return f"it differs from the family's eager attention by {differs:.1e}"
+    return None
 
 
 def choose_attention(model, layers: int, positions: bool) -> str:
     """Put the model on grouped_query_attention where it has fewer key/value heads than query
-    heads and that gives what its family's eager attention gives (grouped_differs within
-    GROUPED_ATTENTION_RTOL): a measure on the model itself, as the families' eager functions
-    differ in ways no table keeps up with. Else eager. Returns which and why, for the log."""
+    heads and gives what its family's eager attention gives: measured on the model itself
+    (why_not_grouped), as the families' eager functions differ in ways no table keeps up
+    with. Else eager. Returns which and why, for the build's log."""
     text = model.config.get_text_config(decoder=True)
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     if not heads or kv_heads >= heads:
         return "eager attention (one key/value head per query head: nothing to share)"
     try:
-        differs = grouped_differs(model, layers, positions)
-    except Exception as err:  # e.g. a mask with a row per head, which the groups cannot share
-        differs = f"it fails ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    if isinstance(differs, float) and differs <= GROUPED_ATTENTION_RTOL:
-        return (
-            f"grouped-query attention ({heads} query heads on {kv_heads} key/value heads, not "
-            f"repeated; {differs:.1e} from eager)"
-        )
+        why = why_not_grouped(model, layers, positions)
+    except Exception as err:  # e.g. a mask with a row per head, which a group cannot share
+        why = f"it fails ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    if why is None:
+        return f"grouped-query attention ({heads} query heads on {kv_heads} key/value heads)"
     model.set_attn_implementation("eager")
-    if differs is None:
-        differs = "its attention does not go through transformers' attention interface"
-    elif isinstance(differs, float):
-        differs = f"it differs from the family's eager attention by {differs:.1e}"
-    return f"eager attention (grouped-query attention not taken: {differs})"
+    return f"eager attention (grouped-query attention not taken: {why})"
 
 
 # optimum's axis names: the pbtxt, plan profiles (catalog.PROFILE_DIMS) and parity read them
