@@ -158,6 +158,113 @@ def patch_moe_blocks(model) -> int:
     return patched
 
 
+# grouped-query attention is taken within this of eager's outputs on the same step, relative to
+# each output's largest value (rounding only: the same products, summed in batches of rows)
+GROUPED_ATTENTION_RTOL = 1e-5
+# Our name for grouped_query_attention in transformers' attention interface (attn_implementation)
+GROUPED_ATTENTION = "llm_in_triton_grouped_query"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' eager attention without repeating the key/value heads: the queries of a
+    key/value head's group ride as extra rows ([batch, kv_heads, group * length, head_dim])
+    against that head's keys and values, so a decoding step reads its cache once, where
+    eager's `repeat_kv` copies it to every query head (Expand nodes in the graph). The steps
+    are eager's: `scaling` (None: head_dim ** -0.5, as Gemma 2's), `softcap` (Gemma 2's
+    logit soft-capping, before the mask), the additive mask, and gpt-oss's per-head sink
+    logit (`module.sinks`: a column that takes part in the softmax, then is dropped). Other
+    kwargs (`sliding_window`: the mask carries it) eager ignores too. Inference only."""
+    import torch
+
+    batch, heads, length, width = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    grouped = query.reshape(batch, kv_heads, groups * length, width)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
+    if (softcap := kwargs.get("softcap")) is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(batch, kv_heads, groups, length, -1)  # rows: (group, position)
+    if attention_mask is not None:  # [batch, 1, length, kv_length]: shared by every head
+        scores = scores + attention_mask[:, :, None, :, : key.shape[-2]]
+    sinks = getattr(module, "sinks", None)
+    if sinks is None:
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        column = sinks.reshape(1, kv_heads, groups, 1, 1).expand(batch, -1, -1, length, -1)
+        logits = torch.cat([scores, column], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        weights = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    out = torch.matmul(weights.reshape(batch, kv_heads, groups * length, -1), value)
+    out = out.reshape(batch, heads, length, -1).transpose(1, 2).contiguous()
+    return out, weights.reshape(batch, heads, length, -1)
+
+
+def register_grouped_attention() -> None:
+    """Make GROUPED_ATTENTION a name transformers takes, with eager's masks."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, grouped_query_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, eager_mask)
+
+
+def why_not_grouped(model, layers: int, positions: bool) -> str | None:
+    """Why grouped_query_attention would not give what the family's eager attention gives on
+    this model, or None: a step with a past and a left-padded row, its logits and cache within
+    GROUPED_ATTENTION_RTOL of eager's. The model is left on grouped attention."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inputs = list(example_inputs(model, layers, positions, with_past=True))
+    inputs[1] = inputs[1].clone()
+    inputs[1][0, :2] = 0  # a left-padded row
+    step = make_wrapper(model, layers, positions, with_past=True)
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(module)
+        return grouped_query_attention(module, *args, **kwargs)
+
+    register_grouped_attention()
+    ALL_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, counted)
+    try:
+        with torch.inference_mode():
+            eager = step(*inputs)
+            model.set_attn_implementation(GROUPED_ATTENTION)
+            grouped = step(*inputs)
+    finally:
+        ALL_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, grouped_query_attention)
+    if not calls:
+        return "its attention does not go through transformers' attention interface"
+    scale = [a.abs().max().clamp(min=1) for a in eager]
+    differs = max(float((a - b).abs().max() / s) for a, b, s in zip(eager, grouped, scale))
+    if differs > GROUPED_ATTENTION_RTOL:
+        return f"it differs from the family's eager attention by {differs:.1e}"
+    return None
+
+
+def choose_attention(model, layers: int, positions: bool) -> str:
+    """Put the model on grouped_query_attention where it has fewer key/value heads than query
+    heads and gives what its family's eager attention gives: measured on the model itself
+    (why_not_grouped), as the families' eager functions differ in ways no table keeps up
+    with. Else eager. Returns which and why, for the build's log."""
+    text = model.config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if not heads or kv_heads >= heads:
+        return "eager attention (one key/value head per query head: nothing to share)"
+    try:
+        why = why_not_grouped(model, layers, positions)
+    except Exception as err:  # e.g. a mask with a row per head, which a group cannot share
+        why = f"it fails ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    if why is None:
+        return f"grouped-query attention ({heads} query heads on {kv_heads} key/value heads)"
+    model.set_attn_implementation("eager")
+    return f"eager attention (grouped-query attention not taken: {why})"
+
+
 # optimum's axis names: the pbtxt, plan profiles (catalog.PROFILE_DIMS) and parity read them
 BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = f"{PAST} + {SEQUENCE}"
@@ -319,8 +426,9 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    # eager attention, what parity judges the files against: sdpa drops a family's attention
-    # logit soft-capping (Gemma 2's, VaultGemma's) and attends from padding positions
+    # eager attention, what parity judges the files against (or what gives the same,
+    # choose_attention): sdpa drops a family's attention logit soft-capping (Gemma 2's,
+    # VaultGemma's) and attends from padding positions
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -329,6 +437,7 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
     positions = takes(model, "position_ids")
     if blocks := patch_moe_blocks(model):
         print(f"onnx: {blocks} mixture-of-experts blocks run every expert (fixed loop)", flush=True)
+    print(f"onnx: {choose_attention(model, layers, positions)}", flush=True)
     files = {}
     for part, with_past in (("decoder_model", False), ("decoder_with_past_model", True)):
         wrapper = make_wrapper(model, layers, positions, with_past)
@@ -350,8 +459,11 @@ def export_causal(source: Path, staged: Path, opset: int) -> dict[str, Path]:
                 verbose=False,
             )
         program.save(str(target), external_data=True)
-        graph = onnx.load(str(target))
+        graph = onnx.load(str(target))  # the weights too, into memory
         name_axes(graph, positions, with_past)
-        onnx.save(graph, str(target), save_as_external_data=True, location=f"{part}.onnx.data")
+        data = f"{part}.onnx.data"
+        # onnx.save appends to the file torch wrote: the weights would be in it twice
+        (staged / data).unlink(missing_ok=True)
+        onnx.save(graph, str(target), save_as_external_data=True, location=data)
         files[part] = target
     return files

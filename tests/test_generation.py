@@ -162,6 +162,35 @@ def test_the_generic_exporter_writes_the_files_optimum_writes(generating):
         assert torch_axes == optimum_axes
 
 
+def expands_reading_the_cache(onnx_file) -> list[str]:
+    """The Expand nodes that take data from a past_key_values input (not only its shape)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    todo = [t.name for t in graph.input if t.name.startswith("past_key_values.")]
+    seen, found = set(todo), []
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            if node.op_type == "Shape":
+                continue
+            if node.op_type == "Expand":
+                found.append(node.name)
+            todo += [name for name in node.output if name not in seen]
+            seen.update(node.output)
+    return found
+
+
+def test_the_generic_exporter_does_not_repeat_key_value_heads(generating):
+    """starcoder2 here has 4 query heads on 2 key/value heads: its decoding step reads the
+    cache as it is (no repeat_kv Expand), and still equals generate() (the test above)."""
+    onnx_file = generating[0].path(paths.onnx_file("sc2", "decoder_with_past_model"))
+    assert expands_reading_the_cache(onnx_file) == []
+
+
 def test_max_new_tokens_is_respected(generating):
     _, server, _, _ = generating
     _, ids = generate(server, "gpt", PROMPTS[:2], MAX_NEW_TOKENS=3)
