@@ -223,7 +223,10 @@ def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list
     new = round(statistics.fmean(n for _, n in mix))
     cache = prompt + new // 2 if settings.task.generation == "causal" else new // 2
     part = "decoder_with_past_model"
-    step = load_decoding().OnnxRuntimeStep(settings.model_file(part), settings.serving.ort_threads)
+    serving = settings.serving
+    step = load_decoding().OnnxRuntimeStep(
+        settings.model_file(part), serving.ort_threads, serving.ort_spin
+    )
     io = artifacts.read_json(paths.onnx_io(settings.name, part))
     points = []
     for batch in levels:

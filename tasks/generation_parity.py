@@ -54,7 +54,9 @@ def make_generator(settings: Settings, facts: dict, engines: bool = False):
             close_steps(steps)
             raise
     else:
-        steps = decoding.onnxruntime_steps({part: settings.model_file(part) for part in parts})
+        files = {part: settings.model_file(part) for part in parts}
+        serving = settings.serving  # the threads the server gives the steps
+        steps = decoding.onnxruntime_steps(files, serving.ort_threads, serving.ort_spin)
     generator = decoding.Generator(
         settings.task.generation,
         steps,

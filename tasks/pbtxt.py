@@ -251,6 +251,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "max_queue": settings.serving.max_queue,
         "queue_timeout_ms": settings.serving.queue_timeout_ms,
         "intra_op_threads": settings.serving.ort_threads,
+        "spinning": settings.serving.ort_spin,
         # answered after execute() returned: the supervisor restarts the server when such a
         # model's stub dies holding requests (triton/supervisor/supervisor.py)
         "requests_outlive_execute": "true",

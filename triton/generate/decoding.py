@@ -88,11 +88,12 @@ def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
 class OnnxRuntimeStep:
     """One exported file on ONNX Runtime (CPU): named arrays in, named arrays out."""
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, spinning: int = 1) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(spinning))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -101,8 +102,8 @@ class OnnxRuntimeStep:
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
 
-def onnxruntime_steps(files: dict[str, Path], threads: int = 0) -> dict:
-    return {part: OnnxRuntimeStep(path, threads) for part, path in files.items()}
+def onnxruntime_steps(files: dict[str, Path], threads: int = 0, spinning: int = 1) -> dict:
+    return {part: OnnxRuntimeStep(path, threads, spinning) for part, path in files.items()}
 
 
 def run_step(step, feed: dict, cache: dict) -> np.ndarray:

@@ -129,7 +129,8 @@ class TritonPythonModel:
         else:
             parts = params.read("parts", json.loads)
             files = {part: version_dir / f"{part}.onnx" for part in parts}
-            steps = decoding.onnxruntime_steps(files, params.read("intra_op_threads", int))
+            threads, spinning = params.read("intra_op_threads", int), params.read("spinning", int)
+            steps = decoding.onnxruntime_steps(files, threads, spinning)
         running = batch.RunningBatch(
             self.kind,
             steps,
@@ -138,6 +139,7 @@ class TritonPythonModel:
             cache_limit=params.read("cache_limit", int),
         )
         self.outcomes = jobs.Outcomes(config["name"])
+        self.responses = jobs.Responses()
         self.loop = scheduler.Scheduler(
             running,
             eos_ids=params.read("eos_token_ids", json.loads),
@@ -149,6 +151,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.stop()
+        self.responses.stop()  # after the loop's last answers
         seconds = self.loop.seconds
         share = seconds["decoding"] / seconds["loop"] if seconds["loop"] else 0.0
         pb_utils.Logger.log_info(
@@ -245,7 +248,7 @@ class TritonPythonModel:
             scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
             for prompt, p, stop in zip(prompts, params, stops)
         ]
-        return jobs.Job(request, rows, self.streaming, self.outcomes)
+        return jobs.Job(request, rows, self.streaming, self.outcomes, self.responses)
 
     def execute(self, requests):
         for request in requests:
