@@ -139,7 +139,6 @@ class TritonPythonModel:
             cache_limit=params.read("cache_limit", int),
         )
         self.outcomes = jobs.Outcomes(config["name"])
-        self.responses = jobs.Responses()
         self.loop = scheduler.Scheduler(
             running,
             eos_ids=params.read("eos_token_ids", json.loads),
@@ -151,7 +150,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.stop()
-        self.responses.stop()  # after the loop's last answers
         seconds = self.loop.seconds
         share = seconds["decoding"] / seconds["loop"] if seconds["loop"] else 0.0
         pb_utils.Logger.log_info(
@@ -248,7 +246,7 @@ class TritonPythonModel:
             scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
             for prompt, p, stop in zip(prompts, params, stops)
         ]
-        return jobs.Job(request, rows, self.streaming, self.outcomes, self.responses)
+        return jobs.Job(request, rows, self.streaming, self.outcomes)
 
     def execute(self, requests):
         for request in requests:

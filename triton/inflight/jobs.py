@@ -9,15 +9,10 @@ and -1 for a row that made none), then an empty final response.
 A client that gives up (a cancelled gRPC stream, an HTTP client gone, a timeout) shows as
 `is_cancelled()`: the loop asks each step, drops the request's rows and answers CANCELLED,
 which nobody reads; `Outcomes` counts it (Triton's metrics endpoint), nothing is logged.
-Responses go out from a thread of their own (Responses), in order: the python backend's
-send waits on the server process, time the loop spends on the next step instead (ONNX Runtime
-releases the GIL). Imports numpy and Triton's utilities.
+Imports numpy and Triton's utilities.
 """
 
 from __future__ import annotations
-
-import queue
-import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -62,42 +57,12 @@ class Outcomes:
             self.metrics = {}
 
 
-class Responses:
-    """Sends each response, in the order given, from a thread of its own; `stop` sends what
-    is left first. A send that fails is a client gone: nobody to tell."""
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="responses", daemon=True)
-        self.thread.start()
-
-    def send(self, sender, response, flags: int) -> None:
-        self.queue.put((sender, response, flags))
-
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            sender, response, flags = item
-            try:
-                if response is None:
-                    sender.send(flags=flags)
-                else:
-                    sender.send(response, flags=flags)
-            except Exception:  # the client is gone (a cancelled stream)
-                pass
-
-
 class Job:
     """One request in the loop (scheduler.py names what it asks of a job)."""
 
-    def __init__(
-        self, request, rows: list, streaming: bool, outcomes: Outcomes, responses: Responses
-    ) -> None:
+    def __init__(self, request, rows: list, streaming: bool, outcomes: Outcomes) -> None:
         self.request, self.rows, self.streaming, self.outcomes = request, rows, streaming, outcomes
-        self.sender, self.responses = request.get_response_sender(), responses
+        self.sender = request.get_response_sender()
         self.pieces = [[] for _ in rows]
         self.answered = False
 
@@ -152,6 +117,13 @@ class Job:
         )
 
     def _send(self, response, flags: int) -> None:
-        if not self.answered:
-            self.answered = flags == FINAL
-            self.responses.send(self.sender, response, flags)
+        if self.answered:
+            return
+        self.answered = flags == FINAL
+        try:
+            if response is None:
+                self.sender.send(flags=flags)
+            else:
+                self.sender.send(response, flags=flags)
+        except Exception:  # the client is gone (a cancelled stream): nobody to tell
+            self.answered = True
