@@ -27,9 +27,9 @@ PROMPTS = [
 ]
 DEPLOYMENTS = {  # name: (task, family, more variables)
     "gpt": ("causallm", "gpt2", ()),
-    "opt": ("causallm", "opt", ()),
     "t5": ("t5", "t5", ()),
-    # each exported file a Triton model of its own, called through BLS (as on TensorRT)
+    # each exported file a Triton model of its own, called through BLS (as on TensorRT); OPT
+    # only here: its inline loop is gpt's, its graph the same
     "optbls": ("causallm", "opt", ("decoder=models",)),
     "t5bls": ("t5", "t5", ("decoder=models",)),
     # a family optimum does not list: the generic torch.onnx path (exporter=auto)

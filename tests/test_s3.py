@@ -197,6 +197,7 @@ def test_a_second_publish_with_nothing_changed_uploads_nothing(s3, first):
     assert "uploaded (" not in run.output.replace(summary(run), "")
 
 
+@pytest.mark.slow  # a build of its own, 16 s; a publish of nothing changed uploads nothing (lean)
 def test_a_publish_after_a_shape_change_uploads_only_what_changed(s3, tmp_path, tiny_roberta_dir):
     project = build(tmp_path / "project", tiny_roberta_dir)
     s3.client().create_bucket(Bucket="shapes")
