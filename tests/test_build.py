@@ -137,6 +137,7 @@ def test_the_served_ensemble_answers_as_pytorch_does(built, minilm_dir):
     np.testing.assert_allclose(np.linalg.norm(served_embedding, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # an export again, 31 s; lean: the full disk leaves no half-written target
 def test_a_corrupted_onnx_file_is_noticed_and_rebuilt(built):
     onnx_file = built.path(paths.onnx_file("encode"))
     onnx_file.write_bytes(b"not an onnx model")

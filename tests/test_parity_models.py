@@ -24,8 +24,11 @@ def assert_all_outputs_pass(report: dict, task: str) -> None:
         assert len(entries) == 3 and all(e["pass"] for e in entries), (output, entries)
 
 
-# seqcls's head is judged again by test_quantize's label gate, on the same weights
-@pytest.mark.parametrize("task", [pytest.param("seqcls", marks=pytest.mark.slow), "qa"])
+# in suite=slow: the lean run's `served` fixture builds both heads on minilm weights (the
+# build fails on parity), and test_quantize judges seqcls's again with its label gate
+@pytest.mark.parametrize(
+    "task", [pytest.param(t, marks=pytest.mark.slow) for t in ("seqcls", "qa")]
+)
 def test_task_heads_on_minilm_weights_pass_parity(project, minilm_dir, task):
     report = parity_report(
         project,
@@ -45,7 +48,7 @@ ENCODER_TASKS = sorted(n for n, spec in catalog.TASKS.items() if not spec.genera
 
 
 # encode and qa in the lean run; the served fixture builds seqcls and ner through parity too
-LEAN_PARITY_TASKS = ("encode",)  # qa: test_task_heads_on_minilm_weights_pass_parity
+LEAN_PARITY_TASKS = ("encode",)  # qa and seqcls: the `served` fixture builds them
 
 
 @pytest.mark.parametrize(
