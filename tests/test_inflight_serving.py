@@ -194,7 +194,9 @@ def test_a_short_request_among_long_ones_returns_early(inflight):
         return run
 
     took = staggered([timed(500), timed(500), timed(500), timed(4)], gap=0.05)
-    assert took[3] < 0.2 * min(took[:3]), took
+    # waiting for them it would take as long (1x); its fixed costs weigh more on a loaded
+    # machine (0.26x in a CI run beside another), so half is the line
+    assert took[3] < 0.5 * min(took[:3]), took
 
 
 def test_the_metrics_count_finished_requests(inflight):
