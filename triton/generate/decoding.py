@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from llm_in_triton_runtime import softmax
+from llm_in_triton_runtime import session_options, softmax
 
 PAST, PRESENT = "past_key_values.", "present."
 LOGITS = "logits"  # the one output the loop reads; the others it only passes on
@@ -91,9 +91,7 @@ class OnnxRuntimeStep:
     def __init__(self, path: Path, threads: int = 0, spinning: int = 1) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(spinning))
+        options = session_options(threads, spinning)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -44,11 +44,10 @@ class TritonPythonModel:
         self.encoder = encoding.TextEncoder(
             str(version_dir / "tokenizer.json"), params, self.text_inputs, self.max_rows
         )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = params.read("intra_op_threads", int)
+        options = runtime.session_options(
+            params.read("intra_op_threads", int), params.read("spinning")
+        )
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        spinning = params.read("spinning")
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         model_file = str(version_dir / params.read("model_file"))
         self.session = ort.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
         self.feeds = [(i.name, encoding.numpy_type(i.type)) for i in self.session.get_inputs()]

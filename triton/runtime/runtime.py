@@ -6,12 +6,14 @@
 - `Parameters`: a model's config.pbtxt parameters read as typed values, one message when
   one is missing or bad;
 - `bad_request` / `failed`: a request's error response, the client's fault or the server's;
-- `softmax`: probabilities from scores, stable for large ones.
+- `softmax`: probabilities from scores, stable for large ones;
+- `session_options`: ONNX Runtime's options for a step: its threads, and whether they spin.
 
-Imports only the standard library and numpy, and Triton's utilities only when a response is
-made, so the build and the tests load this file as it is. A model.py loads it by path under
-`MODULE` (its siblings import it by that name: `from llm_in_triton_runtime import softmax`);
-the build does the same (tasks/artifacts.py `load_runtime`).
+Imports only the standard library and numpy, Triton's utilities only when a response is made
+and ONNX Runtime only when a session is, so the build and the tests load this file as it is.
+A model.py loads it by path under `MODULE` (its siblings import it by that name:
+`from llm_in_triton_runtime import softmax`); the build does the same (tasks/artifacts.py
+`load_runtime`).
 """
 
 from __future__ import annotations
@@ -108,3 +110,14 @@ def softmax(values, axis: int = -1) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     shifted = np.exp(values - values.max(axis=axis, keepdims=True))
     return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def session_options(threads: int, spinning: int | str):
+    """ONNX Runtime's session options: `threads` intra-op threads (0: its own choice), which
+    spin between calls when `spinning` is 1 (its default) or sleep when it is 0."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(spinning))
+    return options
