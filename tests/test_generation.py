@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from tasks import catalog, paths
 from tests.helpers.client import Client, infer
 from tests.helpers.project import copy_project
-from tests.helpers.serving import kill_stubs_and_wait
+from tests.helpers.serving import counted, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 
@@ -319,13 +318,12 @@ def test_with_decoder_models_every_step_is_a_model_the_loop_calls(generating, na
     _, ids = generate(server, name, PROMPTS[:2], MAX_NEW_TOKENS=5)
     # the first step (and the encoder) once per row, the cached step once per row per token
     wanted = {step_models[-1]: 2 * 4, step_models[-2]: 2}
-    deadline = time.monotonic() + 5  # Triton counts a call at its release, just after its answer
-    while True:
+
+    def made_now() -> dict[str, int]:
         after = calls()
-        made = {model: after[model] - before[model] for model in wanted}
-        if made == wanted or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return {model: after[model] - before[model] for model in wanted}
+
+    made = counted(made_now, lambda counts: counts == wanted)
     client.close()
     assert [len(i) for i in ids] == [5, 5]
     assert made == wanted

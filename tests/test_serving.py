@@ -16,7 +16,7 @@ from tasks import paths
 from tests.helpers.client import Client, infer, raw_request, text_array
 from tests.helpers.models import MARKERS
 from tests.helpers.project import OFFLINE_ENV
-from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES, kill_stubs_and_wait
+from tests.helpers.serving import SERVED_MODELS, SERVED_SHAPES, counted, kill_stubs_and_wait
 
 pytestmark = pytest.mark.server
 
@@ -203,21 +203,17 @@ def test_concurrent_requests_of_very_different_lengths_get_their_answers_alone(s
 
 def model_counts(server, model: str, at_least: int = 0) -> tuple[int, int]:
     """(requests answered, calls that answered them) by a model so far; with `at_least`, once
-    the first reaches it or 5 s have passed (Triton counts a request when it releases it,
-    which can be just after its client has the answer)."""
-    import time
-
+    the first reaches it (helpers.serving.counted)."""
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.http_url)
-    deadline = time.monotonic() + 5
+
+    def read() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
     try:
-        while True:
-            stats = client.get_inference_statistics(model)["model_stats"][0]
-            counts = int(stats["inference_count"]), int(stats["execution_count"])
-            if counts[0] >= at_least or time.monotonic() > deadline:
-                return counts
-            time.sleep(0.05)
+        return counted(read, lambda counts: counts[0] >= at_least)
     finally:
         client.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -19,6 +20,15 @@ SERVED_MODELS: dict[str, str | None] = {
     "ner": "ner_dir",
 }
 SERVED_DEPLOYMENTS = [*SERVED_MODELS, *(f"{task}_steps" for task in SERVED_MODELS)]
+
+
+def counted(read, done):
+    """`read()` once `done` holds of it, or after 5 s: Triton's statistics count a request
+    when Triton releases it, which can be just after its client has the answer."""
+    deadline = time.monotonic() + 5
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
 
 
 def kill_stubs_and_wait(server, model: str, answer, timeout: float = 30.0) -> float:
