@@ -88,10 +88,12 @@ def filtered_scores(logits: np.ndarray, params: RowParams) -> np.ndarray:
 class OnnxRuntimeStep:
     """One exported file on ONNX Runtime (CPU): named arrays in, named arrays out."""
 
-    def __init__(self, path: Path, threads: int = 0, spinning: int = 1) -> None:
+    def __init__(
+        self, path: Path, threads: int = 0, spinning: int = 1, taking_turns: bool = False
+    ) -> None:
         import onnxruntime as ort
 
-        options = session_options(threads, spinning)
+        options = session_options(threads, spinning, taking_turns)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -101,7 +103,8 @@ class OnnxRuntimeStep:
 
 
 def onnxruntime_steps(files: dict[str, Path], threads: int = 0, spinning: int = 1) -> dict:
-    return {part: OnnxRuntimeStep(path, threads, spinning) for part, path in files.items()}
+    """A model's parts, which the loop runs one after another (sessions taking turns)."""
+    return {part: OnnxRuntimeStep(path, threads, spinning, True) for part, path in files.items()}
 
 
 def run_step(step, feed: dict, cache: dict) -> np.ndarray:
