@@ -105,3 +105,83 @@ def test_a_joined_and_left_cache_is_as_long_as_its_longest_row():
     assert running.width == 3 and running.mask.tolist() == [[1, 1, 1]]
     running.keep([])
     assert running.rows == []
+
+
+class CountingStep:
+    """A causal LM's step in numpy, as an exported part is called (named arrays in and out):
+    each row's next token is its last one + 1; the cache holds the tokens it has read."""
+
+    VOCAB = 50
+
+    def __init__(self, with_past: bool) -> None:
+        self.inputs = ["input_ids", "attention_mask", "position_ids"]
+        self.inputs += ["past_key_values.0.key"] if with_past else []
+
+    def __call__(self, feed: dict) -> dict:
+        import numpy as np
+
+        ids = feed["input_ids"]
+        past = feed.get("past_key_values.0.key", np.zeros((len(ids), 1, 0, 1), np.float32))
+        present = np.concatenate([past, ids[:, None, :, None].astype(np.float32)], axis=2)
+        logits = np.eye(self.VOCAB, dtype=np.float32)[(ids[:, -1:] + 1) % self.VOCAB]
+        return {"logits": logits, "present.0.key": present}
+
+
+class WatchedJob:
+    """A request as the loop sees one, that fails the test if it is asked whether it was
+    cancelled after its final answer (Triton has freed a request by then)."""
+
+    def __init__(self, modules, prompt: list[int], new: int) -> None:
+        import numpy as np
+
+        text = modules["detokenizer"].TextStream(lambda ids: "")
+        params = modules["decoding"].RowParams(new)
+        self.rows = [modules["scheduler"].Row(np.array(prompt, np.int64), params, text)]
+        self.gave_up, self.outcome, self.steps = False, None, 0
+
+    def cancelled(self) -> bool:
+        assert self.outcome is None, f"asked after its final answer ({self.outcome})"
+        return self.gave_up
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def finish(self) -> None:
+        self.outcome = "finished"
+
+    def cancel(self) -> None:
+        self.outcome = "cancelled"
+
+    def reject(self, message: str) -> None:
+        self.outcome = message
+
+    def fail(self, message: str) -> None:
+        self.outcome = message
+
+
+def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_asked_when_done():
+    """The loop asks who gave up while a step computes: a request cancelled before a step
+    leaves after it, unanswered by it; the others go on; and a request that finished (or was
+    cancelled) is never asked again."""
+    modules = load_inflight()
+    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
+    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    loop = modules["scheduler"].Scheduler(running, eos_ids=[], max_rows=4)
+    try:
+        short, leaving, long = (WatchedJob(modules, [1, 2], n) for n in (3, 40, 40))
+        for job in (short, leaving, long):
+            assert loop.submit(job)
+        loop.iterate()  # all join (their first token) and take one step
+        assert [job.steps for job in (short, leaving, long)] == [2, 2, 2]
+        leaving.gave_up = True
+        loop.iterate()  # found during this step: it leaves, not answered by it
+        assert leaving.outcome == "cancelled" and leaving.steps == 2
+        assert short.outcome == "finished" and short.rows[0].tokens == [3, 4, 5]
+        assert len(running) == 1
+        while long.outcome is None:
+            loop.iterate()
+        assert long.rows[0].tokens == [(3 + i) % CountingStep.VOCAB for i in range(40)]
+        loop.submit(WatchedJob(modules, [7], 2))
+        loop.iterate()  # the finished ones are not asked about with the newcomer
+    finally:
+        loop.stop()
