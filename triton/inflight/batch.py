@@ -27,6 +27,8 @@ import importlib
 import numpy as np
 from llm_in_triton_decoding import run_step
 
+CACHE_AXIS = 2  # [batch, heads, positions, head size], as the exports name `past_sequence_length`
+
 
 def array_module(value):
     """numpy for numpy arrays, cupy for cupy arrays (a GPU cache that never left the GPU)."""
@@ -35,23 +37,25 @@ def array_module(value):
     return importlib.import_module(type(value).__module__.split(".")[0])
 
 
-def pad_left(value, width: int, axis: int):
-    """`value` with zeros before it along `axis`, to `width`."""
-    xp = array_module(value)
-    missing = width - value.shape[axis]
-    if missing <= 0:
-        return value
-    shape = list(value.shape)
-    shape[axis] = missing
-    return xp.concatenate([xp.zeros(shape, dtype=value.dtype), value], axis=axis)
+def stacked_right(values: list, width: int, axis: int = CACHE_AXIS):
+    """`values` one after another along the rows, each right-aligned to `width` along `axis`
+    (zeros before it)."""
+    xp = array_module(values[0])
+    shape = list(values[0].shape)
+    shape[0], shape[axis] = sum(len(value) for value in values), width
+    out = xp.zeros(shape, dtype=values[0].dtype)
+    start = 0
+    for value in values:
+        index = [slice(start, start + len(value))] + [slice(None)] * (len(shape) - 1)
+        index[axis] = slice(width - value.shape[axis], width)
+        out[tuple(index)] = value
+        start += len(value)
+    return out
 
 
 def take_rows(value, rows: list[int]):
     xp = array_module(value)
     return value[xp.asarray(rows, dtype=xp.int64)]
-
-
-CACHE_AXIS = 2  # [batch, heads, positions, head size], as the exports name `past_sequence_length`
 
 
 class CausalGroup:
@@ -94,17 +98,12 @@ class CausalGroup:
         return logits
 
     def absorb(self, other: CausalGroup) -> None:
-        """`other`'s rows after this group's, both caches left-padded to the longer."""
+        """`other`'s rows after this group's, both caches left-padded to the longer (one
+        copy of each: the step reads the cache as it is)."""
         width = max(self.width, other.width)
         for name in self.cache:
-            mine, theirs = self.cache[name], other.cache[name]
-            xp = array_module(mine)
-            self.cache[name] = xp.concatenate(
-                [pad_left(mine, width, CACHE_AXIS), pad_left(theirs, width, CACHE_AXIS)], axis=0
-            )
-        self.mask = np.concatenate(
-            [pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)], axis=0
-        )
+            self.cache[name] = stacked_right([self.cache[name], other.cache[name]], width)
+        self.mask = stacked_right([self.mask, other.mask], width, axis=1)
         self.positions = np.concatenate([self.positions, other.positions])
         self.rows += other.rows
 
@@ -116,8 +115,8 @@ class CausalGroup:
         mask = self.mask[indices]
         hidden = int((mask.cumsum(axis=1) == 0).sum(axis=1).min())
         self.mask, self.positions = mask[:, hidden:], self.positions[indices]
-        self.cache = {
-            name: take_rows(value, indices)[:, :, hidden:] for name, value in self.cache.items()
+        self.cache = {  # cut, then taken: one copy, contiguous as the next step reads it
+            name: take_rows(value[:, :, hidden:], indices) for name, value in self.cache.items()
         }
 
 
