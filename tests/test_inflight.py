@@ -185,3 +185,30 @@ def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_as
         loop.iterate()  # the finished ones are not asked about with the newcomer
     finally:
         loop.stop()
+
+
+def test_rows_that_stay_keep_their_own_cache_mask_and_position_whichever_way_they_move():
+    """A row leaving without a column to cut is written over in place by one from the tail
+    (no copy of the whole cache), the seq2seq cohort's the same way: every row that stays
+    keeps its own cache, mask and position, and the cache stays contiguous for the step."""
+    import numpy as np
+
+    batch = load_inflight()["batch"]
+    lengths = [4, 6, 2, 6, 3]
+    width = max(lengths)
+    mask = np.array([[0] * (width - n) + [1] * n for n in lengths], dtype=np.int64)
+    cache = np.arange(len(lengths) * width, dtype=np.float32).reshape(len(lengths), 1, width, 1)
+    rows = ["a", "b", "c", "d", "e"]
+    group = batch.CausalGroup(list(rows), {"0.key": cache.copy()}, mask, mask.sum(axis=1))
+    group.keep([1, 3, 4])  # the longest rows stay: nothing to cut
+    assert group.width == width and sorted(group.rows) == ["b", "d", "e"]
+    assert group.cache["0.key"].flags.c_contiguous
+    for place, row in enumerate(group.rows):
+        was = rows.index(row)
+        assert (group.cache["0.key"][place] == cache[was]).all()
+        assert (group.mask[place] == mask[was]).all() and group.positions[place] == lengths[was]
+    cohort = batch.Seq2SeqGroup(list(rows), {"0.key": cache.copy()}, mask)
+    cohort.keep([0, 4])
+    for place, row in enumerate(cohort.rows):
+        assert (cohort.cache["0.key"][place] == cache[rows.index(row)]).all()
+        assert (cohort.encoder_mask[place] == mask[rows.index(row)]).all()

@@ -27,6 +27,25 @@ import importlib
 import numpy as np
 from llm_in_triton_decoding import run_step
 
+
+def filled_order(indices: list[int]) -> list[int]:
+    """The rows that stay (`indices`, in order), placed so that each one already among the
+    first len(indices) keeps its place and the others fill the places of the rows that leave:
+    the cache then needs only those rows written (`kept_in_place`)."""
+    count, staying = len(indices), set(indices)
+    movers = iter(i for i in indices if i >= count)
+    return [i if i in staying else next(movers) for i in range(count)]
+
+
+def kept_in_place(value, order: list[int]):
+    """`value`'s rows in `order` (from `filled_order`): the few that move are copied into the
+    places of those that leave, and the first len(order) rows are a view, still contiguous."""
+    for place, row in enumerate(order):
+        if place != row:
+            value[place] = value[row]
+    return value[: len(order)]
+
+
 CACHE_AXIS = 2  # [batch, heads, positions, head size], as the exports name `past_sequence_length`
 
 
@@ -109,15 +128,18 @@ class CausalGroup:
 
     def keep(self, indices: list[int]) -> None:
         """Only these rows stay; the columns all of them hide are cut."""
-        self.rows = [self.rows[i] for i in indices]
-        if not indices:
+        order = filled_order(indices)
+        self.rows = [self.rows[i] for i in order]
+        if not order:
             return
-        mask = self.mask[indices]
+        mask = self.mask[order]
         hidden = int((mask.cumsum(axis=1) == 0).sum(axis=1).min())
-        self.mask, self.positions = mask[:, hidden:], self.positions[indices]
-        self.cache = {  # cut, then taken: one copy, contiguous as the next step reads it
-            name: take_rows(value[:, :, hidden:], indices) for name, value in self.cache.items()
-        }
+        self.mask, self.positions = mask[:, hidden:], self.positions[order]
+        for name, value in self.cache.items():
+            if hidden:  # cut, then taken: one copy, contiguous as the next step reads it
+                self.cache[name] = take_rows(value[:, :, hidden:], order)
+            else:  # no column to cut: the rows that leave are written over, in place
+                self.cache[name] = kept_in_place(value, order)
 
 
 class Seq2SeqGroup:
@@ -161,9 +183,10 @@ class Seq2SeqGroup:
         return logits
 
     def keep(self, indices: list[int]) -> None:
-        self.rows = [self.rows[i] for i in indices]
-        self.encoder_mask = self.encoder_mask[indices]
-        self.cache = {name: take_rows(value, indices) for name, value in self.cache.items()}
+        order = filled_order(indices)
+        self.rows = [self.rows[i] for i in order]
+        self.encoder_mask = self.encoder_mask[order]
+        self.cache = {name: kept_in_place(value, order) for name, value in self.cache.items()}
 
 
 class RunningBatch:
