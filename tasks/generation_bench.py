@@ -6,6 +6,9 @@ deployment and the model's positions allow), closed loop at each concurrency, th
   the responses as they arrive, output tokens per second, request latency;
 - `triton` `grpc`: `<name>` (the ensemble), whole answers: request latency, tokens per second;
 - `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time;
+- `onnxruntime_inflight`: the server's in-flight loop (triton/inflight/) in-process, on the
+  same steps, at the highest concurrency: what the loop itself allows, without Triton's
+  responses;
 - `onnxruntime_decode_limit`: the exported `decoder_with_past_model` alone, in-process, at
   batch = concurrency and a realistic cache (the mix's mean prompt plus half its mean new
   tokens): the most tokens per second the decode step allows, the served loop's ceiling;
@@ -297,7 +300,8 @@ def served(settings: Settings, grpc_url: str, mix: list) -> list[dict]:
 
 
 def in_process(settings: Settings, mix: list) -> dict:
-    """The in-process systems: the decode limit at each concurrency, the loop at 1."""
+    """The in-process systems: the decode limit at each concurrency, the loop at 1, the
+    in-flight loop at the highest."""
     bench = settings.bench
     loop = token_sweep(
         "onnxruntime in-process loop, one at a time",
@@ -306,8 +310,104 @@ def in_process(settings: Settings, mix: list) -> dict:
     )  # fmt: skip
     return {
         "onnxruntime": loop,
+        "onnxruntime_inflight": [inflight(settings, mix, max(bench.concurrency), bench.seconds)],
         "onnxruntime_decode_limit": decode_limit(settings, bench.concurrency, mix),
     }
+
+
+class LocalJob:
+    """A request of `inflight`'s clients, as the loop sees one (scheduler.py's job)."""
+
+    def __init__(self, row) -> None:
+        self.rows, self.began, self.ended = [row], time.perf_counter(), None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def stepped(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.ended = time.perf_counter()
+
+    def cancel(self) -> None:
+        raise AssertionError("nobody cancels in the bench")
+
+    reject = fail = cancel
+
+
+def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) -> dict:
+    """`onnxruntime_inflight`: `concurrency` clients, each sending its next request of the mix
+    as the last one finishes, into the in-flight loop driven here step by step."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from tasks.generation_parity import load_inflight, make_generator
+
+    facts = checkpoint_facts(settings.name)
+    modules = load_inflight()
+    _, generator = make_generator(settings, facts)  # its steps, as the server makes them
+    running = modules["batch"].RunningBatch(
+        settings.task.generation, generator.steps, facts["pad_id"],
+        int(facts["decoder_start_id"]), generator.cache_limit,
+    )  # fmt: skip
+    loop = modules["scheduler"].Scheduler(running, facts["eos_ids"], max_rows=settings.batch.max)
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    texts = itertools.cycle(mix)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def request() -> LocalJob:
+        text, new = next(texts)
+        prompt = np.array(tokenizer.encode(text).ids, dtype=np.int64)
+        params = modules["decoding"].RowParams(new)
+        job = LocalJob(
+            modules["scheduler"].Row(prompt, params, modules["detokenizer"].TextStream(decode))
+        )
+        loop.submit(job)
+        return job
+
+    def run(until: float) -> list[LocalJob]:
+        clients, done = [request() for _ in range(concurrency)], []
+        while time.perf_counter() < until:
+            loop.iterate()
+            for index, job in enumerate(clients):
+                if job.ended is not None:
+                    done.append(job)
+                    clients[index] = request()
+        while any(job.ended is None for job in clients):  # the last ones end, counted
+            loop.iterate()
+        return done + clients
+
+    try:
+        run(time.perf_counter() + min(WARMUP_SECONDS, seconds))
+        began = time.perf_counter()
+        jobs = run(began + seconds)
+        elapsed = max(job.ended for job in jobs) - began
+    finally:
+        loop.stop()
+    took = [job.ended - job.began for job in jobs]
+    tokens = sum(len(job.rows[0].tokens) for job in jobs)
+    point = {
+        "concurrency": concurrency,
+        "requests": len(jobs),
+        "errors": 0,
+        "throughput": round(len(jobs) / elapsed, 2),
+        "p50_ms": percentile(took, 0.5),
+        "p95_ms": percentile(took, 0.95),
+        "p99_ms": percentile(took, 0.99),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }
+    print(
+        f"bench: onnxruntime in-process in-flight loop concurrency {concurrency}: "
+        f"{point['tokens_per_s']} tokens/s, request p50 {point['p50_ms']} ms",
+        flush=True,
+    )
+    return point
 
 
 def targets(systems: dict) -> dict:

@@ -152,6 +152,11 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
     report = json.loads(project.path(paths.bench_report("causallm")).read_text())
     assert 0 < report["texts"] < 16 and report["errors"] == 0
     assert all(p["requests"] > 0 for points in report["systems"].values() for p in points)
+    inflight = report["systems"]["onnxruntime_inflight"]  # the loop alone, highest concurrency
+    assert [p["concurrency"] for p in inflight] == [
+        max(p["concurrency"] for p in report["systems"]["triton"])
+    ]
+    assert inflight[0]["tokens_per_s"] > 0
 
 
 @pytest.mark.server
