@@ -1,5 +1,6 @@
 """The in-flight loop's parts that need no server: the incremental detokenizer (UTF-8 safe,
-stop strings) on a byte-level BPE trained here, and the queue's bound and timeout."""
+stop strings) on a byte-level BPE trained here, the cache's widths as rows join and leave
+(in place when nothing is cut), and when cancelled requests are asked about and leave."""
 
 from __future__ import annotations
 

@@ -170,16 +170,19 @@ def test_in_flight_steps_stay_in_the_profile_and_each_row_decodes_as_alone(
         for offset, (length, n) in enumerate(zip(lengths, new)):
             arrivals.append((at + offset, rng.integers(3, 200, length).astype(np.int64), n))
     jobs, widest = {}, 0
-    for step in range(400):
-        for index, (at, prompt, n) in enumerate(arrivals):
-            if at == step:
-                text = modules["detokenizer"].TextStream(lambda ids: "")
-                jobs[index] = LocalJob([scheduler.Row(prompt, decoding.RowParams(n), text)])
-                assert loop.submit(jobs[index])
-        loop.iterate()
-        widest = max(widest, len(running))
-        if len(jobs) == len(arrivals) and all(job.outcome for job in jobs.values()):
-            break
+    try:
+        for step in range(400):
+            for index, (at, prompt, n) in enumerate(arrivals):
+                if at == step:
+                    text = modules["detokenizer"].TextStream(lambda ids: "")
+                    jobs[index] = LocalJob([scheduler.Row(prompt, decoding.RowParams(n), text)])
+                    assert loop.submit(jobs[index])
+            loop.iterate()
+            widest = max(widest, len(running))
+            if len(jobs) == len(arrivals) and all(job.outcome for job in jobs.values()):
+                break
+    finally:
+        loop.stop()
     assert [jobs[i].outcome for i in range(len(arrivals))] == ["finished"] * len(arrivals)
     assert widest == chosen.batch.max  # full, so rows had to wait
     generator = decoding.Generator(kind, plain, eos_ids=[], pad_id=0, start_id=0)

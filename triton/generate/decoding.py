@@ -104,7 +104,10 @@ class OnnxRuntimeStep:
 
 def onnxruntime_steps(files: dict[str, Path], threads: int = 0, spinning: int = 1) -> dict:
     """A model's parts, which the loop runs one after another (sessions taking turns)."""
-    return {part: OnnxRuntimeStep(path, threads, spinning, True) for part, path in files.items()}
+    return {
+        part: OnnxRuntimeStep(path, threads, spinning, taking_turns=True)
+        for part, path in files.items()
+    }
 
 
 def run_step(step, feed: dict, cache: dict) -> np.ndarray:

@@ -7,9 +7,11 @@ the cache of rows that started at different times is laid out as a row alone wou
 - causal LMs: one group for all rows. A row's cache is right-aligned: its real positions
   are the last ones, the columns before them are padding its attention mask hides, and its
   `position_ids` count its own tokens only. A joining row is prefilled (decoder_model, the
-  joiners left-padded together, as Hugging Face pads), then its cache is left-padded to the
-  group's width and concatenated; a leaving row's cache row is dropped, and the columns
-  every remaining row hides are cut. So a step's cache is never longer than its longest
+  joiners left-padded together, as Hugging Face pads), then its cache is stacked under the
+  group's, left-padded to the wider (one copy); a leaving row's cache row is written over by
+  one from the tail, in place (the rows' order changes, each row's cache, mask and position
+  going with it), or, when the columns every remaining row hides can be cut, the cache is
+  cut and taken (one copy). So a step's cache is never longer than its longest
   row's own cache: a row that fits the TensorRT profile alone fits with any batch-mates.
 - seq2seq (T5): the decoder's self-attention has no mask (relative positions count from
   the cache's start), so only rows at the same decoding step can share a call. Rows that
@@ -29,9 +31,10 @@ from llm_in_triton_decoding import run_step
 
 
 def filled_order(indices: list[int]) -> list[int]:
-    """The rows that stay (`indices`, in order), placed so that each one already among the
-    first len(indices) keeps its place and the others fill the places of the rows that leave:
-    the cache then needs only those rows written (`kept_in_place`)."""
+    """The rows that stay (`indices`, distinct), permuted: each one already among the first
+    len(indices) keeps its place and the others fill the places of the rows that leave, so
+    the cache needs only those rows written (`kept_in_place`). Everything indexed by row
+    (rows, mask, positions, caches) is taken in this order."""
     count, staying = len(indices), set(indices)
     movers = iter(i for i in indices if i >= count)
     return [i if i in staying else next(movers) for i in range(count)]

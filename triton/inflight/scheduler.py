@@ -1,7 +1,8 @@
 """The in-flight loop: admission, batch membership, the profile's limits, the queue's bound.
 
 One thread per model instance keeps decoding. At every step boundary:
-- rows whose request was cancelled (or, still waiting, outlived `queue_timeout_ms`) leave;
+- waiting requests that were cancelled or outlived `queue_timeout_ms` are answered (running
+  ones found cancelled leave as soon as the step that found them returns, below);
 - waiting requests join, first come first served, while the batch has room for all the
   rows of the next one (a request's rows join together; the one that does not fit waits,
   and so do the ones behind it);
@@ -199,15 +200,15 @@ class Scheduler:
         """Run a prefill or a step (while the watch asks who gave up, for a step), let each
         row pick its token, answer `jobs` (the ones that took part), and drop the rows and
         jobs that are done or cancelled."""
-        began = time.perf_counter()
         if watch:
             with self.condition:
                 self.watch.start([*self.running, *self.waiting])
         try:
+            began = time.perf_counter()
             advanced = run()
+            self.seconds["decoding"] += time.perf_counter() - began
         finally:  # nobody is answered while the watch may ask about them
             self.gone |= self.watch.found()
-        self.seconds["decoding"] += time.perf_counter() - began
         dropped = self._drop_cancelled()
         for row, logits in advanced:
             if row not in dropped:
@@ -228,8 +229,8 @@ class Scheduler:
         self.running = [job for job in self.running if job not in finished]
 
     def _drop_cancelled(self) -> set:
-        """Running jobs found cancelled leave, answered; their rows (waiting jobs found
-        cancelled are answered by `_admit`)."""
+        """Running jobs found cancelled leave and are answered; returns the rows that left
+        (waiting jobs found cancelled are answered by `_admit`)."""
         gone = [job for job in self.running if job in self.gone]
         rows = {row for job in gone for row in job.rows}
         for job in gone:

@@ -236,8 +236,9 @@ async def client_gone(request: Request) -> None:
 async def answered(request: Request, answering: Coroutine) -> Response:
     """The response `answering` makes, unless the client disconnects first: then it is
     cancelled at once, and its calls to Triton with it, so their rows leave the in-flight
-    batch within a step (Triton counts them cancelled). A streamed answer is watched here
-    until its first piece; then Starlette's StreamingResponse stops it the same way (Events)."""
+    batch after the step that finds them (Triton counts them cancelled). A streamed answer is
+    watched here until its first piece; then Starlette's StreamingResponse stops it the same
+    way (Events)."""
     work = asyncio.ensure_future(answering)
     gone = asyncio.ensure_future(client_gone(request))
     try:
