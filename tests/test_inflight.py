@@ -138,10 +138,11 @@ class WatchedJob:
         text = modules["detokenizer"].TextStream(lambda ids: "")
         params = modules["decoding"].RowParams(new)
         self.rows = [modules["scheduler"].Row(np.array(prompt, np.int64), params, text)]
-        self.gave_up, self.outcome, self.steps = False, None, 0
+        self.gave_up, self.outcome, self.steps, self.asked = False, None, 0, 0
 
     def cancelled(self) -> bool:
         assert self.outcome is None, f"asked after its final answer ({self.outcome})"
+        self.asked += 1
         return self.gave_up
 
     def stepped(self) -> None:
@@ -184,6 +185,29 @@ def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_as
         assert long.rows[0].tokens == [(3 + i) % CountingStep.VOCAB for i in range(40)]
         loop.submit(WatchedJob(modules, [7], 2))
         loop.iterate()  # the finished ones are not asked about with the newcomer
+    finally:
+        loop.stop()
+
+
+def test_a_long_queue_is_asked_in_turns_and_a_cancelled_waiting_request_is_answered():
+    """Each step asks every running request but only `max_rows` waiting ones, in turn: all are
+    asked within a few steps, and one cancelled deep in the queue is answered there."""
+    modules = load_inflight()
+    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
+    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    loop = modules["scheduler"].Scheduler(running, eos_ids=[], max_rows=2)
+    try:
+        jobs = [WatchedJob(modules, [1], 40) for _ in range(8)]
+        for job in jobs:
+            assert loop.submit(job)
+        loop.iterate()  # two join; six wait
+        assert [job.asked for job in jobs] == [1, 1, 1, 1, 0, 0, 0, 0]
+        jobs[7].gave_up = True
+        for _ in range(3):
+            loop.iterate()
+        assert [job.asked for job in jobs[:2]] == [4, 4]  # the running ones, every step
+        assert [job.asked for job in jobs[2:8]] == [1, 2, 2, 1, 1, 1]  # 2 a step, in turn
+        assert jobs[7].outcome == "cancelled" and all(j.outcome is None for j in jobs[:7])
     finally:
         loop.stop()
 

@@ -15,7 +15,10 @@ Whether a client gave up is a round trip to Triton per request (`is_cancelled()`
 16 requests between steps, it took a fifth of the loop's time. So a second thread asks while
 the decoding step computes (`CancelWatch`), and the loop reads the answers when the step
 returns: a request cancelled during one step leaves after the next one, unanswered by it,
-and no request is asked after its final response (Triton frees the request then).
+and no request is asked after its final response (Triton frees the request then). Waiting
+requests are asked `max_rows` at a time, in turn: a long queue would otherwise make each step
+wait for a round trip per waiting request (they cost nothing while they wait, and every one
+is still asked within a few steps).
 
 A row alone always fits the profile (the model refuses at the door a prompt and
 MAX_NEW_TOKENS that do not), and a step's cache is never longer than its longest row's own
@@ -115,6 +118,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="inflight", daemon=True)
         self.watch = CancelWatch()
         self.gone: set = set()  # jobs found cancelled, still to answer
+        self.turn = 0  # where the next turn of asking the waiting jobs starts
         self.steps = 0
         self.seconds = {"decoding": 0.0, "loop": 0.0}  # where the loop's time goes
 
@@ -202,7 +206,7 @@ class Scheduler:
         jobs that are done or cancelled."""
         if watch:
             with self.condition:
-                self.watch.start([*self.running, *self.waiting])
+                self.watch.start([*self.running, *self._waiting_turn()])
         try:
             began = time.perf_counter()
             advanced = run()
@@ -227,6 +231,15 @@ class Scheduler:
         for row in done:
             row.rest()
         self.running = [job for job in self.running if job not in finished]
+
+    def _waiting_turn(self) -> list:
+        """The waiting jobs asked at this step: all of them, or `max_rows` in turn."""
+        if len(self.waiting) <= self.max_rows:
+            return list(self.waiting)
+        start = self.turn % len(self.waiting)
+        self.turn = start + self.max_rows
+        waiting = list(self.waiting)
+        return (waiting[start:] + waiting[:start])[: self.max_rows]
 
     def _drop_cancelled(self) -> set:
         """Running jobs found cancelled leave and are answered; returns the rows that left
