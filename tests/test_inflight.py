@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.generation_parity import load_inflight
+from tests.helpers.inflight import LocalJob
 
 # Text a byte-level BPE trained on English splits inside characters.
 HARD_TEXT = "café naïve Ünïcödé — 東京は日本の首都です 🙂👍🏽 and ﬁn. 𝔘𝔫𝔦"
@@ -128,7 +129,7 @@ class CountingStep:
         return {"logits": logits, "present.0.key": present}
 
 
-class WatchedJob:
+class WatchedJob(LocalJob):
     """A request as the loop sees one, that fails the test if it is asked whether it was
     cancelled after its final answer (Triton has freed a request by then)."""
 
@@ -137,28 +138,13 @@ class WatchedJob:
 
         text = modules["detokenizer"].TextStream(lambda ids: "")
         params = modules["decoding"].RowParams(new)
-        self.rows = [modules["scheduler"].Row(np.array(prompt, np.int64), params, text)]
-        self.gave_up, self.outcome, self.steps, self.asked = False, None, 0, 0
+        super().__init__([modules["scheduler"].Row(np.array(prompt, np.int64), params, text)])
+        self.gave_up, self.asked = False, 0
 
     def cancelled(self) -> bool:
         assert self.outcome is None, f"asked after its final answer ({self.outcome})"
         self.asked += 1
         return self.gave_up
-
-    def stepped(self) -> None:
-        self.steps += 1
-
-    def finish(self) -> None:
-        self.outcome = "finished"
-
-    def cancel(self) -> None:
-        self.outcome = "cancelled"
-
-    def reject(self, message: str) -> None:
-        self.outcome = message
-
-    def fail(self, message: str) -> None:
-        self.outcome = message
 
 
 def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_asked_when_done():

@@ -17,6 +17,7 @@ import pytest
 
 from tasks import artifacts, paths, profiles
 from tasks.generation_parity import load_inflight
+from tests.helpers.inflight import LocalJob
 from tests.helpers.project import copy_project
 from tests.helpers.stages import settings_from
 
@@ -114,31 +115,6 @@ def test_profiles_cover_every_shape_decoding_feeds_and_no_more(exported, generat
             shapes = [feed[name] for feed in seen[part]]
             assert tuple(np.max(shapes, axis=0)) == high, (part, name)
             assert tuple(np.min(shapes, axis=0)) == low, (part, name)
-
-
-class LocalJob:
-    """A request as the in-flight loop takes it, outside Triton: its rows and its outcome."""
-
-    def __init__(self, rows: list) -> None:
-        self.rows, self.outcome, self.steps = rows, None, 0
-
-    def cancelled(self) -> bool:
-        return False
-
-    def stepped(self) -> None:
-        self.steps += 1
-
-    def finish(self) -> None:
-        self.outcome = "finished"
-
-    def cancel(self) -> None:
-        self.outcome = "cancelled"
-
-    def reject(self, message: str) -> None:
-        self.outcome = message
-
-    def fail(self, message: str) -> None:
-        self.outcome = message
 
 
 @pytest.mark.parametrize("case", sorted(WIDEST))
