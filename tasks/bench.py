@@ -156,11 +156,9 @@ def batched_sweep(settings: Settings, texts: list) -> list[dict]:
         str(paths.source_tokenizer(settings.name)), params, settings.task.text_inputs,
         settings.batch.max,
     )  # fmt: skip
-    options = ort.SessionOptions()  # as triton/pipeline/model.py makes its session
-    options.intra_op_num_threads = settings.serving.ort_threads
+    serving = settings.serving  # as triton/pipeline/model.py makes its session
+    options = runtime.session_options(serving.ort_threads, serving.ort_spin)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    spinning = str(settings.serving.ort_spin)
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     session = ort.InferenceSession(
         str(settings.model_file()), options, providers=["CPUExecutionProvider"]
     )

@@ -234,11 +234,11 @@ class Scheduler:
 
     def _waiting_turn(self) -> list:
         """The waiting jobs asked at this step: all of them, or `max_rows` in turn."""
-        if len(self.waiting) <= self.max_rows:
-            return list(self.waiting)
-        start = self.turn % len(self.waiting)
-        self.turn = start + self.max_rows
         waiting = list(self.waiting)
+        if len(waiting) <= self.max_rows:
+            return waiting
+        start = self.turn % len(waiting)
+        self.turn = start + self.max_rows
         return (waiting[start:] + waiting[:start])[: self.max_rows]
 
     def _drop_cancelled(self) -> set:

@@ -20,8 +20,7 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         config, params, version_dir = runtime.model_args(args)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = params.read("intra_op_threads", int)
+        options = runtime.session_options(params.read("intra_op_threads", int), spinning=1)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(version_dir / params.read("model_file")),
