@@ -64,6 +64,7 @@ def test_a_second_run_executes_nothing(built):
     assert built.doit("task=encode").executed == []
 
 
+@pytest.mark.slow  # two builds, 41 s; lean: test_stages' shapes reach only these tasks' params
 def test_new_shapes_rebuild_only_the_shape_dependent_tasks(built):
     run = built.doit("task=encode", "seq=1,64,256")
     assert set(run.executed) == SHAPE_TASKS
