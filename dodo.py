@@ -22,8 +22,8 @@ Variables (NAME=VALUE): task, model, name, revision, batch=MIN,OPT,MAX, seq=MIN,
 precision, recipe, block_size, backend, decoder, exporter, host, http_port, grpc_port,
 metrics_port, openai_port, server, replicas, max_body_mb, repo, prune, poll, namespace,
 cpu=REQUEST,LIMIT, memory=REQUEST,LIMIT, gpus, trt_compat, max_queue, queue_timeout_ms,
-queue_delay_us, instances, ort_threads, ort_spin, batch_waste, pad_multiple, one_hop, against,
-soak_minutes, concurrency, seconds, loadgen, suite. See docs/variables.md.
+queue_delay_us, instances, ort_threads, ort_spin, stream_interval, batch_waste, pad_multiple,
+one_hop, against, soak_minutes, concurrency, seconds, loadgen, suite. See docs/variables.md.
 """
 
 import sys

@@ -690,4 +690,5 @@ PAD_MULTIPLE = 1  # the tokenizer pads lengths up to a multiple of this (1: to t
 ORT_SPINNING = 1  # ONNX Runtime's intra-op threads spin between calls (its default)
 MAX_QUEUE = 0  # requests a model queues before it rejects more (0: no bound); docs/benchmark.md
 QUEUE_TIMEOUT_MS = 0  # see docs/benchmark.md's overload measurements
+STREAM_INTERVAL = 1  # decoding steps per `<name>_stream` response: every token as it comes
 BATCH_WASTE = 2.0  # python backend: padding may double a call's tokens when requests share it

@@ -3,7 +3,8 @@
 A seeded mix of the bench's prompts, each asking 4 to 128 new tokens (as many as the
 deployment and the model's positions allow), closed loop at each concurrency, through:
 - `triton` `grpc_stream`: `<name>_stream`; time to first token and inter-token latency from
-  the responses as they arrive, output tokens per second, request latency;
+  the responses as they arrive (a response of several tokens, with stream_interval > 1,
+  spread over the gap before it), output tokens per second, request latency;
 - `triton` `grpc`: `<name>` (the ensemble), whole answers: request latency, tokens per second;
 - `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time;
 - `onnxruntime_inflight`: the server's in-flight loop (triton/inflight/) in-process, on the
@@ -111,8 +112,9 @@ def stream_work(settings: Settings, url: str, records: list):
             if error is not None:
                 raise error
             response = result.get_response()
-            if response.outputs and int(result.as_numpy("OUTPUT_IDS")[0, 0]) != -1:
-                times.append(time.perf_counter())
+            if response.outputs:
+                made = int((result.as_numpy("OUTPUT_IDS")[0] != -1).sum())
+                arrived(times, time.perf_counter(), made)
             if response.parameters["triton_final_response"].bool_param:
                 break
         if not times:
@@ -122,6 +124,14 @@ def stream_work(settings: Settings, url: str, records: list):
         return True
 
     return setup, work
+
+
+def arrived(times: list[float], now: float, made: int) -> None:
+    """Add the arrival times of `made` tokens that came in one response at `now`: with
+    stream_interval > 1 a response holds several, counted as if they had come one by one
+    since the response before (the mean inter-token latency of that gap)."""
+    last = times[-1] if times else now
+    times += [last + (now - last) * (k + 1) / made for k in range(made)]
 
 
 def prompt_inputs(text: str, new: int) -> list:

@@ -252,6 +252,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "queue_timeout_ms": settings.serving.queue_timeout_ms,
         "intra_op_threads": settings.serving.ort_threads,
         "spinning": settings.serving.ort_spin,
+        "stream_interval": settings.serving.stream_interval,  # the stream's steps per response
         # answered after execute() returned: the supervisor restarts the server when such a
         # model's stub dies holding requests (triton/supervisor/supervisor.py)
         "requests_outlive_execute": "true",
@@ -273,8 +274,12 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "ensemble_outputs": list(catalog.GENERATION_OUTPUTS),  # spec.answers, with types
         # <name>_stream: the same decoding, decoupled, on the same files (hard links: repo.py)
         "stream_inputs": texts + [(t, True) for t in options],
-        # each response carries one decoding step: a row's new text piece and token id
-        "stream_outputs": [replace(t, dims=(1,)) for t in catalog.GENERATION_OUTPUTS],
+        # a response carries `stream_interval` decoding steps: each row's new text (one
+        # string) and its token-level outputs (one value per step, as the catalog's -1 says)
+        "stream_outputs": [
+            replace(t, dims=(1,)) if t.data_type == "TYPE_STRING" else t
+            for t in catalog.GENERATION_OUTPUTS
+        ],
         "stream_parameters": list(parameters.items()),
     }
 

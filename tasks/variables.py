@@ -476,6 +476,15 @@ VARIABLES: dict[str, Variable] = {
             + _BENCHMARK,
         ),
         Variable(
+            "stream_interval",
+            str(catalog.STREAM_INTERVAL),
+            _whole_in(1, 1024),
+            "decoding steps per response of a `<name>_stream` request (and of the OpenAI API's "
+            "streams): `1` = each token as it comes; `N` = the tokens of N steps in one "
+            "response (the first token and the end still go out at once): fewer, larger "
+            "responses, for many streams on few cores; see [Benchmark](benchmark.md)",
+        ),
+        Variable(
             "batch_waste",
             str(catalog.BATCH_WASTE),
             _number_in(

@@ -21,7 +21,8 @@ from tests.helpers.serving import generation_outcomes as outcomes
 pytestmark = pytest.mark.server
 
 SHAPES = ("batch=1,4,8", "seq=1,32,512")  # up to 512 new tokens: long rows to join and cancel
-DEPLOYMENTS = {"llama": (), "llamabls": ("decoder=models",)}
+# llamabls' stream answers every 3 steps (stream_interval): the other tests hold for it too
+DEPLOYMENTS = {"llama": (), "llamabls": ("decoder=models", "stream_interval=3")}
 PROMPTS = [
     "The quick brown fox",
     "A short one.",
@@ -58,9 +59,9 @@ def request(server, model: str, prompt: str, **options) -> tuple[str, list[int]]
     return result["OUTPUT_TEXT"][0][0].decode(), ids
 
 
-def stream(server, model: str, prompt: str, cancel_after: int = 0, **options):
+def stream(server, model: str, prompt: str, cancel_after: int = 0, sizes=None, **options):
     """The pieces and token ids `<model>_stream` sends; with `cancel_after`, the stream is
-    cancelled after that many pieces."""
+    cancelled after that many pieces; `sizes`, a list, gets the tokens of each response."""
     arrived: queue.Queue = queue.Queue()
     grpc = Client(server, "grpc")
     inputs = {"TEXT": [prompt]}
@@ -81,7 +82,10 @@ def stream(server, model: str, prompt: str, cancel_after: int = 0, **options):
             response = result.get_response()
             if response.outputs:
                 pieces.append(result.as_numpy("OUTPUT_TEXT")[0, 0].decode())
-                ids.append(int(result.as_numpy("OUTPUT_IDS")[0, 0]))
+                made = [int(t) for t in result.as_numpy("OUTPUT_IDS")[0] if t != -1]
+                ids += made
+                if sizes is not None:
+                    sizes.append(len(made))
             if cancel_after and len(pieces) == cancel_after:
                 grpc.client.stop_stream(cancel_requests=True)
                 break
@@ -143,6 +147,20 @@ def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(in
         assert "".join(pieces) == text, prompt
         assert streamed_ids == ids
         # bytes of a character not yet whole are held back: only the flush may end with them
+        assert not any(piece.endswith("\ufffd") for piece in pieces[:-1]), pieces
+
+
+def test_with_a_stream_interval_a_response_holds_that_many_steps(inflight):
+    """llamabls is built with stream_interval=3: the first token goes out alone, at once, then
+    each response holds three steps' tokens (the last one what is left), and the pieces still
+    add up to the whole text without splitting a character."""
+    server, _ = inflight
+    for prompt in PROMPTS[4:]:  # CJK, emoji, accents: characters over several tokens
+        text, ids = request(server, "llamabls", prompt, MAX_NEW_TOKENS=20)
+        sizes: list[int] = []
+        pieces, streamed = stream(server, "llamabls", prompt, MAX_NEW_TOKENS=20, sizes=sizes)
+        assert "".join(pieces) == text and streamed == ids, prompt
+        assert sizes[0] == 1 and set(sizes[1:-1]) <= {3} and 1 <= sizes[-1] <= 3, sizes
         assert not any(piece.endswith("\ufffd") for piece in pieces[:-1]), pieces
 
 

@@ -129,6 +129,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         instances="2",
         ort_threads="1",
         pad_multiple="16",
+        stream_interval="4",
         concurrency="1,4",
         seconds="0.5",
     )
@@ -142,6 +143,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         "batch_waste": 2.0,
         "max_queue": 0,
         "queue_timeout_ms": 0,
+        "stream_interval": 4,
         "one_hop": 1,
     }
     assert chosen.bench.concurrency == (1, 4) and chosen.bench.seconds == 0.5
@@ -151,6 +153,7 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         ({"seconds": "-2"}, "seconds=-2: expected seconds per point"),
         ({"pad_multiple": "0"}, "pad_multiple=0: expected a whole number from 1 to 512"),
         ({"one_hop": "2"}, "one_hop=2: expected a whole number from 0 to 1"),
+        ({"stream_interval": "0"}, "stream_interval=0: expected a whole number from 1 to 1024"),
     ]:
         with pytest.raises(SettingsError, match=message):
             settings_from(**variables)

@@ -243,14 +243,15 @@ def test_the_stream_config_declares_the_catalogs_generation_outputs(monkeypatch)
             for o in config.output
         ]
 
-    # one decoding step per response: each output's piece of it has dims [1]
-    expected = [(t.name, t.data_type, [1]) for t in catalog.GENERATION_OUTPUTS]
+    # a response holds stream_interval steps: a row's text is one string, its token ids one
+    # per step
+    expected = [("OUTPUT_TEXT", "TYPE_STRING", [1]), ("OUTPUT_IDS", "TYPE_INT64", [-1])]
     for task in ("t5", "causallm"):
         assert declared(render_all(settings_from(task=task))["stream"]) == expected
     more = (*catalog.GENERATION_OUTPUTS, catalog.Tensor("OUTPUT_LOGPROBS", "TYPE_FP32", (-1,)))
     monkeypatch.setattr(catalog, "GENERATION_OUTPUTS", more)
     stream = render_all(settings_from(task="t5"))["stream"]
-    assert declared(stream)[-1] == ("OUTPUT_LOGPROBS", "TYPE_FP32", [1])
+    assert declared(stream)[-1] == ("OUTPUT_LOGPROBS", "TYPE_FP32", [-1])
 
 
 def test_a_catalog_fact_the_context_reads_makes_the_configs_stale(monkeypatch):

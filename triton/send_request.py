@@ -250,10 +250,9 @@ def print_stream(results) -> int:
         pieces = [v[0].decode("utf-8", "replace") for v in result.as_numpy("OUTPUT_TEXT")]
         if not texts:
             texts, ids = [""] * len(pieces), [[] for _ in pieces]
-        for row, (piece, token) in enumerate(zip(pieces, result.as_numpy("OUTPUT_IDS")[:, 0])):
-            texts[row] += piece
-            if token != -1:
-                ids[row].append(int(token))
+        for row, (piece, tokens) in enumerate(zip(pieces, result.as_numpy("OUTPUT_IDS"))):
+            texts[row] += piece  # a response holds stream_interval steps: -1 pads a row
+            ids[row] += [int(token) for token in tokens if token != -1]
         if len(pieces) == 1:
             print(pieces[0], end="", flush=True)
     print()

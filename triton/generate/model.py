@@ -122,6 +122,7 @@ class TritonPythonModel:
         self.limit = params.read("max_new_tokens_limit", int)
         self.max_positions = params.read("max_positions", int)  # 0: no limit (relative positions)
         self.kind = params.read("kind")
+        self.stream_interval = params.read("stream_interval", int)  # steps per stream response
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         step_models = params.read("step_models", json.loads)
         if step_models:  # decoder=models: each exported file is a Triton model of its own
@@ -246,7 +247,7 @@ class TritonPythonModel:
             scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
             for prompt, p, stop in zip(prompts, params, stops)
         ]
-        return jobs.Job(request, rows, self.streaming, self.outcomes)
+        return jobs.Job(request, rows, self.streaming, self.outcomes, self.stream_interval)
 
     def execute(self, requests):
         for request in requests:

@@ -175,11 +175,11 @@ async def choice(
     stream = triton.stream(deployment.stream, inputs, wanted=("OUTPUT_IDS",))
     try:
         async for out in stream:
-            token = int(out["OUTPUT_IDS"].reshape(-1)[0])
-            if token < 0:  # this row was done already
+            made = [int(t) for t in out["OUTPUT_IDS"].reshape(-1) if t >= 0]  # -1: padding
+            if not made:  # this row was done already
                 continue
-            ids.append(token)
-            text = decoder.step(deployment.tokenizer, token) or ""
+            ids += made
+            text = "".join(decoder.step(deployment.tokenizer, t) or "" for t in made)
             sent += text
             if cut is not None:
                 text, stopped = cut.feed(text)
