@@ -53,6 +53,56 @@ def test_bytes_that_never_complete_a_character_are_flushed_as_the_whole_text_has
     assert "".join(pieces) == whole and not any("\ufffd" in p for p in pieces[:-1])
 
 
+def byte_fallback_tokenizer():
+    """A SentencePiece-like tokenizer as Llama 2's: metaspace, bytes for what the vocabulary
+    lacks (<0xE3>...), the first token's leading space stripped."""
+    from tokenizers import Tokenizer, decoders, models
+
+    words = ["▁", "▁the", "▁a", "é", "東", "ab", "▁ab", "s", "'"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    vocab.update({word: len(vocab) + i for i, word in enumerate(words)})
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq", "byte_fallback"])
+def test_tokens_stream_as_the_whole_rows_text_decoding_a_window_a_step(kind):
+    """Text with skipped special tokens strewn in, and (but for byte fallback, whose decoder
+    rewrites a run of bytes its last byte makes invalid) any ids at all: the pieces add up
+    to the row's decoded text, though each step decodes a few tokens only."""
+    import numpy as np
+
+    from tests.helpers.models import generation_tokenizer
+
+    if kind == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+    else:
+        tokenizer = generation_tokenizer(kind)._tokenizer
+    rng = np.random.default_rng(0)
+    specials = [tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<|endoftext|>", "<pad>")]
+    specials = [i for i in specials if i is not None]
+    text = tokenizer.encode(HARD_TEXT, add_special_tokens=False).ids
+    decoded = []  # the lengths each step decoded
+    for trial in range(30):
+        ids = list(text)
+        for at in sorted(rng.integers(0, len(ids), size=5), reverse=True):
+            ids.insert(int(at), int(rng.choice(specials)))
+        if trial % 2 and kind != "byte_fallback":
+            ids = rng.integers(0, tokenizer.get_vocab_size(), size=80).tolist()
+
+        def decode(tokens):
+            decoded.append(len(tokens))
+            return tokenizer.decode(tokens, skip_special_tokens=True)
+
+        stream = load_inflight()["detokenizer"].TextStream(decode)
+        pieces = [stream.add(token) for token in ids] + [stream.finish()]
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == stream.text
+    assert np.median(decoded) <= 4  # a window, not the row (80 tokens)
+
+
 @pytest.mark.parametrize(
     ("stops", "expected"),
     [
