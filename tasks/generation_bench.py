@@ -33,15 +33,23 @@ LEAST_NEW, MOST_NEW = 4, 128
 DECODE_STEPS = 30  # timed steps per decode-limit point (after 3 unmeasured)
 
 
+def prompt_tokenizer(settings: Settings):
+    """The checkpoint's tokenizer as the server tokenizes a prompt: whole, alone (no padding,
+    no truncation)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def workload(settings: Settings, texts: list) -> list[tuple[str, int]]:
     """(prompt, MAX_NEW_TOKENS) pairs: the bench's prompts, each asking 4 to 128 new tokens,
     seeded, within the deployment's MAX and the model's positions."""
     import numpy as np
-    from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
+    tokenizer = prompt_tokenizer(settings)
     positions = checkpoint_facts(settings.name)["max_positions"]
     rng = np.random.default_rng(SEED)
     mix = []
@@ -171,13 +179,10 @@ def whole_work(settings: Settings, url: str, records: list):
 def loop_work(settings: Settings, records: list):
     """The in-process decoding loop, a request at a time (tokenized as the server does)."""
     import numpy as np
-    from tokenizers import Tokenizer
 
     from tasks.generation_parity import make_generator
 
-    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    tokenizer = prompt_tokenizer(settings)
     decoding, generator = make_generator(settings, checkpoint_facts(settings.name))
 
     def work(state: dict, item: tuple[str, int]) -> bool:
@@ -226,12 +231,9 @@ def decode_feed(io: dict, batch: int, cache: int, prompt: int) -> dict:
 
 def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list[dict]:
     """`onnxruntime_decode_limit`: the decode step alone at batch = each concurrency."""
-    from tokenizers import Tokenizer
-
     from tasks.generation_parity import load_decoding
 
-    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
-    tokenizer.no_padding()
+    tokenizer = prompt_tokenizer(settings)
     prompt = round(statistics.fmean(len(tokenizer.encode(t).ids) for t, _ in mix))
     new = round(statistics.fmean(n for _, n in mix))
     cache = prompt + new // 2 if settings.task.generation == "causal" else new // 2
@@ -351,7 +353,6 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
     """`onnxruntime_inflight`: `concurrency` clients, each sending its next request of the mix
     as the last one finishes, into the in-flight loop driven here step by step."""
     import numpy as np
-    from tokenizers import Tokenizer
 
     from tasks.generation_parity import load_inflight, make_generator
 
@@ -363,9 +364,7 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         int(facts["decoder_start_id"]), generator.cache_limit,
     )  # fmt: skip
     loop = modules["scheduler"].Scheduler(running, facts["eos_ids"], max_rows=settings.batch.max)
-    tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    tokenizer = prompt_tokenizer(settings)
     prompts = itertools.cycle(  # tokenized before the clock, as the server's execute does
         [(np.array(tokenizer.encode(text).ids, dtype=np.int64), new) for text, new in mix]
     )
