@@ -98,8 +98,8 @@ def stream_work(settings: Settings, url: str, records: list):
     def setup(state: dict) -> None:
         state["client"] = client = grpc.InferenceServerClient(url)
         authorize(client, "grpc")
-        state["arrived"] = arrived = queue.Queue()
-        client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+        state["responses"] = responses = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
 
         def close() -> None:
             client.stop_stream()
@@ -116,7 +116,7 @@ def stream_work(settings: Settings, url: str, records: list):
         )
         times = []
         while True:
-            result, error = state["arrived"].get(timeout=120)
+            result, error = state["responses"].get(timeout=120)
             if error is not None:
                 raise error
             response = result.get_response()

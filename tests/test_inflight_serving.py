@@ -162,6 +162,34 @@ def test_with_a_stream_interval_a_response_holds_that_many_steps(inflight):
         assert "".join(pieces) == text and streamed == ids, prompt
         assert sizes[0] == 1 and set(sizes[1:-1]) <= {3} and 1 <= sizes[-1] <= 3, sizes
         assert not any(piece.endswith("\ufffd") for piece in pieces[:-1]), pieces
+    # two rows in one request, one done long before the other: -1 pads it, nothing is lost
+    news = [4, 11]
+    arrived: queue.Queue = queue.Queue()
+    grpc = Client(server, "grpc")
+    inputs = {"TEXT": PROMPTS[4:], "MAX_NEW_TOKENS": np.array([[n] for n in news], np.int32)}
+    grpc.client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+    texts, ids, widths = ["", ""], [[], []], []
+    try:
+        grpc.client.async_stream_infer(
+            "llamabls_stream", grpc.tensors(inputs), enable_empty_final_response=True
+        )
+        while True:
+            result, error = arrived.get(timeout=60)
+            assert error is None, error
+            if result.get_response().outputs:
+                tokens = result.as_numpy("OUTPUT_IDS")
+                widths.append(tokens.shape[1])
+                for row, ((piece,), made) in enumerate(zip(result.as_numpy("OUTPUT_TEXT"), tokens)):
+                    texts[row] += piece.decode()
+                    ids[row] += [int(t) for t in made if t != -1]
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        grpc.client.stop_stream()
+        grpc.client.close()
+    assert widths[0] == 1 and max(widths) == 3, widths
+    for row, (prompt, new) in enumerate(zip(PROMPTS[4:], news)):
+        assert (texts[row], ids[row]) == request(server, "llamabls", prompt, MAX_NEW_TOKENS=new)
 
 
 def test_stop_strings_end_the_answer_before_them_whole_and_streamed(inflight):

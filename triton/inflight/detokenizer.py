@@ -54,7 +54,7 @@ class TextStream:
         self.text = ""  # the whole text so far (cut before a stop string once one is found)
         self.whole = ""  # the text of ids[: self.settled]: whole characters, never decoded again
         self.settled = 0
-        self.context = 0  # where the next window starts: one token of context before `settled`
+        self.context = 0  # where the next window starts: the tokens that last made text
         self.sent = 0  # characters of `text` given out as pieces
         self.stopped = False  # a stop string was found: the row is done
 
