@@ -458,7 +458,15 @@ def measure(settings: Settings) -> None:
         "summary": summary(systems),
         "overload": overload,
         "comparison": comparison,
-        **({"targets": generation_bench.targets(systems), "workload": len(mix)} if mix else {}),
+        **(
+            {
+                "targets": generation_bench.targets(systems),
+                "gap": generation_bench.gap(systems),
+                "workload": len(mix),
+            }
+            if mix
+            else {}
+        ),
         **({"moe_dense_vs_topk": moe} if moe else {}),
         "errors": errors,
         "machine": machine(),

@@ -421,39 +421,58 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
     return point
 
 
+def _at(systems: dict, system: str, concurrency: int, key: str, protocol: str | None = None):
+    """`key` of a system's point at a concurrency (and protocol), or None."""
+    for p in systems.get(system, []):
+        if p["concurrency"] == concurrency and (protocol is None or p.get("protocol") == protocol):
+            return p.get(key)
+    return None
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def gap(systems: dict) -> dict:
+    """Where the served stream's tokens/s at the highest concurrency go, against the decode
+    limit, as factors of one run that multiply to served / limit: the loop itself (its
+    in-process in-flight figure / the limit: prefill, padding, cache copies), Triton answering
+    whole (whole answers / the loop in-process) and the stream's responses (stream / whole)."""
+    high = max((p["concurrency"] for p in systems.get("triton", [])), default=1)
+    loop = _at(systems, "onnxruntime_inflight", high, "tokens_per_s")
+    whole = _at(systems, "triton", high, "tokens_per_s", "grpc")
+    return {
+        "concurrency": high,
+        "loop_vs_decode_limit": _ratio(
+            loop, _at(systems, "onnxruntime_decode_limit", high, "tokens_per_s")
+        ),
+        "whole_vs_loop": _ratio(whole, loop),
+        "stream_vs_whole": _ratio(
+            _at(systems, "triton", high, "tokens_per_s", "grpc_stream"), whole
+        ),
+    }
+
+
 def targets(systems: dict) -> dict:
     """The issue's targets, from one run: each ratio, and whether it is met."""
-
-    def at(system: str, concurrency: int, key: str, protocol: str | None = None):
-        for p in systems.get(system, []):
-            if p["concurrency"] == concurrency and (
-                protocol is None or p.get("protocol") == protocol
-            ):
-                return p.get(key)
-        return None
-
     high = max((p["concurrency"] for p in systems.get("triton", [])), default=1)
-
-    def ratio(a, b):
-        return round(a / b, 2) if a and b else None
-
-    served_high = at("triton", high, "tokens_per_s", "grpc_stream")
-    served_one = at("triton", 1, "tokens_per_s", "grpc_stream")
+    served_high = _at(systems, "triton", high, "tokens_per_s", "grpc_stream")
+    served_one = _at(systems, "triton", 1, "tokens_per_s", "grpc_stream")
     found = {
         f"served_{high}_vs_decode_limit_{high}": (
-            ratio(served_high, at("onnxruntime_decode_limit", high, "tokens_per_s")),
+            _ratio(served_high, _at(systems, "onnxruntime_decode_limit", high, "tokens_per_s")),
             0.6,
         ),
-        f"served_{high}_vs_served_1": (ratio(served_high, served_one), 4.0),
+        f"served_{high}_vs_served_1": (_ratio(served_high, served_one), 4.0),
         f"ttft_p50_{high}_vs_1": (
-            ratio(
-                at("triton", high, "ttft_p50_ms", "grpc_stream"),
-                at("triton", 1, "ttft_p50_ms", "grpc_stream"),
+            _ratio(
+                _at(systems, "triton", high, "ttft_p50_ms", "grpc_stream"),
+                _at(systems, "triton", 1, "ttft_p50_ms", "grpc_stream"),
             ),
             4.0,
         ),
         "served_1_vs_inprocess_loop_1": (
-            ratio(served_one, at("onnxruntime", 1, "tokens_per_s")),
+            _ratio(served_one, _at(systems, "onnxruntime", 1, "tokens_per_s")),
             0.85,
         ),
     }
@@ -488,4 +507,14 @@ def report_lines(report: dict) -> list[str]:
     for name, found in report.get("targets", {}).items():
         wanted = ("<= " if name.startswith("ttft") else ">= ") + str(found["target"])
         lines.append(f"| {name} | {found['value']} | {wanted} | {found['met']} |")
+    if report.get("gap"):
+        share = report["gap"]
+        lines += [
+            "",
+            f"Where the stream's tokens/s at concurrency {share['concurrency']} go, against the "
+            f"decode limit (factors that multiply to served / limit): the loop itself "
+            f"{share['loop_vs_decode_limit']} (in-process in-flight / limit), Triton answering "
+            f"whole {share['whole_vs_loop']} (whole answers / the loop), the stream's responses "
+            f"{share['stream_vs_whole']} (stream / whole).",
+        ]
     return [*lines, ""]

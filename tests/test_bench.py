@@ -157,6 +157,37 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
         max(p["concurrency"] for p in report["systems"]["triton"])
     ]
     assert inflight[0]["tokens_per_s"] > 0
+    assert set(report["gap"]) == {
+        "concurrency", "loop_vs_decode_limit", "whole_vs_loop", "stream_vs_whole"
+    }  # fmt: skip
+
+
+def test_the_gap_to_the_decode_limit_splits_into_factors_of_the_same_run():
+    """The figures of the bench run at 01:43 UTC on 2026-12-07 (AMD EPYC): the three factors
+    multiply to the served stream's share of the decode limit."""
+    from tasks import generation_bench
+
+    def point(tokens, concurrency=16, protocol=None):
+        return {"concurrency": concurrency, "tokens_per_s": tokens, "protocol": protocol}
+
+    systems = {
+        "triton": [
+            point(185.4, 1, "grpc_stream"), point(636.7, 16, "grpc_stream"),
+            point(228.2, 1, "grpc"), point(819.5, 16, "grpc"),
+        ],
+        "onnxruntime_inflight": [point(976.9)],
+        "onnxruntime_decode_limit": [point(258.4, 1), point(1888.0)],
+    }  # fmt: skip
+    found = generation_bench.gap(systems)
+    assert found == {
+        "concurrency": 16,
+        "loop_vs_decode_limit": 0.52,
+        "whole_vs_loop": 0.84,
+        "stream_vs_whole": 0.78,
+    }
+    served = generation_bench.targets(systems)["served_16_vs_decode_limit_16"]["value"]
+    product = found["loop_vs_decode_limit"] * found["whole_vs_loop"] * found["stream_vs_whole"]
+    assert abs(product - served) < 0.01
 
 
 @pytest.mark.server
