@@ -102,6 +102,43 @@ class OnnxRuntimeStep:
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
 
+class OnnxRuntimeSlotStep:
+    """tasks/slot_decoder.py's graph on ONNX Runtime, its cache in slots it owns: one buffer
+    per cache tensor, [max_rows, kv heads, buffer, head size], that each call reads and writes
+    in place (past and present bound to the same memory). `__call__(ids, mask, start)` runs
+    rows start.. start+len(ids) of the buffers; `move(place, row)` copies a slot."""
+
+    def __init__(self, path: Path, max_rows: int, buffer: int, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = session_options(threads, 1, taking_turns=True)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.buffers = {}
+        for tensor in self.session.get_inputs():
+            if tensor.name.startswith(PAST):
+                _, heads, _, size = tensor.shape
+                shape = (max_rows, heads, buffer, size)
+                self.buffers[tensor.name[len(PAST) :]] = np.zeros(shape, np.float32)
+        self.buffer = buffer
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, start: int) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs()[0]
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for name, buffer in self.buffers.items():
+            rows = buffer[start : start + len(ids)]  # contiguous: the leading axis
+            shape, address = list(rows.shape), rows.ctypes.data
+            binding.bind_input(PAST + name, "cpu", 0, np.float32, shape, address)
+            binding.bind_output(PRESENT + name, "cpu", 0, np.float32, shape, address)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, -1, :]
+
+    def move(self, place: int, row: int) -> None:
+        for buffer in self.buffers.values():
+            buffer[place] = buffer[row]
+
+
 def onnxruntime_steps(files: dict[str, Path], threads: int = 0, spinning: int = 1) -> dict:
     """A model's parts, which the loop runs one after another (sessions taking turns)."""
     return {

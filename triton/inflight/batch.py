@@ -145,6 +145,50 @@ class CausalGroup:
                 self.cache[name] = kept_in_place(value, order)
 
 
+class SlotGroup:
+    """All rows of a causal LM on a slot decoder (decoding.OnnxRuntimeSlotStep): row i's
+    cache is slot i, as long as the row's own tokens; nothing is padded or copied at a step."""
+
+    def __init__(self, rows: list, lengths: np.ndarray) -> None:
+        self.rows, self.lengths = rows, lengths
+
+    @classmethod
+    def prefill(cls, step, rows: list, pad_id: int, start: int) -> tuple[SlotGroup, np.ndarray]:
+        """Joining rows' prompts, right-padded together, into slots start.. on."""
+        width = max(len(row.prompt) for row in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for index, row in enumerate(rows):
+            ids[index, : len(row.prompt)] = row.prompt
+            mask[index, : len(row.prompt)] = 1
+        logits = step(ids, mask, start)
+        return cls(list(rows), mask.sum(axis=1)), logits
+
+    @property
+    def width(self) -> int:
+        """The longest row's cache and the token it reads: what the next step's mask spans."""
+        return int(self.lengths.max()) + 1
+
+    def step(self, step) -> np.ndarray:
+        tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
+        mask = (np.arange(self.width)[None, :] <= self.lengths[:, None]).astype(np.int64)
+        logits = step(tokens, mask, 0)
+        self.lengths = self.lengths + 1
+        return logits
+
+    def absorb(self, other: SlotGroup) -> None:
+        """`other`'s rows, already prefilled into the slots after this group's."""
+        self.rows += other.rows
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def keep(self, indices: list[int], step) -> None:
+        order = filled_order(indices)
+        for place, row in enumerate(order):
+            if place != row:
+                step.move(place, row)
+        self.rows, self.lengths = [self.rows[i] for i in order], self.lengths[order]
+
+
 class Seq2SeqGroup:
     """Rows of a seq2seq model that joined together: one cohort (see module doc)."""
 
@@ -217,6 +261,14 @@ class RunningBatch:
     def join(self, joining: list) -> list[tuple[object, np.ndarray]]:
         """Prefill the joining rows (their first token's logits) and add them to the batch;
         (row, logits) for each."""
+        if self.kind == "slots":
+            step = self.steps["decoder_slots"]
+            group, logits = SlotGroup.prefill(step, joining, self.pad_id, len(self))
+            if self.groups:
+                self.groups[0].absorb(group)
+            else:
+                self.groups.append(group)
+            return list(zip(joining, logits))
         if self.kind == "causal":
             group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
         else:
@@ -235,14 +287,19 @@ class RunningBatch:
                 raise RuntimeError(  # cannot happen when the door checks each row alone
                     f"a step would read a cache of {group.width} > the profile's {self.cache_limit}"
                 )
-            out += list(zip(group.rows, group.step(self.steps)))
+            step = self.steps["decoder_slots"] if self.kind == "slots" else self.steps
+            out += list(zip(group.rows, group.step(step)))
         return out
 
     def remove(self, leaving: set) -> None:
         """Drop these rows (finished or cancelled) and their cache."""
         for group in self.groups:
             if any(row in leaving for row in group.rows):
-                group.keep([i for i, row in enumerate(group.rows) if row not in leaving])
+                staying = [i for i, row in enumerate(group.rows) if row not in leaving]
+                if self.kind == "slots":
+                    group.keep(staying, self.steps["decoder_slots"])
+                else:
+                    group.keep(staying)
         self.groups = [group for group in self.groups if group.rows]
 
     def clear(self) -> None:

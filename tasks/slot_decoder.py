@@ -1,0 +1,172 @@
+"""A CPU decoder for the in-flight loop whose cache is written in place: one ONNX graph on
+ONNX Runtime's GroupQueryAttention (com.microsoft), built here from a Llama-family checkpoint.
+
+Not wired into the build yet (branch gqa-slots): the next steps are a stage that writes
+`decoder_slots.onnx` for the model types of SLOT_MODEL_TYPES, parity against generate(), the
+repo and pbtxt carrying it to the generate model, and the decode limit on this graph.
+
+The graph takes `input_ids` [rows, positions] (a prompt, right-padded, or one token a row),
+`attention_mask` [rows, total] (a row's ones count its tokens, this call's included; only the
+count matters) and `past_key_values.N.key/value` [rows, kv heads, buffer, head size], and
+gives `logits` [rows, 1, vocab] of each row's last token and `present.N.key/value`. Bound to
+the same buffer as the past (IOBinding), present is written in place: each row's new keys
+and values at its own length, its attention over its own length only. So no cache is copied
+at a step, a row that leaves is one slot freed, and no step reads a cache padded to its
+longest row (triton/inflight/batch.py `SlotGroup`).
+
+Rotary positions come from the checkpoint's own rotary embedding (its rope scaling
+included): cos and sin caches over the model's positions. Imports torch, transformers and
+onnx when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Model types whose decoder layer this graph is: RMSNorm, q/k/v/o projections (Qwen2's with
+# biases), RoPE, SwiGLU MLP; grouped-query attention or not.
+SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+OPSET, MS_OPSET = 17, 1
+
+
+class SlotDecoderError(ValueError):
+    """The checkpoint is not one this graph can be built for; the message names why."""
+
+
+def check(config) -> None:
+    if config.model_type not in SLOT_MODEL_TYPES:
+        raise SlotDecoderError(
+            f"model type {config.model_type!r} has no slot decoder (only {SLOT_MODEL_TYPES})"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+        raise SlotDecoderError("the slot decoder's MLP is SwiGLU without bias")
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head % 16:  # GroupQueryAttention's CPU kernel
+        raise SlotDecoderError(
+            f"a head of {head} values: GroupQueryAttention takes multiples of 16"
+        )
+    window = getattr(config, "sliding_window", None)
+    if (
+        window
+        and getattr(config, "use_sliding_window", True)
+        and window < config.max_position_embeddings
+    ):
+        raise SlotDecoderError(f"a sliding window of {window} positions is not built")
+
+
+def build(source: Path, target: Path, positions: int | None = None) -> None:
+    """Write the graph of the checkpoint in `source` to `target` (see module doc)."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    config = model.config
+    check(config)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    positions = positions or config.max_position_embeddings
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    initializers, nodes = [], []
+
+    def weight(name: str, array) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op: str, inputs: list, output: str, domain: str = "", **attributes) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], output, domain=domain, **attributes))
+        return output
+
+    def norm(x: str, name: str, output: str) -> str:
+        scale = weight(f"{output}.weight", weights[name])
+        eps = float(config.rms_norm_eps)
+        return node("SimplifiedLayerNormalization", [x, scale], output, epsilon=eps, axis=-1)
+
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(positions)[None])
+    half = cos.shape[-1] // 2
+    weight("cos_cache", cos[0, :, :half].numpy())
+    weight("sin_cache", sin[0, :, :half].numpy())
+    weight("one", np.array([1], np.int64))
+    weight("one_scalar", np.array(1, np.int64))
+    # each row's length less one (GroupQueryAttention's seqlens_k) and the longest
+    node("ReduceSum", ["attention_mask", "one"], "mask_sum", keepdims=0)
+    lengths = node("Sub", ["mask_sum", "one_scalar"], "lengths_less_one")
+    node("Cast", [lengths], "seqlens_k", to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], "mask_shape")
+    node("Gather", ["mask_shape", "one_scalar"], "total", axis=0)
+    node("Cast", ["total"], "total_sequence_length", to=TensorProto.INT32)
+    x = node("Gather", [weight("embed", weights["model.embed_tokens.weight"]), "input_ids"], "h0")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        normed = norm(x, p + "input_layernorm.weight", f"l{i}.attn_norm")
+        qkv_weight = np.concatenate([weights[p + f"self_attn.{k}_proj.weight"] for k in "qkv"])
+        qkv = node("MatMul", [normed, weight(f"l{i}.qkv", qkv_weight.T)], f"l{i}.qkv_out")
+        if p + "self_attn.q_proj.bias" in weights:
+            bias = np.concatenate([weights[p + f"self_attn.{k}_proj.bias"] for k in "qkv"])
+            qkv = node("Add", [qkv, weight(f"l{i}.qkv_bias", bias)], f"l{i}.qkv_biased")
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                    "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
+                ],
+                [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"],
+                f"l{i}.gqa",
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+                scale=float(head**-0.5),
+                do_rotary=1,
+                rotary_interleaved=0,
+                local_window_size=-1,
+            )
+        )  # fmt: skip
+        o_weight = weight(f"l{i}.o", weights[p + "self_attn.o_proj.weight"].T)
+        h = node("Add", [x, node("MatMul", [f"l{i}.attn", o_weight], f"l{i}.o_out")], f"l{i}.h")
+        normed = norm(h, p + "post_attention_layernorm.weight", f"l{i}.mlp_norm")
+        gate = node(
+            "MatMul",
+            [normed, weight(f"l{i}.gate", weights[p + "mlp.gate_proj.weight"].T)],
+            f"l{i}.gate_out",
+        )
+        up = node(
+            "MatMul",
+            [normed, weight(f"l{i}.up", weights[p + "mlp.up_proj.weight"].T)],
+            f"l{i}.up_out",
+        )
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"l{i}.sigmoid")], f"l{i}.silu")
+        down_weight = weight(f"l{i}.down", weights[p + "mlp.down_proj.weight"].T)
+        down = node(
+            "MatMul", [node("Mul", [silu, up], f"l{i}.swiglu"), down_weight], f"l{i}.down_out"
+        )
+        x = node("Add", [h, down], f"l{i}.out")
+    # each row's last token: min(its length less one, positions less one) (a step: 0)
+    node("Shape", ["input_ids"], "ids_shape")
+    node("Gather", ["ids_shape", "one_scalar"], "positions")
+    node("Sub", ["positions", "one_scalar"], "last_position")
+    node("Min", [lengths, "last_position"], "last")
+    node("Unsqueeze", ["last", "one"], "last_index")
+    node("GatherND", [x, "last_index"], "last_hidden", batch_dims=1)
+    node("Unsqueeze", ["last_hidden", "one"], "last_hidden_3d")
+    final = norm("last_hidden_3d", "model.norm.weight", "final_norm")
+    node("MatMul", [final, weight("lm_head", weights["lm_head.weight"].T)], "logits")
+    floats, ints = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("input_ids", ints, ["rows", "positions"]),
+        helper.make_tensor_value_info("attention_mask", ints, ["rows", "total"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", floats, ["rows", 1, config.vocab_size])]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            shape = ["rows", kv_heads, "buffer", head]
+            inputs.append(
+                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", floats, shape)
+            )
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", floats, shape))
+    graph = helper.make_graph(nodes, "slot_decoder", inputs, outputs, initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(target))

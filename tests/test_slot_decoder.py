@@ -1,0 +1,70 @@
+"""The slot decoder (tasks/slot_decoder.py, batch.SlotGroup): a tiny random Llama's graph on
+GroupQueryAttention, its cache written in place, decodes each row as generate() does, whatever
+its batch-mates and whenever it joins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.generation_parity import load_inflight
+from tests.helpers.inflight import LocalJob
+
+PROMPTS = ["The quick brown fox", "A short one.", "東京は日本の首都です。", "Emoji 🙂 and café"]
+NEW = [30, 5, 22, 12]
+
+
+@pytest.fixture(scope="module")
+def slots(tmp_path_factory):
+    """A tiny random Llama with heads of 16 values (GroupQueryAttention's least), its graph."""
+    from tasks import slot_decoder
+    from tasks.bench_model import save_llama
+    from tests.helpers.models import generation_tokenizer
+
+    model_dir = save_llama(
+        tmp_path_factory.mktemp("llama16"), generation_tokenizer("causal"), seed=0,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
+    )  # fmt: skip
+    target = tmp_path_factory.mktemp("slots") / "decoder_slots.onnx"
+    slot_decoder.build(model_dir, target)
+    return model_dir, target
+
+
+def test_rows_joining_at_different_times_decode_as_generate_does(slots):
+    from transformers import AutoTokenizer
+
+    from tests.test_generation import hf_generate
+
+    model_dir, graph = slots
+    modules = load_inflight()
+    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=3, buffer=128)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    running = modules["batch"].RunningBatch(
+        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
+    )
+    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=3)
+
+    def job(prompt: str, new: int) -> LocalJob:
+        ids = np.array(tokenizer(prompt)["input_ids"], dtype=np.int64)
+        text = modules["detokenizer"].TextStream(lambda tokens: tokenizer.decode(tokens))
+        row = modules["scheduler"].Row(ids, modules["decoding"].RowParams(new), text)
+        return LocalJob([row])
+
+    jobs = [job(p, n) for p, n in zip(PROMPTS, NEW)]
+    loop.submit(jobs[0])
+    loop.submit(jobs[1])
+    for index in range(200):  # the others arrive while those decode; the 4th waits for room
+        if index == 3:
+            loop.submit(jobs[2])
+        if index == 7:
+            loop.submit(jobs[3])
+        if all(j.outcome for j in jobs):
+            break
+        if loop.waiting or loop.running:
+            loop.iterate()
+    assert [j.outcome for j in jobs] == ["finished"] * 4
+    for prompt, new, done in zip(PROMPTS, NEW, jobs):
+        assert done.rows[0].tokens == hf_generate(model_dir, "causallm", prompt, new), prompt
+    assert [len(j.rows[0].tokens) for j in jobs] == NEW  # no EOS: every row its full length
+    assert not running.groups  # every slot freed
