@@ -46,6 +46,7 @@ from tasks.quantize import task_quantize  # noqa: F401
 from tasks.repo import task_repo  # noqa: F401
 from tasks.serve import task_serve  # noqa: F401
 from tasks.settings import current
+from tasks.slot_decoder import task_slots  # noqa: F401
 from tasks.soak import task_soak  # noqa: F401
 from tasks.test import task_test  # noqa: F401
 

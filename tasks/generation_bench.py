@@ -229,29 +229,57 @@ def decode_feed(io: dict, batch: int, cache: int, prompt: int) -> dict:
     return feed
 
 
-def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list[dict]:
-    """`onnxruntime_decode_limit`: the decode step alone at batch = each concurrency."""
+def decode_steps(settings: Settings, cache: int, prompt: int):
+    """A function of the batch size giving a callable that runs one decode step of that many
+    rows over a `cache`-long past: the exported `decoder_with_past_model`, or with
+    decoder=slots the slot decoder's graph (what the server decodes with)."""
+    import numpy as np
+
     from tasks.generation_parity import load_decoding
 
+    decoding, serving = load_decoding(), settings.serving
+    if settings.decoder == "slots":
+        most = max(settings.bench.concurrency)
+        slots = decoding.OnnxRuntimeSlotStep(
+            paths.slot_decoder_file(settings.name), most, cache + 2, serving.ort_threads
+        )
+
+        def slot_step(batch: int):
+            ids = np.ones((batch, 1), np.int64)
+            mask = np.ones((batch, cache + 1), np.int64)  # each row `cache` long, and its token
+            return lambda: slots(ids, mask, 0)
+
+        return slot_step
+    part = "decoder_with_past_model"
+    step = decoding.OnnxRuntimeStep(
+        settings.model_file(part), serving.ort_threads, serving.ort_spin
+    )
+    io = artifacts.read_json(paths.onnx_io(settings.name, part))
+
+    def exported_step(batch: int):
+        feed = decode_feed(io, batch, cache, prompt)
+        return lambda: step(feed)
+
+    return exported_step
+
+
+def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list[dict]:
+    """`onnxruntime_decode_limit`: the decode step alone at batch = each concurrency (on the
+    graph the server decodes with: the exported one, or decoder=slots' own)."""
     tokenizer = prompt_tokenizer(settings)
     prompt = round(statistics.fmean(len(tokenizer.encode(t).ids) for t, _ in mix))
     new = round(statistics.fmean(n for _, n in mix))
     cache = prompt + new // 2 if settings.task.generation == "causal" else new // 2
-    part = "decoder_with_past_model"
-    serving = settings.serving
-    step = load_decoding().OnnxRuntimeStep(
-        settings.model_file(part), serving.ort_threads, serving.ort_spin
-    )
-    io = artifacts.read_json(paths.onnx_io(settings.name, part))
+    steps = decode_steps(settings, cache, prompt)
     points = []
     for batch in levels:
-        feed = decode_feed(io, batch, cache, prompt)
+        step = steps(batch)
         for _ in range(3):
-            step(feed)
+            step()
         took = []
         for _ in range(DECODE_STEPS):
             began = time.perf_counter()
-            step(feed)
+            step()
             took.append(time.perf_counter() - began)
         median = statistics.median(took)
         points.append({
@@ -327,42 +355,16 @@ def in_process(settings: Settings, mix: list) -> dict:
     }
 
 
-class LocalJob:
-    """A request of `inflight`'s clients, as the loop sees one (scheduler.py's job). Nobody
-    cancels in the bench and nothing is refused; a loop that fails raises its own error."""
-
-    def __init__(self, row) -> None:
-        self.rows, self.began, self.ended = [row], time.perf_counter(), None
-
-    def cancelled(self) -> bool:
-        return False
-
-    def stepped(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        self.ended = time.perf_counter()
-
-    def cancel(self, message: str = "cancelled") -> None:
-        self.ended = self.ended or time.perf_counter()
-
-    reject = fail = cancel
-
-
 def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) -> dict:
     """`onnxruntime_inflight`: `concurrency` clients, each sending its next request of the mix
     as the last one finishes, into the in-flight loop driven here step by step."""
     import numpy as np
 
-    from tasks.generation_parity import load_inflight, make_generator
+    from tasks.generation_parity import LoopJob, load_inflight, running_batch
 
     facts = checkpoint_facts(settings.name)
     modules = load_inflight()
-    _, generator = make_generator(settings, facts)  # its steps, as the server makes them
-    running = modules["batch"].RunningBatch(
-        settings.task.generation, generator.steps, facts["pad_id"],
-        int(facts["decoder_start_id"]), generator.cache_limit,
-    )  # fmt: skip
+    running = running_batch(settings, facts, modules)  # its steps, as the server makes them
     loop = modules["scheduler"].Scheduler(running, facts["eos_ids"], max_rows=settings.batch.max)
     tokenizer = prompt_tokenizer(settings)
     prompts = itertools.cycle(  # tokenized before the clock, as the server's execute does
@@ -372,16 +374,16 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    def request() -> LocalJob:
+    def request() -> LoopJob:
         prompt, new = next(prompts)
         params = modules["decoding"].RowParams(new)
-        job = LocalJob(
+        job = LoopJob(
             modules["scheduler"].Row(prompt, params, modules["detokenizer"].TextStream(decode))
         )
         loop.submit(job)
         return job
 
-    def run(until: float) -> list[LocalJob]:
+    def run(until: float) -> list[LoopJob]:
         clients, done = [request() for _ in range(concurrency)], []
         while time.perf_counter() < until:
             loop.iterate()

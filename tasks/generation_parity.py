@@ -5,10 +5,14 @@ Two proofs, both against the Hugging Face model in fp32 on CPU:
    prompts, for the first decoding step and for a step that reads the cache;
 2. greedy decoding with the serving loop (triton/generate/decoding.py) on ONNX Runtime, and
    on the TensorRT engines when the backend is tensorrt, yields the token ids `generate()`
-   yields, the prompts batched together as the server batches them.
+   yields, the prompts batched together as the server batches them; with decoder=slots, the
+   in-flight loop on the slot decoder's graph (tasks/slot_decoder.py) too, the prompts
+   joining a running batch at two times.
 """
 
 from __future__ import annotations
+
+import time
 
 from tasks import artifacts, catalog, paths, profiles
 from tasks.compare import TensorRTStep, compare, engine_runners, print_passes
@@ -38,6 +42,96 @@ def close_steps(steps: dict) -> None:
     """Release the steps that hold resources (TensorRT runners); the others have nothing."""
     for step in steps.values():
         getattr(step, "close", lambda: None)()
+
+
+class LoopJob:
+    """A request as the in-flight loop takes one outside Triton (scheduler.py's job), timed:
+    nobody cancels and nothing is refused; a loop that fails raises its own error."""
+
+    def __init__(self, row) -> None:
+        self.rows, self.began, self.ended = [row], time.perf_counter(), None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def stepped(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.ended = time.perf_counter()
+
+    def cancel(self, message: str = "cancelled") -> None:
+        self.ended = self.ended or time.perf_counter()
+
+    reject = fail = cancel
+
+
+def running_batch(settings: Settings, facts: dict, modules: dict):
+    """The in-flight loop's batch on this build's files, as the generate model makes it: the
+    slot decoder's graph (decoder=slots), or the exported parts."""
+    cache_limit = profiles.cache_limit(settings, facts["max_positions"])
+    serving = settings.serving
+    if settings.decoder == "slots":
+        step = modules["decoding"].OnnxRuntimeSlotStep(
+            paths.slot_decoder_file(settings.name),
+            settings.batch.max,
+            cache_limit + 2,  # as pbtxt's slot_buffer
+            serving.ort_threads,
+        )
+        return modules["batch"].RunningBatch("slots", {"decoder_slots": step}, facts["pad_id"])
+    files = {part: settings.model_file(part) for part in settings.task.onnx_parts}
+    steps = modules["decoding"].onnxruntime_steps(files, serving.ort_threads, serving.ort_spin)
+    return modules["batch"].RunningBatch(
+        settings.task.generation, steps, facts["pad_id"], int(facts["decoder_start_id"]),
+        cache_limit,
+    )  # fmt: skip
+
+
+def slots_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
+    """decoder=slots: the in-flight loop on the slot graph, greedy, against generate(): half
+    the prompts first, the others joining two steps later (into a running batch)."""
+    modules = load_inflight()
+    new = min(catalog.GENERATION_PARITY_NEW_TOKENS, settings.max_new_tokens)
+    loop = modules["scheduler"].Scheduler(
+        running_batch(settings, facts, modules), facts["eos_ids"], max_rows=settings.batch.max
+    )
+    jobs = [
+        LoopJob(
+            modules["scheduler"].Row(
+                ids[row, : int(mask[row].sum())],
+                modules["decoding"].RowParams(new),
+                modules["detokenizer"].TextStream(lambda tokens: ""),
+            )
+        )
+        for row in range(len(ids))
+    ]
+    early = (len(jobs) + 1) // 2
+    for job in jobs[:early]:
+        loop.submit(job)
+    for _ in range(2):
+        loop.iterate()
+    for job in jobs[early:]:
+        loop.submit(job)
+    while loop.waiting or loop.running:
+        loop.iterate()
+    mismatches = []
+    for row, (job, prompt) in enumerate(zip(jobs, catalog.GENERATION_PROMPTS)):
+        expected = reference_tokens(model, "causal", ids, mask, row, new, facts)
+        if job.rows[0].tokens != expected:
+            mismatches.append(
+                f"prompt {prompt!r}: slots {job.rows[0].tokens}, generate() {expected}"
+            )
+    if mismatches:
+        raise ParityError(
+            "greedy decoding on the slot decoder (decoder=slots) differs from Hugging Face "
+            "generate(): " + "; ".join(mismatches)
+        )
+    print(
+        f"parity: the slot decoder's in-flight loop, {len(jobs)} prompts joining at two times "
+        f"x {new} tokens, equals generate()",
+        flush=True,
+    )
+    return {"prompts": len(jobs), "new_tokens": new, "equal": True}
 
 
 def make_generator(settings: Settings, facts: dict, engines: bool = False):
@@ -312,6 +406,8 @@ def check(settings: Settings) -> dict:
         files = file_parity(settings, model, ids, mask, facts)
         generation = greedy_parity(settings, model, ids, mask, facts, engines=False)
         report = {"files": files, "generation": generation}
+        if settings.decoder == "slots":
+            report["generation_slots"] = slots_parity(settings, model, ids, mask, facts)
         if settings.backend == "tensorrt":
             report["generation_tensorrt"] = greedy_parity(
                 settings, model, ids, mask, facts, engines=True

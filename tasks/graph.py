@@ -28,11 +28,13 @@ from tasks.plan import task_plan
 from tasks.quantize import task_quantize
 from tasks.repo import task_repo
 from tasks.settings import Settings, current
+from tasks.slot_decoder import task_slots
 
 # The stages whose tasks make the build, in build order (the order of the colours too).
 BUILD_STAGES: dict[str, Callable] = {
     "download": task_download,
     "onnx": task_onnx,
+    "slots": task_slots,
     "quantize": task_quantize,
     "plan": task_plan,
     "parity": task_parity,
@@ -44,6 +46,7 @@ BUILD_STAGES: dict[str, Callable] = {
 STAGE_COLOURS = {
     "download": ("#cfe2f3", "#3d85c6"),
     "onnx": ("#d9ead3", "#6aa84f"),
+    "slots": ("#d9ead3", "#38761d"),
     "quantize": ("#fce5cd", "#e69138"),
     "plan": ("#f4cccc", "#cc0000"),
     "parity": ("#fff2cc", "#bf9000"),

@@ -191,6 +191,12 @@ def task_parity():
         if settings.task.generation
         else []
     )
+    if settings.decoder == "slots":  # its graph, in the in-flight loop that serves it
+        generation += [
+            paths.slot_decoder_file(name),
+            paths.slot_decoder_record(name),
+            *(paths.runtime_file("inflight", f) for f in catalog.INFLIGHT_MODULES),
+        ]
     target = paths.parity_report(name)
     yield {
         "name": name,

@@ -95,6 +95,16 @@ def onnx_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
+def slot_decoder_file(name: str) -> Path:
+    """decoder=slots: the causal LM as one graph whose cache is written in place."""
+    return zoo_dir(name) / "onnx" / "decoder_slots.onnx"
+
+
+def slot_decoder_record(name: str) -> Path:
+    """What the slots stage built and checked: the graph's sha256, the tokens it decoded."""
+    return zoo_dir(name) / "onnx" / "decoder_slots.json"
+
+
 def external_data_file(onnx_file: Path) -> Path:
     """Where an ONNX file's weights are when they are not inside it (catalog.EXTERNAL_DATA_BYTES):
     beside it, under the name its graph refers to, wherever the pair is copied."""

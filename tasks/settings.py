@@ -228,6 +228,11 @@ class Settings:
                 f"{', '.join(catalog.FROM_FP32)} are made from the fp32 file by a recipe that "
                 "makes them (settings.quantization chooses it), fp32 by none"
             )
+        if self.decoder == "slots" and recipe is not None:
+            raise SettingsError(
+                f"decoder=slots with precision={self.precision}: the slot decoder is built in "
+                "fp32 from the checkpoint; use precision=fp32, or decoder=inline"
+            )
         if self.trt_compat != "none" and backend != "tensorrt":
             raise SettingsError(
                 f"trt_compat={self.trt_compat}: only TensorRT plans have a hardware "
@@ -482,10 +487,15 @@ def choose_decoder(task_name: str, spec: catalog.TaskSpec, backend: str, given: 
             )
         return None
     decoder = choose("decoder", given or ("inline" if backend == "python" else "models"), DECODERS)
-    if decoder == "inline" and backend != "python":
+    if decoder in ("inline", "slots") and backend != "python":
         raise SettingsError(
-            f"decoder=inline: ONNX Runtime inside the generate model is backend=python; "
+            f"decoder={decoder}: ONNX Runtime inside the generate model is backend=python; "
             f"backend={backend} serves each exported file as a Triton model (decoder=models)"
+        )
+    if decoder == "slots" and spec.generation != "causal":
+        raise SettingsError(
+            f"decoder=slots: a causal LM's graph (task=causallm); task={task_name} takes "
+            "decoder=inline or models"
         )
     return decoder
 

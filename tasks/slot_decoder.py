@@ -1,9 +1,9 @@
-"""A CPU decoder for the in-flight loop whose cache is written in place: one ONNX graph on
-ONNX Runtime's GroupQueryAttention (com.microsoft), built here from a Llama-family checkpoint.
-
-Not wired into the build yet (branch gqa-slots): the next steps are a stage that writes
-`decoder_slots.onnx` for the model types of SLOT_MODEL_TYPES, parity against generate(), the
-repo and pbtxt carrying it to the generate model, and the decode limit on this graph.
+"""Stage `slots` (decoder=slots): a CPU decoder for the in-flight loop whose cache is written
+in place, one ONNX graph on ONNX Runtime's GroupQueryAttention (com.microsoft), built here
+from a Llama-family checkpoint into model_zoo/<name>/onnx/decoder_slots.onnx, with its record
+(sha256). The parity stage proves its greedy tokens equal generate() with rows joining the
+in-flight loop at different times; the generate and stream models serve it in place of the
+exported parts (which TensorRT and decoder=inline or models keep).
 
 The graph takes `input_ids` [rows, positions] (a prompt, right-padded, or one token a row),
 `attention_mask` [rows, total] (a row's ones count its tokens, this call's included; only the
@@ -22,6 +22,12 @@ onnx when called.
 from __future__ import annotations
 
 from pathlib import Path
+
+from doit.tools import config_changed
+
+from tasks import artifacts, exporters, paths
+from tasks.errors import ExportError, fails_cleanly
+from tasks.settings import Settings, current
 
 # Model types whose decoder layer this graph is: RMSNorm, q/k/v/o projections (Qwen2's with
 # biases), RoPE, SwiGLU MLP; grouped-query attention or not.
@@ -170,3 +176,49 @@ def build(source: Path, target: Path, positions: int | None = None) -> None:
     graph = helper.make_graph(nodes, "slot_decoder", inputs, outputs, initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
     onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(target))
+
+
+def install(settings: Settings) -> None:
+    """Build the graph of the deployment's checkpoint and write it, then its record."""
+    from transformers import AutoConfig
+
+    name = settings.name
+    source = paths.source_dir(name)
+    try:
+        check(AutoConfig.from_pretrained(source, local_files_only=True))
+    except SlotDecoderError as err:
+        raise ExportError(f"decoder=slots: {err}; use decoder=inline") from None
+    if exporters.external_data(source):
+        raise ExportError(
+            "decoder=slots: the checkpoint's fp32 weights pass 2 GiB, which one ONNX file does "
+            "not hold and this graph does not write beside it yet; use decoder=inline"
+        )
+    target, record = paths.slot_decoder_file(name), paths.slot_decoder_record(name)
+    record.unlink(missing_ok=True)  # the record comes back last
+    print(f"slots: building {target.relative_to(paths.ROOT)} (GroupQueryAttention)", flush=True)
+    with artifacts.atomic_target(target) as staged:
+        build(source, staged)
+    artifacts.write_json(record, {**artifacts.onnx_record(target), "opset": OPSET})
+    print(f"slots: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB)")
+
+
+def task_slots():
+    """decoder=slots: the causal LM as one graph whose cache is written in place."""
+    settings = current()
+    if settings.decoder != "slots":
+        return
+    name = settings.name
+    target, record = paths.slot_decoder_file(name), paths.slot_decoder_record(name)
+    params = {
+        "opsets": [OPSET, MS_OPSET],
+        "model_types": SLOT_MODEL_TYPES,
+        "versions": artifacts.versions("onnx", "transformers", "torch"),
+    }
+    yield {
+        "name": name,
+        "actions": [(fails_cleanly(install), [settings])],
+        "file_dep": [paths.source_manifest(name), paths.stage_module("slot_decoder")],
+        "targets": [target, record],
+        "uptodate": [config_changed(params), artifacts.file_matches_record(target, record)],
+        "clean": [(artifacts.remove_artifacts, [[target, record]])],
+    }

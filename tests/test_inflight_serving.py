@@ -21,8 +21,13 @@ from tests.helpers.serving import generation_outcomes as outcomes
 pytestmark = pytest.mark.server
 
 SHAPES = ("batch=1,4,8", "seq=1,32,512")  # up to 512 new tokens: long rows to join and cancel
-# llamabls' stream answers every 3 steps (stream_interval): the other tests hold for it too
-DEPLOYMENTS = {"llama": (), "llamabls": ("decoder=models", "stream_interval=3")}
+# llamabls' stream answers every 3 steps (stream_interval): the other tests hold for it too;
+# llamaslots serves the slot decoder (GroupQueryAttention: heads of 16 values, a model of its own)
+DEPLOYMENTS = {
+    "llama": ("llama", ()),
+    "llamabls": ("llama", ("decoder=models", "stream_interval=3")),
+    "llamaslots": ("llama16", ("decoder=slots",)),
+}
 PROMPTS = [
     "The quick brown fox",
     "A short one.",
@@ -36,14 +41,23 @@ OPTION_TYPES = {"MAX_NEW_TOKENS": np.int32, "TEMPERATURE": np.float32, "SEED": n
 
 @pytest.fixture(scope="module")
 def inflight(tmp_path_factory, generation_models):
+    from tasks.bench_model import save_llama
     from tasks.server import EmbeddedTritonServer
+    from tests.helpers.models import generation_tokenizer
 
+    models = {
+        "llama": generation_models["llama"],
+        "llama16": save_llama(
+            tmp_path_factory.mktemp("llama16"), generation_tokenizer("causal"), seed=0,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3,
+        ),
+    }  # fmt: skip
     project = copy_project(tmp_path_factory.mktemp("inflight") / "project")
-    for name, more in DEPLOYMENTS.items():
-        model = f"model={generation_models['llama']}"
-        project.doit("task=causallm", model, f"name={name}", *SHAPES, *more)
+    for name, (model, more) in DEPLOYMENTS.items():
+        project.doit("task=causallm", f"model={models[model]}", f"name={name}", *SHAPES, *more)
     with EmbeddedTritonServer(project.root / "models", quiet=True) as server:
-        yield server, generation_models["llama"]
+        yield server, {name: models[model] for name, (model, _) in DEPLOYMENTS.items()}
 
 
 def request(server, model: str, prompt: str, **options) -> tuple[str, list[int]]:
@@ -120,7 +134,8 @@ def test_rows_joining_at_different_times_decode_as_alone(inflight, name):
     lengths)."""
     from tests.test_generation import hf_generate
 
-    server, model_dir = inflight
+    server, model_dirs = inflight
+    model_dir = model_dirs[name]
     jobs = [
         {"MAX_NEW_TOKENS": 40},
         {"MAX_NEW_TOKENS": 7},
@@ -139,11 +154,12 @@ def test_rows_joining_at_different_times_decode_as_alone(inflight, name):
             assert ids == hf_generate(model_dir, "causallm", prompt, job["MAX_NEW_TOKENS"])
 
 
-def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(inflight):
+@pytest.mark.parametrize("name", ["llama", "llamaslots"])
+def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(inflight, name):
     server, _ = inflight
     for prompt in PROMPTS:
-        text, ids = request(server, "llama", prompt, MAX_NEW_TOKENS=48)
-        pieces, streamed_ids = stream(server, "llama", prompt, MAX_NEW_TOKENS=48)
+        text, ids = request(server, name, prompt, MAX_NEW_TOKENS=48)
+        pieces, streamed_ids = stream(server, name, prompt, MAX_NEW_TOKENS=48)
         assert "".join(pieces) == text, prompt
         assert streamed_ids == ids
         # bytes of a character not yet whole are held back: only the flush may end with them

@@ -126,15 +126,24 @@ class TritonPythonModel:
         self.stream_interval = params.read("stream_interval", int)  # steps per stream response
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         step_models = params.read("step_models", json.loads)
+        max_rows = max(int(config["max_batch_size"]), 1)  # the profile's batch MAX
+        threads = params.read("intra_op_threads", int)
+        slot_buffer = params.read("slot_buffer", int)
+        kind = self.kind
         if step_models:  # decoder=models: each exported file is a Triton model of its own
             steps = {part: BlsStep(**step) for part, step in step_models.items()}
+        elif slot_buffer:  # decoder=slots: one graph, each row's cache a slot written in place
+            path = version_dir / "decoder_slots.onnx"
+            steps = {
+                "decoder_slots": decoding.OnnxRuntimeSlotStep(path, max_rows, slot_buffer, threads)
+            }
+            kind = "slots"
         else:
             parts = params.read("parts", json.loads)
             files = {part: version_dir / f"{part}.onnx" for part in parts}
-            threads, spinning = params.read("intra_op_threads", int), params.read("spinning", int)
-            steps = decoding.onnxruntime_steps(files, threads, spinning)
+            steps = decoding.onnxruntime_steps(files, threads, params.read("spinning", int))
         running = batch.RunningBatch(
-            self.kind,
+            kind,
             steps,
             pad_id=params.read("pad_token_id", int),
             start_id=params.read("decoder_start_token_id", int),
@@ -144,7 +153,7 @@ class TritonPythonModel:
         self.loop = scheduler.Scheduler(
             running,
             eos_ids=params.read("eos_token_ids", json.loads),
-            max_rows=max(int(config["max_batch_size"]), 1),  # the profile's batch MAX
+            max_rows=max_rows,
             max_waiting=params.read("max_queue", int),
             queue_timeout_s=params.read("queue_timeout_ms", int) / 1000,
             on_error=lambda err: pb_utils.Logger.log_error(f"generation step failed: {err}"),

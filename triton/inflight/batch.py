@@ -13,6 +13,10 @@ the cache of rows that started at different times is laid out as a row alone wou
   going with it), or, when the columns every remaining row hides can be cut, the cache is
   cut and taken (one copy). So a step's cache is never longer than its longest
   row's own cache: a row that fits the TensorRT profile alone fits with any batch-mates.
+- decoder=slots (a causal LM's one graph on GroupQueryAttention, tasks/slot_decoder.py): row
+  i's cache is slot i of buffers the step writes in place, as long as the row's own tokens;
+  a joining row is prefilled straight into the next free slots, a leaving one's slot is
+  written over by the tail's (SlotGroup): nothing is padded, nothing copied at a step.
 - seq2seq (T5): the decoder's self-attention has no mask (relative positions count from
   the cache's start), so only rows at the same decoding step can share a call. Rows that
   join together are a group (a cohort) of their own; each group decodes one step per loop
@@ -166,12 +170,12 @@ class SlotGroup:
 
     @property
     def width(self) -> int:
-        """The longest row's cache and the token it reads: what the next step's mask spans."""
-        return int(self.lengths.max()) + 1
+        """The longest row's cache: what the next step reads (its own token written after)."""
+        return int(self.lengths.max())
 
     def step(self, step) -> np.ndarray:
         tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
-        mask = (np.arange(self.width)[None, :] <= self.lengths[:, None]).astype(np.int64)
+        mask = (np.arange(self.width + 1)[None, :] <= self.lengths[:, None]).astype(np.int64)
         logits = step(tokens, mask, 0)
         self.lengths = self.lengths + 1
         return logits
