@@ -62,6 +62,11 @@ def test_each_task_has_its_default_model_and_name(task):
         ),
         ({"task": "t5", "decoder": "bls"}, "decoder=bls: unknown decoder; choose one of inline"),
         ({"decoder": "models"}, "decoder=models: only generation tasks (t5, causallm) have"),
+        ({"task": "t5", "decoder": "slots"}, "decoder=slots: a causal LM's graph (task=causallm)"),
+        (
+            {"task": "causallm", "decoder": "slots", "precision": "int8"},
+            "decoder=slots with precision=int8: the slot decoder is built in fp32",
+        ),
         ({"loadgen": "locust"}, "loadgen=locust: unknown loadgen; choose one of python, perf_"),
         ({"suite": "quick"}, "suite=quick: unknown suite; choose one of lean, slow, all"),
         ({"replicas": "0"}, "replicas=0: expected a whole number from 1 to 16"),

@@ -31,6 +31,21 @@ def slots(tmp_path_factory):
     return model_dir, target
 
 
+def test_what_the_graph_does_not_take_is_refused_in_words():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig
+
+    from tasks import slot_decoder
+
+    for config, reason in [
+        (GPT2Config(), "model type 'gpt2' has no slot decoder"),
+        (LlamaConfig(hidden_size=32, num_attention_heads=4), "a head of 8 values"),
+        (LlamaConfig(hidden_act="gelu"), "SwiGLU without bias"),
+        (MistralConfig(sliding_window=64), "a sliding window of 64 positions"),
+    ]:
+        with pytest.raises(slot_decoder.SlotDecoderError, match=reason):
+            slot_decoder.check(config)
+
+
 def test_rows_joining_at_different_times_decode_as_generate_does(slots):
     from transformers import AutoTokenizer
 
