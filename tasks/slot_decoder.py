@@ -25,8 +25,9 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import artifacts, exporters, paths
+from tasks import artifacts, exporters, paths, profiles
 from tasks.errors import ExportError, fails_cleanly
+from tasks.facts import checkpoint_facts
 from tasks.settings import Settings, current
 
 # Model types whose decoder layer this graph is: RMSNorm, q/k/v/o projections (Qwen2's with
@@ -39,25 +40,28 @@ class SlotDecoderError(ValueError):
     """The checkpoint is not one this graph can be built for; the message names why."""
 
 
-def check(config) -> None:
+def check(config, longest: int | None = None) -> None:
+    """Refuse a checkpoint this graph is not (SlotDecoderError, the reason in words); `longest`:
+    the most positions a row of the deployment holds (a sliding window past it never acts)."""
     if config.model_type not in SLOT_MODEL_TYPES:
         raise SlotDecoderError(
             f"model type {config.model_type!r} has no slot decoder (only {SLOT_MODEL_TYPES})"
         )
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
         raise SlotDecoderError("the slot decoder's MLP is SwiGLU without bias")
+    if getattr(config, "attention_bias", False):  # Qwen2's q, k, v biases it builds; no others
+        raise SlotDecoderError("attention projections with biases (attention_bias) are not built")
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head % 16:  # GroupQueryAttention's CPU kernel
         raise SlotDecoderError(
             f"a head of {head} values: GroupQueryAttention takes multiples of 16"
         )
     window = getattr(config, "sliding_window", None)
-    if (
-        window
-        and getattr(config, "use_sliding_window", True)
-        and window < config.max_position_embeddings
-    ):
-        raise SlotDecoderError(f"a sliding window of {window} positions is not built")
+    reach = longest or config.max_position_embeddings
+    if window and getattr(config, "use_sliding_window", True) and window < reach:
+        raise SlotDecoderError(
+            f"a sliding window of {window} positions is not built (rows here reach {reach})"
+        )
 
 
 def build(source: Path, target: Path, positions: int | None = None) -> None:
@@ -184,8 +188,10 @@ def install(settings: Settings) -> None:
 
     name = settings.name
     source = paths.source_dir(name)
-    try:
-        check(AutoConfig.from_pretrained(source, local_files_only=True))
+    facts = checkpoint_facts(name)
+    try:  # a row holds at most the profile's longest cache and its token
+        longest = profiles.cache_limit(settings, facts["max_positions"]) + 2
+        check(AutoConfig.from_pretrained(source, local_files_only=True), longest)
     except SlotDecoderError as err:
         raise ExportError(f"decoder=slots: {err}; use decoder=inline") from None
     if exporters.external_data(source):
@@ -210,6 +216,7 @@ def task_slots():
     name = settings.name
     target, record = paths.slot_decoder_file(name), paths.slot_decoder_record(name)
     params = {
+        "shapes": settings.shape_points(),  # the longest row, against a sliding window
         "opsets": [OPSET, MS_OPSET],
         "model_types": SLOT_MODEL_TYPES,
         "versions": artifacts.versions("onnx", "transformers", "torch"),
@@ -217,7 +224,11 @@ def task_slots():
     yield {
         "name": name,
         "actions": [(fails_cleanly(install), [settings])],
-        "file_dep": [paths.source_manifest(name), paths.stage_module("slot_decoder")],
+        "file_dep": [
+            paths.source_manifest(name),
+            paths.stage_module("slot_decoder"),
+            paths.stage_module("facts"),
+        ],
         "targets": [target, record],
         "uptodate": [config_changed(params), artifacts.file_matches_record(target, record)],
         "clean": [(artifacts.remove_artifacts, [[target, record]])],

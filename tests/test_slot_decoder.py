@@ -40,7 +40,9 @@ def test_what_the_graph_does_not_take_is_refused_in_words():
         (GPT2Config(), "model type 'gpt2' has no slot decoder"),
         (LlamaConfig(hidden_size=32, num_attention_heads=4), "a head of 8 values"),
         (LlamaConfig(hidden_act="gelu"), "SwiGLU without bias"),
+        (LlamaConfig(attention_bias=True), "attention projections with biases"),
         (MistralConfig(sliding_window=64), "a sliding window of 64 positions"),
+        (MistralConfig(), r"a sliding window of 4096 positions is not built \(rows here reach"),
     ]:
         with pytest.raises(slot_decoder.SlotDecoderError, match=reason):
             slot_decoder.check(config)
