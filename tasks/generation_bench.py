@@ -10,7 +10,8 @@ deployment and the model's positions allow), closed loop at each concurrency, th
 - `onnxruntime_inflight`: the server's in-flight loop (triton/inflight/) in-process, on the
   same steps, at the highest concurrency: what the loop itself allows, without Triton's
   responses;
-- `onnxruntime_decode_limit`: the exported `decoder_with_past_model` alone, in-process, at
+- `onnxruntime_decode_limit`: the decode step alone (the exported `decoder_with_past_model`,
+  or decoder=slots' graph), in-process, at
   batch = concurrency and a realistic cache (the mix's mean prompt plus half its mean new
   tokens): the most tokens per second the decode step allows, the served loop's ceiling;
 - `pytorch`: Hugging Face `generate()`, one request at a time.
@@ -241,7 +242,11 @@ def decode_steps(settings: Settings, cache: int, prompt: int):
     if settings.decoder == "slots":
         most = max(settings.bench.concurrency)
         slots = decoding.OnnxRuntimeSlotStep(
-            paths.slot_decoder_file(settings.name), most, cache + 2, serving.ort_threads
+            paths.slot_decoder_file(settings.name),
+            most,
+            cache + 2,
+            serving.ort_threads,
+            serving.ort_spin,
         )
 
         def slot_step(batch: int):

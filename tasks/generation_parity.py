@@ -77,6 +77,7 @@ def running_batch(settings: Settings, facts: dict, modules: dict):
             settings.batch.max,
             cache_limit + 2,  # as pbtxt's slot_buffer
             serving.ort_threads,
+            serving.ort_spin,
         )
         return modules["batch"].RunningBatch("slots", {"decoder_slots": step}, facts["pad_id"])
     files = {part: settings.model_file(part) for part in settings.task.onnx_parts}

@@ -101,7 +101,7 @@ def slot_decoder_file(name: str) -> Path:
 
 
 def slot_decoder_record(name: str) -> Path:
-    """What the slots stage built and checked: the graph's sha256, the tokens it decoded."""
+    """What the slots stage built: the graph's sha256 and opset."""
     return zoo_dir(name) / "onnx" / "decoder_slots.json"
 
 

@@ -64,8 +64,9 @@ def check(config, longest: int | None = None) -> None:
         )
 
 
-def build(source: Path, target: Path, positions: int | None = None) -> None:
-    """Write the graph of the checkpoint in `source` to `target` (see module doc)."""
+def build(source: Path, target: Path, longest: int | None = None) -> None:
+    """Write the graph of the checkpoint in `source` to `target` (see module doc); `longest`,
+    as `check` takes it."""
     import numpy as np
     import onnx
     import torch
@@ -74,10 +75,10 @@ def build(source: Path, target: Path, positions: int | None = None) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     config = model.config
-    check(config)
+    check(config, longest)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head = getattr(config, "head_dim", None) or config.hidden_size // heads
-    positions = positions or config.max_position_embeddings
+    positions = config.max_position_embeddings
     weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     initializers, nodes = [], []
 
@@ -203,7 +204,7 @@ def install(settings: Settings) -> None:
     record.unlink(missing_ok=True)  # the record comes back last
     print(f"slots: building {target.relative_to(paths.ROOT)} (GroupQueryAttention)", flush=True)
     with artifacts.atomic_target(target) as staged:
-        build(source, staged)
+        build(source, staged, longest)
     artifacts.write_json(record, {**artifacts.onnx_record(target), "opset": OPSET})
     print(f"slots: {target.relative_to(paths.ROOT)} ({target.stat().st_size / 2**20:.1f} MiB)")
 
@@ -228,6 +229,8 @@ def task_slots():
             paths.source_manifest(name),
             paths.stage_module("slot_decoder"),
             paths.stage_module("facts"),
+            paths.stage_module("profiles"),  # the longest row, against a sliding window
+            paths.stage_module("exporters"),  # the weights' size
         ],
         "targets": [target, record],
         "uptodate": [config_changed(params), artifacts.file_matches_record(target, record)],

@@ -46,6 +46,7 @@ def test_what_the_graph_does_not_take_is_refused_in_words():
     ]:
         with pytest.raises(slot_decoder.SlotDecoderError, match=reason):
             slot_decoder.check(config)
+    slot_decoder.check(MistralConfig(), longest=4000)  # rows within the window: taken
 
 
 def test_rows_joining_at_different_times_decode_as_generate_does(slots):

@@ -108,10 +108,12 @@ class OnnxRuntimeSlotStep:
     in place (past and present bound to the same memory). `__call__(ids, mask, start)` runs
     rows start.. start+len(ids) of the buffers; `move(place, row)` copies a slot."""
 
-    def __init__(self, path: Path, max_rows: int, buffer: int, threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, max_rows: int, buffer: int, threads: int = 0, spinning: int = 1
+    ) -> None:
         import onnxruntime as ort
 
-        options = session_options(threads, 1, taking_turns=True)
+        options = session_options(threads, spinning, taking_turns=True)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.buffers = {}
         for tensor in self.session.get_inputs():

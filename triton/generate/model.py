@@ -134,9 +134,10 @@ class TritonPythonModel:
             steps = {part: BlsStep(**step) for part, step in step_models.items()}
         elif slot_buffer:  # decoder=slots: one graph, each row's cache a slot written in place
             path = version_dir / "decoder_slots.onnx"
-            steps = {
-                "decoder_slots": decoding.OnnxRuntimeSlotStep(path, max_rows, slot_buffer, threads)
-            }
+            slots = decoding.OnnxRuntimeSlotStep(
+                path, max_rows, slot_buffer, threads, params.read("spinning", int)
+            )
+            steps = {"decoder_slots": slots}
             kind = "slots"
         else:
             parts = params.read("parts", json.loads)
