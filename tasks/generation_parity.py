@@ -69,22 +69,20 @@ class LoopJob:
 def running_batch(settings: Settings, facts: dict, modules: dict):
     """The in-flight loop's batch on this build's files, as the generate model makes it: the
     slot decoder's graph (decoder=slots), or the exported parts."""
-    cache_limit = profiles.cache_limit(settings, facts["max_positions"])
-    serving = settings.serving
     if settings.decoder == "slots":
+        serving = settings.serving
         step = modules["decoding"].OnnxRuntimeSlotStep(
             paths.slot_decoder_file(settings.name),
             settings.batch.max,
-            cache_limit + 2,  # as pbtxt's slot_buffer
+            profiles.slot_positions(settings, facts["max_positions"]),  # as pbtxt's slot_buffer
             serving.ort_threads,
             serving.ort_spin,
         )
         return modules["batch"].RunningBatch("slots", {"decoder_slots": step}, facts["pad_id"])
-    files = {part: settings.model_file(part) for part in settings.task.onnx_parts}
-    steps = modules["decoding"].onnxruntime_steps(files, serving.ort_threads, serving.ort_spin)
+    _, generator = make_generator(settings, facts)  # its steps and cache limit
     return modules["batch"].RunningBatch(
-        settings.task.generation, steps, facts["pad_id"], int(facts["decoder_start_id"]),
-        cache_limit,
+        settings.task.generation, generator.steps, facts["pad_id"],
+        int(facts["decoder_start_id"]), generator.cache_limit,
     )  # fmt: skip
 
 

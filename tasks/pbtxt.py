@@ -238,7 +238,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "kind": spec.generation,
         "parts": json.dumps(["decoder_slots"] if slots else list(spec.onnx_parts)),
         # the slots' length: the longest cache the loop grows, and the token written into it
-        "slot_buffer": profiles.cache_limit(settings, facts["max_positions"]) + 2 if slots else 0,
+        "slot_buffer": profiles.slot_positions(settings, facts["max_positions"]) if slots else 0,
         "step_models": json.dumps(step_models),
         "eos_token_ids": json.dumps(facts["eos_ids"]),
         "pad_token_id": facts["pad_id"],

@@ -56,6 +56,12 @@ def cache_limit(settings: Settings, max_positions: int = 0) -> int:
     return dim_ranges(settings, max_positions)[past][2]
 
 
+def slot_positions(settings: Settings, max_positions: int = 0) -> int:
+    """decoder=slots: the positions a row's slot holds, the longest cache the loop grows and
+    the token a step writes after it, with one to spare."""
+    return cache_limit(settings, max_positions) + 2
+
+
 def _dim_range(part: str, tensor: str, dim, table: dict, ranges: dict) -> Range:
     if isinstance(dim, int) and dim > 0:
         return (dim, dim, dim)

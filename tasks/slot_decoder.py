@@ -191,7 +191,7 @@ def install(settings: Settings) -> None:
     source = paths.source_dir(name)
     facts = checkpoint_facts(name)
     try:  # a row holds at most the profile's longest cache and its token
-        longest = profiles.cache_limit(settings, facts["max_positions"]) + 2
+        longest = profiles.slot_positions(settings, facts["max_positions"])
         check(AutoConfig.from_pretrained(source, local_files_only=True), longest)
     except SlotDecoderError as err:
         raise ExportError(f"decoder=slots: {err}; use decoder=inline") from None

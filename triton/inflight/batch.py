@@ -79,6 +79,19 @@ def stacked_right(values: list, width: int, axis: int = CACHE_AXIS):
     return out
 
 
+def padded(rows: list, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' prompts as one [rows, longest] array padded with `pad_id` on the right (or
+    the left, as Hugging Face pads a causal LM's batch), and its attention mask."""
+    width = max(len(row.prompt) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for index, row in enumerate(rows):
+        place = slice(width - len(row.prompt), width) if left else slice(0, len(row.prompt))
+        ids[index, place] = row.prompt
+        mask[index, place] = 1
+    return ids, mask
+
+
 def take_rows(value, rows: list[int]):
     xp = array_module(value)
     return value[xp.asarray(rows, dtype=xp.int64)]
@@ -93,12 +106,7 @@ class CausalGroup:
     @classmethod
     def prefill(cls, steps: dict, rows: list, pad_id: int) -> tuple[CausalGroup, np.ndarray]:
         """Joining rows' prompts through decoder_model, left-padded together."""
-        width = max(len(row.prompt) for row in rows)
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for index, row in enumerate(rows):
-            ids[index, width - len(row.prompt) :] = row.prompt
-            mask[index, width - len(row.prompt) :] = 1
+        ids, mask = padded(rows, pad_id, left=True)
         positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
         cache: dict = {}
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
@@ -150,33 +158,32 @@ class CausalGroup:
 
 
 class SlotGroup:
-    """All rows of a causal LM on a slot decoder (decoding.OnnxRuntimeSlotStep): row i's
-    cache is slot i, as long as the row's own tokens; nothing is padded or copied at a step."""
+    """All rows of a causal LM on a slot decoder (steps["decoder_slots"], a
+    decoding.OnnxRuntimeSlotStep): row i's cache is slot i, as long as the row's own tokens;
+    nothing is padded or copied at a step."""
 
-    def __init__(self, rows: list, lengths: np.ndarray) -> None:
-        self.rows, self.lengths = rows, lengths
+    def __init__(self, rows: list, lengths: np.ndarray, slots) -> None:
+        self.rows, self.lengths, self.slots = rows, lengths, slots
 
     @classmethod
-    def prefill(cls, step, rows: list, pad_id: int, start: int) -> tuple[SlotGroup, np.ndarray]:
+    def prefill(
+        cls, steps: dict, rows: list, pad_id: int, start: int
+    ) -> tuple[SlotGroup, np.ndarray]:
         """Joining rows' prompts, right-padded together, into slots start.. on."""
-        width = max(len(row.prompt) for row in rows)
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for index, row in enumerate(rows):
-            ids[index, : len(row.prompt)] = row.prompt
-            mask[index, : len(row.prompt)] = 1
-        logits = step(ids, mask, start)
-        return cls(list(rows), mask.sum(axis=1)), logits
+        ids, mask = padded(rows, pad_id)
+        slots = steps["decoder_slots"]
+        logits = slots(ids, mask, start)
+        return cls(list(rows), mask.sum(axis=1), slots), logits
 
     @property
     def width(self) -> int:
         """The longest row's cache: what the next step reads (its own token written after)."""
         return int(self.lengths.max())
 
-    def step(self, step) -> np.ndarray:
+    def step(self, steps: dict) -> np.ndarray:
         tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
         mask = (np.arange(self.width + 1)[None, :] <= self.lengths[:, None]).astype(np.int64)
-        logits = step(tokens, mask, 0)
+        logits = self.slots(tokens, mask, 0)
         self.lengths = self.lengths + 1
         return logits
 
@@ -185,11 +192,11 @@ class SlotGroup:
         self.rows += other.rows
         self.lengths = np.concatenate([self.lengths, other.lengths])
 
-    def keep(self, indices: list[int], step) -> None:
+    def keep(self, indices: list[int]) -> None:
         order = filled_order(indices)
         for place, row in enumerate(order):
             if place != row:
-                step.move(place, row)
+                self.slots.move(place, row)
         self.rows, self.lengths = [self.rows[i] for i in order], self.lengths[order]
 
 
@@ -205,12 +212,7 @@ class Seq2SeqGroup:
         cls, steps: dict, rows: list, pad_id: int, start_id: int
     ) -> tuple[Seq2SeqGroup, np.ndarray]:
         """The encoder over the joining rows' prompts (right-padded), then the first step."""
-        width = max(len(row.prompt) for row in rows)
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for index, row in enumerate(rows):
-            ids[index, : len(row.prompt)] = row.prompt
-            mask[index, : len(row.prompt)] = 1
+        ids, mask = padded(rows, pad_id)
         hidden = steps["encoder_model"]({"input_ids": ids, "attention_mask": mask})
         cache: dict = {}
         feed = {
@@ -265,19 +267,13 @@ class RunningBatch:
     def join(self, joining: list) -> list[tuple[object, np.ndarray]]:
         """Prefill the joining rows (their first token's logits) and add them to the batch;
         (row, logits) for each."""
-        if self.kind == "slots":
-            step = self.steps["decoder_slots"]
-            group, logits = SlotGroup.prefill(step, joining, self.pad_id, len(self))
-            if self.groups:
-                self.groups[0].absorb(group)
-            else:
-                self.groups.append(group)
-            return list(zip(joining, logits))
-        if self.kind == "causal":
+        if self.kind == "slots":  # into the slots after the rows' (compacted at each leave)
+            group, logits = SlotGroup.prefill(self.steps, joining, self.pad_id, len(self))
+        elif self.kind == "causal":
             group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
         else:
             group, logits = Seq2SeqGroup.prefill(self.steps, joining, self.pad_id, self.start_id)
-        if self.kind == "causal" and self.groups:
+        if self.kind != "seq2seq" and self.groups:  # one group of every row
             self.groups[0].absorb(group)
         else:
             self.groups.append(group)
@@ -291,19 +287,14 @@ class RunningBatch:
                 raise RuntimeError(  # cannot happen when the door checks each row alone
                     f"a step would read a cache of {group.width} > the profile's {self.cache_limit}"
                 )
-            step = self.steps["decoder_slots"] if self.kind == "slots" else self.steps
-            out += list(zip(group.rows, group.step(step)))
+            out += list(zip(group.rows, group.step(self.steps)))
         return out
 
     def remove(self, leaving: set) -> None:
         """Drop these rows (finished or cancelled) and their cache."""
         for group in self.groups:
             if any(row in leaving for row in group.rows):
-                staying = [i for i, row in enumerate(group.rows) if row not in leaving]
-                if self.kind == "slots":
-                    group.keep(staying, self.steps["decoder_slots"])
-                else:
-                    group.keep(staying)
+                group.keep([i for i, row in enumerate(group.rows) if row not in leaving])
         self.groups = [group for group in self.groups if group.rows]
 
     def clear(self) -> None:
