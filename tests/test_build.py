@@ -152,6 +152,7 @@ def test_a_corrupted_onnx_file_is_noticed_and_rebuilt(built):
     assert hashlib.sha256(served.read_bytes()).hexdigest() == record["sha256"]
 
 
+@pytest.mark.slow  # 40 s: two parity runs; test_fp16's perturbed file stops a build in the lean run
 def test_a_tampered_export_fails_parity_naming_the_output(built):
     import onnx
     from onnx import numpy_helper

@@ -225,6 +225,29 @@ def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_as
         loop.stop()
 
 
+def test_a_row_that_reaches_an_eos_leaves_with_it_and_its_batch_mate_goes_on():
+    """EOS ends a row (the EOS token is its last), its request is answered at that step, and
+    the row beside it decodes on as alone (the served chain, generation_config's EOS into the
+    pbtxt, is test_generation's)."""
+    modules = load_inflight()
+    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
+    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    loop = modules["scheduler"].Scheduler(running, eos_ids=[5, 30], max_rows=4)
+    try:
+        ending, going = WatchedJob(modules, [1, 2], 10), WatchedJob(modules, [10, 11], 10)
+        for job in (ending, going):
+            assert loop.submit(job)
+        while going.outcome is None:
+            loop.iterate()
+            if ending.outcome is None:
+                assert len(running) == 2
+        assert ending.outcome == going.outcome == "finished"
+        assert ending.rows[0].tokens == [3, 4, 5]  # stopped at the EOS, 7 steps before its max
+        assert going.rows[0].tokens == list(range(12, 22))  # 30 is beyond its 10 tokens
+    finally:
+        loop.stop()
+
+
 def test_a_long_queue_is_asked_in_turns_and_a_cancelled_waiting_request_is_answered():
     """Each step asks every running request but only `max_rows` waiting ones, in turn: all are
     asked within a few steps, and one cancelled deep in the queue is answered there."""
