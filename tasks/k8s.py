@@ -36,8 +36,9 @@ import re
 
 from doit.tools import config_changed
 
-from tasks import artifacts, paths
+from tasks import artifacts, paths, profiles
 from tasks.errors import ConfigError, SettingsError, fails_cleanly
+from tasks.facts import max_positions
 from tasks.settings import Settings, current
 
 # The Kubernetes objects `kubectl apply -k k8s/` creates, in the kustomization's order.
@@ -60,10 +61,12 @@ METRIC_WINDOW = "1m"  # the rate window of the adapter's query: several 15-30 s 
 MIN_AVAILABLE = 1  # the PodDisruptionBudget
 
 # What a pod asks for, unless cpu= and memory= say (tasks/variables.py tells how): a core per
-# instance of the model step and one for the server; memory from the weights in models/.
+# instance of the model step and one for the server; memory from the weights in models/ and,
+# for generation, the KV cache of each loop at the profile's maxima (profiles.loop_bytes).
 SERVER_MIB = 1024  # tritonserver, the python stubs, tokenizers: what an empty pod holds
 WEIGHT_COPIES = 2  # per instance: ONNX Runtime's copy of the weights and its arenas
-UNKNOWN_MEMORY_MIB = (4096, 8192)  # models/ does not hold the deployment: a guess, say so
+LOOP_PARTS = ("generate", "stream")  # the generation models that each run a loop per instance
+UNKNOWN_MEMORY_MIB = (4096, 8192)  # models/ or model_zoo/ does not hold it: a guess, say so
 MEMORY_STEP_MIB = 256  # amounts rounded up to this
 # /dev/shm, a Memory emptyDir (counted in the memory limit): the python backend's tensors in
 # flight, in regions that grow 1 MiB at a time per stub (docker-compose: shm_size 1g). A
@@ -142,23 +145,39 @@ def weights_mib(settings: Settings) -> int | None:
     return math.ceil(size / 2**20)
 
 
+def loops_mib(settings: Settings) -> float | None:
+    """MiB the deployment's generation loops hold at most in one instance of each (their KV
+    caches at the profile's maxima: profiles.loop_bytes), 0 for an encoder task, or None
+    when model_zoo/ does not hold its export (built elsewhere)."""
+    if not settings.task.generation:
+        return 0
+    io_file = paths.onnx_io(settings.name, "decoder_with_past_model")
+    if not io_file.is_file():
+        return None
+    io, positions = artifacts.read_json(io_file), max_positions(settings.name)
+    loops = sum(part in settings.triton_models for part in LOOP_PARTS)
+    return loops * profiles.loop_bytes(settings, io, positions) / 2**20
+
+
 def _round_up(mib: float) -> int:
     return math.ceil(mib / MEMORY_STEP_MIB) * MEMORY_STEP_MIB
 
 
 def pod_resources(settings: Settings) -> dict:
     """CPU cores, memory MiB (request, limit) and the /tmp emptyDir's MiB of a Triton pod:
-    cpu= and memory= when given, else sized from `instances` and the weights in models/."""
+    cpu= and memory= when given, else sized from `instances`, the weights in models/ and the
+    generation loops' caches (`known`: models/ and model_zoo/ hold what that takes)."""
     instances, weights = settings.serving.instances, weights_mib(settings)
     cpu = settings.kubernetes.cpu or (instances + 1, 2 * (instances + 1))
-    memory = settings.kubernetes.memory
-    if memory is None and weights is None:
+    memory, loops = settings.kubernetes.memory, loops_mib(settings)
+    known = weights is not None and loops is not None
+    if memory is None and not known:
         memory = UNKNOWN_MEMORY_MIB
     elif memory is None:
-        request = _round_up(SERVER_MIB + WEIGHT_COPIES * weights * instances)
+        request = _round_up(SERVER_MIB + (WEIGHT_COPIES * weights + loops) * instances)
         memory = (request, 2 * request + SHM_MIB)
     tmp = _round_up(2 * weights + TMP_HEADROOM_MIB) if weights is not None else UNKNOWN_TMP_MIB
-    return {"cpu": list(cpu), "memory": list(memory), "tmp": tmp, "weights": weights}
+    return {"cpu": list(cpu), "memory": list(memory), "tmp": tmp, "known": known}
 
 
 def cores(amount: float) -> str:
@@ -342,9 +361,9 @@ def render_manifests(settings: Settings) -> None:
             raise ConfigError(f"templates/k8s/{kind}.yaml.j2 renders invalid YAML: {err}") from err
         artifacts.write_text(paths.k8s_manifest(kind), text)
     resources = context["resources"]
-    if resources["weights"] is None and settings.kubernetes.memory is None:
+    if not resources["known"] and settings.kubernetes.memory is None:
         print(
-            f"k8s: models/ does not hold {settings.name}, so each pod asks for "
+            f"k8s: models/ (or model_zoo/) does not hold {settings.name}, so each pod asks for "
             f"{mebibytes(resources['memory'][0])} of memory, at most "
             f"{mebibytes(resources['memory'][1])}: a guess; build it here first, or pass "
             "memory=REQUEST,LIMIT"
@@ -365,6 +384,8 @@ def task_k8s():
         "file_dep": [
             *(paths.k8s_template(kind) for kind in RENDERED),
             paths.stage_module("k8s"),
+            paths.stage_module("profiles"),
+            paths.stage_module("facts"),
             paths.DOCKERFILE,
             *(paths.runtime_file("supervisor", name) for name in SUPERVISOR_FILES),
             *paths.runtime_modules("openai_api"),

@@ -1,5 +1,6 @@
 """Shape arithmetic of the TensorRT profiles: the one place that turns `batch` and `seq` into
-the (min, opt, max) of every dim an exported file has, and what that reserves on a GPU.
+the (min, opt, max) of every dim an exported file has, and what that reserves: on a GPU
+(engines' bindings), in a pod (the generation loops' caches, tasks/k8s.py).
 
 Pure arithmetic on the settings and an io.json (no TensorRT, no project state): the plan
 stage builds engines with it, pbtxt tells the decoding loop the cache it may grow, and the
@@ -92,17 +93,38 @@ def profile_shapes(
     return shapes
 
 
-def binding_bytes(settings: Settings, part: str, io: dict, max_positions: int = 0) -> int:
+def binding_bytes(
+    settings: Settings,
+    part: str,
+    io: dict,
+    max_positions: int = 0,
+    directions: tuple[str, ...] = ("input", "output"),
+) -> int:
     """What Triton's tensorrt backend allocates for one instance of this engine when it loads:
     every input and output binding at the profile's maximum shape."""
     dtypes = {t["name"]: t["dtype"] for t in io["inputs"] + io["outputs"]}
     total = 0
-    for direction in ("input", "output"):
+    for direction in directions:
         for name, (_, _, high) in profile_shapes(
             settings, part, io, max_positions, direction
         ).items():
             total += math.prod(high) * DTYPE_BYTES[dtypes[name]]
     return total
+
+
+def loop_bytes(settings: Settings, io: dict, max_positions: int = 0) -> int:
+    """What one generation loop (a model instance) holds at the profile's maxima, from
+    decoder_with_past_model's inputs and outputs: a step's (the batch's cache in and out,
+    the logits); with decoder=slots, its buffers, written in place: each cache tensor once,
+    `slot_positions` long where a step's cache is `cache_limit` long."""
+    part = "decoder_with_past_model"
+    if settings.decoder != "slots":
+        return binding_bytes(settings, part, io, max_positions)
+    cache = {**io, "inputs": [t for t in io["inputs"] if t["name"].startswith("past_key_values")]}
+    per_limit = binding_bytes(settings, part, cache, max_positions, ("input",))
+    return (
+        per_limit * slot_positions(settings, max_positions) // cache_limit(settings, max_positions)
+    )
 
 
 def reserved_per_gpu(

@@ -419,9 +419,10 @@ VARIABLES: dict[str, Variable] = {
             None,
             _memory,
             "`doit k8s`: memory REQUEST,LIMIT of each Triton pod, e.g. `memory=4Gi,8Gi`",
-            chosen="from the deployment's files in `models/`: REQUEST 1 GiB for the server and "
-            "twice the weights per model instance (`instances`), LIMIT twice that plus "
-            "`/dev/shm`; `4Gi,8Gi` while `models/` does not hold the deployment",
+            chosen="from the deployment's files in `models/`: REQUEST 1 GiB for the server and, "
+            "per model instance (`instances`), twice the weights and a generation loop's KV "
+            "cache at the profile's maxima (in `<name>_generate` and `<name>_stream`), LIMIT "
+            "twice that plus `/dev/shm`; `4Gi,8Gi` while `models/` does not hold the deployment",
         ),
         Variable(
             "gpus",

@@ -3,6 +3,8 @@ their probes and ports agree with the server, and no credential is in them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
@@ -397,3 +399,62 @@ def test_no_credential_reaches_k8s(project):
     for manifest in project.path(paths.K8S_DIR).iterdir():
         text = manifest.read_text()
         assert not [v for v in SECRET_VALUES if v in text], manifest.name
+
+
+def test_a_generation_pod_also_holds_each_loops_kv_cache_at_the_profiles_maxima(
+    monkeypatch, tmp_path
+):
+    """Per instance, `<name>_generate` and `<name>_stream` each run a loop whose step holds
+    the batch's cache in and out at batch MAX and the longest cache (seq MAX + MAX_NEW_TOKENS
+    - 2 = 254 here); decoder=slots holds its buffers once, 256 positions long."""
+    monkeypatch.setattr(paths, "MODELS", tmp_path / "models")
+    monkeypatch.setattr(paths, "MODEL_ZOO", tmp_path / "model_zoo")
+    shapes = {"task": "causallm", "name": "gen", "batch": "1,4,16", "seq": "1,64,128"}
+    for model in settings_from(repo=REPO, **shapes).triton_models.values():
+        paths.repo_version_dir(model).mkdir(parents=True)
+    paths.repo_version_file("gen_generate", "model.onnx").write_bytes(b"\0" * 100 * 2**20)
+    assert resources(**shapes)["requests"]["memory"] == "4Gi"  # no export here: the guess
+    layers, kv_heads, head, vocab = 4, 8, 128, 1000
+    cache = ["batch_size", kv_heads, "past_sequence_length", head]
+    grown = ["batch_size", kv_heads, "past_sequence_length + 1", head]
+    io = {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {
+                "name": "attention_mask",
+                "dtype": "int64",
+                "shape": ["batch_size", "past_sequence_length + sequence_length"],
+            },
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            *(
+                {"name": f"past_key_values.{i}.{kind}", "dtype": "float32", "shape": cache}
+                for i in range(layers)
+                for kind in ("key", "value")
+            ),
+        ],
+        "outputs": [
+            {
+                "name": "logits",
+                "dtype": "float32",
+                "shape": ["batch_size", "sequence_length", vocab],
+            },
+            *(
+                {"name": f"present.{i}.{kind}", "dtype": "float32", "shape": grown}
+                for i in range(layers)
+                for kind in ("key", "value")
+            ),
+        ],
+    }
+    paths.onnx_io("gen", "decoder_with_past_model").parent.mkdir(parents=True)
+    paths.onnx_io("gen", "decoder_with_past_model").write_text(json.dumps(io))
+    paths.source_dir("gen").mkdir(parents=True)
+    paths.source_file("gen", "config.json").write_text('{"max_position_embeddings": 4096}')
+    per_position = 16 * kv_heads * head * 4 * 2 * layers  # a cache position of every row
+    step = 254 * per_position + 255 * per_position + 16 * (8 + 255 * 8 + 8) + 16 * vocab * 4
+    assert round(2 * step / 2**20, 1) == 509.2
+    # 1024 + 2 x 100 (weights) + 509.2 (two loops' steps) = 1733.2, rounded up to 256
+    assert resources(**shapes)["requests"]["memory"] == "1792Mi"
+    assert resources(**shapes, instances="2")["requests"]["memory"] == "2560Mi"  # 2442.4
+    # decoder=slots: 256 positions of every row once per loop, 2 x 128 MiB
+    assert 2 * 256 * per_position == 256 * 2**20
+    assert resources(**shapes, decoder="slots")["requests"]["memory"] == "1536Mi"  # 1480
