@@ -65,6 +65,15 @@ def workload(settings: Settings, texts: list) -> list[tuple[str, int]]:
     return mix
 
 
+def prompt_share(settings: Settings, mix: list[tuple[str, int]]) -> float:
+    """The prompts' share of the tokens the mix makes the loop compute (prompt tokens against
+    prompt and new tokens). The decode limit counts new tokens only: where compute bounds a
+    step (a CPU), the in-flight loop reaches at most about 1 - this share of it."""
+    tokenizer = prompt_tokenizer(settings)
+    prompts = sum(len(tokenizer.encode(text).ids) for text, _ in mix)
+    return round(prompts / (prompts + sum(new for _, new in mix)), 2) if mix else 0.0
+
+
 def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
@@ -440,11 +449,12 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def gap(systems: dict) -> dict:
+def gap(systems: dict, share: float = 0.0) -> dict:
     """Where the served stream's tokens/s at the highest concurrency go, against the decode
     limit, as factors of one run that multiply to served / limit: the loop itself (its
-    in-process in-flight figure / the limit: prefill, padding, cache copies), Triton answering
-    whole (whole answers / the loop in-process) and the stream's responses (stream / whole)."""
+    in-process in-flight figure / the limit: prefill, padding, cache copies; `prompt_share`
+    bounds it), Triton answering whole (whole answers / the loop in-process) and the stream's
+    responses (stream / whole)."""
     high = max((p["concurrency"] for p in systems.get("triton", [])), default=1)
     loop = _at(systems, "onnxruntime_inflight", high, "tokens_per_s")
     whole = _at(systems, "triton", high, "tokens_per_s", "grpc")
@@ -457,6 +467,7 @@ def gap(systems: dict) -> dict:
         "stream_vs_whole": _ratio(
             _at(systems, "triton", high, "tokens_per_s", "grpc_stream"), whole
         ),
+        "prompt_share": share,
     }
 
 
@@ -520,7 +531,10 @@ def report_lines(report: dict) -> list[str]:
             "",
             f"Where the stream's tokens/s at concurrency {share['concurrency']} go, against the "
             f"decode limit (factors that multiply to served / limit): the loop itself "
-            f"{share['loop_vs_decode_limit']} (in-process in-flight / limit), Triton answering "
+            f"{share['loop_vs_decode_limit']} (in-process in-flight / limit; the prompts are "
+            f"{share.get('prompt_share', 0):.0%} of the tokens it computes, which the limit does "
+            "not count: where compute bounds a step, the loop reaches at most about the rest), "
+            "Triton answering "
             f"whole {share['whole_vs_loop']} (whole answers / the loop), the stream's responses "
             f"{share['stream_vs_whole']} (stream / whole).",
         ]
