@@ -37,7 +37,7 @@ import re
 from doit.tools import config_changed
 
 from tasks import artifacts, paths, profiles
-from tasks.errors import ConfigError, SettingsError, fails_cleanly
+from tasks.errors import BuildError, ConfigError, SettingsError, fails_cleanly
 from tasks.facts import max_positions
 from tasks.settings import Settings, current
 
@@ -66,7 +66,7 @@ MIN_AVAILABLE = 1  # the PodDisruptionBudget
 SERVER_MIB = 1024  # tritonserver, the python stubs, tokenizers: what an empty pod holds
 WEIGHT_COPIES = 2  # per instance: ONNX Runtime's copy of the weights and its arenas
 LOOP_PARTS = ("generate", "stream")  # the generation models that each run a loop per instance
-UNKNOWN_MEMORY_MIB = (4096, 8192)  # models/ or model_zoo/ does not hold it: a guess, say so
+UNKNOWN_MEMORY_MIB = (4096, 8192)  # models/ does not hold the deployment: a guess, say so
 MEMORY_STEP_MIB = 256  # amounts rounded up to this
 # /dev/shm, a Memory emptyDir (counted in the memory limit): the python backend's tensors in
 # flight, in regions that grow 1 MiB at a time per stub (docker-compose: shm_size 1g). A
@@ -147,16 +147,20 @@ def weights_mib(settings: Settings) -> int | None:
 
 def loops_mib(settings: Settings) -> float | None:
     """MiB the deployment's generation loops hold at most in one instance of each (their KV
-    caches at the profile's maxima: profiles.loop_bytes), 0 for an encoder task, or None
-    when model_zoo/ does not hold its export (built elsewhere)."""
-    if not settings.task.generation:
+    caches at the profile's maxima: profiles.loop_bytes), 0 for an encoder task and on
+    TensorRT (the cache stays on the GPU, which the plan stage's reservation counts), or None
+    when model_zoo/ does not hold its export (built elsewhere) or its dims are unknown."""
+    if not settings.task.generation or settings.backend == "tensorrt":
         return 0
     io_file = paths.onnx_io(settings.name, "decoder_with_past_model")
     if not io_file.is_file():
         return None
     io, positions = artifacts.read_json(io_file), max_positions(settings.name)
     loops = sum(part in settings.triton_models for part in LOOP_PARTS)
-    return loops * profiles.loop_bytes(settings, io, positions) / 2**20
+    try:
+        return loops * profiles.loop_bytes(settings, io, positions) / 2**20
+    except BuildError:  # a dim the profiles do not know: the plan stage names it, not here
+        return None
 
 
 def _round_up(mib: float) -> int:
@@ -166,18 +170,24 @@ def _round_up(mib: float) -> int:
 def pod_resources(settings: Settings) -> dict:
     """CPU cores, memory MiB (request, limit) and the /tmp emptyDir's MiB of a Triton pod:
     cpu= and memory= when given, else sized from `instances`, the weights in models/ and the
-    generation loops' caches (`known`: models/ and model_zoo/ hold what that takes)."""
+    generation loops' caches (`weights` None: models/ does not hold the deployment; `loops`
+    None: model_zoo/ does not hold its export, so the caches go uncounted)."""
     instances, weights = settings.serving.instances, weights_mib(settings)
     cpu = settings.kubernetes.cpu or (instances + 1, 2 * (instances + 1))
     memory, loops = settings.kubernetes.memory, loops_mib(settings)
-    known = weights is not None and loops is not None
-    if memory is None and not known:
+    if memory is None and weights is None:
         memory = UNKNOWN_MEMORY_MIB
     elif memory is None:
-        request = _round_up(SERVER_MIB + (WEIGHT_COPIES * weights + loops) * instances)
+        request = _round_up(SERVER_MIB + (WEIGHT_COPIES * weights + (loops or 0)) * instances)
         memory = (request, 2 * request + SHM_MIB)
     tmp = _round_up(2 * weights + TMP_HEADROOM_MIB) if weights is not None else UNKNOWN_TMP_MIB
-    return {"cpu": list(cpu), "memory": list(memory), "tmp": tmp, "known": known}
+    return {
+        "cpu": list(cpu),
+        "memory": list(memory),
+        "tmp": tmp,
+        "weights": weights,
+        "loops": loops,
+    }
 
 
 def cores(amount: float) -> str:
@@ -361,12 +371,18 @@ def render_manifests(settings: Settings) -> None:
             raise ConfigError(f"templates/k8s/{kind}.yaml.j2 renders invalid YAML: {err}") from err
         artifacts.write_text(paths.k8s_manifest(kind), text)
     resources = context["resources"]
-    if not resources["known"] and settings.kubernetes.memory is None:
+    if resources["weights"] is None and settings.kubernetes.memory is None:
         print(
-            f"k8s: models/ (or model_zoo/) does not hold {settings.name}, so each pod asks for "
+            f"k8s: models/ does not hold {settings.name}, so each pod asks for "
             f"{mebibytes(resources['memory'][0])} of memory, at most "
             f"{mebibytes(resources['memory'][1])}: a guess; build it here first, or pass "
             "memory=REQUEST,LIMIT"
+        )
+    elif resources["loops"] is None and settings.kubernetes.memory is None:
+        print(
+            f"k8s: model_zoo/ does not hold {settings.name}'s export, so the memory each pod "
+            "asks for counts its weights but not its generation loops' KV caches; build it "
+            "here first, or pass memory=REQUEST,LIMIT"
         )
     print(f"k8s: wrote {paths.K8S_DIR.name}/ for {context['repo']}. Create the Secrets first")
     print("(the values come from your files, never through doit):")

@@ -413,7 +413,8 @@ def test_a_generation_pod_also_holds_each_loops_kv_cache_at_the_profiles_maxima(
     for model in settings_from(repo=REPO, **shapes).triton_models.values():
         paths.repo_version_dir(model).mkdir(parents=True)
     paths.repo_version_file("gen_generate", "model.onnx").write_bytes(b"\0" * 100 * 2**20)
-    assert resources(**shapes)["requests"]["memory"] == "4Gi"  # no export here: the guess
+    # no export in model_zoo/: the weights alone, 1024 + 2 x 100 rounded up to 256
+    assert resources(**shapes)["requests"]["memory"] == "1280Mi"
     layers, kv_heads, head, vocab = 4, 8, 128, 1000
     cache = ["batch_size", kv_heads, "past_sequence_length", head]
     grown = ["batch_size", kv_heads, "past_sequence_length + 1", head]
@@ -458,3 +459,12 @@ def test_a_generation_pod_also_holds_each_loops_kv_cache_at_the_profiles_maxima(
     # decoder=slots: 256 positions of every row once per loop, 2 x 128 MiB
     assert 2 * 256 * per_position == 256 * 2**20
     assert resources(**shapes, decoder="slots")["requests"]["memory"] == "1536Mi"  # 1480
+    # TensorRT: the cache stays on the GPU (the plan stage's reservation counts it)
+    monkeypatch.setattr(settings, "tensorrt_available", lambda: True)
+    for model in settings_from(repo=REPO, **shapes, backend="tensorrt").triton_models.values():
+        paths.repo_version_dir(model).mkdir(parents=True, exist_ok=True)
+    assert resources(**shapes, backend="tensorrt")["requests"]["memory"] == "1280Mi"
+    # an export whose dims the profiles do not know: its caches uncounted, not a failed load
+    io["inputs"][3]["shape"][2] = "past_len"
+    paths.onnx_io("gen", "decoder_with_past_model").write_text(json.dumps(io))
+    assert resources(**shapes)["requests"]["memory"] == "1280Mi"

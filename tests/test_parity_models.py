@@ -82,6 +82,40 @@ def test_a_tiny_random_roberta_passes_parity_for_every_task(
     assert report["shapes"] == [[1, 1], [2, 16], [4, 128]]
 
 
+def test_an_export_that_differs_from_pytorch_fails_parity_naming_output_and_shape(
+    project, tiny_roberta_dir
+):
+    """A weight changed in the exported file (as if the exporter had gone wrong, its record
+    rewritten to match): parity names each output that differs and where, and no repository
+    is written. (test_build's slow twin does it on MiniLM and puts the export back.)"""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    shapes = ("task=encode", f"model={tiny_roberta_dir}", "name=tamper", "batch=1,2,4")
+    project.doit(*shapes, "seq=1,16,128", "onnx")
+    onnx_file = project.path(paths.onnx_file("tamper"))
+    io_file = project.path(paths.onnx_io("tamper"))
+    model = onnx.load(str(onnx_file))
+    weight = next(w for w in model.graph.initializer if w.name.endswith("LayerNorm.bias"))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 0.1, weight.name))
+    onnx.save(model, str(onnx_file))
+    record = json.loads(io_file.read_text())
+    record["sha256"] = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    io_file.write_text(json.dumps(record))
+    run = project.doit(*shapes, "seq=1,16,128", check=False)
+    assert run.returncode != 0 and "onnx:tamper" not in run.executed
+    assert (
+        "ParityError: outputs differ from the PyTorch reference: last_hidden_state "
+        "(onnxruntime): max abs diff" in run.output
+    ), run.output
+    assert "; embedding (onnxruntime): max abs diff" in run.output
+    assert "(atol 0.0001, rtol 0.001; fails at 3 of 3 shapes)" in run.output
+    assert not project.path(paths.parity_report("tamper")).exists()
+    assert not [t for t in run.executed if t.startswith("repo:")]
+
+
 def test_switching_a_deployment_to_another_task_removes_its_old_parts(project, tiny_roberta_dir):
     shapes = ("batch=1,2,4", "seq=1,16,128", f"model={tiny_roberta_dir}", "name=switch")
     project.doit("task=seqcls", "backend=onnxruntime", *shapes)
