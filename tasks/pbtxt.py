@@ -234,6 +234,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         if settings.decoder == "models"
     }
     slots = settings.decoder == "slots"  # one graph, its cache in slots (tasks/slot_decoder.py)
+    interval = settings.serving.stream_interval
     parameters = {
         "kind": spec.generation,
         "parts": json.dumps(["decoder_slots"] if slots else list(spec.onnx_parts)),
@@ -255,7 +256,10 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "queue_timeout_ms": settings.serving.queue_timeout_ms,
         "intra_op_threads": settings.serving.ort_threads,
         "spinning": settings.serving.ort_spin,
-        "stream_interval": settings.serving.stream_interval,  # the stream's steps per response
+        # the stream's steps per response; 0 (auto): the loop's rows decide, for about this
+        # many responses a step
+        "stream_interval": 0 if interval == "auto" else interval,
+        "stream_responses": catalog.AUTO_STREAM_RESPONSES,
         # answered after execute() returned: the supervisor restarts the server when such a
         # model's stub dies holding requests (triton/supervisor/supervisor.py)
         "requests_outlive_execute": "true",

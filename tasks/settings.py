@@ -141,7 +141,7 @@ class Serving:
     queue_timeout_ms: int = default("queue_timeout_ms")
     ort_spin: int = default("ort_spin")
     batch_waste: float = default("batch_waste")
-    stream_interval: int = default("stream_interval")
+    stream_interval: int | str = default("stream_interval")  # steps, or "auto"
     one_hop: int = default("one_hop")  # python backend, encoder tasks: see Settings.one_hop
     gpus: tuple[int, ...] = default("gpus")  # instance_group gpus of GPU models; () = every GPU
 

@@ -50,6 +50,18 @@ def _whole_in(low: int, high: int) -> Callable[[str, str], int]:
     return lambda var, text: whole(var, text, low, high)
 
 
+def _stream_interval(var: str, text: str) -> int | str:
+    """`auto` (the loop's rows decide) or a whole number of steps."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return whole(var, text, 1, 1024)
+    except SettingsError:
+        raise SettingsError(
+            f"{var}={text}: expected auto or a whole number from 1 to 1024, e.g. {var}=4"
+        ) from None
+
+
 def _wholes_in(low: int, high: int) -> Callable[[str, str], tuple[int, ...]]:
     return lambda var, text: tuple(whole(var, p.strip(), low, high) for p in text.split(","))
 
@@ -482,12 +494,16 @@ VARIABLES: dict[str, Variable] = {
         ),
         Variable(
             "stream_interval",
-            str(catalog.STREAM_INTERVAL),
-            _whole_in(1, 1024),
+            catalog.STREAM_INTERVAL,
+            _stream_interval,
             "decoding steps per response of a `<name>_stream` request (and of the OpenAI API's "
             "streams): `1` = each token as it comes; `N` = the tokens of N steps in one "
             "response (the first token and the end still go out at once): fewer, larger "
-            "responses, for many streams on few cores; see [Benchmark](benchmark.md)",
+            "responses, for many streams on few cores; `auto` = each token while the loop "
+            f"decodes up to {catalog.AUTO_STREAM_RESPONSES} rows, then about "
+            f"{catalog.AUTO_STREAM_RESPONSES} responses a step (every "
+            f"{16 // catalog.AUTO_STREAM_RESPONSES} steps at 16 rows); see "
+            "[Benchmark](benchmark.md)",
         ),
         Variable(
             "batch_waste",

@@ -241,6 +241,8 @@ def test_a_row_that_reaches_an_eos_leaves_with_it_and_its_batch_mate_goes_on():
             loop.iterate()
             if ending.outcome is None:
                 assert len(running) == 2
+            elif going.outcome is None:
+                assert len(running) == 1  # it left the batch at its EOS
         assert ending.outcome == going.outcome == "finished"
         assert ending.rows[0].tokens == [3, 4, 5]  # stopped at the EOS, 7 steps before its max
         assert going.rows[0].tokens == list(range(12, 22))  # 30 is beyond its 10 tokens
@@ -296,3 +298,26 @@ def test_rows_that_stay_keep_their_own_cache_mask_and_position_whichever_way_the
     for place, row in enumerate(cohort.rows):
         assert (cohort.cache["0.key"][place] == cache[rows.index(row)]).all()
         assert (cohort.encoder_mask[place] == mask[rows.index(row)]).all()
+
+
+@pytest.mark.parametrize(
+    ("interval", "rows", "steps"),
+    [(0, 1, 1), (0, 4, 1), (0, 5, 2), (0, 8, 2), (0, 16, 4), (0, 13, 4), (3, 1, 3), (3, 16, 3)],
+)
+def test_a_stream_answers_every_step_while_few_rows_decode_and_every_few_when_many(
+    interval, rows, steps
+):
+    """stream_interval=auto (0): each token while the batch has at most 4 rows, then about 4
+    responses a step; a number is that many steps whatever the rows."""
+    import numpy as np
+
+    modules = load_inflight()
+    steps_of = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
+    running = modules["batch"].RunningBatch("causal", steps_of, pad_id=0)
+    text = modules["detokenizer"].TextStream(lambda ids: "")
+    params = modules["decoding"].RowParams(8)
+    running.join(
+        [modules["scheduler"].Row(np.array([1], np.int64), params, text) for _ in range(rows)]
+    )
+    assert len(running) == rows
+    assert modules["scheduler"].Pace(running, interval, 4).steps() == steps

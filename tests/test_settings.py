@@ -158,7 +158,10 @@ def test_serving_and_bench_knobs_are_validated_at_the_door():
         ({"seconds": "-2"}, "seconds=-2: expected seconds per point"),
         ({"pad_multiple": "0"}, "pad_multiple=0: expected a whole number from 1 to 512"),
         ({"one_hop": "2"}, "one_hop=2: expected a whole number from 0 to 1"),
-        ({"stream_interval": "0"}, "stream_interval=0: expected a whole number from 1 to 1024"),
+        (
+            {"stream_interval": "0"},
+            "stream_interval=0: expected auto or a whole number from 1 to 1024",
+        ),
     ]:
         with pytest.raises(SettingsError, match=message):
             settings_from(**variables)

@@ -123,7 +123,8 @@ class TritonPythonModel:
         self.limit = params.read("max_new_tokens_limit", int)
         self.max_positions = params.read("max_positions", int)  # 0: no limit (relative positions)
         self.kind = params.read("kind")
-        self.stream_interval = params.read("stream_interval", int)  # steps per stream response
+        interval = params.read("stream_interval", int)  # steps per stream response; 0: auto
+        responses = params.read("stream_responses", int)
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         step_models = params.read("step_models", json.loads)
         max_rows = max(int(config["max_batch_size"]), 1)  # the profile's batch MAX
@@ -151,6 +152,7 @@ class TritonPythonModel:
             cache_limit=params.read("cache_limit", int),
         )
         self.outcomes = jobs.Outcomes(config["name"])
+        self.pace = scheduler.Pace(running, interval, responses)
         self.loop = scheduler.Scheduler(
             running,
             eos_ids=params.read("eos_token_ids", json.loads),
@@ -258,7 +260,7 @@ class TritonPythonModel:
             scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
             for prompt, p, stop in zip(prompts, params, stops)
         ]
-        return jobs.Job(request, rows, self.streaming, self.outcomes, self.stream_interval)
+        return jobs.Job(request, rows, self.streaming, self.outcomes, self.pace)
 
     def execute(self, requests):
         for request in requests:

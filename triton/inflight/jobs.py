@@ -3,13 +3,13 @@ cancellation.
 
 `<name>_generate` answers once, when every row is done: OUTPUT_TEXT (the pieces of each
 row's text stream joined: the same text `<name>_stream` sends) and OUTPUT_IDS (padded with
--1). `<name>_stream` (decoupled) answers every `interval` steps (the `stream_interval`
-variable; 1 by default) with each row's new text and tokens since its last response (OUTPUT_IDS
-[rows, n] padded with -1; "" and -1 for a row that made none), then an empty final response.
-Its first response goes out at the first token and its last as soon as every row is done,
-whatever the interval. Each response is a round trip from the stub to the server: 16 streams
-answered at every step left a core idle for a third of the loop's time (AMD EPYC, 2 cores),
-hence the interval, for many streams on few cores.
+-1). `<name>_stream` (decoupled) answers every few steps (scheduler.Pace: the
+`stream_interval` variable) with each row's new text and tokens since its last response
+(OUTPUT_IDS [rows, n] padded with -1; "" and -1 for a row that made none), then an empty final
+response. Its first response goes out at the first token and its last as soon as every row is
+done, whatever the interval. Each response is a round trip from the stub to the server: 16
+streams answered at every step left a core idle for a third of the loop's time (AMD EPYC, 2
+cores), hence the interval, for many streams on few cores.
 
 A client that gives up (a cancelled gRPC stream, an HTTP client gone, a timeout) shows as
 `is_cancelled()`: the loop asks each step, drops the request's rows and answers CANCELLED,
@@ -65,11 +65,9 @@ class Outcomes:
 class Job:
     """One request in the loop (scheduler.py names what it asks of a job)."""
 
-    def __init__(
-        self, request, rows: list, streaming: bool, outcomes: Outcomes, interval: int = 1
-    ) -> None:
+    def __init__(self, request, rows: list, streaming: bool, outcomes: Outcomes, pace) -> None:
         self.request, self.rows, self.streaming, self.outcomes = request, rows, streaming, outcomes
-        self.interval = interval
+        self.pace = pace
         self.sender = request.get_response_sender()
         self.pieces = [[] for _ in rows]
         self.unsent = [[] for _ in rows]  # a stream's (token, piece) per row since its last
@@ -92,7 +90,7 @@ class Job:
         if not self.streaming:
             return
         self.steps_unsent += 1
-        due = self.steps_unsent >= self.interval or not self.started
+        due = self.steps_unsent >= self.pace.steps() or not self.started
         if (due or all(row.done for row in self.rows)) and any(self.unsent):
             self._send_unsent()
 

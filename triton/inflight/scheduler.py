@@ -27,7 +27,8 @@ MAX_NEW_TOKENS that do not), and a step's cache is never longer than its longest
 
 A job is what the loop needs of a request (model.py's, or any object): `rows`,
 `cancelled()`, `stepped()` after each step it took part in, `finish()`, `cancel()`,
-`reject(message)` and `fail(message)`. Imports numpy and the sibling modules only.
+`reject(message)` and `fail(message)`. A stream's job answers every `Pace.steps()` steps.
+Imports numpy and the sibling modules only.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ class Row:
     def rest(self) -> None:
         """This step made nothing for this row."""
         self.token, self.piece = -1, ""
+
+
+class Pace:
+    """Steps per stream response: `interval`, or with 0 (`stream_interval=auto`) each step
+    while the batch has at most `responses` rows, then enough steps for about `responses`
+    responses a step (4 at 16 rows, for 4)."""
+
+    def __init__(self, batch, interval: int, responses: int) -> None:
+        self.batch, self.interval, self.responses = batch, interval, max(responses, 1)
+
+    def steps(self) -> int:
+        return self.interval or max(1, -(-len(self.batch) // self.responses))
 
 
 class CancelWatch:
