@@ -245,18 +245,11 @@ def decode_steps(settings: Settings, cache: int, prompt: int):
     decoder=slots the slot decoder's graph (what the server decodes with)."""
     import numpy as np
 
-    from tasks.generation_parity import load_decoding
+    from tasks.generation_parity import load_decoding, slot_step
 
     decoding, serving = load_decoding(), settings.serving
     if settings.decoder == "slots":
-        most = max(settings.bench.concurrency)
-        slots = decoding.OnnxRuntimeSlotStep(
-            paths.slot_decoder_file(settings.name),
-            most,
-            cache + 2,
-            serving.ort_threads,
-            serving.ort_spin,
-        )
+        slots = slot_step(settings, decoding, max(settings.bench.concurrency), cache + 2)
 
         def slot_step(batch: int):
             ids = np.ones((batch, 1), np.int64)

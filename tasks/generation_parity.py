@@ -66,18 +66,25 @@ class LoopJob:
     reject = fail = cancel
 
 
+def slot_step(settings: Settings, decoding, rows: int, positions: int):
+    """decoder=slots: the built graph on ONNX Runtime with `rows` slots of `positions`, and
+    the deployment's threads, as the generate model makes it."""
+    serving = settings.serving
+    return decoding.OnnxRuntimeSlotStep(
+        paths.slot_decoder_file(settings.name),
+        rows,
+        positions,
+        serving.ort_threads,
+        serving.ort_spin,
+    )
+
+
 def running_batch(settings: Settings, facts: dict, modules: dict):
     """The in-flight loop's batch on this build's files, as the generate model makes it: the
     slot decoder's graph (decoder=slots), or the exported parts."""
     if settings.decoder == "slots":
-        serving = settings.serving
-        step = modules["decoding"].OnnxRuntimeSlotStep(
-            paths.slot_decoder_file(settings.name),
-            settings.batch.max,
-            profiles.slot_positions(settings, facts["max_positions"]),  # as pbtxt's slot_buffer
-            serving.ort_threads,
-            serving.ort_spin,
-        )
+        positions = profiles.slot_positions(settings, facts["max_positions"])  # slot_buffer's
+        step = slot_step(settings, modules["decoding"], settings.batch.max, positions)
         return modules["batch"].RunningBatch("slots", {"decoder_slots": step}, facts["pad_id"])
     _, generator = make_generator(settings, facts)  # its steps and cache limit
     return modules["batch"].RunningBatch(

@@ -121,7 +121,6 @@ class OnnxRuntimeSlotStep:
                 _, heads, _, size = tensor.shape
                 shape = (max_rows, heads, buffer, size)
                 self.buffers[tensor.name[len(PAST) :]] = np.zeros(shape, np.float32)
-        self.buffer = buffer
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, start: int) -> np.ndarray:
         binding = self.session.io_binding()

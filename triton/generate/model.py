@@ -9,8 +9,8 @@ with -1). A request with bad parameters gets an error and the others go on.
 
 `execute` only checks requests and hands them to the in-flight loop (scheduler.py, a thread
 of its own): the loop keeps decoding, rows join and leave it at every step, and each request
-is answered through its response sender when its rows are done (or, decoupled, every
-`stream_interval` steps: jobs.py). The ONNX files, `tokenizer.json` and the loop's modules
+is answered through its response sender when its rows are done (or, decoupled, every few
+steps: `stream_interval`, scheduler.Pace). The ONNX files, `tokenizer.json` and the loop's modules
 (decoding.py, batch.py, detokenizer.py, scheduler.py, jobs.py) sit next to this file; or,
 with the `step_models` parameter (decoder=models, and always on TensorRT), each exported
 file is a Triton model of the deployment that the loop calls through BLS. Imports only
@@ -18,7 +18,7 @@ numpy, onnxruntime, tokenizers, Triton's utilities and the shared helpers (runti
 to this file).
 
 The same code and files, configured decoupled, are `<name>_stream`: it takes TEXT itself and
-sends the tokens as they come, every `stream_interval` steps (gRPC streaming).
+sends the tokens as they come, every step or every few (`stream_interval`; gRPC streaming).
 """
 
 import json
