@@ -179,6 +179,12 @@ class CountingStep:
         return {"logits": logits, "present.0.key": present}
 
 
+def counting_batch(modules):
+    """A causal running batch whose parts are CountingSteps."""
+    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
+    return modules["batch"].RunningBatch("causal", steps, pad_id=0)
+
+
 class WatchedJob(LocalJob):
     """A request as the loop sees one, that fails the test if it is asked whether it was
     cancelled after its final answer (Triton has freed a request by then)."""
@@ -202,8 +208,7 @@ def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_as
     leaves after it, unanswered by it; the others go on; and a request that finished (or was
     cancelled) is never asked again."""
     modules = load_inflight()
-    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
-    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    running = counting_batch(modules)
     loop = modules["scheduler"].Scheduler(running, eos_ids=[], max_rows=4)
     try:
         short, leaving, long = (WatchedJob(modules, [1, 2], n) for n in (3, 40, 40))
@@ -230,8 +235,7 @@ def test_a_row_that_reaches_an_eos_leaves_with_it_and_its_batch_mate_goes_on():
     the row beside it decodes on as alone (the served chain, generation_config's EOS into the
     pbtxt, is test_generation's)."""
     modules = load_inflight()
-    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
-    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    running = counting_batch(modules)
     loop = modules["scheduler"].Scheduler(running, eos_ids=[5, 30], max_rows=4)
     try:
         ending, going = WatchedJob(modules, [1, 2], 10), WatchedJob(modules, [10, 11], 10)
@@ -254,8 +258,7 @@ def test_a_long_queue_is_asked_in_turns_and_a_cancelled_waiting_request_is_answe
     """Each step asks every running request but only `max_rows` waiting ones, in turn: all are
     asked within a few steps, and one cancelled deep in the queue is answered there."""
     modules = load_inflight()
-    steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
-    running = modules["batch"].RunningBatch("causal", steps, pad_id=0)
+    running = counting_batch(modules)
     loop = modules["scheduler"].Scheduler(running, eos_ids=[], max_rows=2)
     try:
         jobs = [WatchedJob(modules, [1], 40) for _ in range(8)]
@@ -312,8 +315,7 @@ def test_a_stream_answers_every_step_while_few_rows_decode_and_every_few_when_ma
     import numpy as np
 
     modules = load_inflight()
-    steps_of = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
-    running = modules["batch"].RunningBatch("causal", steps_of, pad_id=0)
+    running = counting_batch(modules)
     text = modules["detokenizer"].TextStream(lambda ids: "")
     params = modules["decoding"].RowParams(8)
     running.join(

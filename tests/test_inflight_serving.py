@@ -41,18 +41,13 @@ OPTION_TYPES = {"MAX_NEW_TOKENS": np.int32, "TEMPERATURE": np.float32, "SEED": n
 
 @pytest.fixture(scope="module")
 def inflight(tmp_path_factory, generation_models):
-    from tasks.bench_model import save_llama
     from tasks.server import EmbeddedTritonServer
-    from tests.helpers.models import generation_tokenizer
+    from tests.helpers.models import save_llama16
 
     models = {
         "llama": generation_models["llama"],
-        "llama16": save_llama(
-            tmp_path_factory.mktemp("llama16"), generation_tokenizer("causal"), seed=0,
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3,
-        ),
-    }  # fmt: skip
+        "llama16": save_llama16(tmp_path_factory.mktemp("llama16"), max_positions=1024),
+    }
     project = copy_project(tmp_path_factory.mktemp("inflight") / "project")
     for name, (model, more) in DEPLOYMENTS.items():
         project.doit("task=causallm", f"model={models[model]}", f"name={name}", *SHAPES, *more)

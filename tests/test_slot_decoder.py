@@ -18,14 +18,9 @@ NEW = [30, 5, 22, 12]
 def slots(tmp_path_factory):
     """A tiny random Llama with heads of 16 values (GroupQueryAttention's least), its graph."""
     from tasks import slot_decoder
-    from tasks.bench_model import save_llama
-    from tests.helpers.models import generation_tokenizer
+    from tests.helpers.models import save_llama16
 
-    model_dir = save_llama(
-        tmp_path_factory.mktemp("llama16"), generation_tokenizer("causal"), seed=0,
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
-    )  # fmt: skip
+    model_dir = save_llama16(tmp_path_factory.mktemp("llama16"), max_positions=256)
     target = tmp_path_factory.mktemp("slots") / "decoder_slots.onnx"
     slot_decoder.build(model_dir, target)
     return model_dir, target

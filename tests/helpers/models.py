@@ -174,6 +174,18 @@ def save_chat_model(target: Path) -> Path:
     return target
 
 
+def save_llama16(target: Path, max_positions: int) -> Path:
+    """A tiny random Llama with heads of 16 values (GroupQueryAttention's least: decoder=slots)
+    on the causal tokenizer trained here."""
+    from tasks.bench_model import save_llama
+
+    return save_llama(
+        target, generation_tokenizer("causal"), seed=0, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_positions, initializer_range=0.3,
+    )  # fmt: skip
+
+
 # The crafted NER model's words (MiniLM's uncased vocabulary) and the label each one takes.
 NER_WORDS = {
     "ann": "B-PER",
