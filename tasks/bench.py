@@ -461,7 +461,7 @@ def measure(settings: Settings) -> None:
         **(
             {
                 "targets": generation_bench.targets(systems),
-                "gap": generation_bench.gap(systems, generation_bench.prompt_share(settings, mix)),
+                "gap": generation_bench.gap(systems),
                 "workload": len(mix),
             }
             if mix

@@ -65,15 +65,6 @@ def workload(settings: Settings, texts: list) -> list[tuple[str, int]]:
     return mix
 
 
-def prompt_share(settings: Settings, mix: list[tuple[str, int]]) -> float:
-    """The prompts' share of the tokens the mix makes the loop compute (prompt tokens against
-    prompt and new tokens). The decode limit counts new tokens only: where compute bounds a
-    step (a CPU), the in-flight loop reaches at most about 1 - this share of it."""
-    tokenizer = prompt_tokenizer(settings)
-    prompts = sum(len(tokenizer.encode(text).ids) for text, _ in mix)
-    return round(prompts / (prompts + sum(new for _, new in mix)), 2) if mix else 0.0
-
-
 def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
@@ -411,6 +402,7 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         loop.stop()
     took = [job.ended - job.began for job in jobs]
     tokens = sum(len(job.rows[0].tokens) for job in jobs)
+    prompts = sum(len(job.rows[0].prompt) for job in jobs)
     point = {
         "concurrency": concurrency,
         "requests": len(jobs),
@@ -421,6 +413,10 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         "p99_ms": percentile(took, 0.99),
         "tokens": tokens,
         "tokens_per_s": round(tokens / elapsed, 1),
+        # the prompts' share of the tokens it computed (prompt tokens against them and the
+        # tokens made): the decode limit counts new tokens only, so where compute bounds a
+        # step (a CPU) the loop reaches at most about 1 - this share of it
+        "prompt_share": round(prompts / (prompts + tokens), 2) if tokens else 0.0,
     }
     print(
         f"bench: onnxruntime in-process in-flight loop concurrency {concurrency}: "
@@ -442,12 +438,12 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def gap(systems: dict, share: float = 0.0) -> dict:
+def gap(systems: dict) -> dict:
     """Where the served stream's tokens/s at the highest concurrency go, against the decode
     limit, as factors of one run that multiply to served / limit: the loop itself (its
-    in-process in-flight figure / the limit: prefill, padding, cache copies; `prompt_share`
-    bounds it), Triton answering whole (whole answers / the loop in-process) and the stream's
-    responses (stream / whole)."""
+    in-process in-flight figure / the limit: prefill, padding, cache copies; its
+    `prompt_share`, of the tokens it made, bounds it), Triton answering whole (whole answers /
+    the loop in-process) and the stream's responses (stream / whole)."""
     high = max((p["concurrency"] for p in systems.get("triton", [])), default=1)
     loop = _at(systems, "onnxruntime_inflight", high, "tokens_per_s")
     whole = _at(systems, "triton", high, "tokens_per_s", "grpc")
@@ -460,7 +456,7 @@ def gap(systems: dict, share: float = 0.0) -> dict:
         "stream_vs_whole": _ratio(
             _at(systems, "triton", high, "tokens_per_s", "grpc_stream"), whole
         ),
-        "prompt_share": share,
+        "prompt_share": _at(systems, "onnxruntime_inflight", high, "prompt_share"),
     }
 
 
@@ -525,7 +521,7 @@ def report_lines(report: dict) -> list[str]:
             f"Where the stream's tokens/s at concurrency {share['concurrency']} go, against the "
             f"decode limit (factors that multiply to served / limit): the loop itself "
             f"{share['loop_vs_decode_limit']} (in-process in-flight / limit; the prompts are "
-            f"{share.get('prompt_share', 0):.0%} of the tokens it computes, which the limit does "
+            f"{share.get('prompt_share') or 0:.0%} of the tokens it computes, which the limit does "
             "not count: where compute bounds a step, the loop reaches at most about the rest), "
             "Triton answering "
             f"whole {share['whole_vs_loop']} (whole answers / the loop), the stream's responses "

@@ -176,10 +176,10 @@ def test_the_gap_to_the_decode_limit_splits_into_factors_of_the_same_run():
             point(185.4, 1, "grpc_stream"), point(636.7, 16, "grpc_stream"),
             point(228.2, 1, "grpc"), point(819.5, 16, "grpc"),
         ],
-        "onnxruntime_inflight": [point(976.9)],
+        "onnxruntime_inflight": [{**point(976.9), "prompt_share": 0.25}],
         "onnxruntime_decode_limit": [point(258.4, 1), point(1888.0)],
     }  # fmt: skip
-    found = generation_bench.gap(systems, share=0.25)  # the bench-llama mix's prompts
+    found = generation_bench.gap(systems)
     assert found == {
         "concurrency": 16,
         "loop_vs_decode_limit": 0.52,
