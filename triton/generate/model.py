@@ -112,6 +112,7 @@ class BlsStep:
 
 class TritonPythonModel:
     def initialize(self, args):
+        runtime.keep_heap()  # every step's outputs are fresh arrays, BLS steps' too
         config, params, version_dir = runtime.model_args(args)
         # The streaming twin (`<name>_stream`, decoupled) has the same files (its own, so that
         # a repository in object storage, fetched a model at a time, serves it) and tokenizes
