@@ -412,7 +412,7 @@ def measure(settings: Settings) -> None:
     mix = generation_bench.workload(settings, texts) if settings.task.generation else []
     try:
         if mix:  # tokens per second, time to first token, inter-token latency
-            systems["triton"] = generation_bench.served(settings, grpc_url, mix)
+            systems.update(generation_bench.served(settings, grpc_url, mix))
             overload, comparison = {}, {}
         else:
             overload, comparison = served_sweeps(settings, systems, url, grpc_url, texts)

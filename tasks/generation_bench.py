@@ -6,7 +6,8 @@ deployment and the model's positions allow), closed loop at each concurrency, th
   the responses as they arrive (a response of several tokens, with stream_interval > 1,
   spread over the gap before it), output tokens per second, request latency;
 - `triton` `grpc`: `<name>` (the ensemble), whole answers: request latency, tokens per second;
-- `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time;
+- `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time,
+  taking turns with the stream at concurrency 1 while the server idles (`one_client`);
 - `onnxruntime_inflight`: the server's in-flight loop (triton/inflight/) in-process, on the
   same steps, at the highest concurrency: what the loop itself allows, without Triton's
   responses;
@@ -25,13 +26,14 @@ import time
 
 from tasks import artifacts, paths
 from tasks.facts import checkpoint_facts
-from tasks.loadgen import WARMUP_SECONDS, closed_loop
+from tasks.loadgen import WARMUP_SECONDS, alternating, closed_loop
 from tasks.server import authorize
 from tasks.settings import Settings
 
 SEED = 0
 LEAST_NEW, MOST_NEW = 4, 128
 DECODE_STEPS = 30  # timed steps per decode-limit point (after 3 unmeasured)
+TURN_SECONDS = 2.0  # a turn of the stream or the loop at one client: several requests each
 
 
 def prompt_tokenizer(settings: Settings):
@@ -313,41 +315,67 @@ def token_sweep(name: str, make_work, levels, seconds: float, mix: list, extra: 
         point = closed_loop(work, concurrency, seconds, mix, setup)
         point = {**extra, **point, **token_figures(point, records)}
         points.append(point)
-        print(
-            f"bench: {name} concurrency {concurrency}: {point.get('tokens_per_s')} tokens/s, "
-            f"ttft p50 {point.get('ttft_p50_ms')} ms, itl p50 {point.get('itl_p50_ms')} ms, "
-            f"request p50 {point['p50_ms']} ms, {point['errors']} errors",
-            flush=True,
-        )
+        shown(name, point)
     return points
 
 
-def served(settings: Settings, grpc_url: str, mix: list) -> list[dict]:
+def shown(name: str, point: dict) -> None:
+    print(
+        f"bench: {name} concurrency {point['concurrency']}: {point.get('tokens_per_s')} "
+        f"tokens/s, ttft p50 {point.get('ttft_p50_ms')} ms, itl p50 {point.get('itl_p50_ms')} "
+        f"ms, request p50 {point['p50_ms']} ms, {point['errors']} errors",
+        flush=True,
+    )
+
+
+def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
+    """`triton`'s points (the stream, then whole answers, at each concurrency) and
+    `onnxruntime`'s (the in-process loop one at a time, measured beside the stream at 1)."""
     bench = settings.bench
-    points = token_sweep(
+    pair = one_client(settings, grpc_url, mix, with_stream=1 in bench.concurrency)
+    points = [{"protocol": "grpc_stream", **pair["stream"]}] if "stream" in pair else []
+    points += token_sweep(
         "triton grpc_stream",
         lambda records: stream_work(settings, grpc_url, records),
-        bench.concurrency, bench.seconds, mix, {"protocol": "grpc_stream"},
+        [c for c in bench.concurrency if c != 1], bench.seconds, mix, {"protocol": "grpc_stream"},
     )  # fmt: skip
     points += token_sweep(
         "triton grpc",
         lambda records: whole_work(settings, grpc_url, records),
         bench.concurrency, bench.seconds, mix, {"protocol": "grpc"},
     )  # fmt: skip
+    return {"triton": points, "onnxruntime": [pair["loop"]]}
+
+
+def one_client(settings: Settings, grpc_url: str, mix: list, with_stream: bool) -> dict:
+    """The in-process loop one at a time and (`with_stream`) the stream at concurrency 1,
+    taking turns of TURN_SECONDS (`loadgen.alternating`): the target between them then
+    compares the same moments of a host whose speed moves (measured a minute apart, it ranged
+    0.68 to 1.07 here). {"loop": point, "stream": point}."""
+    records: dict[str, list] = {"loop": []}
+    systems = {"loop": (None, loop_work(settings, records["loop"]))}
+    if with_stream:
+        records["stream"] = []
+        systems["stream"] = stream_work(settings, grpc_url, records["stream"])
+    seconds = settings.bench.seconds
+    alternating(systems, 1, min(WARMUP_SECONDS, seconds), mix, 1)  # warm up, unmeasured
+    for kept in records.values():
+        kept.clear()
+    found = alternating(systems, 1, seconds, mix, max(1, round(seconds / TURN_SECONDS)))
+    points = {
+        name: {**point, **token_figures(point, records[name])} for name, point in found.items()
+    }
+    shown("onnxruntime in-process loop, one at a time", points["loop"])
+    if with_stream:
+        shown("triton grpc_stream (in turns with the loop)", points["stream"])
     return points
 
 
 def in_process(settings: Settings, mix: list) -> dict:
-    """The in-process systems: the decode limit at each concurrency, the loop at 1, the
-    in-flight loop at the highest."""
+    """The in-process systems that need the machine alone: the decode limit at each
+    concurrency and the in-flight loop at the highest."""
     bench = settings.bench
-    loop = token_sweep(
-        "onnxruntime in-process loop, one at a time",
-        lambda records: (None, loop_work(settings, records)),
-        [1], bench.seconds, mix, {},
-    )  # fmt: skip
     return {
-        "onnxruntime": loop,
         "onnxruntime_inflight": [inflight(settings, mix, max(bench.concurrency), bench.seconds)],
         "onnxruntime_decode_limit": decode_limit(settings, bench.concurrency, mix),
     }
