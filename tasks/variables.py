@@ -338,8 +338,9 @@ VARIABLES: dict[str, Variable] = {
             "how TensorRT engines (and `backend=onnxruntime` files) are served; `slots` (causal "
             "LMs of the Llama, Mistral and Qwen2 families, fp32, on CPU) serves one graph on ONNX "
             "Runtime's GroupQueryAttention whose cache each step writes in place, each row "
-            "attending over its own length (tasks/slot_decoder.py; about a quarter more tokens/s "
-            "at 16 clients here, see [Benchmark](benchmark.md))",
+            "attending over its own length (tasks/slot_decoder.py; a quarter more tokens/s at 16 "
+            "clients here until every session kept its heap (`runtime.keep_heap`), about the "
+            "same since, see [Benchmark](benchmark.md))",
             chosen="`inline` on python, else `models`",
         ),
         Variable(
