@@ -127,6 +127,7 @@ def onnxruntime_work(settings: Settings):
     tokenizer = Tokenizer.from_file(str(paths.source_tokenizer(settings.name)))
     tokenizer.no_padding()  # as the served tokenizer: a tokenizer.json may pad to a fixed length
     tokenizer.enable_truncation(max_length=settings.seq.max)
+    artifacts.load_runtime("runtime", "runtime.py").keep_heap()  # as every session of ours
     session = ort.InferenceSession(str(settings.model_file()), providers=["CPUExecutionProvider"])
     fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     names = [i.name for i in session.get_inputs()]

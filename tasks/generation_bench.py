@@ -320,6 +320,7 @@ def token_sweep(name: str, make_work, levels, seconds: float, mix: list, extra: 
 
 
 def shown(name: str, point: dict) -> None:
+    """A point's token figures, printed as the bench goes."""
     print(
         f"bench: {name} concurrency {point['concurrency']}: {point.get('tokens_per_s')} "
         f"tokens/s, ttft p50 {point.get('ttft_p50_ms')} ms, itl p50 {point.get('itl_p50_ms')} "
@@ -430,7 +431,7 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         loop.stop()
     took = [job.ended - job.began for job in jobs]
     tokens = sum(len(job.rows[0].tokens) for job in jobs)
-    prompts = sum(len(job.rows[0].prompt) for job in jobs)
+    prompt_tokens = sum(len(job.rows[0].prompt) for job in jobs)
     point = {
         "concurrency": concurrency,
         "requests": len(jobs),
@@ -444,7 +445,7 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         # the prompts' share of the tokens it computed (prompt tokens against them and the
         # tokens made): the decode limit counts new tokens only, so where compute bounds a
         # step (a CPU) the loop reaches at most about 1 - this share of it
-        "prompt_share": round(prompts / (prompts + tokens), 2) if tokens else 0.0,
+        "prompt_share": round(prompt_tokens / (prompt_tokens + tokens), 2) if tokens else 0.0,
     }
     print(
         f"bench: onnxruntime in-process in-flight loop concurrency {concurrency}: "
@@ -464,6 +465,10 @@ def _at(systems: dict, system: str, concurrency: int, key: str, protocol: str | 
 
 def _ratio(a, b) -> float | None:
     return round(a / b, 2) if a and b else None
+
+
+def _percent(share: float | None) -> str:
+    return "an unknown share" if share is None else f"{share:.0%}"
 
 
 def gap(systems: dict) -> dict:
@@ -549,8 +554,9 @@ def report_lines(report: dict) -> list[str]:
             f"Where the stream's tokens/s at concurrency {share['concurrency']} go, against the "
             f"decode limit (factors that multiply to served / limit): the loop itself "
             f"{share['loop_vs_decode_limit']} (in-process in-flight / limit; the prompts are "
-            f"{share.get('prompt_share') or 0:.0%} of the tokens it computes, which the limit does "
-            "not count: where compute bounds a step, the loop reaches at most about the rest), "
+            f"{_percent(share.get('prompt_share'))} of the tokens it computes, which the limit "
+            "does not count: where compute bounds a step, the loop reaches at most about the "
+            "rest), "
             "Triton answering "
             f"whole {share['whole_vs_loop']} (whole answers / the loop), the stream's responses "
             f"{share['stream_vs_whole']} (stream / whole).",

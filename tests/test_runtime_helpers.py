@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
 
-from tasks import artifacts
+from tasks import artifacts, paths
 
 
 @pytest.fixture
@@ -165,7 +167,10 @@ if sys.argv[1] == "session":  # as every model's step does when it makes its ses
     runtime.session_options(1, 0)
     assert runtime.keep_heap() is True  # glibc: its mallopt took both settings
 faults = []
-def steps():  # a cache growing a position a step, 16 arrays of about 1 MiB, as decoding's
+# A cache growing a position a step, 16 arrays of about 1 MiB, as decoding's: sizes that grow
+# keep glibc's adapting threshold from reusing the blocks (one size over and over would not
+# fault without keep_heap either).
+def steps():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for width in range(64, 114):
         cache = [np.ones((16, 2, width, 64), np.float32) for _ in range(16)]
@@ -180,14 +185,13 @@ print(faults[0])
 def test_a_session_keeps_the_heap_so_a_step_does_not_fault_its_cache_in_anew():
     """Freed large blocks are reused: a decoding step's fresh output arrays no longer cost a
     page fault per 4 KiB (runtime.keep_heap)."""
-    import subprocess
-
-    from tasks import paths
+    # malloc's own settings from the environment would decide the plain run instead
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
 
     def faults(mode: str) -> int:
         run = subprocess.run(
             [sys.executable, "-c", HEAP_PROBE, mode],
-            cwd=paths.ROOT, capture_output=True, text=True, check=True, timeout=120,
+            cwd=paths.ROOT, env=env, capture_output=True, text=True, check=True, timeout=120,
         )  # fmt: skip
         return int(run.stdout.split()[-1])
 
