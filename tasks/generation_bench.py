@@ -26,7 +26,7 @@ import time
 
 from tasks import artifacts, paths
 from tasks.facts import checkpoint_facts
-from tasks.loadgen import WARMUP_SECONDS, alternating, closed_loop
+from tasks.loadgen import WARMUP_SECONDS, alternating
 from tasks.server import authorize
 from tasks.settings import Settings
 
@@ -304,19 +304,26 @@ def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list
 
 
 def token_sweep(name: str, make_work, levels, seconds: float, mix: list, extra: dict) -> list:
-    """`closed_loop` at each concurrency with token figures: `make_work(records)` gives
-    (setup, work) that append one record per good request."""
+    """`token_points` of one system at each concurrency."""
     points = []
     for concurrency in levels:
-        records: list = []
-        setup, work = make_work(records)
-        closed_loop(work, concurrency, min(WARMUP_SECONDS, seconds), mix, setup)
-        records.clear()
-        point = closed_loop(work, concurrency, seconds, mix, setup)
-        point = {**extra, **point, **token_figures(point, records)}
+        point = {**extra, **token_points({name: make_work}, concurrency, seconds, mix)[name]}
         points.append(point)
         shown(name, point)
     return points
+
+
+def token_points(makers: dict, concurrency: int, seconds: float, mix: list, slices: int = 1):
+    """Each system (name: `make_work(records)`, giving (setup, work) that append one record
+    per good request) closed loop at `concurrency` after an unmeasured warm-up, with token
+    figures; several systems take `slices` turns each (`loadgen.alternating`)."""
+    records = {name: [] for name in makers}
+    systems = {name: make(records[name]) for name, make in makers.items()}
+    alternating(systems, concurrency, min(WARMUP_SECONDS, seconds), mix, 1)  # warm up
+    for kept in records.values():
+        kept.clear()
+    found = alternating(systems, concurrency, seconds, mix, slices)
+    return {name: {**point, **token_figures(point, records[name])} for name, point in found.items()}
 
 
 def shown(name: str, point: dict) -> None:
@@ -353,19 +360,11 @@ def one_client(settings: Settings, grpc_url: str, mix: list, with_stream: bool) 
     taking turns of TURN_SECONDS (`loadgen.alternating`): the target between them then
     compares the same moments of a host whose speed moves (measured a minute apart, it ranged
     0.68 to 1.07 here). {"loop": point, "stream": point}."""
-    records: dict[str, list] = {"loop": []}
-    systems = {"loop": (None, loop_work(settings, records["loop"]))}
+    makers = {"loop": lambda records: (None, loop_work(settings, records))}
     if with_stream:
-        records["stream"] = []
-        systems["stream"] = stream_work(settings, grpc_url, records["stream"])
+        makers["stream"] = lambda records: stream_work(settings, grpc_url, records)
     seconds = settings.bench.seconds
-    alternating(systems, 1, min(WARMUP_SECONDS, seconds), mix, 1)  # warm up, unmeasured
-    for kept in records.values():
-        kept.clear()
-    found = alternating(systems, 1, seconds, mix, max(1, round(seconds / TURN_SECONDS)))
-    points = {
-        name: {**point, **token_figures(point, records[name])} for name, point in found.items()
-    }
+    points = token_points(makers, 1, seconds, mix, max(1, round(seconds / TURN_SECONDS)))
     shown("onnxruntime in-process loop, one at a time", points["loop"])
     if with_stream:
         shown("triton grpc_stream (in turns with the loop)", points["stream"])
