@@ -1,20 +1,21 @@
 """`doit bench` on a generation task: what LLM users compare (the bench stage calls this).
 
 A seeded mix of the bench's prompts, each asking 4 to 128 new tokens (as many as the
-deployment and the model's positions allow), closed loop at each concurrency, through:
+deployment and the model's positions allow), closed loop at each concurrency, the systems of
+a concurrency taking turns (`served`), through:
 - `triton` `grpc_stream`: `<name>_stream`; time to first token and inter-token latency from
   the responses as they arrive (a response of several tokens, with stream_interval > 1,
   spread over the gap before it), output tokens per second, request latency;
 - `triton` `grpc`: `<name>` (the ensemble), whole answers: request latency, tokens per second;
 - `onnxruntime`: the in-process decoding loop (decoding.Generator), one request at a time,
-  taking turns with the stream at concurrency 1 while the server idles (`one_client`);
+  at concurrency 1 (the server idles through its turns);
 - `onnxruntime_inflight`: the server's in-flight loop (triton/inflight/) in-process, on the
   same steps, at the highest concurrency: what the loop itself allows, without Triton's
   responses;
 - `onnxruntime_decode_limit`: the decode step alone (the exported `decoder_with_past_model`,
-  or decoder=slots' graph), in-process, at
-  batch = concurrency and a realistic cache (the mix's mean prompt plus half its mean new
-  tokens): the most tokens per second the decode step allows, the served loop's ceiling;
+  or decoder=slots' graph), in-process, at batch = concurrency and a realistic cache (the
+  mix's mean prompt plus half its mean new tokens), steps back to back: the most tokens per
+  second the decode step allows, the served loop's ceiling;
 - `pytorch`: Hugging Face `generate()`, one request at a time.
 """
 
@@ -32,8 +33,7 @@ from tasks.settings import Settings
 
 SEED = 0
 LEAST_NEW, MOST_NEW = 4, 128
-DECODE_STEPS = 30  # timed steps per decode-limit point (after 3 unmeasured)
-TURN_SECONDS = 2.0  # a turn of the stream or the loop at one client: several requests each
+TURN_SECONDS = 2.0  # a turn of each system at a concurrency: several requests each
 
 
 def prompt_tokenizer(settings: Settings):
@@ -74,15 +74,26 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
 
-def token_figures(point: dict, records: list[dict]) -> dict:
-    """tokens_per_s, ttft and itl percentiles of a closed-loop point from its requests."""
-    tokens = [r["tokens"] for r in records]
-    found = {"tokens": sum(tokens)}
-    if point["throughput"] and tokens:
-        found["tokens_per_s"] = round(point["throughput"] * statistics.fmean(tokens), 1)
-    if any("ttft" in r for r in records):
-        firsts = [r["ttft"] for r in records if "ttft" in r]
-        gaps = [gap for r in records for gap in r.get("gaps", [])]
+def token_figures(records: list[dict], windows: list[tuple[float, float]]) -> dict:
+    """tokens_per_s, ttft and itl percentiles of a closed-loop point from its requests.
+
+    The latencies leave out each turn's opening requests (a client's first in a turn, when
+    every client sends at once: a burst that only taking turns makes), where others are.
+
+    tokens_per_s counts the tokens made within `windows` (each turn's start and deadline)
+    over the windows' length, each at its record's `times` (a stream's tokens as they arrive,
+    a whole answer's `spread`). A turn's tail, while its last requests finish with fewer
+    clients than its level, does not count."""
+    span = sum(end - start for start, end in windows)
+    inside = sum(1 for r in records for t in r["times"] if any(a <= t < b for a, b in windows))
+    found = {"tokens": sum(r["tokens"] for r in records)}
+    if span > 0 and inside:
+        found["tokens_per_s"] = round(inside / span, 1)
+    timed = [r for r in records if "ttft" in r]
+    if timed:
+        timed = [r for r in timed if not r["opening"]] or timed
+        firsts = [r["ttft"] for r in timed]
+        gaps = [gap for r in timed for gap in r["gaps"]]
         found.update(
             ttft_p50_ms=percentile(firsts, 0.5),
             ttft_p99_ms=percentile(firsts, 0.99),
@@ -113,6 +124,7 @@ def stream_work(settings: Settings, url: str, records: list):
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
         inputs = prompt_inputs(text, new)
+        opening, state["opened"] = "opened" not in state, True  # state: one client's turn
         began = time.perf_counter()
         state["client"].async_stream_infer(
             f"{settings.name}_stream", inputs, enable_empty_final_response=True
@@ -131,7 +143,10 @@ def stream_work(settings: Settings, url: str, records: list):
         if not times:
             return False
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-        records.append({"tokens": len(times), "ttft": times[0] - began, "gaps": gaps})
+        records.append({
+            "tokens": len(times), "times": times, "ttft": times[0] - began, "gaps": gaps,
+            "opening": opening,
+        })  # fmt: skip
         return True
 
     return setup, work
@@ -143,6 +158,14 @@ def arrived(times: list[float], now: float, made: int) -> None:
     since the response before (the mean inter-token latency of that gap)."""
     last = times[-1] if times else now
     times += [last + (now - last) * (k + 1) / made for k in range(made)]
+
+
+def spread(began: float, ended: float, made: int) -> list[float]:
+    """When an answer that comes whole made its `made` tokens, as `token_figures` counts
+    them: evenly over its request's time, the last as it ended. Counted at the end, the tokens
+    of the requests still running when a turn ends would be lost to it (a quarter of whole
+    answers' tokens/s at 16 clients in 2 s turns), where a stream's count as they come."""
+    return [began + (ended - began) * (k + 1) / made for k in range(made)]
 
 
 def prompt_inputs(text: str, new: int) -> list:
@@ -171,9 +194,10 @@ def whole_work(settings: Settings, url: str, records: list):
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
         inputs = prompt_inputs(text, new)
+        began = time.perf_counter()
         ids = state["client"].infer(settings.name, inputs).as_numpy("OUTPUT_IDS")
         made = int((ids[0] != -1).sum())
-        records.append({"tokens": made})
+        records.append({"tokens": made, "times": spread(began, time.perf_counter(), made)})
         return made >= 1
 
     return setup, work
@@ -191,8 +215,11 @@ def loop_work(settings: Settings, records: list):
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
         ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        began = time.perf_counter()
         out = generator.generate(ids, np.ones_like(ids), [decoding.RowParams(new)])
-        records.append({"tokens": len(out[0])})
+        records.append(
+            {"tokens": len(out[0]), "times": spread(began, time.perf_counter(), len(out[0]))}
+        )
         return len(out[0]) >= 1
 
     return work
@@ -263,67 +290,52 @@ def decode_steps(settings: Settings, cache: int, prompt: int):
     return exported_step
 
 
-def decode_limit(settings: Settings, levels, mix: list[tuple[str, int]]) -> list[dict]:
-    """`onnxruntime_decode_limit`: the decode step alone at batch = each concurrency (on the
-    graph the server decodes with: the exported one, or decoder=slots' own)."""
+def decode_limit(settings: Settings, mix: list[tuple[str, int]]):
+    """`onnxruntime_decode_limit`: the decode step alone (on the graph the server decodes
+    with: the exported one, or decoder=slots' own) over a realistic cache: the mix's mean
+    prompt plus half its mean new tokens (seq2seq: half its new tokens). Returns (`limit`,
+    the cache length): `limit(batch)` is a system for `token_points` (a maker of (setup,
+    work)) whose one thread runs steps of `batch` rows back to back, each a record of
+    `batch` tokens."""
     tokenizer = prompt_tokenizer(settings)
     prompt = round(statistics.fmean(len(tokenizer.encode(t).ids) for t, _ in mix))
     new = round(statistics.fmean(n for _, n in mix))
     cache = prompt + new // 2 if settings.task.generation == "causal" else new // 2
     steps = decode_steps(settings, cache, prompt)
-    points = []
-    for batch in levels:
+
+    def limit(batch: int):
         step = steps(batch)
-        for _ in range(3):
-            step()
-        took = []
-        for _ in range(DECODE_STEPS):
-            began = time.perf_counter()
-            step()
-            took.append(time.perf_counter() - began)
-        median = statistics.median(took)
-        points.append({
-            "concurrency": batch,
-            "batch": batch,
-            "cache_length": cache,
-            "requests": DECODE_STEPS,
-            "errors": 0,
-            "throughput": round(1 / median, 2),  # steps per second
-            "p50_ms": percentile(took, 0.5),
-            "p95_ms": percentile(took, 0.95),
-            "p99_ms": percentile(took, 0.99),
-            "tokens_per_s": round(batch / median, 1),
-            "itl_p50_ms": percentile(took, 0.5),
-        })  # fmt: skip
-        print(
-            f"bench: onnxruntime_decode_limit batch {batch}, cache {cache}: "
-            f"{points[-1]['p50_ms']} ms a step, {points[-1]['tokens_per_s']} tokens/s",
-            flush=True,
-        )
-    return points
+
+        def make(records: list):
+            def work(state: dict, item) -> bool:
+                step()
+                records.append({"tokens": batch, "times": [time.perf_counter()] * batch})
+                return True
+
+            return None, work
+
+        return make
+
+    return limit, cache
 
 
-def token_sweep(name: str, make_work, levels, seconds: float, mix: list, extra: dict) -> list:
-    """`token_points` of one system at each concurrency."""
-    points = []
-    for concurrency in levels:
-        point = {**extra, **token_points({name: make_work}, concurrency, seconds, mix)[name]}
-        points.append(point)
-        shown(name, point)
-    return points
-
-
-def token_points(makers: dict, concurrency: int, seconds: float, mix: list, slices: int = 1):
+def token_points(
+    makers: dict, concurrency: int, seconds: float, mix: list, slices: int, workers: dict
+) -> dict:
     """Each system (name: `make_work(records)`, giving (setup, work) that append one record
-    per good request) closed loop at `concurrency` after an unmeasured warm-up, with token
-    figures; several systems take `slices` turns each (`loadgen.alternating`)."""
+    per good request) closed loop at `concurrency` (`workers`: on fewer threads) after an
+    unmeasured warm-up, in `slices` turns each (`loadgen.alternating`), with token figures."""
     records = {name: [] for name in makers}
     systems = {name: make(records[name]) for name, make in makers.items()}
-    alternating(systems, concurrency, min(WARMUP_SECONDS, seconds), mix, 1)  # warm up
+    alternating(systems, concurrency, min(WARMUP_SECONDS, seconds), mix, 1, workers)  # warm up
     for kept in records.values():
         kept.clear()
-    found = alternating(systems, concurrency, seconds, mix, slices)
-    return {name: {**point, **token_figures(point, records[name])} for name, point in found.items()}
+    windows: dict = {}
+    found = alternating(systems, concurrency, seconds, mix, slices, workers, windows)
+    return {
+        name: {**point, **token_figures(records[name], windows[name])}
+        for name, point in found.items()
+    }
 
 
 def shown(name: str, point: dict) -> None:
@@ -337,53 +349,59 @@ def shown(name: str, point: dict) -> None:
 
 
 def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
-    """`triton`'s points (the stream, then whole answers, at each concurrency) and
-    `onnxruntime`'s (the in-process loop one at a time, measured beside the stream at 1)."""
+    """At each concurrency, its systems in turns of TURN_SECONDS (`token_points`): `triton`'s
+    stream and whole answers, `onnxruntime_decode_limit` at batch = the concurrency and, at
+    1, `onnxruntime`, the in-process loop one at a time (measured alone when 1 is not among
+    the levels). The server idles through the in-process turns. A host whose speed moves so
+    weighs on them alike: measured a minute apart, served / limit once read 0.60 where the
+    host had slowed by a third in between (the 08:16 UTC run of 2026-12-07)."""
     bench = settings.bench
-    pair = one_client(settings, grpc_url, mix, with_stream=1 in bench.concurrency)
-    points = [{"protocol": "grpc_stream", **pair["stream"]}] if "stream" in pair else []
-    points += token_sweep(
-        "triton grpc_stream",
-        lambda records: stream_work(settings, grpc_url, records),
-        [c for c in bench.concurrency if c != 1], bench.seconds, mix, {"protocol": "grpc_stream"},
-    )  # fmt: skip
-    points += token_sweep(
-        "triton grpc",
-        lambda records: whole_work(settings, grpc_url, records),
-        bench.concurrency, bench.seconds, mix, {"protocol": "grpc"},
-    )  # fmt: skip
-    return {"triton": points, "onnxruntime": [pair["loop"]]}
+    limit, cache = decode_limit(settings, mix)
+    slices = max(1, round(bench.seconds / TURN_SECONDS))
+    found: dict[str, list] = {"triton": [], "onnxruntime": [], "onnxruntime_decode_limit": []}
+    levels = bench.concurrency if 1 in bench.concurrency else [1, *bench.concurrency]
+    for level in levels:
+        makers = {}
+        if level == 1:
+            makers["loop"] = lambda records: (None, loop_work(settings, records))
+        if level in bench.concurrency:
+            makers.update({
+                "stream": lambda records: stream_work(settings, grpc_url, records),
+                "whole": lambda records: whole_work(settings, grpc_url, records),
+                "limit": limit(level),
+            })  # fmt: skip
+        points = token_points(
+            makers, level, bench.seconds, mix, slices, workers={"limit": 1, "loop": 1}
+        )
+        for name, point in points.items():
+            if name == "limit":
+                point.update(batch=level, cache_length=cache, itl_p50_ms=point["p50_ms"])
+            system, protocol = SYSTEMS[name]
+            found[system].append({"protocol": protocol, **point} if protocol else point)
+            shown(f"{system} {protocol or 'in-process'}", point)
+    return found
 
 
-def one_client(settings: Settings, grpc_url: str, mix: list, with_stream: bool) -> dict:
-    """The in-process loop one at a time and (`with_stream`) the stream at concurrency 1,
-    taking turns of TURN_SECONDS (`loadgen.alternating`): the target between them then
-    compares the same moments of a host whose speed moves (measured a minute apart, it ranged
-    0.68 to 1.07 here). {"loop": point, "stream": point}."""
-    makers = {"loop": lambda records: (None, loop_work(settings, records))}
-    if with_stream:
-        makers["stream"] = lambda records: stream_work(settings, grpc_url, records)
-    seconds = settings.bench.seconds
-    points = token_points(makers, 1, seconds, mix, max(1, round(seconds / TURN_SECONDS)))
-    shown("onnxruntime in-process loop, one at a time", points["loop"])
-    if with_stream:
-        shown("triton grpc_stream (in turns with the loop)", points["stream"])
-    return points
+# the systems taking turns at a concurrency: (report.json's system, protocol)
+SYSTEMS = {
+    "loop": ("onnxruntime", None),
+    "stream": ("triton", "grpc_stream"),
+    "whole": ("triton", "grpc"),
+    "limit": ("onnxruntime_decode_limit", None),
+}
 
 
 def in_process(settings: Settings, mix: list) -> dict:
-    """The in-process systems that need the machine alone: the decode limit at each
-    concurrency and the in-flight loop at the highest."""
-    bench = settings.bench
-    return {
-        "onnxruntime_inflight": [inflight(settings, mix, max(bench.concurrency), bench.seconds)],
-        "onnxruntime_decode_limit": decode_limit(settings, bench.concurrency, mix),
-    }
+    """The in-process in-flight loop at the highest concurrency, with the machine alone."""
+    return {"onnxruntime_inflight": [inflight(settings, mix, max(settings.bench.concurrency))]}
 
 
-def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) -> dict:
+def inflight(settings: Settings, mix: list, concurrency: int) -> dict:
     """`onnxruntime_inflight`: `concurrency` clients, each sending its next request of the mix
-    as the last one finishes, into the in-flight loop driven here step by step."""
+    as the last one finishes, into the in-flight loop driven here step by step. After a
+    warm-up it counts, for the bench's seconds, the tokens the steps make and the prompts
+    they prefill (rows that make their first token), and times the requests that end: the
+    clients never drain, as `token_figures` leaves a turn's tail out."""
     import numpy as np
 
     from tasks.generation_parity import LoopJob, load_inflight, running_batch
@@ -409,38 +427,37 @@ def inflight(settings: Settings, mix: list, concurrency: int, seconds: float) ->
         loop.submit(job)
         return job
 
-    def run(until: float) -> list[LoopJob]:
-        clients, done = [request() for _ in range(concurrency)], []
-        while time.perf_counter() < until:
+    seconds = settings.bench.seconds
+    began = time.perf_counter() + min(WARMUP_SECONDS, seconds)
+    clients, jobs = [request() for _ in range(concurrency)], []
+    tokens = prompt_tokens = 0
+    try:
+        while time.perf_counter() < began + seconds:
+            made = [len(job.rows[0].tokens) for job in clients]
             loop.iterate()
+            if time.perf_counter() >= began:
+                for job, before in zip(clients, made):
+                    tokens += len(job.rows[0].tokens) - before
+                    prompt_tokens += (
+                        len(job.rows[0].prompt) if before == 0 < len(job.rows[0].tokens) else 0
+                    )
             for index, job in enumerate(clients):
                 if job.ended is not None:
-                    done.append(job)
+                    jobs += [job] if job.ended >= began else []
                     clients[index] = request()
-        while any(job.ended is None for job in clients):  # the last ones end, counted
-            loop.iterate()
-        return done + clients
-
-    try:
-        run(time.perf_counter() + min(WARMUP_SECONDS, seconds))
-        began = time.perf_counter()
-        jobs = run(began + seconds)
-        elapsed = max(job.ended for job in jobs) - began
     finally:
         loop.stop()
     took = [job.ended - job.began for job in jobs]
-    tokens = sum(len(job.rows[0].tokens) for job in jobs)
-    prompt_tokens = sum(len(job.rows[0].prompt) for job in jobs)
     point = {
         "concurrency": concurrency,
         "requests": len(jobs),
         "errors": 0,
-        "throughput": round(len(jobs) / elapsed, 2),
+        "throughput": round(len(jobs) / seconds, 2),
         "p50_ms": percentile(took, 0.5),
         "p95_ms": percentile(took, 0.95),
         "p99_ms": percentile(took, 0.99),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / elapsed, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
         # the prompts' share of the tokens it computed (prompt tokens against them and the
         # tokens made): the decode limit counts new tokens only, so where compute bounds a
         # step (a CPU) the loop reaches at most about 1 - this share of it

@@ -55,16 +55,31 @@ def closed_loop(
     return point_of(run_loop(work, concurrency, seconds, texts, setup, backoff), concurrency)
 
 
-def alternating(systems: dict, concurrency: int, seconds: float, texts: list, slices: int) -> dict:
+def alternating(
+    systems: dict,
+    concurrency: int,
+    seconds: float,
+    texts: list,
+    slices: int,
+    workers: dict | None = None,
+    windows: dict | None = None,
+) -> dict:
     """Each system (name: (setup, work)) measured as `closed_loop` does for `seconds`, in
     `slices` turns taken in alternation (A B A B ...), their answers pooled: a point per
     system that a load moving on a shared machine weighs on alike. Each system's turns go on
-    through the texts where its last turn stopped, so all send the same mix."""
+    through the texts where its last turn stopped, so all send the same mix.
+
+    `workers` (name: threads) runs a system on fewer threads than `concurrency`, its level (a
+    decoding step of `concurrency` rows is one call); `windows`, when given, gets each
+    system's turns as (start, deadline) pairs of time.perf_counter()."""
     runs: dict[str, list] = {name: [] for name in systems}
     for _ in range(slices):
         for name, (setup, work) in systems.items():
             start = sum(part["started"] for part in runs[name])
-            runs[name].append(run_loop(work, concurrency, seconds / slices, texts, setup, 0, start))
+            threads = (workers or {}).get(name, concurrency)
+            runs[name].append(run_loop(work, threads, seconds / slices, texts, setup, 0, start))
+    if windows is not None:
+        windows.update({name: [part["window"] for part in parts] for name, parts in runs.items()})
     pooled = {}
     for name, parts in runs.items():
         raw = {key: [item for part in parts for item in part[key]] for key in RAW_LISTS}
@@ -195,5 +210,6 @@ def run_loop(
     for thread in threads:
         thread.join()
     raw["elapsed"] = max(clock["last"] - clock["start"], 0.0)  # 0: nothing answered
+    raw["window"] = (clock["start"], clock["deadline"])  # when requests were started
     raw["started"] = len(raw["latencies"]) + raw["errors"] + len(raw["rejections"])
     return raw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -59,6 +60,63 @@ def test_systems_compared_side_by_side_take_turns_and_pool_their_answers():
         assert max(counts) - min(counts) <= 3, counts
     assert found["b"]["errors"] > 0 and found["a"]["errors"] == 0
     assert found["a"]["p50_ms"] < found["b"]["p50_ms"]
+
+
+def test_a_system_in_turns_may_run_on_fewer_threads_and_its_turns_are_reported():
+    """The decode limit takes turns at concurrency 16 as one thread (a step of 16 rows is one
+    call); each system's turns come back as (start, deadline) windows."""
+    lock, active, most = threading.Lock(), {"a": 0, "b": 0}, {"a": 0, "b": 0}
+
+    def work_of(name):
+        def work(state, text):
+            with lock:
+                active[name] += 1
+                most[name] = max(most[name], active[name])
+            time.sleep(0.01)
+            with lock:
+                active[name] -= 1
+            return True
+
+        return None, work
+
+    systems = {"a": work_of("a"), "b": work_of("b")}
+    windows: dict = {}
+    loadgen.alternating(systems, 3, 0.3, [("x",)], slices=3, workers={"b": 1}, windows=windows)
+    assert most == {"a": 3, "b": 1}
+    for name in systems:
+        assert len(windows[name]) == 3
+        assert all(0.09 < end - start < 0.11 for start, end in windows[name])
+    starts = sorted((start, name) for name in systems for start, _ in windows[name])
+    assert [name for _, name in starts] == ["a", "b"] * 3
+
+
+def test_tokens_count_within_the_turns_and_a_turns_opening_burst_is_not_timed():
+    """tokens_per_s counts the tokens made inside the turns (a turn's tail, with fewer clients
+    left, does not count); latencies leave out each client's first request of a turn."""
+    from tasks import generation_bench
+
+    def stream(began, ttft, gap, tokens, opening):
+        times = [began + ttft + gap * k for k in range(tokens)]
+        return {"tokens": tokens, "times": times, "ttft": ttft,
+                "gaps": [gap] * (tokens - 1), "opening": opening}  # fmt: skip
+
+    records = [
+        stream(0.0, 0.5, 0.1, 4, True),  # the burst: every client at once
+        stream(1.0, 0.02, 0.01, 10, False),  # 10 tokens inside the window
+        stream(1.9, 0.02, 0.05, 10, False),  # 2 inside (1.92, 1.97), 8 after the deadline
+        stream(10.0, 0.02, 0.01, 3, False),  # a second turn: all 3 inside
+    ]
+    found = generation_bench.token_figures(records, [(0.0, 2.0), (10.0, 11.0)])
+    assert found["tokens"] == 27
+    assert found["tokens_per_s"] == round((4 + 10 + 2 + 3) / 3.0, 1)
+    assert found["ttft_p50_ms"] == 20.0 and found["ttft_p99_ms"] == 20.0
+    assert found["itl_p99_ms"] == 50.0
+    # a whole answer's tokens count evenly over its request's time: 2 of 4 within the turn
+    assert generation_bench.spread(1.0, 3.0, 4) == [1.5, 2.0, 2.5, 3.0]
+    whole = [{"tokens": 4, "times": generation_bench.spread(1.0, 3.0, 4)}]
+    assert generation_bench.token_figures(whole, [(0.0, 2.01)]) == {
+        "tokens": 4, "tokens_per_s": round(2 / 2.01, 1)
+    }  # fmt: skip
 
 
 def test_at_concurrency_one_systems_go_in_step_and_what_one_adds_is_paired():
