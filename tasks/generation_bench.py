@@ -25,7 +25,7 @@ import itertools
 import statistics
 import time
 
-from tasks import artifacts, paths
+from tasks import artifacts, catalog, paths
 from tasks.facts import checkpoint_facts
 from tasks.loadgen import WARMUP_SECONDS, alternating
 from tasks.server import authorize
@@ -409,7 +409,12 @@ def inflight(settings: Settings, mix: list, concurrency: int) -> dict:
     facts = checkpoint_facts(settings.name)
     modules = load_inflight()
     running = running_batch(settings, facts, modules)  # its steps, as the server makes them
-    loop = modules["scheduler"].Scheduler(running, facts["eos_ids"], max_rows=settings.batch.max)
+    loop = modules["scheduler"].Scheduler(
+        running,
+        facts["eos_ids"],
+        max_rows=settings.batch.max,
+        prefill_waste=catalog.PREFILL_WASTE[settings.task.generation],  # as the server's
+    )
     tokenizer = prompt_tokenizer(settings)
     prompts = itertools.cycle(  # tokenized before the clock, as the server's execute does
         [(np.array(tokenizer.encode(text).ids, dtype=np.int64), new) for text, new in mix]

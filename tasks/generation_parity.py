@@ -28,11 +28,12 @@ def load_decoding():
 
 def load_inflight() -> dict:
     """The in-flight loop's modules that run outside Triton too (triton/inflight/: all but
-    jobs.py), after the decoding module they import, by name."""
+    jobs.py), after the decoding and encoding modules they import, by name."""
     import sys
 
     modules = {"decoding": load_decoding()}
     runtime = sys.modules["llm_in_triton_runtime"]  # loaded with decoding, as in Triton
+    runtime.load(paths.runtime_file("tokenizer", "encoding.py").parent, "encoding")
     for name in ("batch", "detokenizer", "scheduler"):
         modules[name] = runtime.load(paths.runtime_file("inflight", f"{name}.py").parent, name)
     return modules
@@ -99,7 +100,10 @@ def slots_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
     modules = load_inflight()
     new = min(catalog.GENERATION_PARITY_NEW_TOKENS, settings.max_new_tokens)
     loop = modules["scheduler"].Scheduler(
-        running_batch(settings, facts, modules), facts["eos_ids"], max_rows=settings.batch.max
+        running_batch(settings, facts, modules),
+        facts["eos_ids"],
+        max_rows=settings.batch.max,
+        prefill_waste=catalog.PREFILL_WASTE["causal"],  # as the server prefills joining rows
     )
     jobs = [
         LoopJob(

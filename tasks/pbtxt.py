@@ -260,6 +260,8 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         # many responses a step
         "stream_interval": 0 if interval == "auto" else interval,
         "stream_responses": catalog.AUTO_STREAM_RESPONSES,
+        # joining prompts prefill in groups of like lengths (0: all in one call)
+        "prefill_waste": catalog.PREFILL_WASTE[spec.generation],
         # answered after execute() returned: the supervisor restarts the server when such a
         # model's stub dies holding requests (triton/supervisor/supervisor.py)
         "requests_outlive_execute": "true",

@@ -179,6 +179,18 @@ class CountingStep:
         return {"logits": logits, "present.0.key": present}
 
 
+class ShapedStep(CountingStep):
+    """A prefill CountingStep that keeps the shape of each call's prompts."""
+
+    def __init__(self) -> None:
+        super().__init__(with_past=False)
+        self.shapes = []
+
+    def __call__(self, feed: dict) -> dict:
+        self.shapes.append(feed["input_ids"].shape)
+        return super().__call__(feed)
+
+
 def counting_batch(modules):
     """A causal running batch whose parts are CountingSteps."""
     steps = {"decoder_model": CountingStep(False), "decoder_with_past_model": CountingStep(True)}
@@ -226,6 +238,33 @@ def test_a_cancelled_request_leaves_after_the_step_it_is_found_in_and_none_is_as
         assert long.rows[0].tokens == [(3 + i) % CountingStep.VOCAB for i in range(40)]
         loop.submit(WatchedJob(modules, [7], 2))
         loop.iterate()  # the finished ones are not asked about with the newcomer
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("waste, calls", [(0, [(5, 31)]), (1.3, [(3, 3), (2, 31)])])
+def test_prompts_joining_at_once_prefill_in_groups_of_like_lengths(waste, calls):
+    """Short and long prompts arriving together: with `prefill_waste` the short ones share a
+    call padded to 3 tokens and the long ones one of 31, not all five one of 31; each row's
+    first token goes out at its group's prefill, and every row decodes as alone."""
+    modules = load_inflight()
+    running = counting_batch(modules)
+    running.steps["decoder_model"] = prefill = ShapedStep()
+    loop = modules["scheduler"].Scheduler(running, eos_ids=[], max_rows=8, prefill_waste=waste)
+    try:
+        prompts = [[1, 2], [4] * 30, [7, 8, 9], [10] * 31, [20, 21]]
+        jobs = [WatchedJob(modules, prompt, 4) for prompt in prompts]
+        for job in jobs:
+            assert loop.submit(job)
+        loop.iterate()
+        assert prefill.shapes == calls
+        assert all(job.steps == 2 for job in jobs)  # the first token, then one step
+        while any(job.outcome is None for job in jobs):
+            loop.iterate()
+        for job, prompt in zip(jobs, prompts):
+            assert job.rows[0].tokens == [
+                (prompt[-1] + k) % CountingStep.VOCAB for k in (1, 2, 3, 4)
+            ]
     finally:
         loop.stop()
 

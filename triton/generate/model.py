@@ -35,7 +35,7 @@ decoding = runtime.load(HERE, "decoding")
 encoding = runtime.load(HERE, "encoding")  # the tokenizer's text rules, for the stream's TEXT
 detokenizer = runtime.load(HERE, "detokenizer")
 batch = runtime.load(HERE, "batch")  # after decoding, which it imports
-scheduler = runtime.load(HERE, "scheduler")
+scheduler = runtime.load(HERE, "scheduler")  # after encoding, which it imports
 jobs = runtime.load(HERE, "jobs")
 
 
@@ -160,6 +160,7 @@ class TritonPythonModel:
             max_rows=max_rows,
             max_waiting=params.read("max_queue", int),
             queue_timeout_s=params.read("queue_timeout_ms", int) / 1000,
+            prefill_waste=params.read("prefill_waste", float),
             on_error=lambda err: pb_utils.Logger.log_error(f"generation step failed: {err}"),
         ).start()
 
