@@ -1,8 +1,8 @@
 """`doit bench` on a generation task: what LLM users compare (the bench stage calls this).
 
 A seeded mix of the bench's prompts, each asking 4 to 128 new tokens (as many as the
-deployment and the model's positions allow), closed loop at each concurrency, the systems of
-a concurrency taking turns (`served`), through:
+deployment and the model's positions allow), closed loop at each concurrency, every system
+at every concurrency taking turns (`served`), through:
 - `triton` `grpc_stream`: `<name>_stream`; time to first token and inter-token latency from
   the responses as they arrive (a response of several tokens, with stream_interval > 1,
   spread over the gap before it), output tokens per second, request latency;
@@ -33,7 +33,7 @@ from tasks.settings import Settings
 
 SEED = 0
 LEAST_NEW, MOST_NEW = 4, 128
-TURN_SECONDS = 2.0  # a turn of each system at a concurrency: several requests each
+TURN_SECONDS = 2.0  # a turn of a system at a concurrency: several requests each
 
 
 def prompt_tokenizer(settings: Settings):
@@ -75,23 +75,21 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def token_figures(records: list[dict], windows: list[tuple[float, float]]) -> dict:
-    """tokens_per_s, ttft and itl percentiles of a closed-loop point from its requests.
+    """tokens_per_s, ttft and itl percentiles of a closed-loop point from its requests, within
+    `windows` (of each turn, from when it settled to its deadline).
 
-    The latencies leave out each turn's opening requests (a client's first in a turn, when
-    every client sends at once: a burst that only taking turns makes), where others are.
-
-    tokens_per_s counts the tokens made within `windows` (each turn's start and deadline)
-    over the windows' length, each at its record's `times` (a stream's tokens as they arrive,
-    a whole answer's `spread`). A turn's tail, while its last requests finish with fewer
-    clients than its level, does not count."""
+    tokens_per_s counts the tokens made within the windows over their length, each at its
+    record's `times` (a stream's tokens as they arrive, a whole answer's `spread`): neither a
+    turn's start, when every client sends at once, nor its tail, while its last requests
+    finish with fewer clients, counts. Time to first token and inter-token latency are those
+    of the requests that began within them."""
     span = sum(end - start for start, end in windows)
     inside = sum(1 for r in records for t in r["times"] if any(a <= t < b for a, b in windows))
     found = {"tokens": sum(r["tokens"] for r in records)}
     if span > 0 and inside:
         found["tokens_per_s"] = round(inside / span, 1)
-    timed = [r for r in records if "ttft" in r]
+    timed = [r for r in records if "ttft" in r and any(a <= r["began"] < b for a, b in windows)]
     if timed:
-        timed = [r for r in timed if not r["opening"]] or timed
         firsts = [r["ttft"] for r in timed]
         gaps = [gap for r in timed for gap in r["gaps"]]
         found.update(
@@ -124,7 +122,6 @@ def stream_work(settings: Settings, url: str, records: list):
     def work(state: dict, item: tuple[str, int]) -> bool:
         text, new = item
         inputs = prompt_inputs(text, new)
-        opening, state["opened"] = "opened" not in state, True  # state: one client's turn
         began = time.perf_counter()
         state["client"].async_stream_infer(
             f"{settings.name}_stream", inputs, enable_empty_final_response=True
@@ -144,8 +141,8 @@ def stream_work(settings: Settings, url: str, records: list):
             return False
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         records.append({
-            "tokens": len(times), "times": times, "ttft": times[0] - began, "gaps": gaps,
-            "opening": opening,
+            "tokens": len(times), "times": times, "began": began, "ttft": times[0] - began,
+            "gaps": gaps,
         })  # fmt: skip
         return True
 
@@ -319,19 +316,15 @@ def decode_limit(settings: Settings, mix: list[tuple[str, int]]):
     return limit, cache
 
 
-def token_points(
-    makers: dict, concurrency: int, seconds: float, mix: list, slices: int, workers: dict
-) -> dict:
+def token_points(makers: dict, workers: dict, seconds: float, mix: list, slices: int) -> dict:
     """Each system (name: `make_work(records)`, giving (setup, work) that append one record
-    per good request) closed loop at `concurrency` (`workers`: on fewer threads) after an
-    unmeasured warm-up, in `slices` turns each (`loadgen.alternating`), with token figures."""
+    per good request) closed loop on its `workers` threads, in `slices` turns each
+    (`loadgen.alternating`), each turn settling for WARMUP_SECONDS before it counts, with
+    token figures."""
     records = {name: [] for name in makers}
     systems = {name: make(records[name]) for name, make in makers.items()}
-    alternating(systems, concurrency, min(WARMUP_SECONDS, seconds), mix, 1, workers)  # warm up
-    for kept in records.values():
-        kept.clear()
     windows: dict = {}
-    found = alternating(systems, concurrency, seconds, mix, slices, workers, windows)
+    found = alternating(systems, 1, seconds, mix, slices, workers, windows, WARMUP_SECONDS)
     return {
         name: {**point, **token_figures(records[name], windows[name])}
         for name, point in found.items()
@@ -349,40 +342,35 @@ def shown(name: str, point: dict) -> None:
 
 
 def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
-    """At each concurrency, its systems in turns of TURN_SECONDS (`token_points`): `triton`'s
-    stream and whole answers, `onnxruntime_decode_limit` at batch = the concurrency and, at
-    1, `onnxruntime`, the in-process loop one at a time (measured alone when 1 is not among
-    the levels). The server idles through the in-process turns. A host whose speed moves so
-    weighs on them alike: measured a minute apart, served / limit once read 0.60 where the
-    host had slowed by a third in between (the 08:16 UTC run of 2026-12-07)."""
+    """Every system at every concurrency, each in turn for TURN_SECONDS, round after round
+    (`token_points`): `triton`'s stream and whole answers and `onnxruntime_decode_limit` at
+    batch = the concurrency, and `onnxruntime`, the in-process loop one at a time, at 1. The
+    server idles through the in-process turns. A host whose speed moves so weighs on all the
+    figures alike that the targets compare: measured a minute apart, served / limit once read
+    0.60 where the host had slowed by a third in between (the 08:16 UTC run of 2026-12-07)."""
     bench = settings.bench
     limit, cache = decode_limit(settings, mix)
+    makers = {("loop", 1): lambda records: (None, loop_work(settings, records))}
+    for level in bench.concurrency:
+        makers[("stream", level)] = lambda records: stream_work(settings, grpc_url, records)
+        makers[("whole", level)] = lambda records: whole_work(settings, grpc_url, records)
+        makers[("limit", level)] = limit(level)
+    one_thread = ("loop", "limit")  # a step of `level` rows is one call
+    workers = {(name, level): 1 if name in one_thread else level for name, level in makers}
     slices = max(1, round(bench.seconds / TURN_SECONDS))
+    points = token_points(makers, workers, bench.seconds, mix, slices)
     found: dict[str, list] = {"triton": [], "onnxruntime": [], "onnxruntime_decode_limit": []}
-    levels = bench.concurrency if 1 in bench.concurrency else [1, *bench.concurrency]
-    for level in levels:
-        makers = {}
-        if level == 1:
-            makers["loop"] = lambda records: (None, loop_work(settings, records))
-        if level in bench.concurrency:
-            makers.update({
-                "stream": lambda records: stream_work(settings, grpc_url, records),
-                "whole": lambda records: whole_work(settings, grpc_url, records),
-                "limit": limit(level),
-            })  # fmt: skip
-        points = token_points(
-            makers, level, bench.seconds, mix, slices, workers={"limit": 1, "loop": 1}
-        )
-        for name, point in points.items():
-            if name == "limit":
-                point.update(batch=level, cache_length=cache, itl_p50_ms=point["p50_ms"])
-            system, protocol = SYSTEMS[name]
-            found[system].append({"protocol": protocol, **point} if protocol else point)
-            shown(f"{system} {protocol or 'in-process'}", point)
+    for (name, level), point in points.items():
+        point["concurrency"] = level
+        if name == "limit":
+            point.update(batch=level, cache_length=cache, itl_p50_ms=point["p50_ms"])
+        system, protocol = SYSTEMS[name]
+        found[system].append({"protocol": protocol, **point} if protocol else point)
+        shown(f"{system} {protocol or 'in-process'}", point)
     return found
 
 
-# the systems taking turns at a concurrency: (report.json's system, protocol)
+# the systems that take turns: (report.json's system, protocol)
 SYSTEMS = {
     "loop": ("onnxruntime", None),
     "stream": ("triton", "grpc_stream"),

@@ -63,23 +63,27 @@ def alternating(
     slices: int,
     workers: dict | None = None,
     windows: dict | None = None,
+    settle: float = 0.0,
 ) -> dict:
     """Each system (name: (setup, work)) measured as `closed_loop` does for `seconds`, in
     `slices` turns taken in alternation (A B A B ...), their answers pooled: a point per
     system that a load moving on a shared machine weighs on alike. Each system's turns go on
     through the texts where its last turn stopped, so all send the same mix.
 
-    `workers` (name: threads) runs a system on fewer threads than `concurrency`, its level (a
-    decoding step of `concurrency` rows is one call); `windows`, when given, gets each
-    system's turns as (start, deadline) pairs of time.perf_counter()."""
+    `workers` (name: threads) runs a system on threads of its own number (its point still
+    says `concurrency`). Each turn lasts `settle` seconds more, and `windows`, when given,
+    gets each system's turns less those first seconds, as (start, deadline) pairs of
+    time.perf_counter(): what a caller counts in (every client starts at once in a turn)."""
     runs: dict[str, list] = {name: [] for name in systems}
     for _ in range(slices):
         for name, (setup, work) in systems.items():
             start = sum(part["started"] for part in runs[name])
             threads = (workers or {}).get(name, concurrency)
-            runs[name].append(run_loop(work, threads, seconds / slices, texts, setup, 0, start))
+            turn = settle + seconds / slices
+            runs[name].append(run_loop(work, threads, turn, texts, setup, 0, start))
     if windows is not None:
-        windows.update({name: [part["window"] for part in parts] for name, parts in runs.items()})
+        for name, parts in runs.items():
+            windows[name] = [(start + settle, end) for start, end in (p["window"] for p in parts)]
     pooled = {}
     for name, parts in runs.items():
         raw = {key: [item for part in parts for item in part[key]] for key in RAW_LISTS}

@@ -63,8 +63,8 @@ def test_systems_compared_side_by_side_take_turns_and_pool_their_answers():
 
 
 def test_a_system_in_turns_may_run_on_fewer_threads_and_its_turns_are_reported():
-    """The decode limit takes turns at concurrency 16 as one thread (a step of 16 rows is one
-    call); each system's turns come back as (start, deadline) windows."""
+    """The decode limit takes turns beside 16 streams as one thread (a step of 16 rows is one
+    call); each system's turns come back as windows that leave out their settling start."""
     lock, active, most = threading.Lock(), {"a": 0, "b": 0}, {"a": 0, "b": 0}
 
     def work_of(name):
@@ -81,34 +81,38 @@ def test_a_system_in_turns_may_run_on_fewer_threads_and_its_turns_are_reported()
 
     systems = {"a": work_of("a"), "b": work_of("b")}
     windows: dict = {}
-    loadgen.alternating(systems, 3, 0.3, [("x",)], slices=3, workers={"b": 1}, windows=windows)
+    began = time.perf_counter()
+    loadgen.alternating(
+        systems, 3, 0.3, [("x",)], slices=3, workers={"b": 1}, windows=windows, settle=0.05
+    )
     assert most == {"a": 3, "b": 1}
+    assert windows["a"][0][0] - began >= 0.05  # a turn settles before it counts
     for name in systems:
         assert len(windows[name]) == 3
-        assert all(0.09 < end - start < 0.11 for start, end in windows[name])
+        assert all(abs(end - start - 0.1) < 1e-9 for start, end in windows[name])
     starts = sorted((start, name) for name in systems for start, _ in windows[name])
     assert [name for _, name in starts] == ["a", "b"] * 3
 
 
-def test_tokens_count_within_the_turns_and_a_turns_opening_burst_is_not_timed():
-    """tokens_per_s counts the tokens made inside the turns (a turn's tail, with fewer clients
-    left, does not count); latencies leave out each client's first request of a turn."""
+def test_tokens_and_latencies_count_within_the_turns_settled_windows():
+    """tokens_per_s counts the tokens made inside the windows (neither a turn's settling start
+    nor its tail, with fewer clients left); latencies are those of requests begun inside."""
     from tasks import generation_bench
 
-    def stream(began, ttft, gap, tokens, opening):
+    def stream(began, ttft, gap, tokens):
         times = [began + ttft + gap * k for k in range(tokens)]
-        return {"tokens": tokens, "times": times, "ttft": ttft,
-                "gaps": [gap] * (tokens - 1), "opening": opening}  # fmt: skip
+        return {"tokens": tokens, "times": times, "began": began, "ttft": ttft,
+                "gaps": [gap] * (tokens - 1)}  # fmt: skip
 
     records = [
-        stream(0.0, 0.5, 0.1, 4, True),  # the burst: every client at once
-        stream(1.0, 0.02, 0.01, 10, False),  # 10 tokens inside the window
-        stream(1.9, 0.02, 0.05, 10, False),  # 2 inside (1.92, 1.97), 8 after the deadline
-        stream(10.0, 0.02, 0.01, 3, False),  # a second turn: all 3 inside
+        stream(0.0, 0.5, 0.1, 4),  # begun while the turn settled: its 4 tokens come after
+        stream(1.0, 0.02, 0.01, 10),  # 10 tokens inside the window
+        stream(1.9, 0.02, 0.05, 10),  # 2 inside (1.92, 1.97), 8 after the deadline
+        stream(10.0, 0.02, 0.01, 3),  # a second turn: all 3 inside
     ]
-    found = generation_bench.token_figures(records, [(0.0, 2.0), (10.0, 11.0)])
+    found = generation_bench.token_figures(records, [(0.5, 2.0), (10.0, 11.0)])
     assert found["tokens"] == 27
-    assert found["tokens_per_s"] == round((4 + 10 + 2 + 3) / 3.0, 1)
+    assert found["tokens_per_s"] == round((4 + 10 + 2 + 3) / 2.5, 1)
     assert found["ttft_p50_ms"] == 20.0 and found["ttft_p99_ms"] == 20.0
     assert found["itl_p99_ms"] == 50.0
     # a whole answer's tokens count evenly over its request's time: 2 of 4 within the turn
