@@ -293,7 +293,8 @@ def decode_limit(settings: Settings, mix: list[tuple[str, int]]):
     prompt plus half its mean new tokens (seq2seq: half its new tokens). Returns (`limit`,
     the cache length): `limit(batch)` is a system for `token_points` (a maker of (setup,
     work)) whose one thread runs steps of `batch` rows back to back, each a record of
-    `batch` tokens."""
+    `batch` tokens. Its point's tokens_per_s is `batch` over the median step (a ceiling: a
+    step the host slowed does not lower it), tokens_per_s_in_turns what its turns made."""
     tokenizer = prompt_tokenizer(settings)
     prompt = round(statistics.fmean(len(tokenizer.encode(t).ids) for t, _ in mix))
     new = round(statistics.fmean(n for _, n in mix))
@@ -362,8 +363,14 @@ def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
     found: dict[str, list] = {"triton": [], "onnxruntime": [], "onnxruntime_decode_limit": []}
     for (name, level), point in points.items():
         point["concurrency"] = level
-        if name == "limit":
-            point.update(batch=level, cache_length=cache, itl_p50_ms=point["p50_ms"])
+        if name == "limit":  # the ceiling: a median step's, as over its turns it ran slower
+            point.update(
+                batch=level,
+                cache_length=cache,
+                itl_p50_ms=point["p50_ms"],
+                tokens_per_s_in_turns=point.get("tokens_per_s"),
+                tokens_per_s=round(level / point["p50_ms"] * 1000, 1),
+            )
         system, protocol = SYSTEMS[name]
         found[system].append({"protocol": protocol, **point} if protocol else point)
         shown(f"{system} {protocol or 'in-process'}", point)
