@@ -103,7 +103,7 @@ def slots_parity(settings: Settings, model, ids, mask, facts: dict) -> dict:
         running_batch(settings, facts, modules),
         facts["eos_ids"],
         max_rows=settings.batch.max,
-        prefill_waste=catalog.PREFILL_WASTE["causal"],  # as the server prefills joining rows
+        prefill_waste=catalog.PREFILL_WASTE[settings.task.generation],  # as the server's
     )
     jobs = [
         LoopJob(

@@ -147,11 +147,13 @@ def test_a_joined_and_left_cache_is_as_long_as_its_longest_row():
         return batch.CausalGroup(list(range(len(lengths))), cache, mask, mask.sum(axis=1))
 
     running = group([5, 3])
-    running.absorb(group([9]))  # a long prompt joins
-    assert running.width == 9 and running.cache["0.key"].shape == (3, 1, 9, 1)
-    assert running.mask.sum(axis=1).tolist() == [5, 3, 9] == running.positions.tolist()
+    running.absorb([group([9]), group([2])])  # a long prompt and a short one join
+    assert running.width == 9 and running.cache["0.key"].shape == (4, 1, 9, 1)
+    assert running.mask.sum(axis=1).tolist() == [5, 3, 9, 2] == running.positions.tolist()
     assert (running.cache["0.key"][:2, :, :4] == 0).all()  # the padding the mask hides
-    running.keep([0, 1])  # the long one leaves: back to the longest remaining row
+    running.keep([0, 1, 3])
+    assert running.width == 5 and running.mask.sum(axis=1).tolist() == [5, 3, 2]
+    running.keep([0, 1])  # back to the longest remaining row
     assert running.width == 5 and running.mask.sum(axis=1).tolist() == [5, 3]
     running.keep([1])
     assert running.width == 3 and running.mask.tolist() == [[1, 1, 1]]
@@ -259,6 +261,10 @@ def test_prompts_joining_at_once_prefill_in_groups_of_like_lengths(waste, calls)
         loop.iterate()
         assert prefill.shapes == calls
         assert all(job.steps == 2 for job in jobs)  # the first token, then one step
+        [group] = running.groups  # the groups stacked into one cache at the step
+        for place, row in enumerate(group.rows):  # each row's cache: its prompt, its token
+            read = group.cache["0.key"][place, 0, group.mask[place] == 1, 0]
+            assert read.tolist() == [*row.prompt.tolist(), *row.tokens[:-1]]
         while any(job.outcome is None for job in jobs):
             loop.iterate()
         for job, prompt in zip(jobs, prompts):

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from tasks import artifacts, paths, profiles
+from tasks import artifacts, catalog, paths, profiles
 from tasks.generation_parity import load_inflight
 from tests.helpers.inflight import LocalJob
 from tests.helpers.project import copy_project
@@ -139,7 +139,9 @@ def test_in_flight_steps_stay_in_the_profile_and_each_row_decodes_as_alone(
     limit = profiles.cache_limit(chosen, positions)
     kind = chosen.task.generation
     running = batch.RunningBatch(kind, steps, pad_id=0, start_id=0, cache_limit=limit)
-    loop = scheduler.Scheduler(running, eos_ids=[], max_rows=chosen.batch.max)
+    loop = scheduler.Scheduler(  # prompts that join at once prefill as the server groups them
+        running, eos_ids=[], max_rows=chosen.batch.max, prefill_waste=catalog.PREFILL_WASTE[kind]
+    )
     rng = np.random.default_rng(0)
     arrivals = []  # (step it arrives at, prompt, new tokens)
     for at, (_, _, lengths, new) in zip((0, 2, 3), (WIDEST[case], WORST[case], SMALLEST)):

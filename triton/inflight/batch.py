@@ -8,7 +8,8 @@ the cache of rows that started at different times is laid out as a row alone wou
   are the last ones, the columns before them are padding its attention mask hides, and its
   `position_ids` count its own tokens only. A joining row is prefilled (decoder_model, the
   joiners left-padded together, as Hugging Face pads), then its cache is stacked under the
-  group's, left-padded to the wider (one copy); a leaving row's cache row is written over by
+  group's, left-padded to the wider (one copy at the next step, however many prefills joined
+  since the last); a leaving row's cache row is written over by
   one from the tail, in place (the rows' order changes, each row's cache, mask and position
   going with it), or, when the columns every remaining row hides can be cut, the cache is
   cut and taken (one copy). So a step's cache is never longer than its longest
@@ -131,15 +132,16 @@ class CausalGroup:
         self.mask, self.positions = mask, self.positions + 1
         return logits
 
-    def absorb(self, other: CausalGroup) -> None:
-        """`other`'s rows after this group's, both caches left-padded to the longer (one
-        copy of each: the step reads the cache as it is)."""
-        width = max(self.width, other.width)
+    def absorb(self, others: list[CausalGroup]) -> None:
+        """`others`' rows after this group's, every cache left-padded to the longest (one copy
+        of each: the step reads the cache as it is)."""
+        groups = [self, *others]
+        width = max(group.width for group in groups)
         for name in self.cache:
-            self.cache[name] = stacked_right([self.cache[name], other.cache[name]], width)
-        self.mask = stacked_right([self.mask, other.mask], width, axis=1)
-        self.positions = np.concatenate([self.positions, other.positions])
-        self.rows += other.rows
+            self.cache[name] = stacked_right([group.cache[name] for group in groups], width)
+        self.mask = stacked_right([group.mask for group in groups], width, axis=1)
+        self.positions = np.concatenate([group.positions for group in groups])
+        self.rows += [row for group in others for row in group.rows]
 
     def keep(self, indices: list[int]) -> None:
         """Only these rows stay; the columns all of them hide are cut."""
@@ -187,10 +189,10 @@ class SlotGroup:
         self.lengths = self.lengths + 1
         return logits
 
-    def absorb(self, other: SlotGroup) -> None:
-        """`other`'s rows, already prefilled into the slots after this group's."""
-        self.rows += other.rows
-        self.lengths = np.concatenate([self.lengths, other.lengths])
+    def absorb(self, others: list[SlotGroup]) -> None:
+        """`others`' rows, already prefilled into the slots after this group's."""
+        self.rows += [row for group in others for row in group.rows]
+        self.lengths = np.concatenate([self.lengths, *(group.lengths for group in others)])
 
     def keep(self, indices: list[int]) -> None:
         order = filled_order(indices)
@@ -266,21 +268,26 @@ class RunningBatch:
 
     def join(self, joining: list) -> list[tuple[object, np.ndarray]]:
         """Prefill the joining rows (their first token's logits) and add them to the batch;
-        (row, logits) for each."""
+        (row, logits) for each. A causal LM's prefills stay groups of their own until the
+        next step stacks them under the running rows, in one copy however many joined; a slot
+        group joins at once (its slots follow the rows', nothing to copy)."""
         if self.kind == "slots":  # into the slots after the rows' (compacted at each leave)
             group, logits = SlotGroup.prefill(self.steps, joining, self.pad_id, len(self))
         elif self.kind == "causal":
             group, logits = CausalGroup.prefill(self.steps, joining, self.pad_id)
         else:
             group, logits = Seq2SeqGroup.prefill(self.steps, joining, self.pad_id, self.start_id)
-        if self.kind != "seq2seq" and self.groups:  # one group of every row
-            self.groups[0].absorb(group)
+        if self.kind == "slots" and self.groups:  # one group of every row
+            self.groups[0].absorb([group])
         else:
             self.groups.append(group)
         return list(zip(joining, logits))
 
     def step(self) -> list[tuple[object, np.ndarray]]:
         """One decoding step of every row: (row, its next token's logits)."""
+        if self.kind == "causal" and len(self.groups) > 1:  # one group of every row
+            self.groups[0].absorb(self.groups[1:])
+            self.groups = self.groups[:1]
         out = []
         for group in self.groups:
             if self.cache_limit and group.width > self.cache_limit:
