@@ -430,9 +430,7 @@ def measure(settings: Settings) -> None:
     finally:
         if server is not None:
             server.stop()
-    if mix:
-        systems.update(generation_bench.in_process(settings, mix))
-    else:
+    if not mix:
         systems["onnxruntime"] = sweep(
             "onnxruntime in-process",
             onnxruntime_work(settings),

@@ -81,23 +81,39 @@ def token_figures(records: list[dict], windows: list[tuple[float, float]]) -> di
     tokens_per_s counts the tokens made within the windows over their length, each at its
     record's `times` (a stream's tokens as they arrive, a whole answer's `spread`): neither a
     turn's start, when every client sends at once, nor its tail, while its last requests
-    finish with fewer clients, counts. Time to first token and inter-token latency are those
-    of the requests that began within them."""
+    finish with fewer clients, counts. Time to first token is that of the requests begun
+    within them, and inter-token latency that of their tokens that arrived within them.
+
+    A loop driven here a step at a time (`inflight`: a record per step, `at` its end) counts
+    its requests from the ones its steps `answered`, and the share of the tokens it computed
+    that were prompts (`prompt_tokens`, prefilled)."""
+
+    def inside(t: float) -> bool:
+        return any(start <= t < end for start, end in windows)
+
     span = sum(end - start for start, end in windows)
-    inside = sum(1 for r in records for t in r["times"] if any(a <= t < b for a, b in windows))
+    made = sum(1 for r in records for t in r["times"] if inside(t))
     found = {"tokens": sum(r["tokens"] for r in records)}
-    if span > 0 and inside:
-        found["tokens_per_s"] = round(inside / span, 1)
-    timed = [r for r in records if "ttft" in r and any(a <= r["began"] < b for a, b in windows)]
+    if span > 0 and made:
+        found["tokens_per_s"] = round(made / span, 1)
+    timed = [r for r in records if "ttft" in r and inside(r["began"])]
     if timed:
         firsts = [r["ttft"] for r in timed]
-        gaps = [gap for r in timed for gap in r["gaps"]]
+        gaps = [gap for r in timed for gap, t in zip(r["gaps"], r["times"][1:]) if inside(t)]
         found.update(
             ttft_p50_ms=percentile(firsts, 0.5),
             ttft_p99_ms=percentile(firsts, 0.99),
             itl_p50_ms=percentile(gaps, 0.5),
             itl_p99_ms=percentile(gaps, 0.99),
         )
+    steps = [r for r in records if "answered" in r and inside(r["at"])]
+    if steps and span > 0:  # its requests' latency would hold the other systems' turns
+        answered, prompts = (sum(r[key] for r in steps) for key in ("answered", "prompt_tokens"))
+        found.update(requests=answered, throughput=round(answered / span, 2))
+        found.update(dict.fromkeys(("p50_ms", "p95_ms", "p99_ms", "mean_ms")))
+        # the decode limit counts new tokens only, so where compute bounds a step (a CPU) the
+        # loop reaches at most about 1 - this share of it
+        found["prompt_share"] = round(prompts / (prompts + made), 2) if made else None
     return found
 
 
@@ -320,12 +336,13 @@ def decode_limit(settings: Settings, mix: list[tuple[str, int]]):
 def token_points(makers: dict, workers: dict, seconds: float, mix: list, slices: int) -> dict:
     """Each system (name: `make_work(records)`, giving (setup, work) that append one record
     per good request) closed loop on its `workers` threads, in `slices` turns each
-    (`loadgen.alternating`), each turn settling for WARMUP_SECONDS before it counts, with
+    (`loadgen.alternating`), each turn settling (up to WARMUP_SECONDS) before it counts, with
     token figures."""
     records = {name: [] for name in makers}
     systems = {name: make(records[name]) for name, make in makers.items()}
     windows: dict = {}
-    found = alternating(systems, 1, seconds, mix, slices, workers, windows, WARMUP_SECONDS)
+    settle = min(WARMUP_SECONDS, seconds / slices)
+    found = alternating(systems, 1, seconds, mix, slices, workers, windows, settle)
     return {
         name: {**point, **token_figures(records[name], windows[name])}
         for name, point in found.items()
@@ -343,24 +360,31 @@ def shown(name: str, point: dict) -> None:
 
 
 def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
-    """Every system at every concurrency, each in turn for TURN_SECONDS, round after round
-    (`token_points`): `triton`'s stream and whole answers and `onnxruntime_decode_limit` at
-    batch = the concurrency, and `onnxruntime`, the in-process loop one at a time, at 1. The
+    """Every system at every concurrency, each in turn, round after round (`token_points`):
+    `triton`'s stream and whole answers and `onnxruntime_decode_limit` at batch = the
+    concurrency, `onnxruntime`, the in-process loop one at a time, at 1, and
+    `onnxruntime_inflight`, the server's in-flight loop in-process, at the highest. The
     server idles through the in-process turns. A host whose speed moves so weighs on all the
     figures alike that the targets compare: measured a minute apart, served / limit once read
     0.60 where the host had slowed by a third in between (the 08:16 UTC run of 2026-12-07)."""
     bench = settings.bench
     limit, cache = decode_limit(settings, mix)
+    high = max(bench.concurrency)
+    looping, stop = inflight(settings, mix, high)
     makers = {("loop", 1): lambda records: (None, loop_work(settings, records))}
     for level in bench.concurrency:
         makers[("stream", level)] = lambda records: stream_work(settings, grpc_url, records)
         makers[("whole", level)] = lambda records: whole_work(settings, grpc_url, records)
         makers[("limit", level)] = limit(level)
-    one_thread = ("loop", "limit")  # a step of `level` rows is one call
+    makers[("inflight", high)] = looping
+    one_thread = ("loop", "limit", "inflight")  # a step of `level` rows is one call
     workers = {(name, level): 1 if name in one_thread else level for name, level in makers}
-    slices = max(1, round(bench.seconds / TURN_SECONDS))
-    points = token_points(makers, workers, bench.seconds, mix, slices)
-    found: dict[str, list] = {"triton": [], "onnxruntime": [], "onnxruntime_decode_limit": []}
+    slices = max(2, round(bench.seconds / TURN_SECONDS))  # each system twice at least
+    try:
+        points = token_points(makers, workers, bench.seconds, mix, slices)
+    finally:
+        stop()
+    found: dict[str, list] = {system: [] for system, _ in SYSTEMS.values()}
     for (name, level), point in points.items():
         point["concurrency"] = level
         if name == "limit":  # the ceiling: a median step's, as over its turns it ran slower
@@ -380,23 +404,20 @@ def served(settings: Settings, grpc_url: str, mix: list) -> dict[str, list]:
 # the systems that take turns: (report.json's system, protocol)
 SYSTEMS = {
     "loop": ("onnxruntime", None),
+    "inflight": ("onnxruntime_inflight", None),
     "stream": ("triton", "grpc_stream"),
     "whole": ("triton", "grpc"),
     "limit": ("onnxruntime_decode_limit", None),
 }
 
 
-def in_process(settings: Settings, mix: list) -> dict:
-    """The in-process in-flight loop at the highest concurrency, with the machine alone."""
-    return {"onnxruntime_inflight": [inflight(settings, mix, max(settings.bench.concurrency))]}
-
-
-def inflight(settings: Settings, mix: list, concurrency: int) -> dict:
+def inflight(settings: Settings, mix: list, concurrency: int):
     """`onnxruntime_inflight`: `concurrency` clients, each sending its next request of the mix
-    as the last one finishes, into the in-flight loop driven here step by step. After a
-    warm-up it counts, for the bench's seconds, the tokens the steps make and the prompts
-    they prefill (rows that make their first token), and times the requests that end: the
-    clients never drain, as `token_figures` leaves a turn's tail out."""
+    as the last one finishes, into the server's in-flight loop driven here step by step. A
+    system for `token_points` on one thread: each call is a step boundary and a step, its
+    record the tokens made, the prompts prefilled and the requests answered
+    (`token_figures`); between its turns the loop waits with its requests in it. Returns
+    (the system's maker, a function that stops the loop)."""
     import numpy as np
 
     from tasks.generation_parity import LoopJob, load_inflight, running_batch
@@ -427,48 +448,30 @@ def inflight(settings: Settings, mix: list, concurrency: int) -> dict:
         loop.submit(job)
         return job
 
-    seconds = settings.bench.seconds
-    began = time.perf_counter() + min(WARMUP_SECONDS, seconds)
-    clients, jobs = [request() for _ in range(concurrency)], []
-    tokens = prompt_tokens = 0
-    try:
-        while time.perf_counter() < began + seconds:
-            made = [len(job.rows[0].tokens) for job in clients]
+    clients: list[LoopJob] = []
+
+    def make(records: list):
+        def work(state: dict, item) -> bool:
+            clients.extend(request() for _ in range(concurrency - len(clients)))
+            before = [len(job.rows[0].tokens) for job in clients]
             loop.iterate()
-            if time.perf_counter() >= began:
-                for job, before in zip(clients, made):
-                    tokens += len(job.rows[0].tokens) - before
-                    prompt_tokens += (
-                        len(job.rows[0].prompt) if before == 0 < len(job.rows[0].tokens) else 0
-                    )
-            for index, job in enumerate(clients):
+            at, tokens, prefilled, answered = time.perf_counter(), 0, 0, 0
+            for index, (job, had) in enumerate(zip(clients, before)):
+                row = job.rows[0]
+                tokens += len(row.tokens) - had
+                prefilled += len(row.prompt) if had == 0 < len(row.tokens) else 0
                 if job.ended is not None:
-                    jobs += [job] if job.ended >= began else []
+                    answered += 1
                     clients[index] = request()
-    finally:
-        loop.stop()
-    took = [job.ended - job.began for job in jobs]
-    point = {
-        "concurrency": concurrency,
-        "requests": len(jobs),
-        "errors": 0,
-        "throughput": round(len(jobs) / seconds, 2),
-        "p50_ms": percentile(took, 0.5),
-        "p95_ms": percentile(took, 0.95),
-        "p99_ms": percentile(took, 0.99),
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / seconds, 1),
-        # the prompts' share of the tokens it computed (prompt tokens against them and the
-        # tokens made): the decode limit counts new tokens only, so where compute bounds a
-        # step (a CPU) the loop reaches at most about 1 - this share of it
-        "prompt_share": round(prompt_tokens / (prompt_tokens + tokens), 2) if tokens else 0.0,
-    }
-    print(
-        f"bench: onnxruntime in-process in-flight loop concurrency {concurrency}: "
-        f"{point['tokens_per_s']} tokens/s, request p50 {point['p50_ms']} ms",
-        flush=True,
-    )
-    return point
+            records.append({
+                "tokens": tokens, "times": [at] * tokens, "at": at,
+                "prompt_tokens": prefilled, "answered": answered,
+            })  # fmt: skip
+            return True
+
+        return None, work
+
+    return make, loop.stop
 
 
 def _at(systems: dict, system: str, concurrency: int, key: str, protocol: str | None = None):
@@ -519,12 +522,14 @@ def targets(systems: dict) -> dict:
             _ratio(served_high, _at(systems, "onnxruntime_decode_limit", high, "tokens_per_s")),
             0.6,
         ),
-        f"served_{high}_vs_served_1": (_ratio(served_high, served_one), 4.0),
+        f"served_{high}_vs_served_1": (_ratio(served_high, served_one) if high > 1 else None, 4.0),
         f"ttft_p50_{high}_vs_1": (
             _ratio(
                 _at(systems, "triton", high, "ttft_p50_ms", "grpc_stream"),
                 _at(systems, "triton", 1, "ttft_p50_ms", "grpc_stream"),
-            ),
+            )
+            if high > 1  # one level alone compares nothing
+            else None,
             4.0,
         ),
         "served_1_vs_inprocess_loop_1": (

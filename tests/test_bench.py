@@ -115,6 +115,14 @@ def test_tokens_and_latencies_count_within_the_turns_settled_windows():
     assert found["tokens_per_s"] == round((4 + 10 + 2 + 3) / 2.5, 1)
     assert found["ttft_p50_ms"] == 20.0 and found["ttft_p99_ms"] == 20.0
     assert found["itl_p99_ms"] == 50.0
+    # the in-process in-flight loop, a record a step: its requests and prompts within too
+    steps = [
+        {"tokens": 3, "times": [0.6] * 3, "at": 0.6, "prompt_tokens": 7, "answered": 1},
+        {"tokens": 2, "times": [2.5] * 2, "at": 2.5, "prompt_tokens": 5, "answered": 1},
+    ]
+    found = generation_bench.token_figures(steps, [(0.5, 2.0)])
+    assert (found["tokens_per_s"], found["requests"], found["throughput"]) == (2.0, 1, 0.67)
+    assert found["prompt_share"] == 0.7 and found["p50_ms"] is None
     # a whole answer's tokens count evenly over its request's time: 2 of 4 within the turn
     assert generation_bench.spread(1.0, 3.0, 4) == [1.5, 2.0, 2.5, 3.0]
     whole = [{"tokens": 4, "times": generation_bench.spread(1.0, 3.0, 4)}]
@@ -214,11 +222,18 @@ def test_bench_on_generation_sends_only_prompts_the_deployment_takes(project, ge
     report = json.loads(project.path(paths.bench_report("causallm")).read_text())
     assert 0 < report["texts"] < 16 and report["errors"] == 0
     assert all(p["requests"] > 0 for points in report["systems"].values() for p in points)
-    inflight = report["systems"]["onnxruntime_inflight"]  # the loop alone, highest concurrency
-    assert [p["concurrency"] for p in inflight] == [
-        max(p["concurrency"] for p in report["systems"]["triton"])
-    ]
-    assert inflight[0]["tokens_per_s"] > 0
+    systems = report["systems"]  # every system at every concurrency (1 here), in turns
+    assert [(p["protocol"], p["concurrency"]) for p in systems["triton"]] == [
+        ("grpc_stream", 1), ("grpc", 1)
+    ]  # fmt: skip
+    [limit] = systems["onnxruntime_decode_limit"]  # batch = concurrency, a median step's
+    assert (limit["concurrency"], limit["batch"]) == (1, 1) and limit["cache_length"] > 0
+    assert limit["tokens_per_s"] == round(1000 / limit["p50_ms"], 1)
+    assert limit["itl_p50_ms"] == limit["p50_ms"]
+    assert [p["concurrency"] for p in systems["onnxruntime"]] == [1]
+    [inflight] = systems["onnxruntime_inflight"]  # the server's loop, highest concurrency
+    assert inflight["concurrency"] == 1 and inflight["tokens_per_s"] > 0
+    assert report["targets"]["served_1_vs_served_1"]["value"] is None  # one level: no ratio
     assert set(report["gap"]) == {
         "concurrency", "loop_vs_decode_limit", "whole_vs_loop", "stream_vs_whole", "prompt_share"
     }  # fmt: skip
