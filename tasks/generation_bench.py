@@ -284,12 +284,12 @@ def decode_steps(settings: Settings, cache: int, prompt: int):
     if settings.decoder == "slots":
         slots = slot_step(settings, decoding, max(settings.bench.concurrency), cache + 2)
 
-        def slot_step(batch: int):
+        def slot_batch(batch: int):
             ids = np.ones((batch, 1), np.int64)
             mask = np.ones((batch, cache + 1), np.int64)  # each row `cache` long, and its token
             return lambda: slots(ids, mask, 0)
 
-        return slot_step
+        return slot_batch
     part = "decoder_with_past_model"
     step = decoding.OnnxRuntimeStep(
         settings.model_file(part), serving.ort_threads, serving.ort_spin
@@ -342,7 +342,17 @@ def token_points(makers: dict, workers: dict, seconds: float, mix: list, slices:
     systems = {name: make(records[name]) for name, make in makers.items()}
     windows: dict = {}
     settle = min(WARMUP_SECONDS, seconds / slices)
-    found = alternating(systems, 1, seconds, mix, slices, workers, windows, settle)
+    turn = settle + seconds / slices
+    print(
+        f"bench: {len(systems)} systems in turns of {turn:g} s, {slices} rounds "
+        f"(about {len(systems) * turn * slices:.0f} s)",
+        flush=True,
+    )
+
+    def done(round_: int, rounds: int) -> None:
+        print(f"bench: round {round_} of {rounds} done", flush=True)
+
+    found = alternating(systems, 1, seconds, mix, slices, workers, windows, settle, done)
     return {
         name: {**point, **token_figures(records[name], windows[name])}
         for name, point in found.items()

@@ -64,6 +64,7 @@ def alternating(
     workers: dict | None = None,
     windows: dict | None = None,
     settle: float = 0.0,
+    on_round=None,
 ) -> dict:
     """Each system (name: (setup, work)) measured as `closed_loop` does for `seconds`, in
     `slices` turns taken in alternation (A B A B ...), their answers pooled: a point per
@@ -73,14 +74,17 @@ def alternating(
     `workers` (name: threads) runs a system on threads of its own number (its point still
     says `concurrency`). Each turn lasts `settle` seconds more, and `windows`, when given,
     gets each system's turns less those first seconds, as (start, deadline) pairs of
-    time.perf_counter(): what a caller counts in (every client starts at once in a turn)."""
+    time.perf_counter(): what a caller counts in (every client starts at once in a turn).
+    `on_round(done, slices)`, when given, is called after each round (progress)."""
     runs: dict[str, list] = {name: [] for name in systems}
-    for _ in range(slices):
+    for done in range(1, slices + 1):
         for name, (setup, work) in systems.items():
             start = sum(part["started"] for part in runs[name])
             threads = (workers or {}).get(name, concurrency)
             turn = settle + seconds / slices
             runs[name].append(run_loop(work, threads, turn, texts, setup, 0, start))
+        if on_round is not None:
+            on_round(done, slices)
     if windows is not None:
         for name, parts in runs.items():
             windows[name] = [(start + settle, end) for start, end in (p["window"] for p in parts)]
