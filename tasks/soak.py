@@ -323,7 +323,8 @@ def soak(settings: Settings) -> None:
 
 def kill_one_stub(server, found, recovering, module) -> dict:
     """SIGKILL the stubs of a python model the traffic goes through (the first deployment's
-    model or decoding loop, else another of its parts); wait for it back."""
+    model or decoding loop, else another of its parts); wait for it back: reloaded by the
+    supervisor, or the whole server restarted (a generation model's)."""
     import os
     import signal
 
@@ -335,6 +336,7 @@ def kill_one_stub(server, found, recovering, module) -> dict:
     if model is None:
         return {}
     pids = [pid for pid, name in stubs.items() if module.strip_instance(name) == model]
+    restarts = len(server.restarts)
     recovering.set()
     started = time.monotonic()
     print(f"soak: killing the stubs of '{model}' (pids {pids})", flush=True)
@@ -342,8 +344,13 @@ def kill_one_stub(server, found, recovering, module) -> dict:
         os.kill(pid, signal.SIGKILL)
     recovered = False
     while time.monotonic() - started < 60:
-        done = [r for r in server.supervisor.recoveries if r["model"] == model and r["ok"]]
-        if done:
+        # a generation model's stubs hold requests past execute: the supervisor restarts the
+        # whole server (no supervisor while it does), and the server counts the restart
+        supervisor = server.supervisor
+        reloaded = supervisor is not None and any(
+            r["model"] == model and r["ok"] for r in supervisor.recoveries
+        )
+        if reloaded or len(server.restarts) > restarts:
             recovered = True
             break
         time.sleep(0.1)
