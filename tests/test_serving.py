@@ -436,3 +436,21 @@ def test_a_killed_stub_is_replaced_and_its_deployment_answers_again(served, mode
     np.testing.assert_allclose(after["EMBEDDING"], before["EMBEDDING"], atol=1e-5)
     assert seconds < 30
     assert [r["model"] for r in server.supervisor.recoveries if r["ok"]][-1] == model
+
+
+def test_a_server_that_exits_on_its_own_is_started_again_on_its_ports(identity_repo, tmp_path):
+    """tritonserver itself gone (Triton 2.51's python backend once aborted on a lock that a
+    killed stub held in shared memory): the supervisor starts it again, on the same ports."""
+    from tasks.server import EmbeddedTritonServer, http_ready
+
+    log = tmp_path / "tritonserver.log"
+    with EmbeddedTritonServer(identity_repo, log_file=log, quiet=True) as server:
+        url, pid = server.http_url, server.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (server.restarts and http_ready(server.http_url, "identity")):
+            assert time.monotonic() < deadline, "the server did not come back"
+            time.sleep(0.1)
+        assert server.http_url == url and server.pid != pid
+        assert [r["reason"] for r in server.restarts] == ["the server exited on its own"]
+        assert [r["cause"] for r in server.supervisor.recoveries] == []  # a new supervisor

@@ -212,13 +212,19 @@ class ReplicaSet(Listening):
             return ServerError("the replicas' balancer was never started")
         return self.balancer.failure()
 
+    def _replica(self, index: int, ports: dict | None):
+        """A new replica, not started: this set restarts it when it exits, not it itself."""
+        replica = self.make_replica(index, ports)
+        replica.restart_on_exit = False
+        return replica
+
     def start(self) -> ReplicaSet:
         fronted = {"openai": self.openai_port} if self.openai_port else {}
         check_ports_free(self.host, {**self.ports, **fronted})  # before loading, not after
         try:
             for index in range(self.count):
                 self.log(f"replicas: starting replica {index + 1} of {self.count}")
-                self.members.append(self.make_replica(index, None).start())
+                self.members.append(self._replica(index, None).start())
             upstreams = [{"http": m.http_url, "grpc": m.grpc_url} for m in self.members]
             openai = None
             if self.openai_port:  # nginx answers 502 there until the API's process is up
@@ -291,7 +297,7 @@ class ReplicaSet(Listening):
             member.log_path.replace(kept)
         began = time.monotonic()
         while not self._stop.is_set():
-            self._starting = replacement = self.make_replica(index, ports)
+            self._starting = replacement = self._replica(index, ports)
             try:
                 self.members[index] = replacement.start()
             except ServerError as err:

@@ -147,6 +147,9 @@ class EmbeddedTritonServer(Listening):
         self._restarted.set()
         self._restarter: threading.Thread | None = None  # the thread restarting in place
         self.restarts: list[dict] = []  # why, old pid, new pid, seconds to ready
+        # the supervisor starts the server again when it exits on its own (False: an owner
+        # that watches it does, a ReplicaSet)
+        self.restart_on_exit = True
 
     @property
     def metrics_url(self) -> str:
@@ -213,6 +216,7 @@ class EmbeddedTritonServer(Listening):
                     log=self._echo,
                     headers=self.admin_headers,
                     restart=self._restart_in_place,
+                    alive=(lambda: self.returncode is None) if self.restart_on_exit else None,
                 )
                 self.supervisor = supervisor.start()
         except BaseException:

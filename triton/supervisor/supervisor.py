@@ -17,7 +17,9 @@ through response senders after `execute` returned) cannot be recovered that way:
 does not either, so they would wait for their clients' deadlines. When such a model loses a
 stub the supervisor asks its owner to restart the whole server (`restart`): every connection
 drops, so each request in flight gets an error, never a hang. Without an owner that can (a
-sidecar), it reloads the model as any other and the held requests wait.
+sidecar), it reloads the model as any other and the held requests wait. An owner that can
+also says whether its server still runs (`alive`): a server that exits on its own (2.51's
+python backend aborted once on a lock in a killed stub's shared memory) is restarted too.
 
 The server must run with --model-control-mode=explicit --load-model=* --strict-readiness=true.
 Imports only the standard library. It runs as a thread beside `doit serve`; in a container it
@@ -110,8 +112,10 @@ class Supervisor:
         interval: float = INTERVAL,
         headers: dict[str, str] | None = None,
         restart=None,
+        alive=None,
     ):
         self.restart = restart  # restart(reason): the owner restarts the server (see the module)
+        self.alive = alive  # alive(): whether the owner's server process still runs
         self.url = url if "://" in url else f"http://{url}"
         self.headers = dict(headers or {})  # the admin secret's: model control is restricted
         self.shm_prefix, self.log, self.interval = shm_prefix, log, interval
@@ -222,6 +226,14 @@ class Supervisor:
     # -- as a thread
     def run(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.restart is not None and self.alive is not None and not self.alive():
+                self.log("supervisor: the server exited on its own: restarting it")
+                self.recoveries.append(
+                    {"model": None, "cause": "exited", "ok": True, "restart": True}
+                )
+                self._stop.set()  # this server is gone: nothing more to look at
+                self.restart("the server exited on its own")
+                return
             self.poll()
 
     def start(self) -> Supervisor:
