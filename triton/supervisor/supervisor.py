@@ -182,13 +182,13 @@ class Supervisor:
 
     def recover(self, model: str, cause: str, ready: set[str]) -> bool:
         if model in self.held and self.restart is not None:
-            self.log(
-                f"supervisor: '{model}': {cause}; the requests it held are answered by no one "
-                "now: restarting the server (each request in flight gets an error)"
+            self._restart_server(
+                model,
+                cause,
+                f"'{model}': {cause}; the requests it held are answered by no one now: "
+                "restarting the server (each request in flight gets an error)",
+                f"'{model}': {cause}",
             )
-            self.recoveries.append({"model": model, "cause": cause, "ok": True, "restart": True})
-            self._stop.set()  # this server is gone: nothing more to look at
-            self.restart(f"'{model}': {cause}")
             return True
         started = time.monotonic()
         self.log(f"supervisor: '{model}': {cause}; unloading it (not ready) and loading it again")
@@ -227,14 +227,20 @@ class Supervisor:
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             if self.restart is not None and self.alive is not None and not self.alive():
-                self.log("supervisor: the server exited on its own: restarting it")
-                self.recoveries.append(
-                    {"model": None, "cause": "exited", "ok": True, "restart": True}
-                )
-                self._stop.set()  # this server is gone: nothing more to look at
-                self.restart("the server exited on its own")
+                self._restart_server(
+                    None, "exited", "the server exited on its own: restarting it",
+                    "the server exited on its own",
+                )  # fmt: skip
                 return
             self.poll()
+
+    def _restart_server(self, model: str | None, cause: str, said: str, reason: str) -> None:
+        """Have the owner restart the server (`restart(reason)`), logging `said`: this
+        watcher's server is gone, so it looks no more."""
+        self.log(f"supervisor: {said}")
+        self.recoveries.append({"model": model, "cause": cause, "ok": True, "restart": True})
+        self._stop.set()
+        self.restart(reason)
 
     def start(self) -> Supervisor:
         self.poll()  # the stubs of the models as loaded
