@@ -77,6 +77,7 @@ def slot_step(settings: Settings, decoding, rows: int, positions: int):
         positions,
         serving.ort_threads,
         serving.ort_spin,
+        mixed=paths.slot_decoder_file(settings.name, mixed=True),
     )
 
 

@@ -193,8 +193,8 @@ def task_parity():
     )
     if settings.decoder == "slots":  # its graph, in the in-flight loop that serves it
         generation += [
-            paths.slot_decoder_file(name),
-            paths.slot_decoder_record(name),
+            *(paths.slot_decoder_file(name, mixed) for mixed in (False, True)),
+            *(paths.slot_decoder_record(name, mixed) for mixed in (False, True)),
             *(paths.runtime_file("inflight", f) for f in catalog.INFLIGHT_MODULES),
         ]
     target = paths.parity_report(name)

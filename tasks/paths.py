@@ -95,14 +95,15 @@ def onnx_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
-def slot_decoder_file(name: str) -> Path:
-    """decoder=slots: the causal LM as one graph whose cache is written in place."""
-    return zoo_dir(name) / "onnx" / "decoder_slots.onnx"
+def slot_decoder_file(name: str, mixed: bool = False) -> Path:
+    """decoder=slots: the causal LM as one graph whose cache is written in place; `mixed`:
+    the graph that also prefills joining prompts in the same call."""
+    return zoo_dir(name) / "onnx" / f"decoder_slots{'_mixed' if mixed else ''}.onnx"
 
 
-def slot_decoder_record(name: str) -> Path:
+def slot_decoder_record(name: str, mixed: bool = False) -> Path:
     """What the slots stage built: the graph's sha256 and opset."""
-    return zoo_dir(name) / "onnx" / "decoder_slots.json"
+    return slot_decoder_file(name, mixed).with_suffix(".json")
 
 
 def external_data_file(onnx_file: Path) -> Path:

@@ -8,7 +8,7 @@
     models/<name>_generate/   config.pbtxt, 1/model.py, decoding.py, the in-flight loop's
                               modules (triton/inflight/), tokenizer.json, *.onnx
                               (+ chat.json, causal LMs: the chat template)
-                              (decoder=slots: decoder_slots.onnx in place of the *.onnx)
+                              (decoder=slots: decoder_slots.onnx and _mixed in place of the *.onnx)
     models/<name>_stream/     the same files as _generate (the built ones of both are hard
                               links to model_zoo/: no copy on disk), its own config.pbtxt
     models/<name>_encoder/, _decoder/, _decoder_past/   with decoder=models: one exported
@@ -175,9 +175,8 @@ def components(settings: Settings) -> list[Component]:
                 if inline
             ),
             *(
-                [(paths.slot_decoder_file(name), paths.slot_decoder_file(name).name)]
-                if slots
-                else []
+                (paths.slot_decoder_file(name, m), paths.slot_decoder_file(name, m).name)
+                for m in ((False, True) if slots else ())
             ),
             (paths.source_tokenizer(name), "tokenizer.json"),
             # the chat template, for the OpenAI API's chat endpoint (triton/openai_api/)
@@ -191,7 +190,7 @@ def components(settings: Settings) -> list[Component]:
         checks = (
             paths.parity_report(name),
             *(settings.model_record(part) for part in settings.task.onnx_parts if inline),
-            *([paths.slot_decoder_record(name)] if slots else []),
+            *(paths.slot_decoder_record(name, m) for m in ((False, True) if slots else ())),
         )
         found.append(Component("generate", names["generate"], files, checks, link=True))
         # its own files, not a path to _generate's: Triton fetches a bucket's models one by one

@@ -14,6 +14,13 @@ PROMPTS = ["The quick brown fox", "A short one.", "東京は日本の首都で�
 NEW = [30, 5, 22, 12]
 
 
+def _job(modules: dict, tokenizer, prompt: str, new: int) -> LocalJob:
+    ids = np.array(tokenizer(prompt)["input_ids"], dtype=np.int64)
+    text = modules["detokenizer"].TextStream(lambda tokens: tokenizer.decode(tokens))
+    row = modules["scheduler"].Row(ids, modules["decoding"].RowParams(new), text)
+    return LocalJob([row])
+
+
 @pytest.fixture(scope="module")
 def slots(tmp_path_factory):
     """A tiny random Llama with heads of 16 values (GroupQueryAttention's least), its graph."""
@@ -23,7 +30,9 @@ def slots(tmp_path_factory):
     model_dir = save_llama16(tmp_path_factory.mktemp("llama16"), max_positions=256)
     target = tmp_path_factory.mktemp("slots") / "decoder_slots.onnx"
     slot_decoder.build(model_dir, target)
-    return model_dir, target
+    mixed = target.with_name("decoder_slots_mixed.onnx")
+    slot_decoder.build(model_dir, mixed, mixed=True)
+    return model_dir, target, mixed
 
 
 def test_what_the_graph_does_not_take_is_refused_in_words():
@@ -44,27 +53,29 @@ def test_what_the_graph_does_not_take_is_refused_in_words():
     slot_decoder.check(MistralConfig(), longest=4000)  # rows within the window: taken
 
 
-def test_rows_joining_at_different_times_decode_as_generate_does(slots):
+@pytest.mark.parametrize("in_step", [False, True], ids=["prefilled-alone", "in-the-step"])
+def test_rows_joining_at_different_times_decode_as_generate_does(slots, in_step):
+    """Rows join a running batch in a prefill of their own, or (the mixed graph) in the
+    running rows' step: each row's tokens are generate()'s either way."""
     from transformers import AutoTokenizer
 
     from tests.test_generation import hf_generate
 
-    model_dir, graph = slots
+    model_dir, graph, mixed = slots
     modules = load_inflight()
-    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=3, buffer=128)
+    step = modules["decoding"].OnnxRuntimeSlotStep(
+        graph, max_rows=3, buffer=128, mixed=mixed if in_step else None
+    )
+    joined = []
+    if in_step:  # count the calls that stepped and prefilled at once
+        step.joined = lambda *args, call=step.joined: joined.append(len(args[2])) or call(*args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     running = modules["batch"].RunningBatch(
         "slots", {"decoder_slots": step}, tokenizer.pad_token_id
     )
     loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=3)
 
-    def job(prompt: str, new: int) -> LocalJob:
-        ids = np.array(tokenizer(prompt)["input_ids"], dtype=np.int64)
-        text = modules["detokenizer"].TextStream(lambda tokens: tokenizer.decode(tokens))
-        row = modules["scheduler"].Row(ids, modules["decoding"].RowParams(new), text)
-        return LocalJob([row])
-
-    jobs = [job(p, n) for p, n in zip(PROMPTS, NEW)]
+    jobs = [_job(modules, tokenizer, p, n) for p, n in zip(PROMPTS, NEW)]
     loop.submit(jobs[0])
     loop.submit(jobs[1])
     for index in range(200):  # the others arrive while those decode; the 4th waits for room
@@ -81,3 +92,36 @@ def test_rows_joining_at_different_times_decode_as_generate_does(slots):
         assert done.rows[0].tokens == hf_generate(model_dir, "causallm", prompt, new), prompt
     assert [len(j.rows[0].tokens) for j in jobs] == NEW  # no EOS: every row its full length
     assert not running.groups  # every slot freed
+    assert joined == ([1, 1] if in_step else [])  # jobs 2 and 3 joined running rows
+
+
+def test_prompts_of_different_lengths_join_a_running_row_in_one_call(slots):
+    """Three prompts (3 to 14 tokens, right-padded in the mixed graph's prompt grid) join a
+    running row in its step: one call, and every row's tokens are generate()'s."""
+    from transformers import AutoTokenizer
+
+    from tests.test_generation import hf_generate
+
+    model_dir, graph, mixed = slots
+    modules = load_inflight()
+    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=4, buffer=128, mixed=mixed)
+    joined = []
+    step.joined = lambda *args, call=step.joined: joined.append(len(args[2])) or call(*args)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    running = modules["batch"].RunningBatch(
+        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
+    )
+    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=4)
+    jobs = [_job(modules, tokenizer, p, n) for p, n in zip(PROMPTS, NEW)]
+    loop.submit(jobs[0])
+    loop.iterate()
+    loop.iterate()
+    for job in jobs[1:]:
+        loop.submit(job)
+    while loop.waiting or loop.running:
+        loop.iterate()
+    assert joined == [3]
+    lengths = {len(j.rows[0].prompt) for j in jobs[1:]}
+    assert len(lengths) == 3, lengths  # the grid pads two of them
+    for prompt, new, done in zip(PROMPTS, NEW, jobs):
+        assert done.rows[0].tokens == hf_generate(model_dir, "causallm", prompt, new), prompt

@@ -27,6 +27,7 @@ import numpy as np
 from llm_in_triton_runtime import session_options, softmax
 
 PAST, PRESENT = "past_key_values.", "present."
+PROMPT = "prompt_"  # the mixed slot graph's joining rows' cache (tasks/slot_decoder.py)
 LOGITS = "logits"  # the one output the loop reads; the others it only passes on
 
 
@@ -103,18 +104,29 @@ class OnnxRuntimeStep:
 
 
 class OnnxRuntimeSlotStep:
-    """tasks/slot_decoder.py's graph on ONNX Runtime, its cache in slots it owns: one buffer
+    """tasks/slot_decoder.py's graphs on ONNX Runtime, their cache in slots it owns: one buffer
     per cache tensor, [max_rows, kv heads, buffer, head size], that each call reads and writes
     in place (past and present bound to the same memory). `__call__(ids, mask, start)` runs
-    rows start.. start+len(ids) of the buffers; `move(place, row)` copies a slot."""
+    rows start.. start+len(ids) of the buffers; `joined(tokens, mask, ids, prompt_mask)` (the
+    mixed graph, when given) steps rows 0.. len(tokens) and prefills the prompts into the slots
+    after them, in one call; `move(place, row)` copies a slot."""
 
     def __init__(
-        self, path: Path, max_rows: int, buffer: int, threads: int = 0, spinning: int = 1
+        self,
+        path: Path,
+        max_rows: int,
+        buffer: int,
+        threads: int = 0,
+        spinning: int = 1,
+        mixed: Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
         options = session_options(threads, spinning, taking_turns=True)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.mixed = mixed and ort.InferenceSession(
+            str(mixed), options, providers=["CPUExecutionProvider"]
+        )
         self.buffers = {}
         for tensor in self.session.get_inputs():
             if tensor.name.startswith(PAST):
@@ -122,18 +134,44 @@ class OnnxRuntimeSlotStep:
                 shape = (max_rows, heads, buffer, size)
                 self.buffers[tensor.name[len(PAST) :]] = np.zeros(shape, np.float32)
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, start: int) -> np.ndarray:
-        binding = self.session.io_binding()
+    def _run(self, session, inputs: dict, slots: dict) -> np.ndarray:
+        """`inputs` and, for each prefix, its cache: the slots start.. start+count."""
+        binding = session.io_binding()
         binding.bind_output(LOGITS, "cpu")  # first: get_outputs()[0]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        for name, buffer in self.buffers.items():
-            rows = buffer[start : start + len(ids)]  # contiguous: the leading axis
-            shape, address = list(rows.shape), rows.ctypes.data
-            binding.bind_input(PAST + name, "cpu", 0, np.float32, shape, address)
-            binding.bind_output(PRESENT + name, "cpu", 0, np.float32, shape, address)
-        self.session.run_with_iobinding(binding)
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, value)
+        for prefix, (start, count) in slots.items():
+            for name, buffer in self.buffers.items():
+                rows = buffer[start : start + count]  # contiguous: the leading axis
+                shape, address = list(rows.shape), rows.ctypes.data
+                binding.bind_input(prefix + PAST + name, "cpu", 0, np.float32, shape, address)
+                binding.bind_output(prefix + PRESENT + name, "cpu", 0, np.float32, shape, address)
+        session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[:, -1, :]
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, start: int) -> np.ndarray:
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        return self._run(self.session, inputs, {"": (start, len(ids))})
+
+    def joined(
+        self, tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray, prompt_mask: np.ndarray
+    ) -> np.ndarray:
+        """One step of rows 0.. len(tokens) (their last token, `mask` as `__call__` takes it)
+        and the prompts `ids` (right-padded, `prompt_mask`) prefilled into the next slots: the
+        linear layers read each real token once, packed; the logits of every row, stepping
+        rows first."""
+        rows, flat = len(tokens), prompt_mask.ravel()
+        order = np.flatnonzero(flat)  # each prompt token's cell, row by row
+        inputs = {
+            "input_ids": np.concatenate([tokens, ids.ravel()[order]]),
+            "attention_mask": mask,
+            "prompt_mask": prompt_mask,
+            "prompt_cells": rows + np.cumsum(flat).reshape(prompt_mask.shape) - 1,
+            "prompt_order": order,
+            "last": np.concatenate([np.arange(rows), rows + np.cumsum(prompt_mask.sum(1)) - 1]),
+        }
+        slots = {"": (0, rows), PROMPT: (rows, len(ids))}
+        return self._run(self.mixed, inputs, slots)
 
     def move(self, place: int, row: int) -> None:
         for buffer in self.buffers.values():

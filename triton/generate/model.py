@@ -137,8 +137,9 @@ class TritonPythonModel:
         elif slot_buffer:  # decoder=slots: one graph, each row's cache a slot written in place
             path = version_dir / "decoder_slots.onnx"
             slots = decoding.OnnxRuntimeSlotStep(
-                path, max_rows, slot_buffer, threads, params.read("spinning", int)
-            )
+                path, max_rows, slot_buffer, threads, params.read("spinning", int),
+                mixed=version_dir / "decoder_slots_mixed.onnx",
+            )  # fmt: skip
             steps = {"decoder_slots": slots}
             kind = "slots"
         else:

@@ -16,8 +16,9 @@ the cache of rows that started at different times is laid out as a row alone wou
   row's own cache: a row that fits the TensorRT profile alone fits with any batch-mates.
 - decoder=slots (a causal LM's one graph on GroupQueryAttention, tasks/slot_decoder.py): row
   i's cache is slot i of buffers the step writes in place, as long as the row's own tokens;
-  a joining row is prefilled straight into the next free slots, a leaving one's slot is
-  written over by the tail's (SlotGroup): nothing is padded, nothing copied at a step.
+  a joining row is prefilled straight into the next free slots (while rows run, in their
+  step's call: the mixed graph, `joins_in_step`), a leaving one's slot is written over by
+  the tail's (SlotGroup): nothing is padded, nothing copied at a step.
 - seq2seq (T5): the decoder's self-attention has no mask (relative positions count from
   the cache's start), so only rows at the same decoding step can share a call. Rows that
   join together are a group (a cohort) of their own; each group decodes one step per loop
@@ -182,10 +183,18 @@ class SlotGroup:
         """The longest row's cache: what the next step reads (its own token written after)."""
         return int(self.lengths.max())
 
-    def step(self, steps: dict) -> np.ndarray:
-        tokens = np.array([[row.tokens[-1]] for row in self.rows], dtype=np.int64)
+    def step(self, steps: dict, joining: list = (), pad_id: int = 0) -> np.ndarray:
+        """Each row's next token's logits; with `joining`, in the same call (the mixed graph)
+        those rows' prompts prefilled into the slots after them, their logits after."""
+        tokens = np.array([row.tokens[-1] for row in self.rows], dtype=np.int64)
         mask = (np.arange(self.width + 1)[None, :] <= self.lengths[:, None]).astype(np.int64)
-        logits = self.slots(tokens, mask, 0)
+        if joining:
+            ids, prompt_mask = padded(joining, pad_id)
+            logits = self.slots.joined(tokens, mask, ids, prompt_mask)
+            self.rows += list(joining)
+            self.lengths = np.concatenate([self.lengths + 1, prompt_mask.sum(axis=1)])
+            return logits
+        logits = self.slots(tokens[:, None], mask, 0)
         self.lengths = self.lengths + 1
         return logits
 
@@ -283,8 +292,18 @@ class RunningBatch:
             self.groups.append(group)
         return list(zip(joining, logits))
 
-    def step(self) -> list[tuple[object, np.ndarray]]:
-        """One decoding step of every row: (row, its next token's logits)."""
+    def joins_in_step(self) -> bool:
+        """Whether joining rows can be prefilled in the running rows' step (one call): on the
+        slot decoder's mixed graph, while some row runs."""
+        slots = self.steps.get("decoder_slots")
+        return bool(len(self) and getattr(slots, "mixed", None))
+
+    def step(self, joining: list = ()) -> list[tuple[object, np.ndarray]]:
+        """One decoding step of every row: (row, its next token's logits); with `joining`
+        (when `joins_in_step`), their prefill too, their first token's logits after."""
+        if joining:  # the slot group's rows, the joining ones now last
+            logits = self.groups[0].step(self.steps, joining, self.pad_id)
+            return list(zip(self.groups[0].rows, logits))
         if self.kind == "causal" and len(self.groups) > 1:  # one group of every row
             self.groups[0].absorb(self.groups[1:])
             self.groups = self.groups[:1]

@@ -11,7 +11,8 @@ One thread per model instance keeps decoding. At every step boundary:
   its own random generator (seeded from SEED: a sample does not depend on its batch-mates),
   and rows that finished leave at once. Joining prompts of a causal LM prefill in groups of
   like lengths (`prefill_waste`, the tokenizer's `length_groups`): 16 at once padded to the
-  longest took half again the time of the groups.
+  longest took half again the time of the groups. On the slot decoder's mixed graph, joining
+  rows are prefilled in the running rows' step instead, one call (batch.`joins_in_step`).
 
 Whether a client gave up is a round trip to Triton per request (`is_cancelled()`): asked of
 16 requests between steps, it took a fifth of the loop's time. So a second thread asks while
@@ -213,6 +214,10 @@ class Scheduler:
         joining = self._admit()  # answers the waiting jobs found cancelled
         self.gone = set()
         self.running += joining
+        if joining and self.batch.joins_in_step():  # one call: the step and the prefill
+            rows = [row for job in joining for row in job.rows]
+            self._timed_pick(functools.partial(self.batch.step, rows), self.running, watch=True)
+            return
         for group in self._prefills(joining):  # first tokens before the others' step
             rows = [row for job in group for row in job.rows]
             self._timed_pick(functools.partial(self.batch.join, rows), group)
