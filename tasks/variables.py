@@ -338,9 +338,10 @@ VARIABLES: dict[str, Variable] = {
             "how TensorRT engines (and `backend=onnxruntime` files) are served; `slots` (causal "
             "LMs of the Llama, Mistral and Qwen2 families, fp32, on CPU) serves one graph on ONNX "
             "Runtime's GroupQueryAttention whose cache each step writes in place, each row "
-            "attending over its own length (tasks/slot_decoder.py; a quarter more tokens/s at 16 "
-            "clients here until every session kept its heap (`runtime.keep_heap`), about the "
-            "same since, see [Benchmark](benchmark.md))",
+            "attending over its own length, and a twin that prefills joining prompts in the "
+            "running rows' step (tasks/slot_decoder.py; the weights held twice; served / decode "
+            "limit at 16 clients 0.51 to 0.56 against 0.44 and 0.47 for `inline`, side by side "
+            "in the afternoon of 2026-12-07, see [Benchmark](benchmark.md))",
             chosen="`inline` on python, else `models`",
         ),
         Variable(
