@@ -283,7 +283,8 @@ def decode_steps(settings: Settings, cache: int, prompt: int):
 
     decoding, serving = load_decoding(), settings.serving
     if settings.decoder == "slots":
-        slots = slot_step(settings, decoding, max(settings.bench.concurrency), cache + 2)
+        # the step alone, as the limit decodes no prompt
+        slots = slot_step(settings, decoding, max(settings.bench.concurrency), cache + 2, False)
 
         def slot_batch(batch: int):
             ids = np.ones((batch, 1), np.int64)

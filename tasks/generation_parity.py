@@ -67,17 +67,14 @@ class LoopJob:
     reject = fail = cancel
 
 
-def slot_step(settings: Settings, decoding, rows: int, positions: int):
-    """decoder=slots: the built graph on ONNX Runtime with `rows` slots of `positions`, and
-    the deployment's threads, as the generate model makes it."""
+def slot_step(settings: Settings, decoding, rows: int, positions: int, mixed: bool = True):
+    """decoder=slots: the built graphs on ONNX Runtime with `rows` slots of `positions`, and
+    the deployment's threads, as the generate model makes them (`mixed` False: the step's
+    graph alone, without its twin that prefills joining prompts in the step)."""
     serving = settings.serving
+    (graph, _), (twin, _) = paths.slot_decoder_files(settings.name)
     return decoding.OnnxRuntimeSlotStep(
-        paths.slot_decoder_file(settings.name),
-        rows,
-        positions,
-        serving.ort_threads,
-        serving.ort_spin,
-        mixed=paths.slot_decoder_file(settings.name, mixed=True),
+        graph, rows, positions, serving.ort_threads, serving.ort_spin, mixed=twin if mixed else None
     )
 
 

@@ -193,8 +193,7 @@ def task_parity():
     )
     if settings.decoder == "slots":  # its graph, in the in-flight loop that serves it
         generation += [
-            *(paths.slot_decoder_file(name, mixed) for mixed in (False, True)),
-            *(paths.slot_decoder_record(name, mixed) for mixed in (False, True)),
+            *(path for graph in paths.slot_decoder_files(name) for path in graph),
             *(paths.runtime_file("inflight", f) for f in catalog.INFLIGHT_MODULES),
         ]
     target = paths.parity_report(name)

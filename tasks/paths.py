@@ -95,15 +95,15 @@ def onnx_file(name: str, part: str = "model") -> Path:
     return zoo_dir(name) / "onnx" / f"{part}.onnx"
 
 
-def slot_decoder_file(name: str, mixed: bool = False) -> Path:
-    """decoder=slots: the causal LM as one graph whose cache is written in place; `mixed`:
-    the graph that also prefills joining prompts in the same call."""
-    return zoo_dir(name) / "onnx" / f"decoder_slots{'_mixed' if mixed else ''}.onnx"
+SLOT_DECODER_STEMS = ("decoder_slots", "decoder_slots_mixed")  # the step's graph, its twin's
 
 
-def slot_decoder_record(name: str, mixed: bool = False) -> Path:
-    """What the slots stage built: the graph's sha256 and opset."""
-    return slot_decoder_file(name, mixed).with_suffix(".json")
+def slot_decoder_files(name: str) -> list[tuple[Path, Path]]:
+    """decoder=slots' graphs, each with its record (sha256, opset): the causal LM as one graph
+    whose cache is written in place, then its twin that also prefills joining prompts in the
+    running rows' step (tasks/slot_decoder.py)."""
+    folder = zoo_dir(name) / "onnx"
+    return [(folder / f"{s}.onnx", folder / f"{s}.json") for s in SLOT_DECODER_STEMS]
 
 
 def external_data_file(onnx_file: Path) -> Path:

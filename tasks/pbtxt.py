@@ -233,7 +233,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         for part in spec.onnx_parts
         if settings.decoder == "models"
     }
-    slots = settings.decoder == "slots"  # one graph, its cache in slots (tasks/slot_decoder.py)
+    slots = settings.decoder == "slots"  # its cache in slots (tasks/slot_decoder.py)
     interval = settings.serving.stream_interval
     parameters = {
         "kind": spec.generation,

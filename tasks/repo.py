@@ -167,17 +167,15 @@ def components(settings: Settings) -> list[Component]:
             (paths.runtime_file("tokenizer", "encoding.py"), "encoding.py"),
             *python_code("generate"),
         )
-        slots = settings.decoder == "slots"  # one graph in place of the exported parts
+        # decoder=slots: its graphs (the step's and its mixed twin's) in place of the parts
+        slots = paths.slot_decoder_files(name) if settings.decoder == "slots" else []
         files = (
             *(
                 (settings.model_file(part), f"{part}.onnx")
                 for part in settings.task.onnx_parts
                 if inline
             ),
-            *(
-                (paths.slot_decoder_file(name, m), paths.slot_decoder_file(name, m).name)
-                for m in ((False, True) if slots else ())
-            ),
+            *((graph, graph.name) for graph, _ in slots),
             (paths.source_tokenizer(name), "tokenizer.json"),
             # the chat template, for the OpenAI API's chat endpoint (triton/openai_api/)
             *(
@@ -190,7 +188,7 @@ def components(settings: Settings) -> list[Component]:
         checks = (
             paths.parity_report(name),
             *(settings.model_record(part) for part in settings.task.onnx_parts if inline),
-            *(paths.slot_decoder_record(name, m) for m in ((False, True) if slots else ())),
+            *(record for _, record in slots),
         )
         found.append(Component("generate", names["generate"], files, checks, link=True))
         # its own files, not a path to _generate's: Triton fetches a bucket's models one by one

@@ -29,10 +29,17 @@ def slots(tmp_path_factory):
 
     model_dir = save_llama16(tmp_path_factory.mktemp("llama16"), max_positions=256)
     target = tmp_path_factory.mktemp("slots") / "decoder_slots.onnx"
-    slot_decoder.build(model_dir, target)
     mixed = target.with_name("decoder_slots_mixed.onnx")
-    slot_decoder.build(model_dir, mixed, mixed=True)
+    slot_decoder.build(model_dir, target, mixed=mixed)
     return model_dir, target, mixed
+
+
+def counting(step) -> list[int]:
+    """The prompts of each call that stepped and prefilled at once (the mixed graph)."""
+    joined: list[int] = []
+    call = step.joined
+    step.joined = lambda *args: joined.append(len(args[2])) or call(*args)
+    return joined
 
 
 def test_what_the_graph_does_not_take_is_refused_in_words():
@@ -66,9 +73,7 @@ def test_rows_joining_at_different_times_decode_as_generate_does(slots, in_step)
     step = modules["decoding"].OnnxRuntimeSlotStep(
         graph, max_rows=3, buffer=128, mixed=mixed if in_step else None
     )
-    joined = []
-    if in_step:  # count the calls that stepped and prefilled at once
-        step.joined = lambda *args, call=step.joined: joined.append(len(args[2])) or call(*args)
+    joined = counting(step) if in_step else []
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     running = modules["batch"].RunningBatch(
         "slots", {"decoder_slots": step}, tokenizer.pad_token_id
@@ -105,8 +110,7 @@ def test_prompts_of_different_lengths_join_a_running_row_in_one_call(slots):
     model_dir, graph, mixed = slots
     modules = load_inflight()
     step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=4, buffer=128, mixed=mixed)
-    joined = []
-    step.joined = lambda *args, call=step.joined: joined.append(len(args[2])) or call(*args)
+    joined = counting(step)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     running = modules["batch"].RunningBatch(
         "slots", {"decoder_slots": step}, tokenizer.pad_token_id
@@ -125,3 +129,62 @@ def test_prompts_of_different_lengths_join_a_running_row_in_one_call(slots):
     assert len(lengths) == 3, lengths  # the grid pads two of them
     for prompt, new, done in zip(PROMPTS, NEW, jobs):
         assert done.rows[0].tokens == hf_generate(model_dir, "causallm", prompt, new), prompt
+
+
+class CancelledJob(LocalJob):
+    """A request its client gave up on before it ran a step."""
+
+    def cancelled(self) -> bool:
+        return True
+
+
+def test_a_joining_call_drops_the_cancelled_keeps_a_two_row_request_and_ends_one_token_rows(
+    slots,
+):
+    """In one call that steps a running row and prefills the joiners: a request found
+    cancelled leaves with its slot, unanswered; a request of two rows keeps both (each as
+    generate()); a request asking one token ends at its first; the others go on exact."""
+    from transformers import AutoTokenizer
+
+    from tests.test_generation import hf_generate
+
+    model_dir, graph, mixed = slots
+    modules = load_inflight()
+    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=5, buffer=128, mixed=mixed)
+    joined = counting(step)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    running = modules["batch"].RunningBatch(
+        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
+    )
+    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=5)
+    first = _job(modules, tokenizer, PROMPTS[0], 20)
+    loop.submit(first)
+    loop.iterate()
+    pair = LocalJob(
+        [_job(modules, tokenizer, p, n).rows[0] for p, n in ((PROMPTS[1], 9), (PROMPTS[3], 14))]
+    )
+    one = _job(modules, tokenizer, PROMPTS[2], 1)
+    gone = _job(modules, tokenizer, PROMPTS[3], 30)
+    gone = CancelledJob(gone.rows)
+    for job in (pair, one, gone):
+        loop.submit(job)
+    loop.iterate()  # the joining call: 4 prompts with the running row
+    assert joined == [4]
+    assert gone.outcome == "cancelled" and gone.steps == 0
+    assert one.outcome == "finished" and len(one.rows[0].tokens) == 1
+    assert len(running) == 3  # the running row and the pair; the others' slots freed
+    while loop.waiting or loop.running:
+        loop.iterate()
+    assert first.outcome == pair.outcome == "finished"
+    expected = [(first.rows[0], PROMPTS[0], 20), (pair.rows[0], PROMPTS[1], 9)]
+    expected += [(pair.rows[1], PROMPTS[3], 14), (one.rows[0], PROMPTS[2], 1)]
+    for row, prompt, new in expected:
+        assert row.tokens == hf_generate(model_dir, "causallm", prompt, new), prompt
+
+
+def test_the_runtime_names_the_prompts_cache_as_the_build_does():
+    """decoding.py (in the server, without tasks/) and the builder agree on the prefix of the
+    mixed graph's prompt cache."""
+    from tasks import slot_decoder
+
+    assert load_inflight()["decoding"].PROMPT == slot_decoder.PROMPT

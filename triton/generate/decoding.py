@@ -124,6 +124,11 @@ class OnnxRuntimeSlotStep:
 
         options = session_options(threads, spinning, taking_turns=True)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if mixed and not Path(mixed).is_file():
+            raise FileNotFoundError(
+                f"{mixed} is missing: this repository predates the slot decoder's mixed graph; "
+                "rebuild it (doit task=causallm decoder=slots ...)"
+            )
         self.mixed = mixed and ort.InferenceSession(
             str(mixed), options, providers=["CPUExecutionProvider"]
         )

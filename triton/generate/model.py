@@ -134,7 +134,7 @@ class TritonPythonModel:
         kind = self.kind
         if step_models:  # decoder=models: each exported file is a Triton model of its own
             steps = {part: BlsStep(**step) for part, step in step_models.items()}
-        elif slot_buffer:  # decoder=slots: one graph, each row's cache a slot written in place
+        elif slot_buffer:  # decoder=slots: each row's cache a slot written in place
             path = version_dir / "decoder_slots.onnx"
             slots = decoding.OnnxRuntimeSlotStep(
                 path, max_rows, slot_buffer, threads, params.read("spinning", int),

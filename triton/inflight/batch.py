@@ -301,20 +301,18 @@ class RunningBatch:
     def step(self, joining: list = ()) -> list[tuple[object, np.ndarray]]:
         """One decoding step of every row: (row, its next token's logits); with `joining`
         (when `joins_in_step`), their prefill too, their first token's logits after."""
-        if joining:  # the slot group's rows, the joining ones now last
-            logits = self.groups[0].step(self.steps, joining, self.pad_id)
-            return list(zip(self.groups[0].rows, logits))
         if self.kind == "causal" and len(self.groups) > 1:  # one group of every row
             self.groups[0].absorb(self.groups[1:])
             self.groups = self.groups[:1]
-        out = []
         for group in self.groups:
             if self.cache_limit and group.width > self.cache_limit:
                 raise RuntimeError(  # cannot happen when the door checks each row alone
                     f"a step would read a cache of {group.width} > the profile's {self.cache_limit}"
                 )
-            out += list(zip(group.rows, group.step(self.steps)))
-        return out
+        if joining:  # the slot group's rows, the joining ones now last
+            logits = self.groups[0].step(self.steps, joining, self.pad_id)
+            return list(zip(self.groups[0].rows, logits))
+        return [pair for group in self.groups for pair in zip(group.rows, group.step(self.steps))]
 
     def remove(self, leaving: set) -> None:
         """Drop these rows (finished or cancelled) and their cache."""
