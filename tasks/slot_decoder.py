@@ -80,191 +80,209 @@ def check(config, longest: int | None = None) -> None:
         )
 
 
+class _Graph:
+    """One graph being written from a checkpoint's weights (`source`: its config, its state
+    dict as numpy arrays, its rotary cos and sin): the pieces both graphs share."""
+
+    def __init__(self, source: dict) -> None:
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.np, self.helper, self.numpy_helper = np, helper, numpy_helper
+        self.floats, self.ints, self.int32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+        self.config, self.weights = source["config"], source["weights"]
+        config = self.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.initializers, self.nodes, self.inputs = [], [], []
+        self.outputs = [self.value("logits", self.floats, ["rows", 1, config.vocab_size])]
+        half = source["cos"].shape[-1] // 2
+        self.weight("cos_cache", source["cos"][0, :, :half].numpy())
+        self.weight("sin_cache", source["sin"][0, :, :half].numpy())
+        self.weight("one", np.array([1], np.int64))
+        self.weight("one_scalar", np.array(1, np.int64))
+
+    def value(self, name: str, kind: int, shape: list):
+        return self.helper.make_tensor_value_info(name, kind, shape)
+
+    def weight(self, name: str, array) -> str:
+        self.initializers.append(
+            self.numpy_helper.from_array(self.np.ascontiguousarray(array), name)
+        )
+        return name
+
+    def node(self, op: str, inputs: list, output: str, domain: str = "", **attributes) -> str:
+        self.nodes.append(
+            self.helper.make_node(op, inputs, [output], output, domain=domain, **attributes)
+        )
+        return output
+
+    def norm(self, x: str, name: str, output: str) -> str:
+        scale = self.weight(f"{output}.weight", self.weights[name])
+        eps = float(self.config.rms_norm_eps)
+        return self.node("SimplifiedLayerNormalization", [x, scale], output, epsilon=eps, axis=-1)
+
+    def lengths(self, mask: str, prefix: str) -> tuple[str, str]:
+        """GroupQueryAttention's seqlens_k (each row's ones less one) and total length."""
+        node = self.node
+        node("ReduceSum", [mask, "one"], f"{prefix}mask_sum", keepdims=0)
+        lengths = node("Sub", [f"{prefix}mask_sum", "one_scalar"], f"{prefix}lengths_less_one")
+        node("Cast", [lengths], f"{prefix}seqlens_k", to=self.int32)
+        node("Shape", [mask], f"{prefix}mask_shape")
+        node("Gather", [f"{prefix}mask_shape", "one_scalar"], f"{prefix}total", axis=0)
+        node("Cast", [f"{prefix}total"], f"{prefix}total_sequence_length", to=self.int32)
+        return f"{prefix}seqlens_k", f"{prefix}total_sequence_length"
+
+    def attention(self, qkv: str, i: int, prefix: str, lengths: tuple[str, str]) -> str:
+        """Layer i's GroupQueryAttention over the cache `prefix` names (its rows' slots)."""
+        past, present = f"{prefix}past_key_values.{i}.", f"{prefix}present.{i}."
+        self.nodes.append(
+            self.helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", past + "key", past + "value", *lengths, "cos_cache", "sin_cache"],
+                [f"l{i}.{prefix}attn", present + "key", present + "value"],
+                f"l{i}.{prefix}gqa",
+                domain="com.microsoft",
+                num_heads=self.heads,
+                kv_num_heads=self.kv_heads,
+                scale=float(self.head**-0.5),
+                do_rotary=1,
+                rotary_interleaved=0,
+                local_window_size=-1,
+            )
+        )
+        return f"l{i}.{prefix}attn"
+
+    def cache(self, prefix: str) -> None:
+        """The cache's inputs and outputs, every layer's, for the rows `prefix` names."""
+        for i in range(self.config.num_hidden_layers):
+            for kind in ("key", "value"):
+                for name, into in (("past_key_values", self.inputs), ("present", self.outputs)):
+                    shape = ["prompts" if prefix else "rows", self.kv_heads, "buffer", self.head]
+                    into.append(self.value(f"{prefix}{name}.{i}.{kind}", self.floats, shape))
+
+    def decoder(self, attention) -> str:
+        """The embedding and every layer (`attention(qkv, i)` gives layer i's): the last
+        hidden states."""
+        weights, node, weight = self.weights, self.node, self.weight
+        x = node(
+            "Gather", [weight("embed", weights["model.embed_tokens.weight"]), "input_ids"], "h0"
+        )
+        for i in range(self.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            normed = self.norm(x, p + "input_layernorm.weight", f"l{i}.attn_norm")
+            qkv_weight = self.np.concatenate(
+                [weights[p + f"self_attn.{k}_proj.weight"] for k in "qkv"]
+            )
+            qkv = node("MatMul", [normed, weight(f"l{i}.qkv", qkv_weight.T)], f"l{i}.qkv_out")
+            if p + "self_attn.q_proj.bias" in weights:
+                bias = self.np.concatenate([weights[p + f"self_attn.{k}_proj.bias"] for k in "qkv"])
+                qkv = node("Add", [qkv, weight(f"l{i}.qkv_bias", bias)], f"l{i}.qkv_biased")
+            o_weight = weight(f"l{i}.o", weights[p + "self_attn.o_proj.weight"].T)
+            attended = node("MatMul", [attention(qkv, i), o_weight], f"l{i}.o_out")
+            h = node("Add", [x, attended], f"l{i}.h")
+            normed = self.norm(h, p + "post_attention_layernorm.weight", f"l{i}.mlp_norm")
+            gate_weight = weight(f"l{i}.gate", weights[p + "mlp.gate_proj.weight"].T)
+            gate = node("MatMul", [normed, gate_weight], f"l{i}.gate_out")
+            up_weight = weight(f"l{i}.up", weights[p + "mlp.up_proj.weight"].T)
+            up = node("MatMul", [normed, up_weight], f"l{i}.up_out")
+            silu = node("Mul", [gate, node("Sigmoid", [gate], f"l{i}.sigmoid")], f"l{i}.silu")
+            down_weight = weight(f"l{i}.down", weights[p + "mlp.down_proj.weight"].T)
+            swiglu = node("Mul", [silu, up], f"l{i}.swiglu")
+            x = node(
+                "Add", [h, node("MatMul", [swiglu, down_weight], f"l{i}.down_out")], f"l{i}.out"
+            )
+        return x
+
+    def save(self, last_hidden: str, path: Path) -> None:
+        """The logits of `last_hidden` (each row's last token), then the graph, to `path`."""
+        import onnx
+
+        final = self.norm(last_hidden, "model.norm.weight", "final_norm")
+        lm_head = self.weight("lm_head", self.weights["lm_head.weight"].T)
+        self.node("MatMul", [final, lm_head], "logits")
+        helper = self.helper
+        graph = helper.make_graph(
+            self.nodes, "slot_decoder", self.inputs, self.outputs, self.initializers
+        )
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
+        onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+
+
+def _step_graph(source: dict, path: Path) -> None:
+    """The step's graph: rows [rows, positions], a prompt right-padded or a token a row."""
+    g = _Graph(source)
+    g.inputs += [
+        g.value("input_ids", g.ints, ["rows", "positions"]),
+        g.value("attention_mask", g.ints, ["rows", "total"]),
+    ]
+    lengths = g.lengths("attention_mask", "")
+    g.cache("")
+    x = g.decoder(lambda qkv, i: g.attention(qkv, i, "", lengths))
+    # each row's last token: min(its length less one, positions less one) (a step: 0)
+    g.node("Shape", ["input_ids"], "ids_shape")
+    g.node("Gather", ["ids_shape", "one_scalar"], "positions")
+    g.node("Sub", ["positions", "one_scalar"], "last_position")
+    g.node("Min", ["lengths_less_one", "last_position"], "last")
+    g.node("Unsqueeze", ["last", "one"], "last_index")
+    g.node("GatherND", [x, "last_index"], "last_hidden", batch_dims=1)
+    g.save(g.node("Unsqueeze", ["last_hidden", "one"], "last_hidden_3d"), path)
+
+
+def _mixed_graph(source: dict, path: Path) -> None:
+    """The twin: tokens [tokens], the running rows' one each, then the joining prompts' (see
+    module doc)."""
+    g = _Graph(source)
+    g.inputs += [
+        g.value("input_ids", g.ints, ["tokens"]),
+        g.value("attention_mask", g.ints, ["rows", "total"]),
+        g.value("prompt_mask", g.ints, ["prompts", "positions"]),
+        g.value("prompt_cells", g.ints, ["prompts", "positions"]),
+        g.value("prompt_order", g.ints, ["prompt_tokens"]),
+        g.value("last", g.ints, ["all_rows"]),
+    ]
+    g.outputs[0] = g.value("logits", g.floats, ["all_rows", 1, g.config.vocab_size])
+    stepping, prompting = g.lengths("attention_mask", ""), g.lengths("prompt_mask", PROMPT)
+    g.weight("zero", g.np.array([0], g.np.int64))
+    g.weight("flat", g.np.array([-1, g.heads * g.head], g.np.int64))
+    g.node("Shape", ["attention_mask"], "rows_shape")
+    g.node("Slice", ["rows_shape", "zero", "one"], "rows_count")
+    g.cache("")
+    g.cache(PROMPT)
+
+    def attention(qkv: str, i: int) -> str:
+        rows = g.node("Slice", [qkv, "zero", "rows_count", "zero"], f"l{i}.step_qkv")
+        rows = g.node("Unsqueeze", [rows, "one"], f"l{i}.step_qkv3")
+        rows = g.node("Reshape", [g.attention(rows, i, "", stepping), "flat"], f"l{i}.step_attn")
+        grid = g.node("Gather", [qkv, "prompt_cells"], f"l{i}.prompt_qkv", axis=0)
+        grid = g.attention(grid, i, PROMPT, prompting)
+        grid = g.node("Reshape", [grid, "flat"], f"l{i}.grid")
+        prompts = g.node("Gather", [grid, "prompt_order"], f"l{i}.prompt_packed", axis=0)
+        return g.node("Concat", [rows, prompts], f"l{i}.attn_all", axis=0)
+
+    last = g.node("Gather", [g.decoder(attention), "last"], "last_hidden", axis=0)
+    g.save(g.node("Unsqueeze", [last, "one"], "last_hidden_3d"), path)
+
+
 def build(
     source: Path, target: Path, longest: int | None = None, mixed: Path | None = None
 ) -> None:
     """Write the graph of the checkpoint in `source` to `target` and, when given, its mixed
     twin to `mixed` (see module doc), the checkpoint loaded once; `longest`, as `check`
     takes it."""
-    import numpy as np
-    import onnx
     import torch
-    from onnx import TensorProto, helper, numpy_helper
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    config = model.config
-    check(config, longest)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head = getattr(config, "head_dim", None) or config.hidden_size // heads
-    positions = config.max_position_embeddings
-    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    vocab = config.vocab_size
+    check(model.config, longest)
+    positions = model.config.max_position_embeddings
     with torch.no_grad():
         cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(positions)[None])
-
-    def write(path: Path, mixed: bool) -> None:
-        """One graph: the step's, or (`mixed`) its twin's (see module doc)."""
-        initializers, nodes = [], []
-
-        def weight(name: str, array) -> str:
-            initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-            return name
-
-        def node(op: str, inputs: list, output: str, domain: str = "", **attributes) -> str:
-            nodes.append(
-                helper.make_node(op, inputs, [output], output, domain=domain, **attributes)
-            )
-            return output
-
-        def norm(x: str, name: str, output: str) -> str:
-            scale = weight(f"{output}.weight", weights[name])
-            eps = float(config.rms_norm_eps)
-            return node("SimplifiedLayerNormalization", [x, scale], output, epsilon=eps, axis=-1)
-
-        half = cos.shape[-1] // 2
-        weight("cos_cache", cos[0, :, :half].numpy())
-        weight("sin_cache", sin[0, :, :half].numpy())
-        weight("one", np.array([1], np.int64))
-        weight("one_scalar", np.array(1, np.int64))
-        floats, ints = TensorProto.FLOAT, TensorProto.INT64
-
-        def lengths_of(mask: str, prefix: str) -> tuple[str, str]:
-            """GroupQueryAttention's seqlens_k (each row's ones less one) and total length."""
-            node("ReduceSum", [mask, "one"], f"{prefix}mask_sum", keepdims=0)
-            lengths = node("Sub", [f"{prefix}mask_sum", "one_scalar"], f"{prefix}lengths_less_one")
-            node("Cast", [lengths], f"{prefix}seqlens_k", to=TensorProto.INT32)
-            node("Shape", [mask], f"{prefix}mask_shape")
-            node("Gather", [f"{prefix}mask_shape", "one_scalar"], f"{prefix}total", axis=0)
-            node("Cast", [f"{prefix}total"], f"{prefix}total_sequence_length", to=TensorProto.INT32)
-            return f"{prefix}seqlens_k", f"{prefix}total_sequence_length"
-
-        def attention(qkv: str, i: int, prefix: str, lengths: tuple[str, str]) -> str:
-            past, present = f"{prefix}past_key_values.{i}.", f"{prefix}present.{i}."
-            nodes.append(
-                helper.make_node(
-                    "GroupQueryAttention",
-                    [qkv, "", "", past + "key", past + "value", *lengths, "cos_cache", "sin_cache"],
-                    [f"l{i}.{prefix}attn", present + "key", present + "value"],
-                    f"l{i}.{prefix}gqa",
-                    domain="com.microsoft",
-                    num_heads=heads,
-                    kv_num_heads=kv_heads,
-                    scale=float(head**-0.5),
-                    do_rotary=1,
-                    rotary_interleaved=0,
-                    local_window_size=-1,
-                )
-            )
-            return f"l{i}.{prefix}attn"
-
-        inputs, outputs = [], [helper.make_tensor_value_info("logits", floats, ["rows", 1, vocab])]
-
-        def cache_io(prefix: str) -> None:
-            for i in range(config.num_hidden_layers):
-                for kind in ("key", "value"):
-                    for name, into in (("past_key_values", inputs), ("present", outputs)):
-                        tensor = f"{prefix}{name}.{i}.{kind}"
-                        shape = ["prompts" if prefix else "rows", kv_heads, "buffer", head]
-                        into.append(helper.make_tensor_value_info(tensor, floats, shape))
-
-        if not mixed:
-            # rows [rows, positions]: each row's length less one and the longest
-            inputs += [
-                helper.make_tensor_value_info("input_ids", ints, ["rows", "positions"]),
-                helper.make_tensor_value_info("attention_mask", ints, ["rows", "total"]),
-            ]
-            lengths = lengths_of("attention_mask", "")
-
-            def layer_attention(qkv: str, i: int) -> str:
-                return attention(qkv, i, "", lengths)
-
-        else:
-            # tokens [tokens]: the stepping rows' one each, then the joining prompts' (see doc)
-            inputs += [
-                helper.make_tensor_value_info("input_ids", ints, ["tokens"]),
-                helper.make_tensor_value_info("attention_mask", ints, ["rows", "total"]),
-                helper.make_tensor_value_info("prompt_mask", ints, ["prompts", "positions"]),
-                helper.make_tensor_value_info("prompt_cells", ints, ["prompts", "positions"]),
-                helper.make_tensor_value_info("prompt_order", ints, ["prompt_tokens"]),
-                helper.make_tensor_value_info("last", ints, ["all_rows"]),
-            ]
-            outputs[0] = helper.make_tensor_value_info("logits", floats, ["all_rows", 1, vocab])
-            stepping, prompting = (
-                lengths_of("attention_mask", ""),
-                lengths_of("prompt_mask", PROMPT),
-            )
-            weight("zero", np.array([0], np.int64))
-            weight("flat", np.array([-1, heads * head], np.int64))
-            node("Shape", ["attention_mask"], "rows_shape")
-            node("Slice", ["rows_shape", "zero", "one"], "rows_count")
-
-            def layer_attention(qkv: str, i: int) -> str:
-                rows = node("Slice", [qkv, "zero", "rows_count", "zero"], f"l{i}.step_qkv")
-                rows = attention(
-                    node("Unsqueeze", [rows, "one"], f"l{i}.step_qkv3"), i, "", stepping
-                )
-                rows = node("Reshape", [rows, "flat"], f"l{i}.step_attn")
-                grid = node("Gather", [qkv, "prompt_cells"], f"l{i}.prompt_qkv", axis=0)
-                grid = node(
-                    "Reshape", [attention(grid, i, PROMPT, prompting), "flat"], f"l{i}.grid"
-                )
-                prompts = node("Gather", [grid, "prompt_order"], f"l{i}.prompt_packed", axis=0)
-                return node("Concat", [rows, prompts], f"l{i}.attn_all", axis=0)
-
-        for prefix in ("", PROMPT) if mixed else ("",):
-            cache_io(prefix)
-        embed = weight("embed", weights["model.embed_tokens.weight"])
-        x = node("Gather", [embed, "input_ids"], "h0")
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            normed = norm(x, p + "input_layernorm.weight", f"l{i}.attn_norm")
-            qkv_weight = np.concatenate([weights[p + f"self_attn.{k}_proj.weight"] for k in "qkv"])
-            qkv = node("MatMul", [normed, weight(f"l{i}.qkv", qkv_weight.T)], f"l{i}.qkv_out")
-            if p + "self_attn.q_proj.bias" in weights:
-                bias = np.concatenate([weights[p + f"self_attn.{k}_proj.bias"] for k in "qkv"])
-                qkv = node("Add", [qkv, weight(f"l{i}.qkv_bias", bias)], f"l{i}.qkv_biased")
-            o_weight = weight(f"l{i}.o", weights[p + "self_attn.o_proj.weight"].T)
-            attended = node("MatMul", [layer_attention(qkv, i), o_weight], f"l{i}.o_out")
-            h = node("Add", [x, attended], f"l{i}.h")
-            normed = norm(h, p + "post_attention_layernorm.weight", f"l{i}.mlp_norm")
-            gate = node(
-                "MatMul",
-                [normed, weight(f"l{i}.gate", weights[p + "mlp.gate_proj.weight"].T)],
-                f"l{i}.gate_out",
-            )
-            up = node(
-                "MatMul",
-                [normed, weight(f"l{i}.up", weights[p + "mlp.up_proj.weight"].T)],
-                f"l{i}.up_out",
-            )
-            silu = node("Mul", [gate, node("Sigmoid", [gate], f"l{i}.sigmoid")], f"l{i}.silu")
-            down_weight = weight(f"l{i}.down", weights[p + "mlp.down_proj.weight"].T)
-            down = node(
-                "MatMul", [node("Mul", [silu, up], f"l{i}.swiglu"), down_weight], f"l{i}.down_out"
-            )
-            x = node("Add", [h, down], f"l{i}.out")
-        if not mixed:
-            # each row's last token: min(its length less one, positions less one) (a step: 0)
-            node("Shape", ["input_ids"], "ids_shape")
-            node("Gather", ["ids_shape", "one_scalar"], "positions")
-            node("Sub", ["positions", "one_scalar"], "last_position")
-            node("Min", ["lengths_less_one", "last_position"], "last")
-            node("Unsqueeze", ["last", "one"], "last_index")
-            node("GatherND", [x, "last_index"], "last_hidden", batch_dims=1)
-            node("Unsqueeze", ["last_hidden", "one"], "last_hidden_3d")
-        else:  # each row's last token, packed
-            last = node("Gather", [x, "last"], "last_hidden", axis=0)
-            node("Unsqueeze", [last, "one"], "last_hidden_3d")
-        final = norm("last_hidden_3d", "model.norm.weight", "final_norm")
-        node("MatMul", [final, weight("lm_head", weights["lm_head.weight"].T)], "logits")
-        graph = helper.make_graph(nodes, "slot_decoder", inputs, outputs, initializers)
-        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)]
-        onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
-
-    write(target, False)
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    made = {"config": model.config, "weights": weights, "cos": cos, "sin": sin}
+    _step_graph(made, target)
     if mixed is not None:
-        write(mixed, True)
+        _mixed_graph(made, mixed)
 
 
 def install(settings: Settings) -> None:
