@@ -237,7 +237,8 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
     interval = settings.serving.stream_interval
     parameters = {
         "kind": spec.generation,
-        "parts": json.dumps(["decoder_slots"] if slots else list(spec.onnx_parts)),
+        # the files the loop runs (decoder=slots: the step's graph, then its mixed twin)
+        "parts": json.dumps(list(paths.SLOT_DECODER_STEMS if slots else spec.onnx_parts)),
         # the slots' length: the longest cache the loop grows, and the token written into it
         "slot_buffer": profiles.slot_positions(settings, facts["max_positions"]) if slots else 0,
         "step_models": json.dumps(step_models),

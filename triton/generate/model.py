@@ -131,20 +131,18 @@ class TritonPythonModel:
         max_rows = max(int(config["max_batch_size"]), 1)  # the profile's batch MAX
         threads = params.read("intra_op_threads", int)
         slot_buffer = params.read("slot_buffer", int)
+        files = {part: version_dir / f"{part}.onnx" for part in params.read("parts", json.loads)}
         kind = self.kind
         if step_models:  # decoder=models: each exported file is a Triton model of its own
             steps = {part: BlsStep(**step) for part, step in step_models.items()}
         elif slot_buffer:  # decoder=slots: each row's cache a slot written in place
-            path = version_dir / "decoder_slots.onnx"
+            graph, mixed = files.values()  # the step's graph, its mixed twin
             slots = decoding.OnnxRuntimeSlotStep(
-                path, max_rows, slot_buffer, threads, params.read("spinning", int),
-                mixed=version_dir / "decoder_slots_mixed.onnx",
-            )  # fmt: skip
+                graph, max_rows, slot_buffer, threads, params.read("spinning", int), mixed=mixed
+            )
             steps = {"decoder_slots": slots}
             kind = "slots"
         else:
-            parts = params.read("parts", json.loads)
-            files = {part: version_dir / f"{part}.onnx" for part in parts}
             steps = decoding.onnxruntime_steps(files, threads, params.read("spinning", int))
         running = batch.RunningBatch(
             kind,
