@@ -14,13 +14,6 @@ PROMPTS = ["The quick brown fox", "A short one.", "東京は日本の首都で�
 NEW = [30, 5, 22, 12]
 
 
-def _job(modules: dict, tokenizer, prompt: str, new: int) -> LocalJob:
-    ids = np.array(tokenizer(prompt)["input_ids"], dtype=np.int64)
-    text = modules["detokenizer"].TextStream(lambda tokens: tokenizer.decode(tokens))
-    row = modules["scheduler"].Row(ids, modules["decoding"].RowParams(new), text)
-    return LocalJob([row])
-
-
 @pytest.fixture(scope="module")
 def slots(tmp_path_factory):
     """A tiny random Llama with heads of 16 values (GroupQueryAttention's least), its graph."""
@@ -40,6 +33,36 @@ def counting(step) -> list[int]:
     call = step.joined
     step.joined = lambda *args: joined.append(len(args[2])) or call(*args)
     return joined
+
+
+class Loop:
+    """The in-flight loop on the slot graphs (`mixed`: with the twin), as the server runs it,
+    with `max_rows` slots: its modules, tokenizer, batch, scheduler and, with the twin, the
+    prompts of each call that stepped and prefilled at once."""
+
+    def __init__(self, slots, max_rows: int, mixed: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        model_dir, graph, twin = slots
+        self.modules = modules = load_inflight()
+        step = modules["decoding"].OnnxRuntimeSlotStep(
+            graph, max_rows=max_rows, buffer=128, mixed=twin if mixed else None
+        )
+        self.joined = counting(step) if mixed else []
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.running = modules["batch"].RunningBatch(
+            "slots", {"decoder_slots": step}, tokenizer.pad_token_id
+        )
+        self.scheduler = modules["scheduler"].Scheduler(
+            self.running, [tokenizer.eos_token_id], max_rows=max_rows
+        )
+
+    def job(self, prompt: str, new: int) -> LocalJob:
+        """A one-row request of `prompt` asking `new` tokens, greedy."""
+        ids = np.array(self.tokenizer(prompt)["input_ids"], dtype=np.int64)
+        text = self.modules["detokenizer"].TextStream(self.tokenizer.decode)
+        row = self.modules["scheduler"].Row(ids, self.modules["decoding"].RowParams(new), text)
+        return LocalJob([row])
 
 
 def test_what_the_graph_does_not_take_is_refused_in_words():
@@ -64,23 +87,12 @@ def test_what_the_graph_does_not_take_is_refused_in_words():
 def test_rows_joining_at_different_times_decode_as_generate_does(slots, in_step):
     """Rows join a running batch in a prefill of their own, or (the mixed graph) in the
     running rows' step: each row's tokens are generate()'s either way."""
-    from transformers import AutoTokenizer
-
     from tests.test_generation import hf_generate
 
-    model_dir, graph, mixed = slots
-    modules = load_inflight()
-    step = modules["decoding"].OnnxRuntimeSlotStep(
-        graph, max_rows=3, buffer=128, mixed=mixed if in_step else None
-    )
-    joined = counting(step) if in_step else []
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    running = modules["batch"].RunningBatch(
-        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
-    )
-    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=3)
-
-    jobs = [_job(modules, tokenizer, p, n) for p, n in zip(PROMPTS, NEW)]
+    model_dir = slots[0]
+    run = Loop(slots, max_rows=3, mixed=in_step)
+    loop, running, joined = run.scheduler, run.running, run.joined
+    jobs = [run.job(p, n) for p, n in zip(PROMPTS, NEW)]
     loop.submit(jobs[0])
     loop.submit(jobs[1])
     for index in range(200):  # the others arrive while those decode; the 4th waits for room
@@ -103,20 +115,12 @@ def test_rows_joining_at_different_times_decode_as_generate_does(slots, in_step)
 def test_prompts_of_different_lengths_join_a_running_row_in_one_call(slots):
     """Three prompts (3 to 14 tokens, right-padded in the mixed graph's prompt grid) join a
     running row in its step: one call, and every row's tokens are generate()'s."""
-    from transformers import AutoTokenizer
-
     from tests.test_generation import hf_generate
 
-    model_dir, graph, mixed = slots
-    modules = load_inflight()
-    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=4, buffer=128, mixed=mixed)
-    joined = counting(step)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    running = modules["batch"].RunningBatch(
-        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
-    )
-    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=4)
-    jobs = [_job(modules, tokenizer, p, n) for p, n in zip(PROMPTS, NEW)]
+    model_dir = slots[0]
+    run = Loop(slots, max_rows=4)
+    loop, joined = run.scheduler, run.joined
+    jobs = [run.job(p, n) for p, n in zip(PROMPTS, NEW)]
     loop.submit(jobs[0])
     loop.iterate()
     loop.iterate()
@@ -144,28 +148,17 @@ def test_a_joining_call_drops_the_cancelled_keeps_a_two_row_request_and_ends_one
     """In one call that steps a running row and prefills the joiners: a request found
     cancelled leaves with its slot, unanswered; a request of two rows keeps both (each as
     generate()); a request asking one token ends at its first; the others go on exact."""
-    from transformers import AutoTokenizer
-
     from tests.test_generation import hf_generate
 
-    model_dir, graph, mixed = slots
-    modules = load_inflight()
-    step = modules["decoding"].OnnxRuntimeSlotStep(graph, max_rows=5, buffer=128, mixed=mixed)
-    joined = counting(step)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    running = modules["batch"].RunningBatch(
-        "slots", {"decoder_slots": step}, tokenizer.pad_token_id
-    )
-    loop = modules["scheduler"].Scheduler(running, [tokenizer.eos_token_id], max_rows=5)
-    first = _job(modules, tokenizer, PROMPTS[0], 20)
+    model_dir = slots[0]
+    run = Loop(slots, max_rows=5)
+    loop, running, joined = run.scheduler, run.running, run.joined
+    first = run.job(PROMPTS[0], 20)
     loop.submit(first)
     loop.iterate()
-    pair = LocalJob(
-        [_job(modules, tokenizer, p, n).rows[0] for p, n in ((PROMPTS[1], 9), (PROMPTS[3], 14))]
-    )
-    one = _job(modules, tokenizer, PROMPTS[2], 1)
-    gone = _job(modules, tokenizer, PROMPTS[3], 30)
-    gone = CancelledJob(gone.rows)
+    pair = LocalJob([run.job(p, n).rows[0] for p, n in ((PROMPTS[1], 9), (PROMPTS[3], 14))])
+    one = run.job(PROMPTS[2], 1)
+    gone = CancelledJob(run.job(PROMPTS[3], 30).rows)
     for job in (pair, one, gone):
         loop.submit(job)
     loop.iterate()  # the joining call: 4 prompts with the running row
