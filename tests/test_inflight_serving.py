@@ -55,14 +55,20 @@ def inflight(tmp_path_factory, generation_models):
         yield server, {name: models[model] for name, (model, _) in DEPLOYMENTS.items()}
 
 
-def request(server, model: str, prompt: str, **options) -> tuple[str, list[int]]:
-    """OUTPUT_TEXT and OUTPUT_IDS (without the -1 padding) of one prompt, whole."""
+def prompt_inputs(prompt: str, options: dict) -> dict:
+    """One prompt's TEXT and its options: STOP as [1, n] strings, the others [1, 1]."""
     inputs = {"TEXT": [prompt]}
     for name, value in options.items():
         if name == "STOP":
             inputs[name] = np.array([[s.encode() for s in value]], dtype=object)
         else:
             inputs[name] = np.full((1, 1), value, dtype=OPTION_TYPES[name])
+    return inputs
+
+
+def request(server, model: str, prompt: str, **options) -> tuple[str, list[int]]:
+    """OUTPUT_TEXT and OUTPUT_IDS (without the -1 padding) of one prompt, whole."""
+    inputs = prompt_inputs(prompt, options)
     result = infer(server, "grpc", model, inputs)
     ids = [int(t) for t in result["OUTPUT_IDS"][0] if t != -1]
     return result["OUTPUT_TEXT"][0][0].decode(), ids
@@ -73,12 +79,7 @@ def stream(server, model: str, prompt: str, cancel_after: int = 0, sizes=None, *
     cancelled after that many pieces; `sizes`, a list, gets the tokens of each response."""
     arrived: queue.Queue = queue.Queue()
     grpc = Client(server, "grpc")
-    inputs = {"TEXT": [prompt]}
-    for name, value in options.items():
-        if name == "STOP":
-            inputs[name] = np.array([[s.encode() for s in value]], dtype=object)
-        else:
-            inputs[name] = np.full((1, 1), value, dtype=OPTION_TYPES[name])
+    inputs = prompt_inputs(prompt, options)
     grpc.client.start_stream(callback=lambda result, error: arrived.put((result, error)))
     pieces, ids = [], []
     try:
