@@ -249,6 +249,7 @@ def generation_pipeline(settings: Settings, ios: dict[str, dict], facts: dict) -
         "default_max_new_tokens": min(catalog.DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens),
         "max_new_tokens_limit": settings.max_new_tokens,
         "max_seq": settings.seq.max,
+        "vocab_size": facts["vocab_size"],  # a direct call's input_ids are checked against it
         "max_text_bytes": catalog.MAX_TEXT_BYTES,  # the stream's TEXT: the tokenizer's rules
         # the longest cache a batch may grow: the engines' profile holds no more
         "cache_limit": profiles.cache_limit(settings, facts["max_positions"]),

@@ -152,7 +152,11 @@ def test_rows_joining_at_different_times_decode_as_alone(inflight, name):
 
 @pytest.mark.parametrize("name", ["llama", "llamaslots"])
 def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(inflight, name):
-    server, _ = inflight
+    from tokenizers import Tokenizer
+
+    server, model_dirs = inflight
+    tokenizer = Tokenizer.from_file(str(model_dirs[name] / "tokenizer.json"))
+    split = 0  # tokens that alone are part of a character: what the stream must hold back
     for prompt in PROMPTS:
         text, ids = request(server, name, prompt, MAX_NEW_TOKENS=48)
         pieces, streamed_ids = stream(server, name, prompt, MAX_NEW_TOKENS=48)
@@ -160,6 +164,8 @@ def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(in
         assert streamed_ids == ids
         # bytes of a character not yet whole are held back: only the flush may end with them
         assert not any(piece.endswith("\ufffd") for piece in pieces[:-1]), pieces
+        split += sum("\ufffd" in tokenizer.decode([token]) for token in ids)
+    assert split, "no answer split a character: the test would not show the holding back"
 
 
 def test_with_a_stream_interval_a_response_holds_that_many_steps(inflight):
@@ -235,6 +241,36 @@ def test_a_cancelled_stream_leaves_the_batch_counted_and_quietly(inflight):
     assert after.get("finished", 0) == before.get("finished", 0)  # it did not run to its end
     new_lines = server.log_path.read_text()[len(log_before) :]
     assert "Traceback" not in new_lines and "rror" not in new_lines, new_lines[-2000:]
+
+
+def test_a_direct_call_with_bad_input_ids_is_refused_and_its_batch_mates_go_on(inflight):
+    """`<name>_generate` called directly with input_ids of its own: a prompt longer than the
+    profile's seq MAX, or an id outside the vocabulary, is refused at the door with a client
+    error that names the fix, while a request decoding beside it is answered as alone (past
+    the door such a row would fail the step, and with it every request in the batch)."""
+    server, _ = inflight
+
+    def direct(ids: list[int]):
+        ids = np.array([ids], dtype=np.int64)
+        with Client(server, "grpc") as grpc:
+            inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            return grpc.refusal("llama_generate", inputs)
+
+    def long():
+        return request(server, "llama", PROMPTS[0], MAX_NEW_TOKENS=400)
+
+    began = time.perf_counter()
+    alone = long()
+    gap = (time.perf_counter() - began) / 4  # both arrive while it decodes
+    answered, too_long, outside = staggered(
+        [long, lambda: direct([5] * 513), lambda: direct([3, 1_000_000])], gap=gap
+    )
+    assert answered == alone
+    status, message = too_long
+    assert "INVALID_ARG" in str(status) and "a prompt has 513 tokens" in message, too_long
+    assert "at most 512 (seq=MIN,OPT,MAX)" in message, message
+    status, message = outside
+    assert "INVALID_ARG" in str(status) and "1000000, outside the vocabulary" in message, outside
 
 
 def test_a_short_request_among_long_ones_returns_early(inflight):

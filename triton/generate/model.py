@@ -123,6 +123,7 @@ class TritonPythonModel:
         self.default_max_new = params.read("default_max_new_tokens", int)
         self.limit = params.read("max_new_tokens_limit", int)
         self.max_positions = params.read("max_positions", int)  # 0: no limit (relative positions)
+        self.vocab_size = params.read("vocab_size", int)  # 0: unknown, ids go unchecked
         self.kind = params.read("kind")
         interval = params.read("stream_interval", int)  # steps per stream response; 0: auto
         responses = params.read("stream_responses", int)
@@ -221,27 +222,39 @@ class TritonPythonModel:
         except encoding.RequestError as err:
             raise decoding.ParameterError(str(err)) from None
         encodings = self.tokenizer.encode_batch(prompts)
-        prompts = [np.array(e.ids, dtype=np.int64) for e in encodings]
-        for prompt in prompts:
-            if len(prompt) > self.max_seq:
-                raise decoding.ParameterError(
-                    f"a TEXT has {len(prompt)} tokens; this deployment takes at most "
-                    f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
-                )
-            if self.kind == "causal" and len(prompt) == 0:
-                raise decoding.ParameterError("a TEXT is empty: a causal LM needs a token")
-        return prompts
+        return [np.array(e.ids, dtype=np.int64) for e in encodings]
 
-    def _prompts(self, request):
+    @staticmethod
+    def _prompts(request):
+        """Each row's tokens: input_ids where attention_mask is 1 (padded either side)."""
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-        lengths = mask.sum(axis=1)
-        if self.kind == "causal" and (lengths == 0).any():
-            raise decoding.ParameterError("a TEXT is empty: a causal LM needs at least one token")
-        return [ids[row, :length].astype(np.int64) for row, length in enumerate(lengths)]
+        if ids.shape != mask.shape:
+            raise decoding.ParameterError(
+                f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape"
+            )
+        return [row[kept == 1].astype(np.int64) for row, kept in zip(ids, mask)]
 
-    def _check_positions(self, prompts, params):
+    def _check(self, prompts, params) -> None:
+        """Each row alone within the deployment (so that no step leaves the profile: see
+        scheduler.py), whoever tokenized it: a request calling `<name>_generate` directly with
+        its own input_ids too. Past the door a bad row would fail the step, and with it every
+        request in the batch."""
         for prompt, p in zip(prompts, params):
+            if self.kind == "causal" and len(prompt) == 0:
+                raise decoding.ParameterError("a TEXT is empty: a causal LM needs a token")
+            if len(prompt) > self.max_seq:
+                raise decoding.ParameterError(
+                    f"a prompt has {len(prompt)} tokens; this deployment takes at most "
+                    f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
+                )
+            outside = prompt[(prompt < 0) | (prompt >= (self.vocab_size or np.inf))]
+            if len(outside):
+                raise decoding.ParameterError(
+                    f"input_ids holds {int(outside[0])}, outside the vocabulary of "
+                    f"{self.vocab_size} tokens (0 to {self.vocab_size - 1}): send ids from "
+                    "this model's tokenizer"
+                )
             if self.max_positions and len(prompt) + p.max_new_tokens > self.max_positions:
                 raise decoding.ParameterError(
                     f"a prompt of {len(prompt)} tokens + MAX_NEW_TOKENS={p.max_new_tokens} "
@@ -255,7 +268,7 @@ class TritonPythonModel:
         """The request's rows, checked: a ParameterError names what is wrong."""
         prompts = self._texts_as_prompts(request) if self.streaming else self._prompts(request)
         params = self._params(request, len(prompts))
-        self._check_positions(prompts, params)
+        self._check(prompts, params)
         stops = self._stops(request, len(prompts))
         rows = [
             scheduler.Row(prompt, p, detokenizer.TextStream(self._decode, stop))
