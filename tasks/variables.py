@@ -459,7 +459,8 @@ VARIABLES: dict[str, Variable] = {
             str(catalog.MAX_QUEUE),
             _whole_in(0, 10**6),
             "requests each model queues before it rejects more at once (gRPC UNAVAILABLE, "
-            "HTTP 503); `0` = no bound; see [Benchmark](benchmark.md)",
+            "HTTP 503; a generation model's in-flight loop, one per instance, queues this many "
+            "each); `0` = no bound; see [Benchmark](benchmark.md)",
         ),
         Variable(
             "queue_timeout_ms",

@@ -368,3 +368,75 @@ def test_a_stream_answers_every_step_while_few_rows_decode_and_every_few_when_ma
     )
     assert len(running) == rows
     assert modules["scheduler"].Pace(running, interval, 4).steps() == steps
+
+
+def test_the_loops_own_queue_refuses_past_its_bound_and_rejects_a_request_that_waited_too_long():
+    """`max_waiting` (the `max_queue` variable): `submit` refuses at once when that many wait,
+    as a full Triton queue does. `queue_timeout_s` (`queue_timeout_ms`): a request still
+    waiting for room after it is answered with Triton's words for a timeout at the next step
+    boundary, and the one decoding goes on."""
+    modules = load_inflight()
+    scheduler = modules["scheduler"]
+    running = counting_batch(modules)
+    loop = scheduler.Scheduler(running, [], max_rows=1, max_waiting=2, queue_timeout_s=30.0)
+    try:
+        decoding, late, recent = (WatchedJob(modules, [1], 40) for _ in range(3))
+        assert loop.submit(decoding)
+        loop.iterate()  # it joins: the batch is full
+        assert loop.submit(late) and loop.submit(recent)
+        assert not loop.submit(WatchedJob(modules, [1], 4))  # two wait already
+        late.queued_at -= 31.0  # as if it had waited 31 s
+        loop.iterate()
+        assert late.outcome == scheduler.TIMED_OUT and recent.outcome is None
+        assert decoding.outcome is None and len(running) == 1 and decoding.steps == 3
+        assert loop.submit(WatchedJob(modules, [1], 4))  # room in the queue again
+    finally:
+        loop.stop()
+
+
+def test_at_the_default_profile_no_step_leaves_it_and_every_accepted_request_is_answered():
+    """The defaults (batch=1,8,32, seq=1,128,512, up to 512 new tokens) and OPT-125M's 2048
+    positions: 40 requests at the profile's edges (512-token prompts asking 512 tokens or one,
+    one-token prompts asking 512), 34 at once and then one a step, more than the batch MAX
+    holds. No step is fed more than 32 rows or a longer cache than the profile's
+    (`cache_limit`, which the engines are built for), the rows that do not fit wait, none is
+    refused, and each gets every token it asked for."""
+    from tasks import profiles
+    from tests.helpers.stages import settings_from
+
+    modules = load_inflight()
+    chosen = settings_from(task="causallm")
+    assert (chosen.batch.max, chosen.seq.max, chosen.max_new_tokens) == (32, 512, 512)
+    limit = profiles.cache_limit(chosen, 2048)
+    fed = []  # (rows, cache length) of every step's feed
+
+    class Recording(CountingStep):
+        def __call__(self, feed: dict) -> dict:
+            past = feed.get("past_key_values.0.key")
+            fed.append((len(feed["input_ids"]), 0 if past is None else past.shape[2]))
+            return super().__call__(feed)
+
+    steps = {"decoder_model": Recording(False), "decoder_with_past_model": Recording(True)}
+    running = modules["batch"].RunningBatch("causal", steps, pad_id=0, cache_limit=limit)
+    loop = modules["scheduler"].Scheduler(running, [], max_rows=32)
+    edges = [(512, 512), (1, 512), (512, 1), (128, 64), (2, 1)]
+    asked = [edges[i % len(edges)] for i in range(40)]
+    jobs = [WatchedJob(modules, [7] * length, new) for length, new in asked]
+    waited = False
+    try:
+        for job in jobs[:34]:
+            assert loop.submit(job)
+        for step in range(5000):
+            if 34 + step < len(jobs):
+                assert loop.submit(jobs[34 + step])
+            loop.iterate()
+            waited |= bool(loop.waiting)
+            if all(job.outcome for job in jobs):
+                break
+    finally:
+        loop.stop()
+    assert [job.outcome for job in jobs] == ["finished"] * len(jobs)
+    assert [len(job.rows[0].tokens) for job in jobs] == [new for _, new in asked]
+    assert waited and max(rows for rows, _ in fed) == 32
+    longest = max(cache for _, cache in fed)
+    assert longest == limit, (longest, limit)  # at the edge, not past it
