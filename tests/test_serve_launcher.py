@@ -309,19 +309,18 @@ def test_the_entrypoint_ends_the_server_when_a_held_model_loses_a_stub(tmp_path)
     install = find_tritonserver()
     backend_dir = prepare_backend_dir(tmp_path / "backends", install)
     http, grpc, metrics = free_port(), free_port(), free_port()
-    prefix = f"llm_in_triton_held_{os.getpid()}_"
-    command = [
+    command = [  # no shm prefix: the supervisor gives the server one of its own
         sys.executable, str(paths.runtime_file("supervisor", "supervisor.py")),
-        "--url", f"127.0.0.1:{http}", "--shm-prefix", prefix, "--",
+        "--url", f"127.0.0.1:{http}", "--",
         str(install.server), f"--model-repository={repo}", f"--backend-directory={backend_dir}",
-        f"--backend-config=python,shm-region-prefix-name={prefix}",
         f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
     ]  # fmt: skip
-    log = tmp_path / "entry.log"
+    log, temporary = tmp_path / "entry.log", tmp_path / "tmp"
+    temporary.mkdir()  # where the supervisor writes this run's admin secret
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, env=server_environment(), stdout=out, stderr=subprocess.STDOUT
-        )
+        environment = {**server_environment(), "TMPDIR": str(temporary)}
+        proc = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
+    prefix = f"llm_in_triton_supervised_{proc.pid}_"
     try:
         deadline = time.monotonic() + 60
         while not http_ready(f"127.0.0.1:{http}", "held"):
@@ -338,6 +337,9 @@ def test_the_entrypoint_ends_the_server_when_a_held_model_loses_a_stub(tmp_path)
     assert code != 0, text
     assert "the requests it held are answered by no one now" in text
     assert "so that it restarts" in text and "is back in" not in text
+    # the killed server's shm regions and this run's secret are gone with the supervisor
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    assert not list(temporary.iterdir())
 
 
 def test_a_stub_name_gives_its_model_with_or_without_an_instance_group():

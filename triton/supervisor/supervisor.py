@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import threading
@@ -296,8 +297,6 @@ def access():
 def locked_launch(command: list[str], admin_key_file, api_key_file, workdir: Path):
     """The server's command and environment with its admin protocols closed behind the secret
     (and inference behind the API key), and the admin headers for our own calls."""
-    import os
-
     guard = access()
     files = {"admin": Path(admin_key_file) if admin_key_file else workdir / "admin-key"}
     if not admin_key_file:
@@ -316,17 +315,38 @@ def run_server(
     supervisor: Supervisor, command: list[str], log, admin_key_file=None, api_key_file=None
 ) -> int:
     """Start the server locked (access.py), watch its stubs until it exits, pass SIGTERM and
-    SIGINT on."""
-    import signal
-    import subprocess
+    SIGINT on. When it has exited, what it leaves is removed: this run's secret and library,
+    and the python backend's shm regions of its prefix (a server killed to restart leaves
+    its own, 1 MiB and more a stub, in a /dev/shm that may outlive the container: a pod's
+    Memory emptyDir)."""
+    import shutil
     import tempfile
 
     missing = [a for a in SERVER_ARGS if a.split("=")[0] not in " ".join(command)]
     if missing:
         log(f"supervisor: adding {' '.join(missing)} (needed to reload a model)")
+    given = re.search(r"shm-region-prefix-name=([^\s,]+)", " ".join(command))
+    if given:
+        supervisor.shm_prefix = given.group(1)
+    else:  # a prefix of its own: its stubs and its regions are told apart from others'
+        prefix = f"llm_in_triton_supervised_{os.getpid()}_{os.urandom(4).hex()}_"
+        supervisor.shm_prefix = supervisor.shm_prefix or prefix
+        missing.append(f"--backend-config=python,shm-region-prefix-name={supervisor.shm_prefix}")
     workdir = Path(tempfile.mkdtemp(prefix="llm-in-triton-"))  # 0700: only we read it
+    try:
+        return _serve(supervisor, [*command, *missing], log, admin_key_file, api_key_file, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        for region in Path("/dev/shm").glob(f"{supervisor.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+
+def _serve(supervisor: Supervisor, command, log, admin_key_file, api_key_file, workdir) -> int:
+    import signal
+    import subprocess
+
     command, environment, supervisor.headers = locked_launch(
-        [*command, *missing], admin_key_file, api_key_file, workdir
+        command, admin_key_file, api_key_file, workdir
     )
     log(
         "supervisor: model control, shared memory, trace and logging need the admin secret"
