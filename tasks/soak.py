@@ -7,8 +7,8 @@ Workers send requests to every deployed ensemble in turn, over gRPC and HTTP, at
 of `concurrency=` in turn (a segment each). One request in 20 is bad on purpose (an empty text,
 bytes that are not UTF-8, a NUL, a batch over the max): it must get a client error. Halfway,
 one python-backend stub is killed with SIGKILL: the supervisor must bring its model back, and
-the errors meanwhile are counted as the recovery's. Any other error is unexpected and fails
-the run.
+the errors meanwhile (and a client's until its first answer after, up to `CATCH_UP_SECONDS`)
+are counted as the recovery's. Any other error is unexpected and fails the run.
 
 Resident memory of the server and of every model's stubs is read at the end of the warm-up
 (the first quarter), at the middle (before the kill) and at the end; a growth of more than
@@ -33,6 +33,11 @@ LEAK_LIMIT = 0.10  # resident memory may grow this much after warm-up
 BAD_EVERY = 20  # one request in 20 is bad on purpose (5%)
 GENERATION_TOKENS = 4
 MAX_SEGMENT = 20.0  # seconds at one concurrency level
+# After a restart a gRPC client's channel reconnects on its own backoff (1 s, then 1.6x each
+# try): a client still failing this long after the server is back, without an answer
+# between, is counted unexpected; until then its errors are the recovery's.
+CATCH_UP_SECONDS = 10.0
+ERROR_PAUSE = 0.05  # seconds a worker waits after an error
 
 
 @dataclass
@@ -130,6 +135,7 @@ def worker(number: int, server, found: list[Deployment], plan, record: Record, s
     client = module.InferenceServerClient(url)
     authorize(client, protocol)
     index = number
+    catching_up = 0.0  # until then, or its first answer, its errors are still the recovery's
     try:
         while not stop.is_set():
             level = plan(time.monotonic() - record.started)
@@ -152,15 +158,22 @@ def worker(number: int, server, found: list[Deployment], plan, record: Record, s
                 client_error = status in ("400", "StatusCode.INVALID_ARGUMENT")
                 if bad and client_error:
                     outcome = "refused"
-                elif recovering.is_set():
+                elif recovering.is_set() or time.monotonic() < catching_up:
                     outcome = "during recovery"
                 else:
                     outcome = "unexpected"
                 message = f"{status} {message}"
             except Exception as err:  # a broken connection, a timeout
                 message = f"{type(err).__name__}: {err}"
-                outcome = "during recovery" if recovering.is_set() else "unexpected"
+                late = recovering.is_set() or time.monotonic() < catching_up
+                outcome = "during recovery" if late else "unexpected"
             record.add(level, deployment.name, kind, time.monotonic() - started, outcome, message)
+            if recovering.is_set():
+                catching_up = time.monotonic() + CATCH_UP_SECONDS
+            elif outcome in ("ok", "refused"):
+                catching_up = 0.0
+            if outcome not in ("ok", "refused"):
+                time.sleep(ERROR_PAUSE)  # as a client backs off: no thousands of errors a second
     finally:
         client.close()
 
