@@ -178,8 +178,9 @@ def fetch(settings: Settings) -> None:
             raise ModelSourceError(
                 f"model={settings.source.ref}: the checkpoint has no config.json"
             )
-        model_type = artifacts.read_json(config_path).get("model_type", "?")
-        exporters.choose(settings.task, model_type, settings.exporter)  # refuses before any work
+        config = artifacts.read_json(config_path)
+        model_type = config.get("model_type", "?")
+        exporters.choose(settings.task, model_type, settings.exporter, config)  # refuses first
         check_shapes_fit_model(settings, config_path, "seq" in command_line())
         ensure_fast_tokenizer(staged)
         ensure_task_head(settings.task, staged)

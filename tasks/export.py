@@ -135,8 +135,9 @@ def first_step_config(source: Path, optimum_task: str):
 
 def export(settings: Settings) -> None:
     name = settings.name
-    model_type = artifacts.read_json(paths.source_config(name)).get("model_type", "?")
-    choice = exporters.choose(settings.task, model_type, settings.exporter)
+    config = artifacts.read_json(paths.source_config(name))
+    model_type = config.get("model_type", "?")
+    choice = exporters.choose(settings.task, model_type, settings.exporter, config)
     print(f"onnx: exporter {choice.path} ({choice.reason})", flush=True)
     external = exporters.external_data(paths.source_dir(name))
     if external:

@@ -89,8 +89,31 @@ def causal_lm_types() -> tuple[str, ...]:
     return tuple(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 
 
-def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
-    """The exporter for this task and model type; a ModelSourceError naming the fix if none."""
+def window_cut(config: dict) -> str:
+    """Why optimum's files would not do for this checkpoint's config.json: a sliding window
+    shorter than the model's positions. Past it transformers' cache keeps the window only and
+    optimum's files keep every position (tiny Mistral and Qwen2 with a window of 8 failed
+    parity, transformers 4.57). '' when no window bites (none, turned off, or as long as the
+    positions: Mistral from v0.2, Qwen2's released configs)."""
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or window <= 0 or config.get("use_sliding_window") is False:
+        return ""
+    if "sliding_attention" not in (config.get("layer_types") or ["sliding_attention"]):
+        return ""
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 0
+    if positions and window >= positions:
+        return ""
+    return (
+        f"a sliding window of {window} of its {positions or 'unbounded'} positions, which "
+        "optimum's files do not keep (parity failed)"
+    )
+
+
+def choose(
+    spec: catalog.TaskSpec, model_type: str, exporter: str, config: dict | None = None
+) -> Choice:
+    """The exporter for this task and model type (and, given, its config.json: `window_cut`);
+    a ModelSourceError naming the fix if none."""
     if spec.generation == "causal" and model_type in catalog.UNSUPPORTED_CACHES:
         raise ModelSourceError(
             f"task={spec.name}: a '{model_type}' model is not supported: "
@@ -101,7 +124,8 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
     supported = set() if exporter == "torch" else optimum_tasks_for(model_type)
     missing = [task for task in spec.optimum_tasks if task not in supported]
     generic = spec.generation in catalog.TORCH_EXPORT_GENERATION
-    preferred = generic and model_type in catalog.TORCH_OVER_OPTIMUM
+    cut = window_cut(config or {})
+    preferred = generic and (model_type in catalog.TORCH_OVER_OPTIMUM or bool(cut))
     if exporter == "torch" or (exporter == "auto" and (missing or preferred) and generic):
         if model_type in catalog.TORCH_EXPORT_REFUSED:
             raise ModelSourceError(
@@ -120,7 +144,7 @@ def choose(spec: catalog.TaskSpec, model_type: str, exporter: str) -> Choice:
         elif missing:
             why = f"optimum does not list '{model_type}'"
         else:
-            why = f"'{model_type}': {catalog.TORCH_OVER_OPTIMUM[model_type]}"
+            why = f"'{model_type}': {catalog.TORCH_OVER_OPTIMUM.get(model_type) or cut}"
         return Choice("torch", f"{why}: the generic torch.onnx (dynamo) path")
     if not missing:
         listed = ", ".join(spec.optimum_tasks)

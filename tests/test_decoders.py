@@ -1,5 +1,7 @@
-"""Decoders optimum does not list, built by the generic exporter with the parity gate and
-served by a real tritonserver: greedy output equal to generate(), token for token.
+"""Decoders optimum does not list, built by the generic exporter with the parity gate, and
+Qwen2 and Mistral with a sliding window shorter than their positions, which optimum lists but
+whose window its files do not keep (so `exporter=auto` takes torch's), served by a real
+tritonserver: greedy output equal to generate(), token for token.
 
 Slow (a build each); tests/test_generation.py keeps one such family (starcoder2) lean."""
 
@@ -22,6 +24,8 @@ DEPLOYMENTS = {  # name: (model type, more variables)
     "mixtral": ("mixtral", ()),  # mixture of experts: the fixed loop over experts
     "qwen2moe": ("qwen2_moe", ()),  # ... with a gated shared expert
     "llamatorch": ("llama", ("exporter=torch",)),  # a type optimum lists, asked for torch
+    "qwen2": ("qwen2", ()),  # grouped-query attention, biased q/k/v; window 8: torch's
+    "mistral": ("mistral", ()),  # grouped-query attention; window 8: torch's
 }
 # the same llama with its weights beside each ONNX file (external data), on both paths: the
 # limit lowered for the onnx stage by its internal knob, as a model past 2 GiB would be

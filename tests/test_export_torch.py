@@ -30,6 +30,34 @@ def test_auto_takes_optimum_where_it_lists_the_type_else_torch(model_type, expor
     assert model_type in choice.reason or exporter == "torch"
 
 
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        ({"model_type": "mistral", "sliding_window": 8, "max_position_embeddings": 128}, "torch"),
+        ({"model_type": "mistral", "sliding_window": 4096}, "torch"),  # no positions: unbounded
+        ({"model_type": "mistral", "sliding_window": None}, "optimum"),  # Mistral v0.2 on
+        ({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 4096},
+         "optimum"),  # the window never bites
+        ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": False}, "optimum"),
+        ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True,
+          "layer_types": ["sliding_attention", "full_attention"]}, "torch"),
+        ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True,
+          "layer_types": ["full_attention", "full_attention"]}, "optimum"),
+    ],
+)  # fmt: skip
+def test_auto_takes_torch_where_a_sliding_window_bites_which_optimums_files_do_not_keep(
+    config, path
+):
+    """A tiny Mistral and Qwen2 with a window of 8 failed parity on optimum's files
+    (transformers' cache keeps the window, the files every position), and pass on torch's
+    (test_decoders serves them)."""
+    choice = exporters.choose(CAUSAL, config["model_type"], "auto", config)
+    assert choice.path == path, choice
+    if path == "torch":
+        assert "sliding window of" in choice.reason and "parity failed" in choice.reason
+    assert exporters.choose(CAUSAL, config["model_type"], "optimum", config).path == "optimum"
+
+
 @pytest.mark.parametrize("model_type", ["mamba", "jamba", "bamba", "falcon_h1", "lfm2", "gemma3n"])
 def test_caches_that_are_not_key_value_pairs_are_refused_with_the_reason(model_type):
     with pytest.raises(ModelSourceError, match=catalog.UNSUPPORTED_CACHES[model_type][:20]):
