@@ -46,16 +46,16 @@ trace as they are (granitemoe's) or stop the export at transformers' loop over t
 batch hit, and the build says to add a row to the table.
 
 `exporter=auto` also takes the generic path for the types in catalog.TORCH_OVER_OPTIMUM
-({preferred}): optimum lists them, but its files failed the parity gate here while the
-generic path's passed. So it does for a checkpoint whose sliding window is shorter than its
-positions (`exporters.window_cut`: Mistral v0.1's 4096 of 32768; a tiny Mistral and Qwen2 with
-a window of 8 failed parity on optimum's files, whose cache keeps every position where
-transformers' keeps the window, and pass on the generic path's). The generic path exports transformers' eager attention and parity
-judges its files against the same: the sdpa path drops a family's attention logit soft-capping
-(Gemma 2's, VaultGemma's: vaultgemma failed parity by 5e-4 for that alone until the export
-took eager attention too), and lets the padding positions of a left-padded row attend to
-everything, which changes only cache entries that no query reads (gpt2 on the generic path
-failed the gate for that alone, as file parity compares every position of the cache; with
+({preferred}): optimum lists them, but its files failed the parity gate here while the generic
+path's passed. So it does for a checkpoint whose sliding window is shorter than its positions
+(`exporters.window_cut`: Mistral v0.1's 4096 of 32768; a tiny Mistral and Qwen2 with a window of
+8 failed parity on optimum's files, whose cache keeps every position where transformers' keeps
+the window, and pass on the generic path's). The generic path exports transformers' eager
+attention and parity judges its files against the same: the sdpa path drops a family's attention
+logit soft-capping (Gemma 2's, VaultGemma's: vaultgemma failed parity by 5e-4 for that alone
+until the export took eager attention too), and lets the padding positions of a left-padded row
+attend to everything, which changes only cache entries that no query reads (gpt2 on the generic
+path failed the gate for that alone, as file parity compares every position of the cache; with
 eager attention exported it passes).
 
 Grouped-query attention (fewer key/value heads than query heads) is exported without
