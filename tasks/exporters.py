@@ -103,10 +103,8 @@ def window_cut(config: dict) -> str:
     positions = config.get("max_position_embeddings") or config.get("n_positions") or 0
     if positions and window >= positions:
         return ""
-    return (
-        f"a sliding window of {window} of its {positions or 'unbounded'} positions, which "
-        "optimum's files do not keep (parity failed)"
-    )
+    limit = f"of its {positions}" if positions else "with no stated limit on its positions"
+    return f"a sliding window of {window} positions {limit}: optimum's files do not keep it"
 
 
 def choose(
