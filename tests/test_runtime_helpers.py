@@ -198,3 +198,17 @@ def test_a_session_keeps_the_heap_so_a_step_does_not_fault_its_cache_in_anew():
     plain, kept = faults("plain"), faults("session")
     assert plain > 100_000  # 50 steps of 16 MiB, faulted in each time
     assert kept < plain / 10, (plain, kept)
+
+
+def test_ids_outside_the_vocabulary_are_named_with_the_fix(runtime):
+    """One check for the encoder step and the decoding loop's door: the offending id, the
+    range, and what to send instead; in range, empty, or an unknown vocabulary: nothing."""
+    ids = np.array([[3, 1_000_000, 2]], dtype=np.int64)
+    assert runtime.outside_vocabulary(ids, 100) == (
+        "input_ids holds 1000000, outside the vocabulary of 100 tokens (0 to 99): send ids "
+        "from this model's tokenizer"
+    )
+    assert runtime.outside_vocabulary(np.array([1, -3, 99]), 100).startswith("input_ids holds -3")
+    assert runtime.outside_vocabulary(np.array([0, 99]), 100) is None
+    assert runtime.outside_vocabulary(np.array([], dtype=np.int64), 100) is None
+    assert runtime.outside_vocabulary(ids, 0) is None  # unknown: unchecked

@@ -248,13 +248,9 @@ class TritonPythonModel:
                     f"a prompt has {len(prompt)} tokens; this deployment takes at most "
                     f"{self.max_seq} (seq=MIN,OPT,MAX): shorten it, or rebuild with a larger MAX"
                 )
-            outside = prompt[(prompt < 0) | (prompt >= (self.vocab_size or np.inf))]
-            if len(outside):
-                raise decoding.ParameterError(
-                    f"input_ids holds {int(outside[0])}, outside the vocabulary of "
-                    f"{self.vocab_size} tokens (0 to {self.vocab_size - 1}): send ids from "
-                    "this model's tokenizer"
-                )
+            outside = runtime.outside_vocabulary(prompt, self.vocab_size)
+            if outside:
+                raise decoding.ParameterError(outside)
             if self.max_positions and len(prompt) + p.max_new_tokens > self.max_positions:
                 raise decoding.ParameterError(
                     f"a prompt of {len(prompt)} tokens + MAX_NEW_TOKENS={p.max_new_tokens} "

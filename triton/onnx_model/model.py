@@ -43,13 +43,7 @@ class TritonPythonModel:
                 f"{self.max_tokens} tokens (seq=MIN,OPT,MAX): send fewer, or rebuild with a "
                 "larger MAX"
             )
-        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            return (
-                f"input_ids holds {bad}, outside the vocabulary of {self.vocab_size} tokens "
-                f"(0 to {self.vocab_size - 1}): send ids from this model's tokenizer"
-            )
-        return None
+        return runtime.outside_vocabulary(ids, self.vocab_size)
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -101,6 +101,19 @@ def bad_request(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(*args))
 
 
+def outside_vocabulary(ids: np.ndarray, vocab_size: int) -> str | None:
+    """Why token ids cannot be run, in words, when one lies outside the vocabulary of
+    `vocab_size` tokens (0: unknown, unchecked); else None. An encoder step and the decoding
+    loop's door refuse such a request, which would otherwise fail ONNX Runtime's Gather."""
+    if not vocab_size or ids.size == 0 or (ids.min() >= 0 and ids.max() < vocab_size):
+        return None
+    bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+    return (
+        f"input_ids holds {bad}, outside the vocabulary of {vocab_size} tokens "
+        f"(0 to {vocab_size - 1}): send ids from this model's tokenizer"
+    )
+
+
 def failed(message: str):
     """The response of a request the server failed (ONNX Runtime, an answer step): HTTP 500."""
     import triton_python_backend_utils as pb_utils
