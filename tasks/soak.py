@@ -168,11 +168,12 @@ def worker(number: int, server, found: list[Deployment], plan, record: Record, s
                 late = recovering.is_set() or time.monotonic() < catching_up
                 outcome = "during recovery" if late else "unexpected"
             record.add(level, deployment.name, kind, time.monotonic() - started, outcome, message)
+            answered = outcome in ("ok", "refused")
             if recovering.is_set():
                 catching_up = time.monotonic() + CATCH_UP_SECONDS
-            elif outcome in ("ok", "refused"):
+            elif answered:
                 catching_up = 0.0
-            if outcome not in ("ok", "refused"):
+            if not answered:
                 time.sleep(ERROR_PAUSE)  # as a client backs off: no thousands of errors a second
     finally:
         client.close()
