@@ -76,7 +76,8 @@ def request(server, model: str, prompt: str, **options) -> tuple[str, list[int]]
 
 def stream(server, model: str, prompt: str, cancel_after: int = 0, sizes=None, **options):
     """The pieces and token ids `<model>_stream` sends; with `cancel_after`, the stream is
-    cancelled after that many pieces; `sizes`, a list, gets the tokens of each response."""
+    cancelled after that many pieces; `sizes`, a list, gets the tokens of each response (0:
+    an empty one)."""
     arrived: queue.Queue = queue.Queue()
     grpc = Client(server, "grpc")
     inputs = prompt_inputs(prompt, options)
@@ -96,6 +97,8 @@ def stream(server, model: str, prompt: str, cancel_after: int = 0, sizes=None, *
                 ids += made
                 if sizes is not None:
                     sizes.append(len(made))
+            elif sizes is not None:
+                sizes.append(0)
             if cancel_after and len(pieces) == cancel_after:
                 grpc.client.stop_stream(cancel_requests=True)
                 break
@@ -170,8 +173,9 @@ def test_streamed_pieces_add_up_to_the_whole_text_and_never_split_a_character(in
 
 def test_with_a_stream_interval_a_response_holds_that_many_steps(inflight):
     """llamabls is built with stream_interval=3: the first token goes out alone, at once, then
-    each response holds three steps' tokens (the last one what is left), and the pieces still
-    add up to the whole text without splitting a character."""
+    each response holds three steps' tokens (the last one what is left, and the end: no empty
+    response after it), and the pieces still add up to the whole text without splitting a
+    character."""
     server, _ = inflight
     for prompt in PROMPTS[4:]:  # CJK, emoji, accents: characters over several tokens
         text, ids = request(server, "llamabls", prompt, MAX_NEW_TOKENS=20)

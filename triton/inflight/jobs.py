@@ -5,11 +5,12 @@ cancellation.
 row's text stream joined: the same text `<name>_stream` sends) and OUTPUT_IDS (padded with
 -1). `<name>_stream` (decoupled) answers every few steps (scheduler.Pace: the
 `stream_interval` variable) with each row's new text and tokens since its last response
-(OUTPUT_IDS [rows, n] padded with -1; "" and -1 for a row that made none), then an empty final
-response. Its first response goes out at the first token and its last as soon as every row is
-done, whatever the interval. Each response is a round trip from the stub to the server: 16
-streams answered at every step left a core idle for a third of the loop's time (AMD EPYC, 2
-cores), hence the interval, for many streams on few cores.
+(OUTPUT_IDS [rows, n] padded with -1; "" and -1 for a row that made none); the last carries
+Triton's final flag (empty only when nothing is left to send). Its first response goes out at
+the first token and its last as soon as every row is done, whatever the interval. Each
+response is a round trip from the stub to the server: 16 streams answered at every step left a
+core idle for a third of the loop's time (AMD EPYC, 2 cores), hence the interval, for many
+streams on few cores.
 
 A client that gives up (a cancelled gRPC stream, an HTTP client gone, a timeout) shows as
 `is_cancelled()`: the loop asks each step, drops the request's rows and answers CANCELLED,
@@ -91,24 +92,27 @@ class Job:
             return
         self.steps_unsent += 1
         due = self.steps_unsent >= self.pace.steps() or not self.started
-        if (due or all(row.done for row in self.rows)) and any(self.unsent):
-            self._send_unsent()
+        if due and any(self.unsent) and not all(row.done for row in self.rows):
+            self._send_unsent()  # a stream's last piece goes out with finish(), in one response
 
-    def _send_unsent(self) -> None:
+    def _send_unsent(self, flags: int = 0) -> None:
         """The stream's response: each row's text and tokens since the last one."""
         longest = max(len(unsent) for unsent in self.unsent)
         ids = np.full((len(self.rows), longest), -1, dtype=np.int64)
         for index, unsent in enumerate(self.unsent):
             ids[index, : len(unsent)] = [token for token, _ in unsent]
         texts = [["".join(piece for _, piece in unsent).encode("utf-8")] for unsent in self.unsent]
-        self._send(self._response(texts, ids), 0)
+        self._send(self._response(texts, ids), flags)
         self.unsent = [[] for _ in self.rows]
         self.steps_unsent, self.started = 0, True
 
     def finish(self) -> None:
         self.outcomes.count("finished")  # before the answer: a client that reads it sees it
-        if self.streaming:
-            self._send(None, FINAL)
+        if self.streaming:  # the last piece and the end in one response, a round trip less
+            if any(self.unsent):
+                self._send_unsent(FINAL)
+            else:
+                self._send(None, FINAL)
         else:
             longest = max(len(row.tokens) for row in self.rows)
             ids = np.full((len(self.rows), longest), -1, dtype=np.int64)
